@@ -1,0 +1,1 @@
+"""qpy: a mail transfer agent in the qmail tradition."""

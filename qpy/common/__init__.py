@@ -1,0 +1,1 @@
+"""Shared pieces with no privilege of their own."""

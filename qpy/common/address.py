@@ -1,0 +1,195 @@
+"""address — strict RFC 5321 mailbox parsing on bytes.
+
+One parser for every envelope address qpy accepts: SMTP paths (`<...>`), the
+sender and recipients of `qpy-queue-inject`'s envelope, `.qmail` forward lines and
+command-line arguments. It works on bytes with explicit limits and refuses, rather
+than repairs, anything odd: control characters, NUL, CR, LF, unbalanced quotes,
+bad domains. Only what passes may reach a child's environment (`SENDER`,
+`RECIPIENT`): the Shellshock exploit of qmail went through an unchecked `SENDER`;
+here a bare `() {` can never pass (`(` is not atext), and no address carries a
+control character.
+
+`email.utils.parseaddr` is not used: it misparses hostile input (CVE-2023-27043).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+MAX_LOCAL = 64          # RFC 5321 4.5.3.1.1
+MAX_DOMAIN = 255        # RFC 5321 4.5.3.1.2
+MAX_PATH = 256          # RFC 5321 4.5.3.1.3 (with the angle brackets)
+MAX_ADDRESS = 1002      # qmail-queue's limit; longer is exit 11
+MAX_LABEL = 63
+
+# atext of RFC 5322 3.2.3: letters, digits and these.
+_ATEXT = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                   b"!#$%&'*+-/=?^_`{|}~")
+_LDH = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+class AddressError(ValueError):
+    """The bytes are not an address qpy accepts; str(e) is a short reason."""
+
+
+def _check_dot_string(local: bytes, utf8: bool) -> None:
+    if not local:
+        raise AddressError("empty local part")
+    for atom in local.split(b"."):
+        if not atom:
+            raise AddressError("empty atom in local part")
+        for c in atom:
+            if c in _ATEXT:
+                continue
+            if c >= 0x80 and utf8:
+                continue
+            raise AddressError("bad character in local part")
+    if utf8 and any(c >= 0x80 for c in local):
+        try:
+            local.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AddressError("local part is not UTF-8")
+
+
+def _check_quoted(q: bytes, utf8: bool) -> bytes:
+    """q is the quoted string with its quotes; returns it unchanged if valid."""
+    i, n = 1, len(q) - 1
+    while i < n:
+        c = q[i]
+        if c == 0x5C:  # backslash: quoted-pair, printable ASCII only
+            if i + 1 >= n or not 0x20 <= q[i + 1] <= 0x7E:
+                raise AddressError("bad quoted pair")
+            i += 2
+            continue
+        if c == 0x22:
+            raise AddressError("stray quote in local part")
+        if 0x20 <= c <= 0x7E or (c >= 0x80 and utf8):
+            i += 1
+            continue
+        raise AddressError("control character in quoted local part")
+    return q
+
+
+def check_domain(domain: bytes, utf8: bool = False) -> bytes:
+    """Validate a domain or address literal; return it lowercased (ASCII only)."""
+    if not domain:
+        raise AddressError("empty domain")
+    if len(domain) > MAX_DOMAIN:
+        raise AddressError("domain too long")
+    if domain.startswith(b"["):
+        if not domain.endswith(b"]"):
+            raise AddressError("bad address literal")
+        lit = domain[1:-1]
+        try:
+            if lit[:5].lower() == b"ipv6:":
+                ipaddress.IPv6Address(lit[5:].decode("ascii"))
+                return b"[IPv6:" + lit[5:].lower() + b"]"
+            ipaddress.IPv4Address(lit.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise AddressError("bad address literal")
+        return domain
+    if domain.endswith(b"."):
+        raise AddressError("domain ends with a dot")
+    for label in domain.split(b"."):
+        if not label or len(label) > MAX_LABEL:
+            raise AddressError("bad domain label")
+        if label[0] == 0x2D or label[-1] == 0x2D:
+            raise AddressError("domain label starts or ends with a hyphen")
+        for c in label:
+            if c in _LDH or (c >= 0x80 and utf8):
+                continue
+            raise AddressError("bad character in domain")
+    if utf8 and any(c >= 0x80 for c in domain):
+        try:
+            return domain.decode("utf-8").lower().encode("utf-8")
+        except UnicodeDecodeError:
+            raise AddressError("domain is not UTF-8")
+    return domain.lower()
+
+
+def split(addr: bytes) -> tuple[bytes, bytes]:
+    """Split at the last '@' outside quotes: (local, domain); domain may be empty."""
+    if addr.startswith(b'"'):
+        end = addr.find(b'"', 1)
+        while end != -1 and addr[end - 1] == 0x5C and not _even_backslashes(addr, end):
+            end = addr.find(b'"', end + 1)
+        if end == -1:
+            raise AddressError("unterminated quoted local part")
+        rest = addr[end + 1:]
+        if rest and not rest.startswith(b"@"):
+            raise AddressError("text after quoted local part")
+        return addr[: end + 1], rest[1:]
+    at = addr.rfind(b"@")
+    if at == -1:
+        return addr, b""
+    return addr[:at], addr[at + 1:]
+
+
+def _even_backslashes(s: bytes, pos: int) -> bool:
+    n = 0
+    while pos - 1 - n >= 0 and s[pos - 1 - n] == 0x5C:
+        n += 1
+    return n % 2 == 0
+
+
+def parse_mailbox(addr: bytes, utf8: bool = False, need_domain: bool = True) -> bytes:
+    """Check a bare mailbox `local@domain`; return it with the domain lowercased."""
+    if len(addr) > MAX_ADDRESS:
+        raise AddressError("address too long")
+    for c in addr:
+        if c < 0x20 or c == 0x7F:
+            raise AddressError("control character in address")
+        if c >= 0x80 and not utf8:
+            raise AddressError("8-bit address without SMTPUTF8")
+    local, domain = split(addr)
+    if local.startswith(b'"'):
+        _check_quoted(local, utf8)
+    else:
+        _check_dot_string(local, utf8)
+    if len(local) > MAX_LOCAL:
+        raise AddressError("local part too long")
+    if not domain:
+        if need_domain:
+            raise AddressError("address has no domain")
+        return local
+    return local + b"@" + check_domain(domain, utf8)
+
+
+def parse_path(path: bytes, utf8: bool = False) -> bytes:
+    """Parse an SMTP path `<...>` (RFC 5321 4.1.2); return the mailbox, b'' for `<>`.
+
+    A source route (`<@a,@b:user@host>`) is accepted and dropped, as RFC 5321
+    C. says receivers should.
+    """
+    if len(path) > MAX_PATH + 256:
+        raise AddressError("path too long")
+    if len(path) < 2 or path[0] != 0x3C or path[-1] != 0x3E:
+        raise AddressError("path must be in angle brackets")
+    inner = path[1:-1]
+    if not inner:
+        return b""
+    if inner.startswith(b"@"):
+        colon = inner.find(b":")
+        if colon == -1:
+            raise AddressError("bad source route")
+        for hop in inner[:colon].split(b","):
+            if not hop.startswith(b"@"):
+                raise AddressError("bad source route")
+            check_domain(hop[1:], utf8)
+        inner = inner[colon + 1:]
+    if len(inner) > MAX_PATH - 2:
+        raise AddressError("path too long")
+    return parse_mailbox(inner, utf8)
+
+
+def is_utf8(addr: bytes) -> bool:
+    """True when the address needs SMTPUTF8 to travel."""
+    return any(c >= 0x80 for c in addr)
+
+
+def local_part(addr: bytes) -> bytes:
+    return split(addr)[0]
+
+
+def domain_part(addr: bytes) -> bytes:
+    return split(addr)[1]

@@ -1,0 +1,162 @@
+"""control — read `ROOT/control/*` as qmail does, with qmail's defaults.
+
+One setting per file. A single-value file's first line counts (trailing blanks
+removed); a list file is one entry a line, blank lines and `#` comments skipped.
+Values are read once and cached: the programs re-read on SIGHUP (`reload()`),
+never once per message.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+MAX_CONTROL_BYTES = 4 * 1024 * 1024   # a control file larger than this is malformed
+
+# name: (kind, default). A default of None means "same as me"; "" means empty.
+DEFAULTS: dict[str, tuple[str, object]] = {
+    "me": ("line", None),
+    "defaultdomain": ("line", None),
+    "defaulthost": ("line", None),
+    "plusdomain": ("line", None),
+    "idhost": ("line", None),
+    "envnoathost": ("line", None),
+    "helohost": ("line", None),
+    "smtpgreeting": ("line", None),
+    "bouncefrom": ("line", "MAILER-DAEMON"),
+    "bouncehost": ("line", None),
+    "doublebounceto": ("line", "postmaster"),
+    "doublebouncehost": ("line", None),
+    "defaultdelivery": ("line", "./Maildir/"),
+    "locals": ("list", None),
+    "rcpthosts": ("list", None),
+    "morercpthosts": ("list", []),
+    "virtualdomains": ("list", []),
+    "smtproutes": ("list", []),
+    "badmailfrom": ("list", []),
+    "smtplisten": ("list", ["127.0.0.1:25"]),
+    "submissionlisten": ("list", []),
+    "smtpslisten": ("list", []),
+    "resolvers": ("list", []),
+    "ipme": ("list", []),
+    "tlsverify": ("list", []),
+    "authsenders": ("list", []),
+    "concurrencylocal": ("int", 10),
+    "concurrencyremote": ("int", 20),
+    "queuelifetime": ("int", 604800),
+    "databytes": ("int", 0),
+    "timeoutsmtpd": ("int", 1200),
+    "timeoutremote": ("int", 1200),
+    "timeoutconnect": ("int", 60),
+    "maxsmtpd": ("int", 40),
+    "maxrcpt": ("int", 100),
+    "acceptunknown": ("flag", False),
+    "tlsrequired": ("flag", False),
+}
+
+
+class ControlError(ValueError):
+    """A control file exists but cannot be used; str(e) says why."""
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ControlError("cannot open: %s" % e.strerror)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_CONTROL_BYTES + 1)
+    except OSError as e:
+        raise ControlError("cannot read: %s" % e.strerror)
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ControlError("larger than %d bytes" % MAX_CONTROL_BYTES)
+    if b"\0" in data:
+        raise ControlError("contains a NUL byte")
+    return data
+
+
+def parse(name: str, data: bytes) -> object:
+    """Turn a control file's bytes into its value, or raise ControlError."""
+    kind = DEFAULTS.get(name, ("list", []))[0]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ControlError("not UTF-8")
+    lines = [ln.strip() for ln in text.splitlines()]
+    if kind == "list":
+        return [ln for ln in lines if ln and not ln.startswith("#")]
+    if kind == "flag":
+        return True
+    first = lines[0] if lines else ""
+    if kind == "int":
+        if not first.isdigit():
+            raise ControlError("not a non-negative integer: %r" % first[:40])
+        return int(first)
+    return first
+
+
+def hostname() -> str:
+    name = socket.gethostname()
+    if "." not in name:
+        fq = socket.getfqdn(name)
+        if "." in fq:
+            name = fq
+    return name.lower()
+
+
+class Control:
+    """The control files of one root, read lazily and cached until reload()."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.dir = os.path.join(root, "control")
+        self._cache: dict[str, object] = {}
+
+    def reload(self) -> None:
+        self._cache.clear()
+
+    def explain(self, name: str) -> tuple[object, str]:
+        """(value, source): source is 'file', 'default' or 'malformed: reason'."""
+        try:
+            data = _read(os.path.join(self.dir, name))
+        except ControlError as e:
+            return self._default(name), "malformed: %s" % e
+        if data is None:
+            return self._default(name), "default"
+        try:
+            return parse(name, data), "file"
+        except ControlError as e:
+            return self._default(name), "malformed: %s" % e
+
+    def _default(self, name: str) -> object:
+        kind, default = DEFAULTS.get(name, ("list", []))
+        if default is None:
+            me = self.get("me") if name != "me" else hostname()
+            return [me] if kind == "list" else me
+        return list(default) if isinstance(default, list) else default
+
+    def get(self, name: str) -> object:
+        if name not in self._cache:
+            self._cache[name] = self.explain(name)[0]
+        return self._cache[name]
+
+    def line(self, name: str) -> str:
+        v = self.get(name)
+        assert isinstance(v, str), name
+        return v
+
+    def integer(self, name: str) -> int:
+        v = self.get(name)
+        assert isinstance(v, int), name
+        return v
+
+    def lines(self, name: str) -> list[str]:
+        v = self.get(name)
+        assert isinstance(v, list), name
+        return v
+
+    def flag(self, name: str) -> bool:
+        return bool(self.get(name))

@@ -1,0 +1,76 @@
+"""durable — the one way qpy makes a file write survive a crash.
+
+Write to a temporary name, fsync the file, rename it to its final name, fsync the
+directory (through a descriptor opened before the rename, so a directory swapped
+underneath cannot take the fsync). Every write that matters goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+
+FILE_MODE = 0o640
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_file(directory: str, name: str, data: bytes, mode: int = FILE_MODE,
+               sync_dir: bool = True) -> None:
+    """Durably create or replace directory/name with data.
+
+    temporary name, write, fsync, rename, fsync the directory: after this returns
+    the file is on disk under its final name with exactly these bytes.
+    """
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tmp = ".tmp.%s.%d" % (name, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode,
+                     dir_fd=dfd)
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp, dfd)
+            raise
+        os.close(fd)
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            _unlink_quietly(tmp, dfd)
+            raise
+        if sync_dir:
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def append_line(path: str, line: bytes) -> None:
+    """Append one record and fsync it: the record counts only once this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    try:
+        write_all(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(name: str, dfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass

@@ -1,0 +1,78 @@
+"""queue — the names of a root's directories, message ids and the queue files.
+
+Layout (owners and modes are data in `queue-layout/layout`):
+
+    queue/drop/         front door: one drop file per injected message
+    queue/mess/ID       the message, with pickup's Received: line      (qpyq)
+    queue/todo/ID       a new message's envelope, for queue-send        (qpyq)
+    queue/state/ID      per-recipient delivery state                    (qpys)
+    queue/quarantine/   drop files that failed pickup's checks          (qpyq)
+    queue/pickup/       pickup's journal of admitted drop files         (qpyq)
+
+A message id is a decimal number, unique in the queue and stable for the
+message's life: pickup's clock in microseconds, bumped past any id in use.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_ROOT = "/var/qpy"
+MAX_ID_LEN = 20
+
+# todo/ID: one header line, then the envelope (qpy.common.envelope).
+TODO_MAGIC = b"QPYTODO1"
+
+
+def root_from(argv: list[str] | None = None) -> str:
+    """The root: first argument if given (admin tools), else QPY_ROOT, else /var/qpy."""
+    if argv:
+        return os.path.abspath(argv[0])
+    return os.path.abspath(os.environ.get("QPY_ROOT") or DEFAULT_ROOT)
+
+
+def is_id(name: str) -> bool:
+    """True for a well-formed message id (and so a safe queue file name)."""
+    return 0 < len(name) <= MAX_ID_LEN and name.isascii() and name.isdigit() \
+        and name[0] != "0"
+
+
+class Paths:
+    def __init__(self, root: str):
+        self.root = root
+        self.control = os.path.join(root, "control")
+        self.users = os.path.join(root, "users")
+        self.alias = os.path.join(root, "alias")
+        self.log = os.path.join(root, "log")
+        self.queue = os.path.join(root, "queue")
+        self.drop = os.path.join(self.queue, "drop")
+        self.mess = os.path.join(self.queue, "mess")
+        self.todo = os.path.join(self.queue, "todo")
+        self.state = os.path.join(self.queue, "state")
+        self.quarantine = os.path.join(self.queue, "quarantine")
+        self.pickup = os.path.join(self.queue, "pickup")
+        self.run = os.path.join(self.queue, "run")
+
+    def oneuser(self) -> str | None:
+        """The user name of a one-user root (file ROOT/oneuser), else None."""
+        try:
+            with open(os.path.join(self.root, "oneuser"), "rb") as f:
+                name = f.read(256).decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+
+def todo_encode(when: int, uid: int, size: int, env: bytes) -> bytes:
+    return b"%s %d %d %d\n" % (TODO_MAGIC, when, uid, size) + env
+
+
+def todo_decode(data: bytes) -> tuple[int, int, int, bytes]:
+    """(arrival time, injecting uid, message size, envelope bytes)."""
+    nl = data.find(b"\n", 0, 100)
+    if nl == -1:
+        raise ValueError("todo file has no header")
+    fields = data[:nl].split(b" ")
+    if len(fields) != 4 or fields[0] != TODO_MAGIC or not all(f.isdigit() for f in fields[1:]):
+        raise ValueError("bad todo header")
+    return int(fields[1]), int(fields[2]), int(fields[3]), data[nl + 1:]

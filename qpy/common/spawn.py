@@ -1,0 +1,93 @@
+"""spawn — the delivery request/result messages between queue-send and the spawners.
+
+queue-send talks to qpy-lspawn and qpy-rspawn over a SOCK_SEQPACKET socketpair
+made by qpy-start: one datagram per request, one per result, so no framing can
+be confused. A request carries the message as an open, read-only file
+descriptor (SCM_RIGHTS), never a path: the spawner and its children need no
+access to `queue/mess/` at all.
+
+    request:  b"R" DELIVERY \\0 SENDER \\0 RCPT \\0 RCPT ...      + 1 fd
+    result:   b"S" DELIVERY \\0 (STATUS TEXT \\0) per recipient, in request order
+
+DELIVERY is a decimal number chosen by queue-send; STATUS is K (delivered),
+Z (temporary failure, retry) or D (permanent failure, bounce); TEXT is printable,
+at most MAX_TEXT bytes.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+
+MAX_DATAGRAM = 256 * 1024
+MAX_TEXT = 1000
+MAX_RCPTS = 100
+
+
+class SpawnError(ValueError):
+    pass
+
+
+def _clean(text: bytes) -> bytes:
+    out = bytes(c if 0x20 <= c <= 0x7E else 0x5F for c in text[:MAX_TEXT])
+    return out
+
+
+def send_request(sock: socket.socket, delivery: int, sender: bytes, rcpts: list[bytes],
+                 fd: int) -> None:
+    if not rcpts or len(rcpts) > MAX_RCPTS:
+        raise SpawnError("bad recipient count")
+    data = b"R%d\0%s\0%s\0" % (delivery, sender, b"\0".join(rcpts))
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | None:
+    """(delivery, sender, recipients, message fd); None at end of file."""
+    fds = array.array("i")
+    data, ancdata, flags, _ = sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(fds.itemsize))
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+    if not data and not fds:
+        return None
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1:
+            raise SpawnError("bad request framing")
+        if not data.startswith(b"R") or not data.endswith(b"\0"):
+            raise SpawnError("bad request")
+        fields = data[1:-1].split(b"\0")
+        if len(fields) < 3 or not fields[0].isdigit() or len(fields) - 2 > MAX_RCPTS:
+            raise SpawnError("bad request fields")
+    except SpawnError:
+        for fd in fds:
+            socket.close(fd)
+        raise
+    return int(fields[0]), fields[1], fields[2:], fds[0]
+
+
+def send_result(sock: socket.socket, delivery: int, results: list[tuple[bytes, bytes]]) -> None:
+    """results: (status K/Z/D, text) per recipient, in request order."""
+    parts = [b"S%d\0" % delivery]
+    for status, text in results:
+        if status not in (b"K", b"Z", b"D"):
+            raise SpawnError("bad status")
+        parts.append(status + _clean(text) + b"\0")
+    sock.send(b"".join(parts))
+
+
+def recv_result(sock: socket.socket) -> tuple[int, list[tuple[bytes, bytes]]] | None:
+    """(delivery, [(status, text)]); None at end of file."""
+    data = sock.recv(MAX_DATAGRAM)
+    if not data:
+        return None
+    if not data.startswith(b"S") or not data.endswith(b"\0"):
+        raise SpawnError("bad result")
+    fields = data[1:-1].split(b"\0")
+    if not fields[0].isdigit():
+        raise SpawnError("bad result delivery number")
+    results = []
+    for f in fields[1:]:
+        if not f or f[:1] not in (b"K", b"Z", b"D"):
+            raise SpawnError("bad result status")
+        results.append((f[:1], f[1:]))
+    return int(fields[0]), results

@@ -1,0 +1,81 @@
+"""watch — new files in a directory, by inotify hints plus full rescans.
+
+Events are hints only: `wait()` returns when something may have changed, and
+`rescan_due()` says when the caller must list the whole directory anyway (at
+start, after IN_Q_OVERFLOW, and every RESCAN_SECONDS), so an event the kernel
+lost can delay a file by at most that long and never strand it.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+
+RESCAN_SECONDS = 60.0
+
+try:
+    import pyinotify
+except ImportError:  # no inotify: rescans alone still find every file
+    pyinotify = None
+
+
+class Watcher:
+    def __init__(self, directories: list[str], rescan_seconds: float = RESCAN_SECONDS):
+        self.rescan_seconds = rescan_seconds
+        self._next_rescan = 0.0            # rescan at start
+        self._wm = None
+        self._notifier = None
+        self._fd = -1
+        self._hint = False
+        if pyinotify is not None:
+            self._wm = pyinotify.WatchManager()
+            mask = pyinotify.IN_CLOSE_WRITE | pyinotify.IN_MOVED_TO | pyinotify.IN_CREATE
+            self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=self._event)
+            for d in directories:
+                self._wm.add_watch(d, mask, quiet=False)
+            self._fd = self._wm.get_fd()
+
+    def _event(self, event) -> None:
+        if event.mask & pyinotify.IN_Q_OVERFLOW:
+            self._next_rescan = 0.0
+        self._hint = True
+
+    def rescan_due(self) -> bool:
+        """True (once) when a full listing is due; the caller must list then."""
+        now = time.monotonic()
+        if now >= self._next_rescan:
+            self._next_rescan = now + self.rescan_seconds
+            return True
+        return False
+
+    def force_rescan(self) -> None:
+        self._next_rescan = 0.0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def wait(self, timeout: float, extra_fds: tuple[int, ...] = ()) -> list[int]:
+        """Sleep until a hint, a readable extra fd, a due rescan or timeout.
+
+        Returns the extra fds that are readable."""
+        self._hint = False
+        until_rescan = max(0.0, self._next_rescan - time.monotonic())
+        timeout = min(timeout, until_rescan)
+        fds = list(extra_fds) + ([self._fd] if self._fd >= 0 else [])
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return []
+        if self._fd in ready:
+            self._drain()
+        return [fd for fd in ready if fd != self._fd]
+
+    def _drain(self) -> None:
+        assert self._notifier is not None
+        self._notifier.read_events()
+        self._notifier.process_events()
+
+    def close(self) -> None:
+        if self._wm is not None:
+            self._wm.close()
+            self._wm = None

@@ -1,0 +1,1 @@
+"""The caller's uid: the only door into the queue."""

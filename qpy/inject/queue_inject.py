@@ -1,0 +1,120 @@
+"""qpy-queue-inject — put one message into the queue (qmail-queue's interface).
+
+SYNOPSIS
+    qpy-queue-inject  < message  1< envelope
+
+RUNS AS
+    the caller. It needs no privilege: `queue/drop/` lets anyone create a file.
+
+READS
+    fd 0: the message, to end of file. fd 1: the envelope, read after the
+    message: `F` sender NUL, `T` recipient NUL for each, then NUL.
+    `QPY_ROOT` (default /var/qpy); `control/databytes`.
+
+WRITES
+    one drop file in `queue/drop/`: temporary name, write, fsync, rename, fsync
+    of the directory. Exit 0 only after that.
+
+SECURITY
+    Addresses pass the strict parser before anything is written; the drop file
+    is mode 0640, group qpyq; qpy-pickup checks it all again anyway.
+
+EXIT CODES (qmail-queue(8))
+    0 queued; 11 address too long; 31 message refused (larger than databytes);
+    52 timeout reading input; 53 write error (disk full); 54 cannot read the
+    message or envelope; 55 cannot read configuration; 62 trouble in the queue
+    directory; 81 internal bug; 91 envelope format error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from qpy.common import envelope
+from qpy.common.control import Control, ControlError
+from qpy.common.queue import root_from
+from qpy.inject.drop import Drop, InjectError
+
+INPUT_TIMEOUT = 86400       # qmail-queue's 24 hours; QPY_INJECT_TIMEOUT overrides
+READ_BYTES = 64 * 1024
+
+EXIT_TIMEOUT = 52
+EXIT_READ = 54
+EXIT_CONFIG = 55
+EXIT_BUG = 81
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _fail(code: int, reason: str) -> int:
+    sys.stderr.write("qpy-queue-inject: %s (#%d)\n" % (reason, code))
+    return code
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    chunks = []
+    total = 0
+    while True:
+        data = os.read(fd, READ_BYTES)
+        if not data:
+            return b"".join(chunks)
+        total += len(data)
+        if total > limit:
+            raise envelope.EnvelopeError(envelope.EXIT_FORMAT, "envelope too large")
+        chunks.append(data)
+
+
+def run(root: str) -> int:
+    try:
+        databytes = Control(root).explain("databytes")
+    except ControlError as e:
+        return _fail(EXIT_CONFIG, "cannot read control/databytes: %s" % e)
+    if databytes[1].startswith("malformed"):
+        return _fail(EXIT_CONFIG, "control/databytes %s" % databytes[1])
+    try:
+        drop = Drop(root, int(databytes[0]))
+    except InjectError as e:
+        return _fail(e.code, "cannot create a file in the queue: %s" % e)
+    try:
+        while True:
+            data = os.read(0, READ_BYTES)
+            if not data:
+                break
+            drop.write(data)
+        env = _read_all(1, envelope.MAX_ENVELOPE)
+        sender, rcpts = envelope.decode(env)
+        drop.commit(sender, rcpts)
+    except InjectError as e:
+        drop.abort()
+        return _fail(e.code, str(e))
+    except envelope.EnvelopeError as e:
+        drop.abort()
+        return _fail(e.code, str(e))
+    except _Timeout:
+        drop.abort()
+        return _fail(EXIT_TIMEOUT, "timeout reading the message or envelope")
+    except OSError as e:
+        drop.abort()
+        return _fail(EXIT_READ, "cannot read input: %s" % e.strerror)
+    return 0
+
+
+def main() -> int:
+    signal.signal(signal.SIGALRM, _alarm)
+    try:
+        timeout = int(os.environ.get("QPY_INJECT_TIMEOUT", INPUT_TIMEOUT))
+    except ValueError:
+        timeout = INPUT_TIMEOUT
+    signal.alarm(max(1, timeout))
+    try:
+        return run(root_from())
+    except Exception as e:  # never a traceback for a caller that expects a code
+        return _fail(EXIT_BUG, "internal error: %s" % type(e).__name__)
