@@ -69,6 +69,14 @@ for f in "$here"/bin/qpy-*; do
     chmod 755 "$prefix/bin/$name.tmp"
     mv -f "$prefix/bin/$name.tmp" "$prefix/bin/$name"
 done
+# Data the programs read at run time: the queue layout and the service templates.
+mkdir -p "$prefix/share"
+rm -rf "$prefix/share/queue-layout.new" "$prefix/share/supervise.new"
+cp -R "$here/queue-layout" "$prefix/share/queue-layout.new"
+cp -R "$here/supervise" "$prefix/share/supervise.new"
+rm -rf "$prefix/share/queue-layout" "$prefix/share/supervise"
+mv "$prefix/share/queue-layout.new" "$prefix/share/queue-layout"
+mv "$prefix/share/supervise.new" "$prefix/share/supervise"
 chmod -R a+rX "$prefix"
 
 case "$cmd" in

@@ -14,8 +14,6 @@ control character.
 
 from __future__ import annotations
 
-import ipaddress
-
 MAX_LOCAL = 64          # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255        # RFC 5321 4.5.3.1.2
 MAX_PATH = 256          # RFC 5321 4.5.3.1.3 (with the angle brackets)
@@ -80,6 +78,7 @@ def check_domain(domain: bytes, utf8: bool = False) -> bytes:
         if not domain.endswith(b"]"):
             raise AddressError("bad address literal")
         lit = domain[1:-1]
+        import ipaddress  # only address literals need it; keeps sendmail's start-up small
         try:
             if lit[:5].lower() == b"ipv6:":
                 ipaddress.IPv6Address(lit[5:].decode("ascii"))

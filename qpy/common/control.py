@@ -9,7 +9,6 @@ never once per message.
 from __future__ import annotations
 
 import os
-import socket
 
 MAX_CONTROL_BYTES = 4 * 1024 * 1024   # a control file larger than this is malformed
 
@@ -99,6 +98,7 @@ def parse(name: str, data: bytes) -> object:
 
 
 def hostname() -> str:
+    import socket  # rarely needed: `me` is normally in control/me
     name = socket.gethostname()
     if "." not in name:
         fq = socket.getfqdn(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import time
 
 from qpy.common import dropfile, envelope
@@ -51,9 +50,19 @@ class Drop:
         self._buffered = 0
         self._dir = Paths(root).drop
         self._tmp = "%s%d.%d.%s" % (dropfile.TMP_PREFIX, time.time_ns(), os.getpid(),
-                                     secrets.token_hex(4))
+                                     os.urandom(4).hex())
+        # drop/ is not readable by the injecting user (nobody may list it), so a
+        # plain user gets an O_PATH descriptor: enough for openat/renameat, but
+        # not for fsync of the directory (see commit()).
+        self._dir_readable = True
         try:
             self._dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        except PermissionError:
+            self._dir_readable = False
+            try:
+                self._dfd = os.open(self._dir, os.O_PATH | os.O_DIRECTORY)
+            except OSError as e:
+                raise _io_error(e, "create")
         except OSError as e:
             raise _io_error(e, "create")
         try:
@@ -107,7 +116,13 @@ class Drop:
             final = "%d.%d.%d" % (ino, time.time_ns(), os.getpid())
             os.rename(self._tmp, final, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
             self._tmp = ""
-            os.fsync(self._dfd)
+            if self._dir_readable:
+                os.fsync(self._dfd)
+            else:
+                # A user who may not read drop/ cannot fsync it. The rename changed
+                # the file's inode (ctime), so fsync of the file commits the journal
+                # transaction holding the rename (ext4, xfs, btrfs all do).
+                os.fsync(self._fd)
         except OSError as e:
             raise _io_error(e, "write")
         finally:

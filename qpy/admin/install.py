@@ -1,0 +1,253 @@
+"""qpy-install — lay out a qpy root, or check one.
+
+SYNOPSIS
+    qpy-install ROOT [--me HOST] [--smtp ADDR:PORT] [--supervise DIR]
+    qpy-install --check ROOT
+
+RUNS AS
+    root: creates the system users and groups qpyd qpyq qpys qpyr qpyl qpyalias
+    qpyauth (no login shell) when missing, and a root owned as queue-layout says.
+    any other user: a one-user root (ROOT/oneuser names the user); every program
+    run on it later runs as that user.
+
+READS
+    PREFIX/share/queue-layout/layout (owners, groups and modes, as data).
+
+WRITES
+    ROOT/ and what the layout lists; control/ defaults (me, locals, rcpthosts,
+    defaultdelivery, smtprules, smtplisten with --smtp); users/assign; alias/
+    with .qmail-postmaster, .qmail-mailer-daemon, .qmail-root and a Maildir.
+    Only what is missing is created: on a live root nothing that exists changes
+    and queued mail is never touched. Then qpy-newrcpt ROOT builds the
+    recipient table, and --supervise writes filled-in service files.
+
+    --check compares ROOT with the layout and prints every difference (missing,
+    wrong type, owner, group, mode), one a line; exit 1 if there is any.
+
+EXIT CODES
+    0 done (or no difference); 1 differences found; 2 usage; 111 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import pwd
+import stat
+import subprocess
+import sys
+
+from qpy.common import control as controlmod
+from qpy.common import durable
+from qpy.common.paths import BINDIR, program
+
+SYSTEM_USERS = ("qpyd", "qpyq", "qpys", "qpyr", "qpyl", "qpyalias", "qpyauth")
+NOLOGIN = "/usr/sbin/nologin"
+LAYOUT = os.path.join(BINDIR, "..", "share", "queue-layout", "layout")
+CONTROL_MODE = 0o644
+ALIAS_QMAIL = ("postmaster", "mailer-daemon", "root")
+
+ASSIGN_TEXT = b"""\
+# users/assign, as qmail-users(5): one entry a line, then a line with a single dot.
+#   =local:user:uid:gid:home:dash:ext:      mail for exactly `local`
+#   +prefix:user:uid:gid:home:dash:pre:     mail for every local part starting `prefix`
+# Addresses not listed here go to the user named by the local part up to its first
+# dash (the passwd database), and the rest to the alias user. Run qpy-newrcpt after
+# a change.
+.
+"""
+
+SMTPRULES_TEXT = b"""\
+# Client rules for the SMTP listener, tcprules syntax; the first match wins.
+127.:allow,RELAYCLIENT=""
+::1:allow,RELAYCLIENT=""
+:allow
+"""
+
+
+class Entry:
+    def __init__(self, path: str, kind: str, owner: str, group: str, mode: int):
+        self.path, self.kind, self.owner, self.group, self.mode = path, kind, owner, group, mode
+
+
+def read_layout(path: str = LAYOUT) -> list[Entry]:
+    entries = []
+    with open(path, encoding="ascii") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split()
+            if len(fields) != 5 or fields[1] not in ("d", "f"):
+                raise ValueError("%s:%d: bad layout line" % (path, n))
+            entries.append(Entry(fields[0], fields[1], fields[2], fields[3], int(fields[4], 8)))
+    return entries
+
+
+def ensure_users() -> None:
+    """Create the system groups and users that are missing (root only)."""
+    for name in SYSTEM_USERS:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            subprocess.run(["groupadd", "--system", name], check=True)
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                            "/nonexistent", "--shell", NOLOGIN, "--gid", name, name],
+                           check=True)
+
+
+class Ids:
+    """Owner and group names of the layout, mapped to numbers for this root."""
+
+    def __init__(self, oneuser: str | None):
+        self.oneuser = oneuser
+
+    def uid(self, name: str) -> int:
+        if self.oneuser:
+            return pwd.getpwnam(self.oneuser).pw_uid
+        return pwd.getpwnam(name).pw_uid
+
+    def gid(self, name: str) -> int:
+        if self.oneuser:
+            return pwd.getpwnam(self.oneuser).pw_gid
+        return grp.getgrnam(name).gr_gid
+
+
+def apply_layout(root: str, entries: list[Entry], ids: Ids) -> None:
+    for e in entries:
+        path = os.path.normpath(os.path.join(root, e.path))
+        if os.path.lexists(path):
+            continue                      # never change what exists
+        if e.kind == "d":
+            os.mkdir(path, 0o700)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+        os.chown(path, ids.uid(e.owner), ids.gid(e.group), follow_symlinks=False)
+        os.chmod(path, e.mode)            # after chown: chown clears setgid bits
+
+
+def check_layout(root: str, entries: list[Entry], ids: Ids) -> list[str]:
+    problems = []
+    for e in entries:
+        path = os.path.normpath(os.path.join(root, e.path))
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            problems.append("%s: missing (want %s %s:%s %04o)"
+                            % (path, "directory" if e.kind == "d" else "file",
+                               e.owner, e.group, e.mode))
+            continue
+        want_type = stat.S_ISDIR if e.kind == "d" else stat.S_ISREG
+        if not want_type(st.st_mode):
+            problems.append("%s: wrong type (want %s)"
+                            % (path, "directory" if e.kind == "d" else "plain file"))
+            continue
+        try:
+            uid, gid = ids.uid(e.owner), ids.gid(e.group)
+        except KeyError as err:
+            problems.append("%s: no such user or group %s" % (path, err))
+            continue
+        if st.st_uid != uid:
+            problems.append("%s: owner uid %d, want %s (%d)" % (path, st.st_uid, e.owner, uid))
+        if st.st_gid != gid:
+            problems.append("%s: group gid %d, want %s (%d)" % (path, st.st_gid, e.group, gid))
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != e.mode:
+            problems.append("%s: mode %04o, want %04o" % (path, mode, e.mode))
+    return problems
+
+
+def write_missing(directory: str, name: str, data: bytes, mode: int, uid: int = -1,
+                  gid: int = -1) -> None:
+    path = os.path.join(directory, name)
+    if os.path.lexists(path):
+        return
+    durable.write_file(directory, name, data, mode)
+    if uid != -1:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def write_defaults(root: str, me: str, smtp: str | None, ids: Ids) -> None:
+    ctl = os.path.join(root, "control")
+    line = (me + "\n").encode("ascii")
+    for name in ("me", "locals", "rcpthosts"):
+        write_missing(ctl, name, line, CONTROL_MODE)
+    write_missing(ctl, "defaultdelivery", b"./Maildir/\n", CONTROL_MODE)
+    write_missing(ctl, "smtprules", SMTPRULES_TEXT, CONTROL_MODE)
+    if smtp:
+        write_missing(ctl, "smtplisten", (smtp + "\n").encode("ascii"), CONTROL_MODE)
+    write_missing(os.path.join(root, "users"), "assign", ASSIGN_TEXT, 0o644)
+    alias = os.path.join(root, "alias")
+    auid, agid = ids.uid("qpyalias"), ids.gid("qpyalias")
+    for name in ALIAS_QMAIL:
+        write_missing(alias, ".qmail-" + name, b"./Maildir/\n", 0o600, auid, agid)
+    maildir = os.path.join(alias, "Maildir")
+    for sub in ("", "tmp", "new", "cur"):
+        p = os.path.join(maildir, sub)
+        if not os.path.lexists(p):
+            os.mkdir(p, 0o700)
+            os.chown(p, auid, agid, follow_symlinks=False)
+
+
+def install(root: str, me: str, smtp: str | None) -> int:
+    is_root = os.geteuid() == 0
+    oneuser = None if is_root else pwd.getpwuid(os.geteuid()).pw_name
+    if is_root:
+        ensure_users()
+    os.makedirs(os.path.dirname(root) or "/", exist_ok=True)
+    if not os.path.isdir(root):
+        os.mkdir(root, 0o755)
+    if oneuser:
+        write_missing(root, "oneuser", (oneuser + "\n").encode("ascii"), 0o644)
+    ids = Ids(oneuser)
+    apply_layout(root, read_layout(), ids)
+    write_defaults(root, me, smtp, ids)
+    newrcpt = program("qpy-newrcpt")
+    if os.path.exists(newrcpt):
+        r = subprocess.run([newrcpt, root], env={"PATH": "/usr/bin:/bin", "QPY_ROOT": root})
+        if r.returncode != 0:
+            sys.stderr.write("qpy-install: qpy-newrcpt failed (exit %d)\n" % r.returncode)
+            return 111
+    print("qpy-install: root %s ready%s" % (root, " (one-user mode, user %s)" % oneuser
+                                             if oneuser else ""))
+    return 0
+
+
+def oneuser_of(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, "oneuser"), encoding="ascii") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qpy-install")
+    ap.add_argument("root")
+    ap.add_argument("--me", default=None)
+    ap.add_argument("--smtp", default=None, help="ADDR:PORT for control/smtplisten")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--supervise", default=None, metavar="DIR")
+    args = ap.parse_args(argv)
+    os.umask(0o022)
+    root = os.path.abspath(args.root)
+    try:
+        if args.check:
+            problems = check_layout(root, read_layout(), Ids(oneuser_of(root)))
+            for p in problems:
+                print(p)
+            return 1 if problems else 0
+        me = args.me or controlmod.hostname()
+        rc = install(root, me, args.smtp)
+        if rc == 0 and args.supervise:
+            from qpy.admin import supervise
+            supervise.write_services(root, os.path.abspath(args.supervise), BINDIR)
+        return rc
+    except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as e:
+        sys.stderr.write("qpy-install: %s\n" % e)
+        return 111

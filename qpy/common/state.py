@@ -1,0 +1,207 @@
+"""state — the per-recipient delivery state of one queued message, `queue/state/ID`.
+
+Written only by `qpy-queue-send` (uid qpys); read by it at start and by the admin
+tools (`qpy-qread`) through `read_state()`.
+
+FORMAT
+    One record a line, fields separated by TAB (no address that passed the strict
+    parser holds a TAB, LF or NUL; texts are made printable before they are written).
+    The file is created whole with a durable write (temp, fsync, rename, fsync dir):
+
+        QPYSTATE1 <TAB> ID <TAB> ARRIVAL <TAB> SIZE <TAB> UID <TAB> QP
+        F <TAB> sender
+        R <TAB> i <TAB> L|R <TAB> address <TAB> delivery address      (one per recipient)
+        E                                                             (end of the head)
+
+    Then queue-send appends one record per event, each fsync'd before it counts:
+
+        K <TAB> i                        recipient i delivered (done; never undone)
+        Z <TAB> i <TAB> NEXT <TAB> text  temporary failure, next try at NEXT
+        D <TAB> i <TAB> text             permanent failure; a bounce is owed
+        B <TAB> i                        the bounce for i is injected (bounced)
+
+    A crash can tear only the last, unsynced record: readers ignore a final line
+    without LF, and queue-send cuts it off before appending (`repair()`).
+
+STATE WORDS (per recipient, as `qpy-qread` prints them)
+    waiting (not yet tried), deferred (Z: next try, last error), done (K),
+    bounced (D or B: failed for good; `bounce_owed` tells D from B).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from qpy.common import durable
+
+MAGIC = b"QPYSTATE1"
+MAX_STATE_BYTES = 64 * 1024 * 1024     # far past 100,000 recipients with their records
+MAX_TEXT = 1000
+STATE_MODE = 0o600
+
+LOCAL = "local"
+REMOTE = "remote"
+
+
+class StateError(ValueError):
+    """The head of a state file is missing or malformed."""
+
+
+@dataclass
+class RecipientState:
+    address: bytes                  # as the sender gave it (what a bounce names)
+    channel: str                    # LOCAL or REMOTE
+    delivery_address: bytes         # after virtualdomains rewriting (what lspawn gets)
+    state: str = "waiting"          # waiting, deferred, done, bounced
+    next_try: int = 0               # seconds since the epoch; 0: now
+    error: str = ""                 # the last failure text
+    bounce_owed: bool = False       # failed for good, bounce not yet injected
+
+
+@dataclass
+class MessageState:
+    id: str
+    arrival: int
+    size: int
+    uid: int
+    qp: int
+    sender: bytes
+    recipients: list[RecipientState] = field(default_factory=list)
+
+    def finished(self) -> bool:
+        """Every recipient done or bounced with the bounce injected."""
+        return all(r.state == "done" or (r.state == "bounced" and not r.bounce_owed)
+                   for r in self.recipients)
+
+
+def clean_text(text: bytes | str) -> bytes:
+    """Printable ASCII, bounded, no TAB: safe inside one record."""
+    if isinstance(text, str):
+        text = text.encode("utf-8", "replace")
+    return bytes(c if 0x20 <= c <= 0x7E else 0x5F for c in text[:MAX_TEXT])
+
+
+def encode_head(ms: MessageState) -> bytes:
+    lines = [b"\t".join([MAGIC, ms.id.encode(), b"%d" % ms.arrival, b"%d" % ms.size,
+                         b"%d" % ms.uid, b"%d" % ms.qp]),
+             b"F\t" + ms.sender]
+    for i, r in enumerate(ms.recipients):
+        lines.append(b"R\t%d\t%s\t%s\t%s" % (i, b"L" if r.channel == LOCAL else b"R",
+                                           r.address, r.delivery_address))
+    lines.append(b"E")
+    return b"\n".join(lines) + b"\n"
+
+
+def _int(b: bytes) -> int:
+    if not b.isdigit() or len(b) > 20:
+        raise StateError("bad number")
+    return int(b)
+
+
+def decode(data: bytes) -> MessageState:
+    """Parse a whole state file's bytes (a torn last line is ignored)."""
+    lines = data.split(b"\n")
+    lines.pop()  # the part after the last LF: empty, or a torn record
+    if not lines:
+        raise StateError("empty state file")
+    head = lines[0].split(b"\t")
+    if len(head) != 6 or head[0] != MAGIC:
+        raise StateError("bad state header")
+    if len(lines) < 2 or not lines[1].startswith(b"F\t"):
+        raise StateError("no sender record")
+    ms = MessageState(head[1].decode("ascii", "replace"), _int(head[2]), _int(head[3]),
+                      _int(head[4]), _int(head[5]), lines[1][2:])
+    pos = 2
+    while pos < len(lines) and lines[pos] != b"E":
+        f = lines[pos].split(b"\t")
+        if len(f) != 5 or f[0] != b"R" or _int(f[1]) != len(ms.recipients) \
+                or f[2] not in (b"L", b"R"):
+            raise StateError("bad recipient record")
+        ms.recipients.append(RecipientState(f[3], LOCAL if f[2] == b"L" else REMOTE, f[4]))
+        pos += 1
+    if pos >= len(lines):
+        raise StateError("state head not complete")
+    for line in lines[pos + 1:]:
+        f = line.split(b"\t", 3)
+        try:
+            r = ms.recipients[_int(f[1])]
+        except (IndexError, StateError):
+            continue  # an unreadable record counts as never written
+        kind = f[0]
+        if kind == b"K":
+            r.state, r.bounce_owed, r.error = "done", False, ""
+        elif r.state == "done":
+            continue  # done stays done, whatever follows
+        elif kind == b"Z" and len(f) == 4 and f[2].isdigit():
+            r.state, r.next_try, r.error = "deferred", int(f[2]), f[3].decode("ascii", "replace")
+        elif kind == b"D" and len(f) >= 3:
+            r.state, r.bounce_owed = "bounced", True
+            r.error = b"\t".join(f[2:]).decode("ascii", "replace")
+        elif kind == b"B":
+            r.state, r.bounce_owed = "bounced", False
+    return ms
+
+
+def read_state(path: str) -> MessageState:
+    """Read `queue/state/ID`; raises OSError or StateError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_STATE_BYTES + 1)
+    if len(data) > MAX_STATE_BYTES:
+        raise StateError("state file too large")
+    return decode(data)
+
+
+class StateFile:
+    """queue-send's writer for one state file."""
+
+    def __init__(self, directory: str, msgid: str):
+        self.directory = directory
+        self.path = os.path.join(directory, msgid)
+        self.msgid = msgid
+
+    def create(self, ms: MessageState) -> None:
+        # durable: temp name, fsync, rename, fsync dir (qpy.common.durable)
+        durable.write_file(self.directory, self.msgid, encode_head(ms), mode=STATE_MODE)
+
+    def repair(self) -> None:
+        """Cut off a torn last record so that the next append starts on a line."""
+        fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return
+            tail = os.pread(fd, min(size, MAX_TEXT * 2 + 64), max(0, size - MAX_TEXT * 2 - 64))
+            if tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            if cut == -1:
+                return
+            os.ftruncate(fd, size - (len(tail) - cut - 1))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _append(self, record: bytes) -> None:
+        # durable: the record is fsync'd before append_line returns; only then it counts
+        durable.append_line(self.path, record + b"\n")
+
+    def done(self, i: int) -> None:
+        self._append(b"K\t%d" % i)
+
+    def deferred(self, i: int, next_try: int, text: bytes | str) -> None:
+        self._append(b"Z\t%d\t%d\t%s" % (i, next_try, clean_text(text)))
+
+    def failed(self, i: int, text: bytes | str) -> None:
+        self._append(b"D\t%d\t%s" % (i, clean_text(text)))
+
+    def bounced(self, indexes: list[int]) -> None:
+        # one write, one fsync for the whole batch of a bounce
+        durable.append_line(self.path, b"".join(b"B\t%d\n" % i for i in indexes))
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,93 @@
+"""front — what qpy-sendmail and qpy-inject share: names, qualifying, queueing.
+
+Both run once per message from shell loops, so both import only this, the
+header code and the drop writer: no `email`, no `socket`, no console-script
+wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+
+from qpy.common import address
+from qpy.common.control import Control
+from qpy.common.queue import root_from
+from qpy.inject import headers
+from qpy.inject.drop import InjectError, inject
+
+EXIT_PERM = 100
+EXIT_TEMP = 111
+MAX_MESSAGE_BYTES = 1 << 30
+
+
+class Front:
+    def __init__(self, program: str):
+        self.program = program
+        self.root = root_from()
+        self.control = Control(self.root)
+
+    def fail(self, code: int, text: str) -> int:
+        sys.stderr.write("%s: fatal: %s\n" % (self.program, text))
+        return code
+
+    def user(self, env_names: tuple[str, ...]) -> bytes:
+        for name in env_names:
+            v = os.environ.get(name)
+            if v:
+                return v.encode("utf-8", "surrogateescape")
+        return pwd.getpwuid(os.getuid()).pw_name.encode()
+
+    def host(self, env_names: tuple[str, ...]) -> bytes:
+        for name in env_names:
+            v = os.environ.get(name)
+            if v:
+                return v.encode("ascii", "replace")
+        return self.control.line("defaulthost").encode("ascii", "replace")
+
+    def qualify(self, addr: bytes) -> bytes:
+        """Check an address; add @defaulthost to a bare local part."""
+        addr = address.parse_mailbox(addr, utf8=True, need_domain=False)
+        if not address.split(addr)[1]:
+            addr += b"@" + self.control.line("defaulthost").encode("ascii", "replace")
+        return addr
+
+    def queue(self, message: bytes, sender: bytes, recipients: list[bytes],
+              from_addr: bytes, full_name: bytes, take_recipients: bool) -> int:
+        try:
+            message, found = headers.complete(
+                message, from_addr, full_name,
+                self.control.line("idhost").encode("ascii", "replace"), take_recipients)
+            rcpts = [self.qualify(r) for r in recipients + found]
+            if sender:
+                sender = self.qualify(sender)
+        except (address.AddressError, headers.HeaderError) as e:
+            return self.fail(EXIT_PERM, "bad address: %s" % e)
+        if not rcpts:
+            return self.fail(EXIT_PERM, "no recipients")
+        try:
+            inject(self.root, message, sender, rcpts, self.control.integer("databytes"))
+        except InjectError as e:
+            return self.fail(EXIT_PERM if 11 <= e.code <= 40 else EXIT_TEMP,
+                             "cannot queue the message: %s (#%d)" % (e, e.code))
+        return 0
+
+
+def read_stdin(dot_ends: bool) -> bytes:
+    """The message on stdin; with dot_ends, a line of a single '.' ends it (sendmail)."""
+    if not dot_ends:
+        data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise OverflowError("message too large")
+        return data
+    out = []
+    total = 0
+    for line in sys.stdin.buffer:
+        if line in (b".\n", b".\r\n", b"."):
+            break
+        total += len(line)
+        if total > MAX_MESSAGE_BYTES:
+            raise OverflowError("message too large")
+        out.append(line)
+    return b"".join(out)

@@ -1,0 +1,73 @@
+"""qpy-inject — qmail-inject's interface: a message from a person or a script.
+
+SYNOPSIS
+    qpy-inject [-f sender] [-a | -h] [--] [recipient...]
+
+RUNS AS
+    the caller; no privilege needed (the message goes through queue/drop/).
+
+READS
+    the message on stdin, to end of file; QPY_ROOT; control/defaulthost,
+    idhost, databytes; QMAILUSER, QMAILHOST, QMAILNAME (then NAME, LOGNAME,
+    USER), QMAILSUSER and QMAILSHOST for the envelope sender, as qmail-inject.
+
+WRITES
+    one drop file in queue/drop/, with From:, Date: and Message-ID: added when
+    missing. Recipients: the arguments (-a), or with no arguments or -h those
+    of To:, Cc: and Bcc: (Bcc: removed), as qmail-inject.
+
+EXIT CODES
+    0 queued; 100 permanent; 111 temporary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from qpy.inject.front import EXIT_PERM, EXIT_TEMP, Front, read_stdin
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    front = Front("qpy-inject")
+    sender: bytes | None = None
+    mode = ""
+    rcpts: list[bytes] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":
+            rcpts += [r.encode("utf-8", "surrogateescape") for r in args[i:]]
+            break
+        if a == "-f":
+            if i >= len(args):
+                return front.fail(EXIT_PERM, "-f needs an argument")
+            sender = args[i].encode("utf-8", "surrogateescape")
+            i += 1
+        elif a.startswith("-f"):
+            sender = a[2:].encode("utf-8", "surrogateescape")
+        elif a in ("-a", "-h"):
+            mode = a
+        elif a.startswith("-") and a != "-":
+            return front.fail(EXIT_PERM, "unknown option %s" % a)
+        else:
+            rcpts.append(a.encode("utf-8", "surrogateescape"))
+    take = mode == "-h" or (mode == "" and not rcpts)
+    if mode == "-h":
+        rcpts = []
+    try:
+        message = read_stdin(False)
+    except OverflowError as e:
+        return front.fail(EXIT_PERM, str(e))
+    except OSError as e:
+        return front.fail(EXIT_TEMP, "cannot read the message: %s" % e.strerror)
+    from_addr = front.user(("QMAILUSER", "LOGNAME", "USER")) + b"@" + \
+        front.host(("QMAILHOST",))
+    if sender is None:
+        sender = front.user(("QMAILSUSER", "QMAILUSER", "LOGNAME", "USER")) + b"@" + \
+            front.host(("QMAILSHOST", "QMAILHOST"))
+    name = (os.environ.get("QMAILNAME") or os.environ.get("NAME") or "").encode(
+        "utf-8", "surrogateescape")
+    return front.queue(message, sender, rcpts, from_addr, name, take)

@@ -1,0 +1,371 @@
+"""qpy-pickup — admit drop files into the strict queue.
+
+SYNOPSIS
+    qpy-pickup            (QPY_ROOT names the root; started by qpy-start)
+
+RUNS AS
+    qpyq (started as root, it drops privileges at once).
+
+READS
+    queue/drop/NAME: files written by qpy.inject.drop, owned by whoever injected.
+    control/databytes.
+
+WRITES
+    queue/mess/ID (the message with a Received: line), queue/todo/ID (arrival
+    time, injecting uid, size, envelope), queue/pickup/journal, and moves bad
+    drop files to queue/quarantine/.
+
+HOW A BATCH IS ADMITTED (crash safety)
+    1. for each drop file: mess/ID and todo/.tmp.ID written and fsync'd;
+       then mess/ and todo/ fsync'd.          (nothing visible to queue-send yet)
+    2. one journal record per drop file, "NAME ID", appended and fsync'd: the
+       commit point. A crash before it leaves only invisible temporaries, which
+       the next start removes; the drop file is admitted again.
+    3. todo/.tmp.ID renamed to todo/ID, todo/ fsync'd: queue-send sees them.
+    4. the drop files are unlinked.
+    At start, every journal record is finished (steps 3 and 4), so a message
+    is never lost and never admitted twice. When no drop file waits, drop/ is
+    fsync'd and the journal emptied.
+
+SECURITY
+    The injecting user owns the drop file and may rewrite it at any time, so
+    its bytes are copied (never linked) and every check is made on the open
+    descriptor: opened without following links and without blocking, a plain
+    file with one link, lengths that add up to its size, an envelope that
+    passes the strict parser, a size within limits. A file that fails goes to
+    quarantine/ with a log line; pickup goes on.
+
+EXIT CODES
+    0 after SIGTERM; 111 when the queue cannot be used.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import sys
+import time
+
+from qpy.common import dropfile, durable, envelope
+from qpy.common.control import Control
+from qpy.common.log import clean, log
+from qpy.common.privilege import preamble, resolve_user
+from qpy.common.queue import Paths, root_from, todo_encode
+from qpy.common.watch import Watcher
+
+BATCH_MAX = 64                    # drop files admitted under one journal fsync
+MAX_MESSAGE_BYTES = 1 << 30       # hard cap when databytes is unset
+HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
+STALE_TMP_SECONDS = 36 * 3600     # qmail's limit for a half-written file
+COPY_BYTES = 1 << 20
+IDLE_WAIT = 5.0
+RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
+JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
+TODO_TMP = ".tmp."
+
+_stop = False
+_reload = False
+
+
+def _on_term(signum, frame):
+    global _stop
+    _stop = True
+
+
+def _on_hup(signum, frame):
+    global _reload
+    _reload = True
+
+
+def rfc822_date(t: float) -> str:
+    tm = time.gmtime(t)
+    return "%d %s %d %02d:%02d:%02d -0000" % (
+        tm.tm_mday, ("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec").split()[tm.tm_mon - 1],
+        tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec)
+
+
+class Rejected(Exception):
+    """The drop file fails a check; it goes to quarantine."""
+
+
+class Pickup:
+    def __init__(self, root: str):
+        self.root = root
+        self.paths = Paths(root)
+        self.control = Control(root)
+        self.journal = os.path.join(self.paths.pickup, "journal")
+        self.last_id = 0
+        self.journal_records = 0
+        self.who = self._who_table()
+
+    def _who_table(self) -> dict[int, str]:
+        import pwd
+        table = {}
+        if self.paths.oneuser():
+            return table
+        for name, words in (("qpyd", "from network"), ("qpyalias", "by alias"),
+                            ("qpys", "for bounce")):
+            try:
+                table[pwd.getpwnam(resolve_user(self.root, name)).pw_uid] = words
+            except KeyError:
+                pass
+        return table
+
+    def limit(self) -> int:
+        databytes = self.control.integer("databytes")
+        return databytes + HEADER_SLACK if databytes else MAX_MESSAGE_BYTES
+
+    # --- ids ------------------------------------------------------------
+    def new_id(self) -> str:
+        self.last_id = max(self.last_id + 1, time.time_ns() // 1000)
+        return str(self.last_id)
+
+    # --- one drop file --------------------------------------------------
+    def admit_one(self, name: str, dfd: int) -> tuple[str, int, int] | None:
+        """Write mess/ID and todo/.tmp.ID for one drop file; (id, uid, bytes) or None."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                         dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self.quarantine(name, dfd, "cannot open: %s" % e.strerror)
+            return None
+        try:
+            return self._copy(name, fd)
+        except Rejected as e:
+            self.quarantine(name, dfd, str(e))
+            return None
+        finally:
+            os.close(fd)
+
+    def _copy(self, name: str, fd: int) -> tuple[str, int, int]:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejected("not a plain file")
+        if st.st_nlink != 1:
+            raise Rejected("has %d links" % st.st_nlink)
+        if st.st_size > self.limit() + dropfile.HEADER_LEN + envelope.MAX_ENVELOPE:
+            raise Rejected("too large (%d bytes)" % st.st_size)
+        try:
+            head = os.pread(fd, dropfile.HEADER_LEN, 0)
+            pid, msglen, envlen = dropfile.parse_header(head, st.st_size)
+            if msglen > self.limit():
+                raise Rejected("message too large (%d bytes)" % msglen)
+            env = os.pread(fd, envlen, dropfile.HEADER_LEN + msglen)
+            if len(env) != envlen:
+                raise Rejected("envelope truncated")
+            sender, rcpts = envelope.decode(env)
+        except (dropfile.DropError, envelope.EnvelopeError) as e:
+            raise Rejected(str(e))
+        except OSError as e:
+            raise Rejected("cannot read: %s" % e.strerror)
+        now = time.time()
+        who = self.who.get(st.st_uid, "by uid %d" % st.st_uid)
+        received = b"Received: (qpy %d invoked %s); %s\n" % (
+            pid, who.encode(), rfc822_date(now).encode())
+        msg_id, mfd = self._create_mess()
+        try:
+            durable.write_all(mfd, received)
+            self._copy_range(fd, mfd, dropfile.HEADER_LEN, msglen)
+            os.fsync(mfd)
+        except BaseException:
+            os.close(mfd)
+            self._unlink(self.paths.mess, msg_id)
+            raise
+        os.close(mfd)
+        size = len(received) + msglen
+        todo = todo_encode(int(now), st.st_uid, size, envelope.encode(sender, rcpts))
+        try:
+            # fsync'd here; its directory entry is fsync'd for the whole batch
+            durable.write_file(self.paths.todo, TODO_TMP + msg_id, todo, 0o640, sync_dir=False)
+        except BaseException:
+            self._unlink(self.paths.mess, msg_id)
+            raise
+        return msg_id, st.st_uid, size
+
+    def _create_mess(self) -> tuple[str, int]:
+        while True:
+            msg_id = self.new_id()
+            try:
+                fd = os.open(os.path.join(self.paths.mess, msg_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+                return msg_id, fd
+            except FileExistsError:
+                continue
+
+    @staticmethod
+    def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+        while count > 0:
+            try:
+                n = os.copy_file_range(src, dst, min(count, COPY_BYTES), offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                data = os.pread(src, min(count, COPY_BYTES), offset)
+                n = len(data)
+                if n:
+                    durable.write_all(dst, data)
+            if n == 0:
+                raise Rejected("file shrank while being read")
+            offset += n
+            count -= n
+
+    @staticmethod
+    def _unlink(directory: str, name: str) -> None:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+    def quarantine(self, name: str, dfd: int, reason: str) -> None:
+        target = "%s.%d" % (name, time.time_ns())
+        try:
+            qfd = os.open(self.paths.quarantine, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.rename(name, target, src_dir_fd=dfd, dst_dir_fd=qfd)
+                os.fsync(qfd)
+            finally:
+                os.close(qfd)
+        except OSError as e:
+            log("warning: cannot quarantine drop %s: %s" % (clean(name), e.strerror))
+            return
+        log("quarantine drop %s as %s: %s" % (clean(name), clean(target), clean(reason)))
+
+    # --- batches --------------------------------------------------------
+    def admit_batch(self, names: list[str], dfd: int) -> bool:
+        """Admit what it can of names; False when the queue refused a write."""
+        admitted: list[tuple[str, str, int, int]] = []
+        ok = True
+        for name in names:
+            try:
+                r = self.admit_one(name, dfd)
+            except OSError as e:
+                log("warning: cannot admit drop %s: %s" % (clean(name), e.strerror))
+                ok = False       # disk full or worse: retry later, nothing lost
+                break
+            if r:
+                admitted.append((name, *r))
+        if not admitted:
+            return ok
+        durable.fsync_dir(self.paths.mess)
+        durable.fsync_dir(self.paths.todo)
+        records = b"".join(b"%s %s\n" % (n.encode(), i.encode()) for n, i, _, _ in admitted)
+        durable.append_line(self.journal, records)          # the commit point
+        self.journal_records += len(admitted)
+        for _, msg_id, _, _ in admitted:
+            os.rename(os.path.join(self.paths.todo, TODO_TMP + msg_id),
+                      os.path.join(self.paths.todo, msg_id))
+        durable.fsync_dir(self.paths.todo)
+        for name, msg_id, uid, size in admitted:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            log("pickup msg %s: drop %s uid %d bytes %d" % (msg_id, name, uid, size))
+        return ok
+
+    def empty_journal(self) -> None:
+        """Once the drop files' removals are durable, the journal can go."""
+        if self.journal_records == 0:
+            return
+        durable.fsync_dir(self.paths.drop)
+        fd = os.open(self.journal, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.journal_records = 0
+
+    def recover(self) -> None:
+        """Finish every batch the journal committed; drop uncommitted temporaries."""
+        with open(self.journal, "rb") as f:
+            data = f.read()
+        committed = set()
+        for line in data.split(b"\n"):
+            fields = line.split(b" ")
+            if len(fields) != 2:
+                continue                       # a torn last record was never committed
+            name, msg_id = fields[0].decode("ascii", "replace"), fields[1].decode("ascii")
+            committed.add(msg_id)
+            tmp = os.path.join(self.paths.todo, TODO_TMP + msg_id)
+            if os.path.exists(tmp):
+                os.rename(tmp, os.path.join(self.paths.todo, msg_id))
+            if dropfile.is_final_name(name):
+                self._unlink(self.paths.drop, name)
+            self.journal_records += 1
+        for name in os.listdir(self.paths.todo):
+            if name.startswith(TODO_TMP) and name[len(TODO_TMP):] not in committed:
+                self._unlink(self.paths.mess, name[len(TODO_TMP):])
+                self._unlink(self.paths.todo, name)
+        durable.fsync_dir(self.paths.todo)
+        durable.fsync_dir(self.paths.mess)
+        self.empty_journal()
+
+    def scan(self, dfd: int) -> list[str]:
+        """Names ready for admission; quarantines names pickup cannot know."""
+        ready = []
+        now = time.time()
+        for entry in os.scandir(dfd):
+            name = entry.name
+            if dropfile.is_final_name(name):
+                ready.append(name)
+            elif name.startswith(dropfile.TMP_PREFIX):
+                try:
+                    age = now - entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                if age > STALE_TMP_SECONDS:   # its writer died long ago: never acknowledged
+                    self._unlink(self.paths.drop, name)
+            else:
+                self.quarantine(name, dfd, "not a drop file name")
+        ready.sort()
+        return ready
+
+    def run(self) -> int:
+        global _reload
+        self.recover()
+        watcher = Watcher([self.paths.drop])
+        dfd = os.open(self.paths.drop, os.O_RDONLY | os.O_DIRECTORY)
+        log("qpy-pickup: started on %s" % self.root)
+        pending: list[str] = []
+        while not _stop:
+            if _reload:
+                _reload = False
+                self.control.reload()
+            if not pending:
+                # inotify only wakes us early; every wake lists the whole directory
+                watcher.wait(IDLE_WAIT)
+                pending = self.scan(dfd)
+            if not pending:
+                self.empty_journal()
+                continue
+            batch, pending = pending[:BATCH_MAX], pending[BATCH_MAX:]
+            if not self.admit_batch(batch, dfd):
+                pending = []
+                time.sleep(RETRY_WAIT)
+            if self.journal_records >= JOURNAL_MAX_RECORDS:
+                self.empty_journal()
+        self.empty_journal()
+        log("qpy-pickup: exiting")
+        return 0
+
+
+def main() -> int:
+    root = root_from()
+    preamble("qpy-pickup", root, "qpyq")
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, _on_term)
+    signal.signal(signal.SIGHUP, _on_hup)
+    try:
+        return Pickup(root).run()
+    except OSError as e:
+        log("fatal: qpy-pickup: %s" % e)
+        return 111
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""qpytest — helpers the tests share: roots, users, ports, programs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+PREFIX = os.environ.get("QPY_PREFIX") or ("/opt/qpy" if os.getuid() == 0
+                                          else os.path.expanduser("~/.local/qpy"))
+BIN = os.path.join(PREFIX, "bin")
+PYTHON = os.path.join(PREFIX, "venv", "bin", "python3")
+TEST_BASE = "/var/tmp/qpy-test"
+IS_ROOT = os.getuid() == 0
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (real uids)")
+
+
+def bin_path(name: str) -> str:
+    return os.path.join(BIN, name)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def test_dir(prefix: str = "t") -> str:
+    """A fresh directory that every qpy uid can traverse (not pytest's 0700 tmp)."""
+    os.makedirs(TEST_BASE, mode=0o755, exist_ok=True)
+    os.chmod(TEST_BASE, 0o755)
+    d = tempfile.mkdtemp(prefix=prefix + "-", dir=TEST_BASE)
+    os.chmod(d, 0o755)
+    return d
+
+
+def _locked(fn):
+    """Serialise user/group database changes across parallel test processes."""
+    def wrapper(*a, **kw):
+        os.makedirs(TEST_BASE, mode=0o755, exist_ok=True)
+        with open(os.path.join(TEST_BASE, ".userlock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return fn(*a, **kw)
+    return wrapper
+
+
+@_locked
+def make_user(name: str, home: str | None = None) -> pwd.struct_passwd:
+    """A real Unix user `qt<name>` (created once, reused); home made and owned by it."""
+    login = name if name.startswith("qt") else "qt" + name
+    try:
+        pw = pwd.getpwnam(login)
+    except KeyError:
+        for _ in range(20):
+            r = subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", "-d",
+                                home or "/nonexistent", login], capture_output=True)
+            if r.returncode in (0, 9):
+                break
+            time.sleep(0.2)
+        pw = pwd.getpwnam(login)
+    if home:
+        subprocess.run(["usermod", "-d", home, login], check=True, capture_output=True)
+        os.makedirs(home, exist_ok=True)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        os.chmod(home, 0o755)
+        pw = pwd.getpwnam(login)
+    return pw
+
+
+class QRoot:
+    """A freshly installed qpy root for one test."""
+
+    def __init__(self, path: str, me: str = "test.example"):
+        from qpy.common.queue import Paths
+        self.path = path
+        self.me = me
+        self.paths = Paths(path)
+        self.procs: list[subprocess.Popen] = []
+
+    def bin(self, name: str) -> str:
+        return bin_path(name)
+
+    def env(self, extra: dict | None = None) -> dict:
+        env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "QPY_ROOT": self.path}
+        env.update(extra or {})
+        return env
+
+    def run(self, prog: str, *args: str, input: bytes = b"", env: dict | None = None,
+            user: str | None = None, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        cmd = [self.bin(prog), *args]
+        if user:
+            pw = pwd.getpwnam(user)
+            cmd = ["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid),
+                   "--init-groups", "--"] + cmd
+        return subprocess.run(cmd, input=input, env=self.env(env), capture_output=True,
+                              timeout=timeout, **kw)
+
+    def start(self, prog: str, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+        """Start a long-running program; stopped at teardown."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.STDOUT)
+        p = subprocess.Popen([self.bin(prog), *args], env=self.env(env), **kw)
+        self.procs.append(p)
+        return p
+
+    def control(self, name: str, text: str) -> None:
+        p = os.path.join(self.paths.control, name)
+        with open(p, "w") as f:
+            f.write(text if text.endswith("\n") or not text else text + "\n")
+        os.chmod(p, 0o644)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 15
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def queue_files(self, sub: str) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.paths.queue, sub)))
+
+
+def install_root(me: str = "test.example", *extra: str) -> QRoot:
+    path = os.path.join(test_dir("root"), "qpy")
+    r = subprocess.run([bin_path("qpy-install"), path, "--me", me, *extra],
+                       capture_output=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError("qpy-install failed: %s %s" % (r.stdout, r.stderr))
+    return QRoot(path, me)
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for(pred, timeout: float = 30.0, interval: float = 0.05):
+    """Poll pred() until it returns a true value; that value, or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
