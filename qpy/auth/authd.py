@@ -91,6 +91,7 @@ class Limiter:
         self.fails: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
         self.recent: collections.deque[float] = collections.deque()
         self.locks: dict[str, asyncio.Lock] = {}
+        self.inflight = 0          # checks under way count against the global budget
 
     def _window(self, key: str, now: float) -> list[float]:
         times = [t for t in self.fails.get(key, []) if now - t < max(FAIL_WINDOW, LOCK_SECONDS)]
@@ -108,7 +109,7 @@ class Limiter:
     def busy(self, now: float) -> bool:
         while self.recent and now - self.recent[0] >= 60.0:
             self.recent.popleft()
-        return len(self.recent) >= GLOBAL_FAILS
+        return len(self.recent) + self.inflight >= GLOBAL_FAILS
 
     def failed(self, key: str, now: float) -> None:
         self.recent.append(now)
@@ -261,7 +262,11 @@ class Server:
             if self.limiter.busy(now):
                 log("auth tempfail %s: too many failures from all clients" % who)
                 return authdb.TEMP
-            result = await self.checker.check(user, password)
+            self.limiter.inflight += 1
+            try:
+                result = await self.checker.check(user, password)
+            finally:
+                self.limiter.inflight -= 1
             if result == authdb.YES:
                 self.limiter.succeeded(key)
                 log("auth ok %s" % who)

@@ -1,0 +1,226 @@
+"""SMTP AUTH: qpy-passwd, qpy-authd (as real processes on a real socket), and AUTH in
+qpy-smtpd over TLS (swaks, smtplib).
+
+The checker is asked exactly as qpy-smtpd asks it: a client process running as
+qpyd (as root: the real system user) connects to ROOT/queue/run/auth/socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pwd
+import stat
+import subprocess
+
+import psutil
+import pytest
+import qpytest
+
+FAIL_DELAY = 1.0          # qpy.auth.authd.FAIL_DELAY
+LOCK_AFTER = 5            # qpy.auth.authd.LOCK_AFTER
+GLOBAL_FAILS = 60         # qpy.auth.authd.GLOBAL_FAILS
+
+# Runs as qpyd: ask the checker for each (user, password, ip) of argv[2], in parallel.
+ASK = r"""
+import json, sys, threading, time
+from qpy.smtp import auth
+root, reqs = sys.argv[1], json.loads(sys.argv[2])
+out = [None] * len(reqs)
+def one(i, u, p, ip):
+    t = time.monotonic()
+    a = auth.check(root, u.encode(), p.encode(), ip)
+    out[i] = [a.decode(), time.monotonic() - t]
+ts = [threading.Thread(target=one, args=(i, *r)) for i, r in enumerate(reqs)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+
+def as_user(name: str) -> list[str]:
+    if not qpytest.IS_ROOT:
+        return []
+    pw = pwd.getpwnam(name)
+    return ["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid),
+            "--init-groups", "--"]
+
+
+def ask(qroot, reqs: list[tuple[str, str, str]], user: str = "qpyd") -> list[list]:
+    r = subprocess.run(as_user(user) + [qpytest.PYTHON, "-c", ASK, qroot.path, json.dumps(reqs)],
+                       capture_output=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def set_password(qroot, user: str, password: str) -> subprocess.CompletedProcess:
+    return qroot.run("qpy-passwd", qroot.path, user,
+                     input=("%s\n%s\n" % (password, password)).encode())
+
+
+def start_authd(qroot) -> subprocess.Popen:
+    p = qroot.start("qpy-authd", qroot.path)
+    sock = os.path.join(qroot.paths.run, "auth", "socket")
+    assert qpytest.wait_for(lambda: os.path.exists(sock) or p.poll() is not None, 20)
+    assert p.poll() is None, p.stdout.read()
+    return p
+
+
+def log_of(p: subprocess.Popen) -> str:
+    p.terminate()
+    out, _ = p.communicate(timeout=20)
+    return out.decode("utf-8", "replace")
+
+
+@pytest.fixture
+def authd(qroot):
+    assert set_password(qroot, "alice", "correct horse").returncode == 0
+    p = start_authd(qroot)
+    yield p
+
+
+def test_passwd_writes_scrypt_hash_only_qpyauth_reads(qroot):
+    r = set_password(qroot, "alice", "s3cret")
+    assert r.returncode == 0, r.stderr
+    path = os.path.join(qroot.path, "auth", "passwd")
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.startswith(b"alice:scrypt$") and b"s3cret" not in data
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    if qpytest.IS_ROOT:
+        assert pwd.getpwuid(st.st_uid).pw_name == "qpyauth"
+    # a second user, then a changed password: one line each, salts differ
+    assert set_password(qroot, "bob", "s3cret").returncode == 0
+    assert set_password(qroot, "alice", "other").returncode == 0
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    assert [ln.split(b":")[0] for ln in lines] == [b"alice", b"bob"]
+    assert lines[0] != data.strip() and lines[0].split(b"$")[4] != lines[1].split(b"$")[4]
+
+
+def test_passwd_refuses_mismatch_and_bad_names(qroot):
+    r = qroot.run("qpy-passwd", qroot.path, "alice", input=b"one\ntwo\n")
+    assert r.returncode == 1 and b"differ" in r.stderr
+    r = qroot.run("qpy-passwd", qroot.path, "al:ice", input=b"x\nx\n")
+    assert r.returncode == 1
+    r = qroot.run("qpy-passwd", qroot.path, "alice", input=b"\n\n")
+    assert r.returncode == 1
+    r = qroot.run("qpy-passwd", qroot.path, "-d", "nobody-here")
+    assert r.returncode == 1
+    assert os.path.getsize(os.path.join(qroot.path, "auth", "passwd")) == 0
+
+
+@qpytest.needs_root
+def test_qpyd_cannot_read_hashes(qroot):
+    """A compromised qpyd: opening the hash file (or listing its directory) is EACCES."""
+    assert set_password(qroot, "alice", "pw").returncode == 0
+    code = ("import os\nfor p in %r:\n"
+            "    try:\n        os.open(p, os.O_RDONLY); print('OPEN')\n"
+            "    except OSError as e:\n        print(e.errno)\n"
+            % [os.path.join(qroot.path, "auth", "passwd"), os.path.join(qroot.path, "auth")])
+    r = subprocess.run(as_user("qpyd") + [qpytest.PYTHON, "-c", code], capture_output=True,
+                       cwd="/")
+    assert r.stdout.split() == [str(errno.EACCES).encode()] * 2, r
+
+
+def test_authd_answers_yes_no_and_delays_refusals(qroot, authd):
+    if qpytest.IS_ROOT:
+        assert psutil.Process(authd.pid).username() == "qpyauth"
+        assert psutil.Process(authd.pid).name() == "qpy-authd"
+    (ok, t_ok), (bad, t_bad), (unknown, t_unknown) = ask(qroot, [
+        ("alice", "correct horse", "192.0.2.1"),
+        ("alice", "wrong", "192.0.2.2"),
+        ("mallory", "correct horse", "192.0.2.3")])
+    assert (ok, bad, unknown) == ("Y", "N", "N")
+    # refusals are delayed by the checker itself (a lower bound: cannot flake)
+    assert t_bad >= FAIL_DELAY and t_unknown >= FAIL_DELAY
+    # qpy-passwd takes effect without a restart
+    assert set_password(qroot, "alice", "new one").returncode == 0
+    assert [a for a, _ in ask(qroot, [("alice", "new one", "192.0.2.1"),
+                                      ("alice", "correct horse", "192.0.2.4")])] == ["Y", "N"]
+    log = log_of(authd)
+    assert "auth ok user alice from 192.0.2.1" in log
+    assert "auth failed user mallory from 192.0.2.3" in log
+    assert "correct horse" not in log
+
+
+def test_lockout_per_client_address(qroot, authd):
+    """LOCK_AFTER failures from one address lock it: even the right password gets L."""
+    fails = ask(qroot, [("alice", "guess%d" % i, "198.51.100.7") for i in range(LOCK_AFTER)])
+    assert [a for a, _ in fails] == ["N"] * LOCK_AFTER
+    # concurrent guesses from one address were serialised: each waited for the one before
+    assert max(t for _, t in fails) >= LOCK_AFTER * FAIL_DELAY
+    after = ask(qroot, [("alice", "correct horse", "198.51.100.7"),
+                        ("alice", "correct horse", "198.51.100.8")])
+    assert [a for a, _ in after] == ["L", "Y"]
+    # IPv6: the /64 is the unit
+    ask(qroot, [("alice", "guess%d" % i, "2001:db8:1:2::%x" % i) for i in range(LOCK_AFTER)])
+    assert ask(qroot, [("alice", "correct horse", "2001:db8:1:2::ff")])[0][0] == "L"
+    assert ask(qroot, [("alice", "correct horse", "2001:db8:1:3::1")])[0][0] == "Y"
+    assert "auth locked user alice from 198.51.100.7" in log_of(authd)
+
+
+def test_compromised_qpyd_is_rate_limited_across_addresses(qroot, authd):
+    """Cycling made-up client addresses does not help: past GLOBAL_FAILS a minute, T."""
+    reqs = [("alice", "guess", "203.0.113.%d" % (i % 250 + 1)) if i < 250 else
+            ("alice", "guess", "10.0.%d.1" % i) for i in range(GLOBAL_FAILS + 5)]
+    answers = [a for a, _ in ask(qroot, reqs)]
+    assert answers.count("N") <= GLOBAL_FAILS
+    assert "T" in answers
+    # even the right password waits until the minute is over
+    assert ask(qroot, [("alice", "correct horse", "192.0.2.99")])[0][0] == "T"
+
+
+@qpytest.needs_root
+def test_only_qpyd_may_ask(qroot, authd):
+    # another system user cannot reach the socket at all (directory qpyauth:qpyd 0750)
+    assert ask(qroot, [("alice", "correct horse", "192.0.2.1")], user="qpyr")[0][0] == "T"
+    # root can reach it, but SO_PEERCRED says it is not qpyd
+    assert ask(qroot, [("alice", "correct horse", "192.0.2.1")], user="root")[0][0] == "T"
+    assert ask(qroot, [("alice", "correct horse", "192.0.2.1")])[0][0] == "Y"
+    log = log_of(authd)
+    assert "refused connection from uid 0" in log
+
+
+def test_malformed_requests_do_not_hurt_the_checker(qroot, authd):
+    code = r"""
+import socket, sys
+for payload in [b"", b"junk", b"QPYAUTH1\0a\0b\0", b"\0" * 5000, b"QPYAUTH1\0" + b"x" * 4000,
+                b"QPYAUTH1\0al ice\0pw\0" + b"1.2.3.4\0"]:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1]); s.sendall(payload); s.shutdown(socket.SHUT_WR)
+    print(s.recv(10)); s.close()
+"""
+    r = subprocess.run(as_user("qpyd") + [qpytest.PYTHON, "-c", code,
+                                          os.path.join(qroot.paths.run, "auth", "socket")],
+                       capture_output=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(b"\n")[:6] == [b"b'T\\n'"] * 6
+    assert ask(qroot, [("alice", "correct horse", "192.0.2.1")])[0][0] == "Y"
+    assert authd.poll() is None
+    assert "Traceback" not in log_of(authd)
+
+
+def test_checkpassword_backend(qroot):
+    """control/checkpassword: user\\0password\\0 on fd 3, exit 0 accepts."""
+    d = qpytest.test_dir("cp")
+    prog = os.path.join(d, "checkpw")
+    with open(prog, "w") as f:
+        f.write("#!/bin/sh\n"
+                "data=$(head -c 512 <&3 | tr '\\0' ' ')\n"
+                "case \"$data\" in 'carol hunter2 '*) exec \"$@\";; esac\n"
+                "exit 1\n")
+    os.chmod(prog, 0o755)
+    try:
+        qroot.control("checkpassword", prog)
+        p = start_authd(qroot)
+        answers = [a for a, _ in ask(qroot, [("carol", "hunter2", "192.0.2.1"),
+                                             ("carol", "hunter3", "192.0.2.2"),
+                                             ("alice", "hunter2", "192.0.2.3")])]
+        assert answers == ["Y", "N", "N"]
+        assert "backend checkpassword %s" % prog in log_of(p)
+    finally:
+        qpytest.remove_tree(d)
