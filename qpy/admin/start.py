@@ -1,0 +1,411 @@
+"""qpy-start — start qpy's services with the wiring between them, supervise, collect logs.
+
+SYNOPSIS
+    qpy-start [ROOT] [--only NAME]       (ROOT: first argument, else QPY_ROOT, else /var/qpy)
+
+RUNS AS
+    root, doing nothing else but start, wire, watch and signal: it must be able to
+    restart qpy-lspawn. Every program is exec'd from its launcher beside this one
+    (qpy.common.paths.BINDIR) as root with the environment {QPY_ROOT, PATH=/usr/bin:/bin}
+    and drops its own privileges in its preamble. In a one-user root it runs as that
+    user and says `one-user mode`.
+
+SERVICES (design §8; --only NAME starts just one)
+    send    qpy-clean, qpy-lspawn, qpy-rspawn (skipped, with a log line, while its
+            launcher is missing) and qpy-queue-send, wired:
+              queue-send fd 3 = SOCK_SEQPACKET to lspawn (lspawn's fd 0)
+              queue-send fd 4 = SOCK_SEQPACKET to rspawn (rspawn's fd 0)
+              queue-send fd 5 -> clean fd 0, clean fd 1 -> queue-send fd 6 (pipes)
+            lspawn and rspawn have /dev/null on fd 1. If any of the four dies the
+            whole group is stopped and restarted, since the pipes are shared.
+    pickup  qpy-pickup
+    smtpd   qpy-tcpserver, only when control/smtplisten exists
+    authd   qpy-authd, only when auth/passwd holds a user
+
+LOG
+    every child's stderr is read here and printed to stdout, one line each, as
+    `TIMESTAMP SERVICE PROGRAM: text`; qpy-start's own lines name `start`.
+
+WRITES
+    queue/run/NAME.pid (root-owned) for each child program, NAME without `qpy-`.
+
+SIGNALS
+    ALRM: to queue-send.  HUP: to queue-send, pickup and tcpserver, and qpy-newrcpt
+    is run.  TERM, INT: queue-send, pickup, tcpserver and authd get TERM; the
+    spawners and clean end when queue-send closes their pipes; whatever is still
+    running after STOP_WAIT seconds is killed; exit 0.
+    A dead part is restarted after a back-off (1 s doubling to MAX_BACKOFF).
+
+EXIT CODES
+    0 after TERM; 100 usage; 111 cannot start.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from qpy.common import durable
+from qpy.common.log import clean
+from qpy.common.paths import program
+from qpy.common.privilege import preamble
+from qpy.common.queue import Paths, root_from
+
+PROGRAM = "qpy-start"
+SERVICES = ("send", "pickup", "smtpd", "authd")
+SEND_GROUP = ("clean", "lspawn", "rspawn", "queue-send")
+STOP_WAIT = 75.0            # queue-send gives in-flight deliveries 60 s after TERM
+MIN_BACKOFF = 1.0
+MAX_BACKOFF = 60.0
+STABLE_RUN = 60.0           # a service that ran this long restarts after MIN_BACKOFF
+MAX_LINE = 4096             # longer child log lines are cut
+CHILD_PATH = "/usr/bin:/bin"
+EXIT_USAGE = 100
+EXIT_TEMP = 111
+
+
+def stamp() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + ".%06d" % ((t % 1) * 1e6)
+
+
+def out(service: str, prog: str, text: str) -> None:
+    line = "%s %s %s: %s\n" % (stamp(), service, prog, text)
+    try:
+        os.write(1, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def say(text: str) -> None:
+    out("start", "qpy-start", text)
+
+
+@dataclass
+class Child:
+    service: str
+    prog: str            # without qpy-
+    pid: int
+    logfd: int
+    buf: bytes = b""
+
+
+@dataclass
+class Service:
+    name: str
+    children: dict[int, Child] = field(default_factory=dict)
+    started: float = 0.0
+    backoff: float = MIN_BACKOFF
+    restart_at: float = 0.0        # 0: running or not wanted; else when to start it
+    stopping: float = 0.0          # when the group was told to stop (kill after STOP_WAIT)
+
+
+class Starter:
+    def __init__(self, root: str, only: str | None):
+        self.root = root
+        self.paths = Paths(root)
+        self.only = only
+        self.env = {"QPY_ROOT": root, "PATH": CHILD_PATH}
+        self.services = {n: Service(n) for n in SERVICES if only in (None, n)}
+        self.terminating = 0.0
+        self.flags: set[int] = set()
+
+    # --- starting -----------------------------------------------------------------
+    def exists(self, prog: str) -> bool:
+        return os.access(program("qpy-" + prog), os.X_OK)
+
+    def wanted(self, name: str) -> bool:
+        if name == "smtpd":
+            return os.path.exists(os.path.join(self.paths.control, "smtplisten"))
+        if name == "authd":
+            try:
+                return os.path.getsize(os.path.join(self.root, "auth", "passwd")) > 0
+            except OSError:
+                return False
+        return True
+
+    def spawn(self, svc: Service, prog: str, fdmap: dict[int, int]) -> None:
+        """fork, put fdmap's sources on its target fds, exec the launcher."""
+        path = program("qpy-" + prog)
+        logr, logw = os.pipe2(os.O_CLOEXEC)
+        fdmap = dict(fdmap)
+        fdmap[2] = logw
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        for fd in (0, 1):
+            fdmap.setdefault(fd, devnull)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                high = 1000
+                # first out of the way, so no dup2 overwrites a source still needed
+                for tgt, src in fdmap.items():
+                    os.dup2(src, high + tgt, inheritable=False)
+                for tgt in fdmap:
+                    os.dup2(high + tgt, tgt, inheritable=True)
+                os.closerange(max(fdmap) + 1, os.sysconf("SC_OPEN_MAX"))
+                os.chdir("/")
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                os.execve(path, [path], self.env)
+            except BaseException:
+                pass
+            os._exit(127)
+        os.close(logw)
+        os.close(devnull)
+        os.set_blocking(logr, False)
+        svc.children[pid] = Child(svc.name, prog, pid, logr)
+        try:
+            # durable: temp name, fsync, rename, fsync dir (qpy.common.durable)
+            durable.write_file(self.paths.run, prog + ".pid", b"%d\n" % pid, mode=0o644)
+        except OSError as e:
+            say("warning: cannot write %s.pid: %s" % (prog, e.strerror))
+
+    def start(self, svc: Service) -> None:
+        svc.restart_at = 0.0
+        svc.stopping = 0.0
+        svc.started = time.monotonic()
+        if svc.name == "send":
+            self.start_send(svc)
+        elif svc.name == "pickup":
+            self._start_one(svc, "pickup")
+        elif svc.name == "smtpd":
+            self._start_one(svc, "tcpserver")
+        elif svc.name == "authd":
+            self._start_one(svc, "authd")
+
+    def _start_one(self, svc: Service, prog: str) -> None:
+        if not self.exists(prog):
+            say("warning: %s: qpy-%s is missing, not started" % (svc.name, prog))
+            return
+        say("starting %s: qpy-%s" % (svc.name, prog))
+        self.spawn(svc, prog, {})
+
+    def start_send(self, svc: Service) -> None:
+        for prog in ("clean", "lspawn", "queue-send"):
+            if not self.exists(prog):
+                say("warning: send: qpy-%s is missing, send not started" % prog)
+                return
+        say("starting send: qpy-clean, qpy-lspawn, qpy-rspawn, qpy-queue-send")
+        kind = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        ls_q, ls_s = socket.socketpair(socket.AF_UNIX, kind)
+        q2c_r, q2c_w = os.pipe2(os.O_CLOEXEC)
+        c2q_r, c2q_w = os.pipe2(os.O_CLOEXEC)
+        opened = [ls_q, ls_s]
+        qfds = {3: ls_q.fileno(), 5: q2c_w, 6: c2q_r}
+        try:
+            self.spawn(svc, "clean", {0: q2c_r, 1: c2q_w})
+            self.spawn(svc, "lspawn", {0: ls_s.fileno()})
+            if self.exists("rspawn"):
+                rs_q, rs_s = socket.socketpair(socket.AF_UNIX, kind)
+                opened += [rs_q, rs_s]
+                self.spawn(svc, "rspawn", {0: rs_s.fileno()})
+                qfds[4] = rs_q.fileno()
+            else:
+                say("warning: send: qpy-rspawn is missing; remote mail waits in the queue")
+            self.spawn(svc, "queue-send", qfds)
+        finally:
+            # only the children hold the pipes now: an exit is seen as end of file
+            for s in opened:
+                s.close()
+            for fd in (q2c_r, q2c_w, c2q_r, c2q_w):
+                os.close(fd)
+
+    # --- running ------------------------------------------------------------------
+    def child(self, prog: str) -> Child | None:
+        for svc in self.services.values():
+            for c in svc.children.values():
+                if c.prog == prog:
+                    return c
+        return None
+
+    def signal(self, prog: str, sig: int) -> None:
+        c = self.child(prog)
+        if c is not None:
+            try:
+                os.kill(c.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, svc: Service) -> None:
+        """Ask a service to end: TERM to its front program; the rest follow by EOF."""
+        if svc.stopping:
+            return
+        svc.stopping = time.monotonic()
+        for c in svc.children.values():
+            # not the spawners nor clean: they end by EOF when queue-send is gone
+            if c.prog in ("queue-send", "pickup", "tcpserver", "authd"):
+                try:
+                    os.kill(c.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for svc in self.services.values():
+                c = svc.children.pop(pid, None)
+                if c is None:
+                    continue
+                self.drain(c, final=True)
+                os.close(c.logfd)
+                try:
+                    os.unlink(os.path.join(self.paths.run, c.prog + ".pid"))
+                except OSError:
+                    pass
+                say("%s: qpy-%s (pid %d) %s" % (svc.name, c.prog, pid, describe(status)))
+                if not self.terminating:
+                    self.stop(svc)     # the group shares pipes: all of it restarts
+                    if not svc.children:
+                        ran = time.monotonic() - svc.started
+                        svc.backoff = MIN_BACKOFF if ran >= STABLE_RUN else \
+                            min(MAX_BACKOFF, svc.backoff * 2)
+                        svc.restart_at = time.monotonic() + svc.backoff
+                        say("%s: restarting in %.0f s" % (svc.name, svc.backoff))
+
+    def drain(self, c: Child, final: bool = False) -> None:
+        while True:
+            try:
+                data = os.read(c.logfd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            if not data:
+                break
+            c.buf += data
+        lines = c.buf.split(b"\n")
+        c.buf = lines.pop()
+        if final and c.buf:
+            lines.append(c.buf)
+            c.buf = b""
+        if len(c.buf) > MAX_LINE:
+            lines.append(c.buf)
+            c.buf = b""
+        for line in lines:
+            out(c.service, "qpy-" + c.prog, clean(line, MAX_LINE))
+
+    def handle_flags(self) -> None:
+        flags, self.flags = self.flags, set()
+        if signal.SIGALRM in flags:
+            self.signal("queue-send", signal.SIGALRM)
+        if signal.SIGHUP in flags:
+            self.newrcpt()
+            for prog in ("queue-send", "pickup", "tcpserver", "authd"):
+                self.signal(prog, signal.SIGHUP)
+        if (signal.SIGTERM in flags or signal.SIGINT in flags) and not self.terminating:
+            say("stopping")
+            self.terminating = time.monotonic()
+            for svc in self.services.values():
+                svc.restart_at = 0.0
+                self.stop(svc)
+
+    def newrcpt(self) -> None:
+        """The SMTP recipient table (design §8), when qpy-newrcpt is installed."""
+        if not self.exists("newrcpt"):
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+                path = program("qpy-newrcpt")
+                os.execve(path, [path, self.root], self.env)
+            except BaseException:
+                pass
+            os._exit(127)
+        os.waitpid(pid, 0)
+
+    def run(self, wakeup: int) -> int:
+        if self.paths.oneuser():
+            say("one-user mode: every program runs as %s, not under separate users"
+                % self.paths.oneuser())
+        self.newrcpt()
+        for svc in self.services.values():
+            if self.wanted(svc.name):
+                self.start(svc)
+            else:
+                say("%s: not configured, not started" % svc.name)
+        while True:
+            self.handle_flags()
+            now = time.monotonic()
+            live = [c for s in self.services.values() for c in s.children.values()]
+            if self.terminating and not live:
+                say("stopped")
+                return 0
+            for svc in self.services.values():
+                if svc.stopping and svc.children and now - svc.stopping > STOP_WAIT:
+                    for c in svc.children.values():
+                        say("%s: qpy-%s did not stop, killing it" % (svc.name, c.prog))
+                        try:
+                            os.kill(c.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    svc.stopping = now      # and wait for the kill to be reaped
+                if svc.restart_at and now >= svc.restart_at and not self.terminating:
+                    self.start(svc)
+            timeout = 1.0
+            fds = [wakeup] + [c.logfd for c in live]
+            try:
+                ready, _, _ = select.select(fds, [], [], timeout)
+            except InterruptedError:
+                ready = []
+            for fd in ready:
+                if fd == wakeup:
+                    try:
+                        self.flags.update(os.read(wakeup, 512))
+                    except BlockingIOError:
+                        pass
+            for c in live:
+                if c.logfd in ready:
+                    self.drain(c)
+            self.reap()
+
+
+def describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exited %d" % os.waitstatus_to_exitcode(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    only = None
+    if "--only" in args:
+        i = args.index("--only")
+        if i + 1 >= len(args) or args[i + 1] not in SERVICES:
+            sys.stderr.write("usage: qpy-start [ROOT] [--only %s]\n" % "|".join(SERVICES))
+            return EXIT_USAGE
+        only = args[i + 1]
+        args = args[:i] + args[i + 2:]
+    if len(args) > 1:
+        sys.stderr.write("usage: qpy-start [ROOT] [--only %s]\n" % "|".join(SERVICES))
+        return EXIT_USAGE
+    root = root_from(args[:1])
+    preamble(PROGRAM, root, None, root)
+    paths = Paths(root)
+    if os.getuid() != 0 and not paths.oneuser():
+        sys.stderr.write("qpy-start: must run as root (or own a one-user root)\n")
+        return EXIT_TEMP
+    if not os.path.isdir(paths.queue):
+        sys.stderr.write("qpy-start: %s is not a qpy root (run qpy-install)\n" % root)
+        return EXIT_TEMP
+    os.chdir("/")
+    wr, ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(ww)
+    for sig in (signal.SIGALRM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+                signal.SIGCHLD):
+        signal.signal(sig, lambda s, f: None)
+    return Starter(root, only).run(wr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""qpy-clean — remove a finished message's queue files when qpy-queue-send asks.
+
+SYNOPSIS
+    qpy-clean        (started by qpy-start; QPY_ROOT names the root)
+
+RUNS AS
+    qpyq, the owner of `queue/mess/` and `queue/todo/`: qpy-queue-send (qpys) may
+    read mess files but cannot remove them, so it asks here.
+
+READS
+    fd 0: requests, one a line: `ID` LF (a message id as qpy.common.queue.is_id).
+
+WRITES
+    fd 1: one reply line per request, in order: `+` (removed, or was already gone),
+    `!` reason (an unlink failed; ask again later), `x` (not a message id: refused).
+    Removes `queue/mess/ID` and `queue/todo/ID`, nothing else.
+
+SECURITY
+    A request names a message id, never a path: anything but digits is refused,
+    so no request can reach outside the queue directories.
+
+EXIT CODES
+    0 at end of input; 111 when the root cannot be used.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from qpy.common.log import clean, log
+from qpy.common.privilege import preamble
+from qpy.common.queue import Paths, is_id, root_from
+
+PROGRAM = "qpy-clean"
+MAX_REQUEST = 64          # an id is at most 20 digits; a longer line is refused
+
+
+def _remove(directory: str, name: str) -> str | None:
+    try:
+        os.unlink(os.path.join(directory, name))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return "%s/%s: %s" % (os.path.basename(directory), name, e.strerror)
+    return None
+
+
+def handle(paths: Paths, request: bytes) -> bytes:
+    """One request line (without LF) to its reply line (without LF)."""
+    try:
+        name = request.decode("ascii")
+    except UnicodeDecodeError:
+        return b"x"
+    if not is_id(name):
+        return b"x"
+    for d in (paths.todo, paths.mess):
+        err = _remove(d, name)
+        if err:
+            return b"!" + clean(err).encode()
+    return b"+"
+
+
+def serve(paths: Paths, rfd: int, wfd: int) -> int:
+    buf = b""
+    while True:
+        nl = buf.find(b"\n")
+        if nl == -1:
+            if len(buf) > MAX_REQUEST:
+                # an endless line: refuse it once, then skip to its end
+                os.write(wfd, b"x\n")
+                buf = b""
+                while True:
+                    data = os.read(rfd, 4096)
+                    if not data:
+                        return 0
+                    nl = data.find(b"\n")
+                    if nl != -1:
+                        buf = data[nl + 1:]
+                        break
+                continue
+            data = os.read(rfd, 4096)
+            if not data:
+                return 0
+            buf += data
+            continue
+        line, buf = buf[:nl], buf[nl + 1:]
+        reply = handle(paths, line[:MAX_REQUEST + 1])
+        if reply == b"x":
+            log("%s: warning: refused request %r" % (PROGRAM, clean(line, 60)))
+        os.write(wfd, reply + b"\n")
+
+
+def main() -> int:
+    root = root_from()
+    preamble(PROGRAM, root, "qpyq")
+    paths = Paths(root)
+    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+    try:
+        os.chdir(paths.queue)
+    except OSError as e:
+        log("%s: alert: cannot start: %s: %s" % (PROGRAM, paths.queue, e.strerror))
+        return 111
+    try:
+        return serve(paths, 0, 1)
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""qpy-queue-send — the scheduler: preprocess new messages, run and retry deliveries, bounce.
+
+SYNOPSIS
+    qpy-queue-send      (started by qpy-start; QPY_ROOT names the root)
+
+RUNS AS
+    qpys. It can read `mess/` and `todo/` (group qpys) and remove `todo/` entries;
+    it owns `state/` and `rm/`; it cannot remove `mess/` files (qpy-clean does) and
+    it delivers nothing itself: qpy-lspawn and qpy-rspawn do.
+
+FDS (wired by qpy-start)
+    3  SOCK_SEQPACKET to qpy-lspawn: requests out, results in (qpy.common.spawn)
+    4  SOCK_SEQPACKET to qpy-rspawn; when fd 4 is closed, remote mail waits queued
+    5  requests to qpy-clean (`ID` LF);  6  its replies (`+`, `!reason`, `x`)
+    2  the log, one line per event in qmail-log's words
+
+READS
+    `todo/ID` (inotify hints plus a periodic rescan), `mess/ID` (opened read-only and
+    passed to the spawner as an fd), `state/ID`, `rm/ID` (qpy-qrm's requests),
+    control: locals, virtualdomains, envnoathost, concurrencylocal, concurrencyremote,
+    queuelifetime, bouncefrom, bouncehost, doublebounceto, doublebouncehost, me.
+
+WRITES
+    `state/ID` (qpy.common.state): created durably, then one fsync'd record per
+    result, so a recipient marked done stays done across any crash. Bounces go in
+    through `queue/drop/` (qpy.inject.drop) with sender <>.
+
+SCHEDULING
+    Every loop pass preprocesses at most TODO_BATCH new messages, reads every result
+    that is ready and starts what the concurrency limits allow, so neither a flood
+    of new mail nor a backlog of deliveries stalls the other. A temporary failure is
+    retried on qmail's schedule: next = birth + (floor(sqrt(age)) + c)^2 with c = 10
+    (local) or 20 (remote). Past queuelifetime a message gets one more attempt;
+    a temporary failure then becomes permanent. One bounce per message and failure
+    batch, sent when no delivery of the message is in flight or untried.
+
+SIGNALS
+    ALRM: everything due now, and queue/rm/ is read.  HUP: control files re-read.
+    USR1: a status line.  TERM: no new deliveries; those in flight are waited for
+    (at most TERM_WAIT seconds); exit 0. An unreported delivery is simply retried.
+
+EXIT CODES
+    0 after SIGTERM; 111 on a lost spawner or qpy-clean connection, or a root that
+    cannot be used.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import math
+import os
+import re
+import select
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from qpy.common import address, envelope, spawn
+from qpy.common.control import Control
+from qpy.common.log import clean, log
+from qpy.common.privilege import preamble
+from qpy.common.queue import Paths, is_id, root_from, todo_decode
+from qpy.common.state import (
+    LOCAL,
+    REMOTE,
+    MessageState,
+    RecipientState,
+    StateError,
+    StateFile,
+    read_state,
+)
+from qpy.common.watch import Watcher
+from qpy.inject.drop import InjectError, inject
+from qpy.send import bounce
+
+PROGRAM = "qpy-queue-send"
+LOCAL_FD, REMOTE_FD, CLEAN_W, CLEAN_R = 3, 4, 5, 6
+TODO_BATCH = 16             # new messages preprocessed per loop pass, at most
+MAX_TODO_BYTES = envelope.MAX_ENVELOPE + 100
+RM_CHECK_SECONDS = 5.0      # queue/rm/ is also read on every SIGALRM
+RETRY_LATER = 123           # a bounce or clean-up that failed is tried again after this
+TERM_WAIT = 60.0            # seconds in-flight deliveries get after SIGTERM
+MAX_IDLE = 30.0             # longest sleep of the loop
+CHANSKIP = {LOCAL: 10, REMOTE: 20}
+RM_DIR = "rm"
+EXPIRED = "I'm not going to try again; this message has been in the queue too long."
+NO_REMOTE = "qpy-rspawn is not running; remote delivery waits in the queue (#4.3.0)"
+_QP = re.compile(rb"^Received: \(qpy (\d+) invoked")
+
+
+class Lost(Exception):
+    """A spawner or qpy-clean went away: exit so that qpy-start restarts the group."""
+
+
+@dataclass
+class Msg:
+    st: MessageState
+    sf: StateFile
+    inflight: set[int] = field(default_factory=set)     # recipient indexes in flight
+    removing: bool = False
+    retry_at: float = 0.0          # when a failed bounce or clean-up is tried again
+
+
+@dataclass
+class Delivery:
+    msgid: str
+    channel: str
+    indexes: list[int]
+    dying: bool
+
+
+def next_try(birth: int, now: int, channel: str, lifetime: int) -> int:
+    """qmail's chrysanthemum schedule, with the last try at the end of the lifetime."""
+    age = max(0, now - birth)
+    nxt = birth + (math.isqrt(age) + CHANSKIP[channel]) ** 2
+    end = birth + lifetime
+    if now < end < nxt:
+        nxt = end
+    return nxt
+
+
+def classify(rcpt: bytes, locals_: set[bytes], vdoms: dict[bytes, bytes],
+             noathost: bytes) -> tuple[str, bytes]:
+    """(channel, delivery address) by qmail-send's rules (locals, then virtualdomains)."""
+    local, domain = address.split(rcpt)
+    if not domain:
+        rcpt, domain = rcpt + b"@" + noathost, noathost
+    if domain.lower() in locals_:
+        return LOCAL, rcpt
+    low = rcpt.lower()
+    at = len(local)
+    keys = [low, low[at + 1:]]
+    keys += [low[i:] for i in range(at + 1, len(low)) if low[i:i + 1] == b"."]
+    keys.append(b"")
+    for k in keys:
+        if k in vdoms:
+            prepend = vdoms[k]
+            if not prepend:
+                return REMOTE, rcpt
+            return LOCAL, prepend + b"-" + rcpt
+    return REMOTE, rcpt
+
+
+class QueueSend:
+    def __init__(self, root: str):
+        self.root = root
+        self.paths = Paths(root)
+        self.rmdir = os.path.join(self.paths.queue, RM_DIR)
+        self.ctl = Control(root)
+        self.msgs: dict[str, Msg] = {}
+        self.heaps: dict[str, list[tuple[int, str, int]]] = {LOCAL: [], REMOTE: []}
+        self.busy = {LOCAL: 0, REMOTE: 0}
+        self.deliveries: dict[int, Delivery] = {}
+        self.dnum = 0
+        self.todo: deque[str] = deque()
+        self.todo_known: set[str] = set()
+        self.bad_todo: set[str] = set()
+        self.flags: set[int] = set()
+        self.next_rm = 0.0
+        self.hinted = True
+        self.term_deadline = 0.0
+        self.socks: dict[str, socket.socket | None] = {LOCAL: self._sock(LOCAL_FD),
+                                                       REMOTE: self._sock(REMOTE_FD)}
+        self.reload()
+
+    # --- set-up -------------------------------------------------------------------
+    @staticmethod
+    def _sock(fd: int) -> socket.socket | None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return None
+        return socket.socket(fileno=fd)
+
+    def reload(self) -> None:
+        self.ctl.reload()
+        c = self.ctl
+        self.locals = {d.lower().encode() for d in c.lines("locals")}
+        self.vdoms: dict[bytes, bytes] = {}
+        for line in c.lines("virtualdomains"):
+            key, sep, prepend = line.rpartition(":")
+            if sep and key.lower().encode() not in self.vdoms:
+                self.vdoms[key.lower().encode()] = prepend.encode()
+        self.noathost = c.line("envnoathost").encode()
+        self.conc = {LOCAL: c.integer("concurrencylocal"),
+                     REMOTE: c.integer("concurrencyremote")}
+        self.lifetime = c.integer("queuelifetime")
+        me = c.line("me")
+        self.bouncehost = c.line("bouncehost") or me
+        self.bouncefrom = "%s@%s" % (c.line("bouncefrom"), self.bouncehost)
+        dbt = c.line("doublebounceto")
+        self.doublebounce = (dbt if "@" in dbt else "%s@%s" % (
+            dbt, c.line("doublebouncehost") or me)).encode()
+
+    def load(self) -> None:
+        """Read every state file: the queue as the last run left it."""
+        for name in sorted(os.listdir(self.paths.state)):
+            if not is_id(name):
+                continue
+            sf = StateFile(self.paths.state, name)
+            try:
+                sf.repair()
+                st = read_state(sf.path)
+            except (OSError, StateError) as e:
+                log("warning: unable to read state/%s: %s" % (name, clean(str(e))))
+                continue
+            self.msgs[name] = m = Msg(st, sf)
+            for i, r in enumerate(st.recipients):
+                if r.state in ("waiting", "deferred"):
+                    heapq.heappush(self.heaps[r.channel], (r.next_try, name, i))
+            self.settle(m)
+
+    # --- preprocessing ------------------------------------------------------------
+    def scan_todo(self) -> None:
+        try:
+            names = os.listdir(self.paths.todo)
+        except OSError as e:
+            log("alert: unable to opendir todo: %s" % e.strerror)
+            return
+        for name in sorted(names):
+            if is_id(name) and name not in self.todo_known and name not in self.bad_todo:
+                self.todo_known.add(name)
+                self.todo.append(name)
+
+    def _qp(self, msgid: str) -> int:
+        try:
+            with open(os.path.join(self.paths.mess, msgid), "rb") as f:
+                m = _QP.match(f.read(200))
+        except OSError:
+            return 0
+        return int(m.group(1)) if m else 0
+
+    def preprocess(self, msgid: str) -> None:
+        self.todo_known.discard(msgid)
+        todo_path = os.path.join(self.paths.todo, msgid)
+        if msgid in self.msgs:          # state written before a crash: todo is stale
+            self._unlink(todo_path)
+            return
+        try:
+            fd = os.open(todo_path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(MAX_TODO_BYTES + 1)
+            if len(data) > MAX_TODO_BYTES:
+                raise ValueError("todo file too large")
+            arrival, uid, size, env = todo_decode(data)
+            sender, rcpts = envelope.decode(env)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log("warning: unable to use todo/%s: %s" % (msgid, clean(str(e))))
+            self.bad_todo.add(msgid)
+            return
+        qp = self._qp(msgid)
+        log("new msg %s" % msgid)
+        log("info msg %s: bytes %d from <%s> qp %d uid %d" % (msgid, size, clean(sender),
+                                                              qp, uid))
+        st = MessageState(msgid, arrival, size, uid, qp, sender)
+        for r in rcpts:
+            channel, daddr = classify(r, self.locals, self.vdoms, self.noathost)
+            st.recipients.append(RecipientState(r, channel, daddr))
+        sf = StateFile(self.paths.state, msgid)
+        try:
+            sf.create(st)           # durable before todo/ID goes: the state takes over
+        except OSError as e:
+            log("warning: unable to write state/%s: %s" % (msgid, e.strerror))
+            return                  # todo/ID stays; the next rescan tries again
+        self._unlink(todo_path)
+        self.msgs[msgid] = m = Msg(st, sf)
+        for i, r in enumerate(st.recipients):
+            heapq.heappush(self.heaps[r.channel], (0, msgid, i))
+        self.settle(m)
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log("warning: unable to unlink %s: %s" % (path, e.strerror))
+
+    # --- deliveries ---------------------------------------------------------------
+    def status(self) -> None:
+        log("status: local %d/%d remote %d/%d%s" % (
+            self.busy[LOCAL], self.conc[LOCAL], self.busy[REMOTE], self.conc[REMOTE],
+            " exitasap" if self.term_deadline else ""))
+
+    def start_deliveries(self, now: int) -> None:
+        for channel in (LOCAL, REMOTE):
+            heap = self.heaps[channel]
+            while heap and heap[0][0] <= now and self.busy[channel] < self.conc[channel]:
+                _, msgid, i = heapq.heappop(heap)
+                m = self.msgs.get(msgid)
+                if m is None or m.removing or i in m.inflight:
+                    continue
+                r = m.st.recipients[i]
+                if r.state not in ("waiting", "deferred") or r.next_try > now:
+                    continue
+                self.start(m, channel, i, now)
+
+    def start(self, m: Msg, channel: str, i: int, now: int) -> None:
+        st = m.st
+        dying = now >= st.arrival + self.lifetime
+        indexes = [i]
+        if channel == REMOTE:   # one request per message and domain
+            dom = address.domain_part(st.recipients[i].delivery_address).lower()
+            for j, r in enumerate(st.recipients):
+                if len(indexes) >= spawn.MAX_RCPTS:
+                    break
+                if j != i and r.channel == REMOTE and j not in m.inflight \
+                        and r.state in ("waiting", "deferred") and r.next_try <= now \
+                        and address.domain_part(r.delivery_address).lower() == dom:
+                    indexes.append(j)
+        sock = self.socks[channel]
+        if sock is None:
+            text = NO_REMOTE
+            if dying:
+                self.fail(m, indexes, text + " " + EXPIRED)
+            else:
+                nxt = next_try(st.arrival, now, channel, self.lifetime)
+                for j in indexes:
+                    self.defer(m, j, nxt, text)
+            self.settle(m)
+            return
+        try:
+            fd = os.open(os.path.join(self.paths.mess, st.id), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            nxt = next_try(st.arrival, now, channel, self.lifetime)
+            for j in indexes:
+                self.defer(m, j, nxt, "unable to open the queued message: %s (#4.3.0)"
+                           % e.strerror)
+            return
+        self.dnum += 1
+        d = self.dnum
+        rcpts = [st.recipients[j].delivery_address for j in indexes]
+        try:
+            spawn.send_request(sock, d, st.sender, rcpts, fd)
+        except OSError as e:
+            raise Lost("unable to write to the %s spawner: %s" % (channel, e.strerror))
+        finally:
+            os.close(fd)
+        self.deliveries[d] = Delivery(st.id, channel, indexes, dying)
+        m.inflight.update(indexes)
+        self.busy[channel] += 1
+        log("starting delivery %d: msg %s to %s %s" % (
+            d, st.id, channel, ",".join(clean(a) for a in rcpts)))
+        self.status()
+
+    def defer(self, m: Msg, i: int, nxt: int, text: str | bytes) -> None:
+        r = m.st.recipients[i]
+        m.sf.deferred(i, nxt, text)
+        r.state, r.next_try, r.error = "deferred", nxt, clean(text)
+        heapq.heappush(self.heaps[r.channel], (nxt, m.st.id, i))
+
+    def fail(self, m: Msg, indexes: list[int], text: str | bytes) -> None:
+        for i in indexes:
+            r = m.st.recipients[i]
+            m.sf.failed(i, text)
+            r.state, r.bounce_owed, r.error = "bounced", True, clean(text, 1000)
+
+    def read_results(self, channel: str) -> None:
+        sock = self.socks[channel]
+        assert sock is not None
+        while True:
+            ready, _, _ = select.select([sock], [], [], 0)
+            if not ready:
+                return
+            try:
+                res = spawn.recv_result(sock)
+            except spawn.SpawnError as e:
+                log("warning: %s spawner sent a mangled result: %s" % (channel, e))
+                continue
+            except OSError as e:
+                raise Lost("unable to read from the %s spawner: %s" % (channel, e.strerror))
+            if res is None:
+                raise Lost("lost %s spawn connection" % channel)
+            self.result(*res)
+
+    def result(self, d: int, results: list[tuple[bytes, bytes]]) -> None:
+        dl = self.deliveries.pop(d, None)
+        if dl is None:
+            log("warning: internal error: delivery report out of range (%d)" % d)
+            return
+        m = self.msgs[dl.msgid]
+        self.busy[dl.channel] -= 1
+        m.inflight.difference_update(dl.indexes)
+        now = int(time.time())
+        nxt = next_try(m.st.arrival, now, dl.channel, self.lifetime)
+        if len(results) != len(dl.indexes):
+            log("delivery %d: report mangled, will defer" % d)
+            results = [(b"Z", b"report mangled")] * len(dl.indexes)
+        for i, (status, text) in zip(dl.indexes, results, strict=True):
+            r = m.st.recipients[i]
+            what = clean(text)
+            if len(dl.indexes) > 1:
+                what = "%s: %s" % (clean(r.delivery_address), what)
+            if m.removing:
+                log("delivery %d: %s" % (d, "success: " + what if status == b"K"
+                                         else "ignored for removed msg: " + what))
+                continue
+            if status == b"K":
+                m.sf.done(i)    # fsync'd: from here on the recipient stays done
+                r.state, r.error = "done", ""
+                log("delivery %d: success: %s" % (d, what))
+            elif status == b"Z" and not dl.dying:
+                self.defer(m, i, nxt, text)
+                log("delivery %d: deferral: %s" % (d, what))
+            else:
+                if status == b"Z":
+                    text = text + b"/" + EXPIRED.encode()
+                    what = what + "/" + EXPIRED
+                self.fail(m, [i], text)
+                log("delivery %d: failure: %s" % (d, what))
+        self.status()
+        self.settle(m)
+
+    # --- bounces and the end of a message ------------------------------------------
+    def settle(self, m: Msg, now: float | None = None) -> None:
+        """Bounce what is owed, and finish the message when nothing is left to do."""
+        if m.inflight:
+            return
+        now = time.time() if now is None else now
+        if now < m.retry_at:
+            return
+        st = m.st
+        if m.removing:
+            self.finish(m, "remove msg %s by qpy-qrm" % st.id, now)
+            return
+        owed = [i for i, r in enumerate(st.recipients) if r.bounce_owed]
+        if owed and not any(r.state == "waiting" for r in st.recipients):
+            if not self.send_bounce(m, owed):
+                m.retry_at = now + RETRY_LATER
+                return
+        if st.finished():
+            self.finish(m, "", now)
+
+    def send_bounce(self, m: Msg, owed: list[int]) -> bool:
+        st = m.st
+        failures = [(st.recipients[i].address, st.recipients[i].error) for i in owed]
+        if st.sender == b"":
+            if all(st.recipients[i].address.lower() == self.doublebounce.lower()
+                   for i in owed):
+                log("triple bounce: discarding bounce/%s" % st.id)
+                m.sf.bounced(owed)
+                self._mark_bounced(st, owed)
+                return True
+            to, double = self.doublebounce, True
+        else:
+            to, double = st.sender, False
+        try:
+            original, whole = bounce.read_original(os.path.join(self.paths.mess, st.id))
+        except OSError:
+            original, whole = b"", False
+        text = bounce.build(self.bouncehost, self.bouncefrom, to, failures, original, whole,
+                            st.arrival, double)
+        try:
+            inject(self.root, text, b"", [to])
+        except (InjectError, OSError) as e:
+            log("warning: trouble injecting bounce message, will try later: %s"
+                % clean(str(e)))
+            return False
+        m.sf.bounced(owed)  # fsync'd; a crash just before it sends the bounce twice
+        self._mark_bounced(st, owed)
+        log("bounce msg %s qp %d" % (st.id, os.getpid()))
+        return True
+
+    @staticmethod
+    def _mark_bounced(st: MessageState, owed: list[int]) -> None:
+        for i in owed:
+            st.recipients[i].bounce_owed = False
+
+    def finish(self, m: Msg, why: str, now: float) -> None:
+        msgid = m.st.id
+        reply = self.clean_request(msgid)
+        if reply != b"+":
+            log("warning: qpy-clean unable to clean up msg %s: %s" % (msgid, clean(reply)))
+            m.retry_at = now + RETRY_LATER
+            return
+        m.sf.remove()
+        if why:
+            log(why)
+            self._unlink(os.path.join(self.rmdir, msgid))
+        log("end msg %s" % msgid)
+        del self.msgs[msgid]
+
+    def clean_request(self, msgid: str) -> bytes:
+        try:
+            os.write(CLEAN_W, msgid.encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                data = os.read(CLEAN_R, 512)
+                if not data:
+                    raise Lost("lost qpy-clean connection")
+                reply += data
+        except OSError as e:
+            raise Lost("lost qpy-clean connection: %s" % e.strerror)
+        return reply.rstrip(b"\n")
+
+    # --- qpy-qrm ------------------------------------------------------------------
+    def check_rm(self) -> None:
+        try:
+            names = os.listdir(self.rmdir)
+        except OSError:
+            return
+        for name in names:
+            if not is_id(name):
+                continue
+            m = self.msgs.get(name)
+            if m is not None:
+                if not m.removing:
+                    m.removing = True
+                    m.retry_at = 0.0
+                    self.settle(m)
+            elif name not in self.todo_known and \
+                    not os.path.lexists(os.path.join(self.paths.todo, name)):
+                self._unlink(os.path.join(self.rmdir, name))   # nothing left to remove
+
+    # --- the loop -----------------------------------------------------------------
+    def retry_all(self) -> None:
+        for channel in (LOCAL, REMOTE):
+            self.heaps[channel] = []
+        for msgid, m in self.msgs.items():
+            m.retry_at = 0.0
+            for i, r in enumerate(m.st.recipients):
+                if r.state in ("waiting", "deferred"):
+                    r.next_try = 0
+                    heapq.heappush(self.heaps[r.channel], (0, msgid, i))
+
+    def handle_flags(self) -> None:
+        flags, self.flags = self.flags, set()
+        if signal.SIGHUP in flags:
+            self.reload()
+            log("info: control files re-read")
+        if signal.SIGALRM in flags:
+            self.retry_all()
+            self.next_rm = 0.0
+        if signal.SIGUSR1 in flags:
+            self.status()
+            log("info: %d messages queued, %d new in todo" % (len(self.msgs), len(self.todo)))
+        if signal.SIGTERM in flags and not self.term_deadline:
+            self.term_deadline = time.monotonic() + TERM_WAIT
+            self.status()
+
+    def run(self, wakeup_r: int) -> int:
+        watcher = Watcher([self.paths.todo])
+        self.load()
+        fds = {wakeup_r: None}
+        for channel, s in self.socks.items():
+            if s is not None:
+                fds[s.fileno()] = channel
+        while True:
+            self.handle_flags()
+            if self.term_deadline:
+                if not self.deliveries or time.monotonic() >= self.term_deadline:
+                    log("status: exiting")
+                    return 0
+            now = time.time()
+            if not self.term_deadline:
+                if now >= self.next_rm:
+                    self.next_rm = now + RM_CHECK_SECONDS
+                    self.check_rm()
+                if watcher.rescan_due() or (self.hinted and not self.todo):
+                    self.hinted = False
+                    self.scan_todo()
+                for _ in range(min(TODO_BATCH, len(self.todo))):
+                    self.preprocess(self.todo.popleft())
+                for m in [m for m in self.msgs.values() if m.retry_at and now >= m.retry_at]:
+                    m.retry_at = 0.0
+                    self.settle(m, now)
+                self.start_deliveries(int(now))
+            timeout = self._timeout(now)
+            ready = watcher.wait(timeout, tuple(fds))
+            # the watcher's hint: something may have arrived in todo/
+            self.hinted = self.hinted or getattr(watcher, "_hint", True)
+            for fd in ready:
+                if fd == wakeup_r:
+                    self._drain_wakeup(wakeup_r)
+                else:
+                    self.read_results(fds[fd])
+
+    def _timeout(self, now: float) -> float:
+        if self.todo:
+            return 0.0
+        t = MAX_IDLE
+        if self.term_deadline:
+            return min(1.0, t)
+        for channel in (LOCAL, REMOTE):
+            heap = self.heaps[channel]
+            if heap and self.busy[channel] < self.conc[channel]:
+                t = min(t, heap[0][0] - now)
+        for m in self.msgs.values():
+            if m.retry_at:
+                t = min(t, m.retry_at - now)
+        t = min(t, self.next_rm - now)
+        return max(0.0, t)
+
+    def _drain_wakeup(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 512)
+        except BlockingIOError:
+            return
+        for b in data:
+            self.flags.add(b)
+
+
+def main() -> int:
+    root = root_from()
+    preamble(PROGRAM, root, "qpys")
+    paths = Paths(root)
+    try:
+        os.chdir(paths.queue)
+        os.makedirs(os.path.join(paths.queue, RM_DIR), mode=0o700, exist_ok=True)
+    except OSError as e:
+        log("alert: cannot start: %s: %s" % (paths.queue, e.strerror))
+        return 111
+    for fd in (CLEAN_W, CLEAN_R):
+        try:
+            os.fstat(fd)
+        except OSError:
+            log("alert: cannot start: no qpy-clean connection on fd %d" % fd)
+            return 111
+    try:
+        os.fstat(LOCAL_FD)
+    except OSError:
+        log("alert: cannot start: hath the daemon spawn no fire? (no fd %d)" % LOCAL_FD)
+        return 111
+    # signals only set flags: the wakeup pipe ends the select() at once
+    wr, ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(ww)
+    for sig in (signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: None)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    qs = QueueSend(root)
+    if qs.socks[REMOTE] is None:
+        log("warning: no qpy-rspawn connection: remote mail waits in the queue")
+    try:
+        return qs.run(wr)
+    except Lost as e:
+        log("alert: oh no! %s! dying..." % e)
+        return 111
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            log("alert: disk full: %s" % e)
+        else:
+            log("alert: %s" % e)
+        return 111
+
+
+if __name__ == "__main__":
+    sys.exit(main())
