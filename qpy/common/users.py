@@ -9,6 +9,7 @@ The rules are qmail's (qmail-users(5), qmail-getpw(8)):
      =local:user:uid:gid:homedir:dash:ext:      exact local part
      +prefix:user:uid:gid:homedir:dash:pre:     every local part starting with prefix;
                                                 ext = pre + the rest of the local part
+   Lines starting with `#` and blank lines are comments (a qpy addition).
    The exact entry wins, then the longest matching prefix (`+:` is a catch-all); for
    equal keys the first line wins. Keys compare in lowercase.
 2. The passwd database: the longest prefix of the lowercased local part that ends
@@ -96,6 +97,8 @@ def parse_assign(data: bytes) -> Assign:
         if line == b".":
             ended = True
             continue
+        if not line.strip() or line.startswith(b"#"):
+            continue  # qpy allows comments and blank lines (qmail-newu does not)
         if line[:1] not in (b"=", b"+"):
             raise UsersError(f"users/assign line {n}: must start with = or +")
         fields = line[1:].split(b":")
