@@ -1,0 +1,121 @@
+"""qpy-qread — each queued message, its sender, and the state of each recipient.
+
+SYNOPSIS
+    qpy-qread [ROOT]
+
+One block per message, oldest first:
+
+    ID  DATE  SIZE bytes  from <SENDER>
+      STATE  local|remote  <ADDRESS>[  next TIME: last error]
+
+STATE is `waiting` (not tried yet), `deferred` (followed by the next try and the
+last error), `done`, or `bounced` (with the failure text). The recipients come from
+`queue/state/ID` (qpy.common.state, written by qpy-queue-send); a message that
+queue-send has not taken in yet shows its envelope from `queue/todo/ID` with every
+recipient `waiting` and the channel `new`; a committed drop file not yet picked up
+is shown with id `drop:NAME`. DATE is the arrival time in UTC. Text from the queue
+is made printable before it is shown.
+
+UID: root or qpys (state/ is qpys-only, mess/ and todo/ are group qpys); keeps the
+caller's uid and writes nothing.
+
+EXIT: 0 listed; 111 the queue cannot be read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from qpy.admin import queueinfo
+from qpy.common import envelope
+from qpy.common.log import clean
+from qpy.common.privilege import preamble
+from qpy.common.queue import Paths, root_from, todo_decode
+from qpy.common.state import StateError, read_state
+
+EXIT_TEMP = 111
+MAX_TODO_BYTES = 64 * 1024 * 1024
+
+
+def date(t: float) -> str:
+    return time.strftime("%d %b %Y %H:%M:%S GMT", time.gmtime(t))
+
+
+def _addr(a: bytes) -> str:
+    return "<%s>" % clean(a)
+
+
+def _size(paths: Paths, msgid: str) -> int:
+    try:
+        return os.stat(os.path.join(paths.mess, msgid)).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def block_from_state(paths: Paths, msgid: str) -> list[str] | None:
+    try:
+        ms = read_state(os.path.join(paths.state, msgid))
+    except FileNotFoundError:
+        return None
+    out = ["%s  %s  %d bytes  from %s" % (msgid, date(ms.arrival), _size(paths, msgid) or ms.size,
+                                          _addr(ms.sender))]
+    for r in ms.recipients:
+        line = "  %-8s  %-6s  %s" % (r.state, r.channel, _addr(r.address))
+        if r.state == "deferred":
+            line += "  next %s: %s" % (date(r.next_try), clean(r.error))
+        elif r.state == "bounced":
+            line += ": %s" % clean(r.error)
+        out.append(line)
+    return out
+
+
+def block_from_todo(paths: Paths, msgid: str) -> list[str] | None:
+    try:
+        fd = os.open(os.path.join(paths.todo, msgid), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_TODO_BYTES)
+    try:
+        when, _uid, size, env = todo_decode(data)
+        sender, rcpts = envelope.decode(env)
+    except (ValueError, envelope.EnvelopeError) as e:
+        return ["%s  (unreadable todo file: %s)" % (msgid, clean(str(e)))]
+    out = ["%s  %s  %d bytes  from %s" % (msgid, date(when), _size(paths, msgid) or size,
+                                          _addr(sender))]
+    out += ["  %-8s  %-6s  %s" % ("waiting", "new", _addr(r)) for r in rcpts]
+    return out
+
+
+def listing(paths: Paths) -> list[str]:
+    out: list[str] = []
+    todo = set(queueinfo.ids(paths.todo))
+    for msgid in sorted(set(queueinfo.ids(paths.mess)) | todo, key=int):
+        try:
+            block = block_from_state(paths, msgid)
+        except (StateError, OSError) as e:
+            block = ["%s  (unreadable state file: %s)" % (msgid, clean(str(e)))]
+        if block is None and msgid in todo:
+            block = block_from_todo(paths, msgid)
+        if block is None:
+            block = ["%s  %d bytes  (no envelope yet)" % (msgid, _size(paths, msgid))]
+        out += block
+    for name in sorted(queueinfo.drop_names(paths)):
+        out.append("drop:%s  (not yet picked up)" % name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    root = root_from(args[:1])
+    preamble("qpy-qread", root, None)
+    try:
+        lines = listing(Paths(root))
+    except OSError as e:
+        sys.stderr.write("qpy-qread: cannot read the queue: %s\n" % e)
+        return EXIT_TEMP
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
