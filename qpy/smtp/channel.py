@@ -1,0 +1,191 @@
+"""channel — the byte layer under an SMTP session: buffered lines, DATA, timeouts.
+
+A Channel reads from one descriptor and writes to another (fd 0 and 1 of
+`qpy-smtpd`, whether `qpy-tcpserver` or ucspi-tcp's `tcpserver` set them up).
+All raw I/O goes through `recv_raw()` and `send_raw()`, so that a TLS layer can
+replace exactly those two and nothing else; `pending()` and `discard_input()`
+let STARTTLS refuse or drop bytes pipelined before the handshake.
+
+Limits: a command line longer than the caller's limit is discarded as it
+arrives (memory stays flat however long it is) and reported as too long; DATA
+is handed on in pieces of at most PIECE bytes, never held whole; every read
+waits at most `timeout` seconds.
+
+The DATA rule (against SMTP smuggling): the data ends at `<CR><LF>.<CR><LF>`
+and nothing else. A CR or LF that is not part of a CRLF pair anywhere in the
+data marks the message bad; it is still read to that real end, so that no
+byte of it can be taken for a command.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from collections.abc import Callable
+
+READ_BYTES = 64 * 1024
+PIECE = 64 * 1024           # longest stretch of one DATA line kept before passing it on
+OUT_LIMIT = 64 * 1024       # buffered replies past this are written at once
+MAX_HOPS = 100              # Received:/Delivered-To: header lines meaning a loop (qmail)
+
+
+class Timeout(Exception):
+    """No input (or no room to write) within the timeout."""
+
+
+class Closed(Exception):
+    """The client went away."""
+
+
+class Channel:
+    def __init__(self, rfd: int = 0, wfd: int = 1, timeout: float = 1200.0):
+        self.rfd = rfd
+        self.wfd = wfd
+        self.timeout = timeout
+        self.inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._outlen = 0
+
+    # -- raw I/O: a TLS layer replaces these two -------------------------------
+    def _wait(self, fd: int, event: int) -> None:
+        p = select.poll()
+        p.register(fd, event)
+        while True:
+            try:
+                if p.poll(self.timeout * 1000):
+                    return
+                raise Timeout()
+            except InterruptedError:
+                continue
+
+    def recv_raw(self, n: int) -> bytes:
+        """Up to n bytes; b'' at end of input; raises Timeout."""
+        self._wait(self.rfd, select.POLLIN)
+        try:
+            return os.read(self.rfd, n)
+        except OSError as e:
+            if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+                return b""
+            raise
+
+    def send_raw(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self._wait(self.wfd, select.POLLOUT)
+            try:
+                n = os.write(self.wfd, view)
+            except OSError as e:
+                if e.errno in (errno.EPIPE, errno.ECONNRESET):
+                    raise Closed()
+                raise
+            view = view[n:]
+
+    # -- buffered output: replies wait until we would block on input -------------
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._outlen += len(data)
+        if self._outlen >= OUT_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out, self._outlen = [], 0
+            self.send_raw(data)
+
+    # -- buffered input ------------------------------------------------------------
+    def fill(self) -> None:
+        """Read more input (after sending what replies wait); Closed at end of input."""
+        self.flush()
+        data = self.recv_raw(READ_BYTES)
+        if not data:
+            raise Closed()
+        self.inbuf += data
+
+    def pending(self) -> bool:
+        """True when the client has sent bytes we have not consumed yet."""
+        return bool(self.inbuf)
+
+    def discard_input(self) -> None:
+        del self.inbuf[:]
+
+    def read_line(self, limit: int) -> tuple[bytes, bool]:
+        """One line without its LF (and a CR before it): (line, too_long).
+
+        A line longer than `limit` (with its line end) is thrown away as it
+        arrives, however long it gets, and returned as (b"", True).
+        """
+        too_long = False
+        scanned = 0
+        while True:
+            i = self.inbuf.find(b"\n", scanned)
+            if i != -1:
+                if too_long or i + 1 > limit:
+                    del self.inbuf[:i + 1]
+                    return b"", True
+                line = bytes(self.inbuf[:i])
+                del self.inbuf[:i + 1]
+                return (line[:-1] if line.endswith(b"\r") else line), False
+            if len(self.inbuf) > limit:
+                too_long = True
+                del self.inbuf[:]
+            scanned = len(self.inbuf)
+            self.fill()
+
+    def read_data(self, emit: Callable[[bytes], None]) -> tuple[bool, int]:
+        """Read DATA to `<CR><LF>.<CR><LF>`, dot-unstuffed, CRLF turned into LF.
+
+        emit() gets the message in pieces. Returns (bad_line_end, hops): whether a
+        bare CR or LF occurred anywhere, and how many Received:/Delivered-To:
+        lines the header had.
+        """
+        bad = False
+        hops = 0
+        in_header = True
+        line_start = True          # the next byte begins a CRLF-delimited line
+        buf = self.inbuf
+        while True:
+            last = buf.rfind(b"\r\n")
+            if last != -1:
+                records = bytes(buf[:last]).split(b"\r\n")
+                del buf[:last + 2]
+                out = []
+                for n, rec in enumerate(records):
+                    if line_start:
+                        if rec == b".":
+                            if out:
+                                emit(b"".join(out))
+                            rest = records[n + 1:]
+                            if rest:  # pipelined commands after the end: put them back
+                                buf[:0] = b"\r\n".join(rest) + b"\r\n"
+                            return bad, hops
+                        if rec[:1] == b".":
+                            rec = rec[1:]
+                        if in_header:
+                            if not rec:
+                                in_header = False
+                            elif rec[:13].lower().startswith((b"received:", b"delivered-to:")):
+                                hops += 1
+                    line_start = True
+                    if b"\r" in rec or b"\n" in rec:
+                        bad = True
+                    out.append(rec)
+                    out.append(b"\n")
+                emit(b"".join(out))
+                continue
+            elif len(buf) > PIECE:
+                # A long line: pass on all but the last byte (it may be the CR of a CRLF).
+                piece = bytes(buf[:-1])
+                del buf[:-1]
+                if line_start and piece[:1] == b".":
+                    piece = piece[1:]
+                if in_header and line_start:
+                    if piece[:13].lower().startswith((b"received:", b"delivered-to:")):
+                        hops += 1
+                line_start = False
+                if b"\r" in piece or b"\n" in piece:
+                    bad = True
+                emit(piece)
+                continue
+            self.fill()
