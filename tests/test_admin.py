@@ -63,7 +63,7 @@ def build_queue(qroot) -> None:
         os.chown(os.path.join(d, name), uid if d == p.state else -1, gid)
     drop = Drop(qroot.path)
     drop.write(b"Subject: c\n\nin drop\n")
-    drop.commit(envelope.encode(b"erin@test.example", [b"frank@test.example"]))
+    drop.commit(b"erin@test.example", [b"frank@test.example"])
 
 
 def test_qstat_counts_mess_todo_and_drop(qroot):
@@ -249,11 +249,16 @@ def test_status_sees_processes_uids_and_down_services(qroot):
     # a process titled as the queue core's cleaner, but running as root: a wrong uid
     fake = subprocess.Popen([qpytest.PYTHON, "-c", FAKE, "qpy-clean", qroot.path])
     try:
+        # pickup admits the drop file: then the queue holds 3, 2 of them not preprocessed
+        assert qpytest.wait_for(lambda: qroot.run("qpy-qstat", qroot.path).stdout == (
+            b"messages in queue: 3\nmessages in queue but not yet preprocessed: 2\n"))
         def seen():
             r = qroot.run("qpy-status", qroot.path)
-            return r if b"qpy-pickup" in r.stdout and b"qpy-clean" in r.stdout else None
+            procs = [ln.split()[0] for ln in r.stdout.decode().splitlines()
+                     if ln.startswith("  ")]
+            return r if "qpy-pickup" in procs and "qpy-clean" in procs else None
         r = qpytest.wait_for(seen, timeout=30)
-        assert r is not None
+        assert r is not None, qroot.run("qpy-status", qroot.path).stdout
         out = r.stdout.decode()
         assert r.returncode == 2, out
         qpyq = pwd.getpwnam("qpyq").pw_uid
@@ -265,15 +270,15 @@ def test_status_sees_processes_uids_and_down_services(qroot):
         assert "service pickup: up" in out
         assert "service send: DOWN" in out
         assert "service authd: not configured" in out
-        assert "queue: 2 messages, 1 not yet preprocessed, oldest" in out
-        # the queue count: the drop file was picked up, so qstat agrees with status
+        assert "queue: 3 messages, 2 not yet preprocessed, oldest" in out
     finally:
         fake.kill()
         fake.wait()
     pickup.terminate()
     pickup.wait(timeout=30)
     r = qroot.run("qpy-status", qroot.path)
-    assert b"qpy-pickup" not in r.stdout and b"service pickup: DOWN" in r.stdout
+    assert b"\n  qpy-pickup" not in r.stdout
+    assert b"service pickup: DOWN, not running: qpy-pickup" in r.stdout
     assert r.returncode == 2
 
 
