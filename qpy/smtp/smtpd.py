@@ -491,8 +491,9 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
     """Run one session on rfd/wfd (a forked qpy-tcpserver child or qpy-smtpd itself)."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    session = Session(cfg, env, Channel(rfd, wfd, cfg.timeout))
-    # TLS and AUTH (qpy.smtp.tls, qpy.smtp.auth) hook into `session` here.
+    from qpy.smtp.secure import SecureSession  # here: secure.py builds on this module
+    # STARTTLS, implicit TLS and AUTH (qpy.smtp.secure); plain SMTP without a cert.
+    session = SecureSession(cfg, env, Channel(rfd, wfd, cfg.timeout))
     session.run()
     return 0
 

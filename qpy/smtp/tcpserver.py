@@ -52,7 +52,7 @@ from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, set_title
 from qpy.common.queue import root_from
 from qpy.smtp import rules as rulesmod
-from qpy.smtp import smtpd
+from qpy.smtp import secure, smtpd
 
 PROGRAM = "qpy-tcpserver"
 BACKLOG = 1024
@@ -123,6 +123,7 @@ class Server:
         """Read control files, rules and the recipient table (at start and on SIGHUP)."""
         control = Control(self.root)
         self.cfg = smtpd.Config(self.root)
+        secure.load(self.root, PROGRAM)   # the certificate: read once, before any fork
         self.maxsmtpd = max(1, control.integer("maxsmtpd"))
         for lst in self.listeners:
             lst.rules, problems = rulesmod.parse("\n".join(control.lines(lst.rules_name)))

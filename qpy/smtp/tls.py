@@ -29,6 +29,7 @@ import ssl
 import time
 
 from qpy.common.log import log
+from qpy.smtp.channel import Channel, Closed, Timeout
 
 CERT_NAME = "servercert.pem"
 HANDSHAKE_TIMEOUT = 60.0     # seconds for the whole handshake
@@ -145,3 +146,40 @@ def protocol(base: str, tls: bool, authenticated: bool) -> str:
     if base == "SMTP":
         return base
     return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def secure_channel(channel: Channel, ctx: ssl.SSLContext, who: str = "") -> ssl.SSLSocket:
+    """Turn a plaintext Channel into a TLS one: handshake, then swap its raw I/O.
+
+    Whatever the client pipelined after STARTTLS is dropped here, before the
+    handshake, so it can never be read as a command. Raises HandshakeError
+    (the session then ends: its stream is no longer plaintext SMTP).
+    """
+    channel.flush()
+    leftover = bytes(channel.inbuf)
+    channel.discard_input()
+    sock = socket_of(channel.rfd)
+    if sock is None:
+        raise HandshakeError("not a TCP socket")
+    tls = start(ctx, sock, leftover, who, timeout=min(channel.timeout, HANDSHAKE_TIMEOUT))
+    tls.settimeout(channel.timeout)
+
+    def recv_raw(n: int) -> bytes:
+        try:
+            return tls.recv(n)
+        except TimeoutError:
+            raise Timeout()
+        except (ssl.SSLError, ConnectionError):
+            return b""          # a TLS alert or reset ends the session like EOF
+
+    def send_raw(data: bytes) -> None:
+        try:
+            tls.sendall(data)
+        except TimeoutError:
+            raise Timeout()
+        except (ssl.SSLError, ConnectionError):
+            raise Closed()
+
+    channel.recv_raw = recv_raw  # type: ignore[method-assign]
+    channel.send_raw = send_raw  # type: ignore[method-assign]
+    return tls

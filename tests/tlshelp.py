@@ -1,0 +1,189 @@
+"""tlshelp — what the TLS and AUTH tests share: certificates made with openssl, a
+running qpy-tcpserver with its three listeners, qpy-authd, and a raw SMTP client."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import ssl
+import subprocess
+import time
+
+import qpytest
+
+CN = "test.example"
+
+
+def openssl(*args: str, cwd: str) -> None:
+    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def make_cert(directory: str, expired: bool = False) -> bytes:
+    """A self-signed certificate and its key in one PEM (chain + key, as servercert.pem)."""
+    if not expired:
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj",
+                "/CN=" + CN, "-keyout", "key.pem", "-out", "cert.pem", cwd=directory)
+    else:  # openssl req cannot back-date; a one-entry CA database can
+        with open(os.path.join(directory, "index.txt"), "w"):
+            pass
+        with open(os.path.join(directory, "serial"), "w") as f:
+            f.write("01\n")
+        with open(os.path.join(directory, "ca.cnf"), "w") as f:
+            f.write("[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nserial = serial\n"
+                    "new_certs_dir = .\ndefault_md = sha256\npolicy = p\n"
+                    "[p]\ncommonName = supplied\n")
+        openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=" + CN,
+                "-keyout", "key.pem", "-out", "req.csr", cwd=directory)
+        openssl("ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", "key.pem",
+                "-in", "req.csr", "-out", "cert.pem", "-startdate", "20200101000000Z",
+                "-enddate", "20200201000000Z", cwd=directory)
+    data = b""
+    for name in ("cert.pem", "key.pem"):
+        with open(os.path.join(directory, name), "rb") as f:
+            data += f.read()
+    return data
+
+
+def install_cert(qroot, data: bytes, owner: str = "qpyd", mode: int = 0o400) -> str:
+    path = os.path.join(qroot.paths.control, "servercert.pem")
+    with open(path, "wb") as f:
+        f.write(data)
+    if qpytest.IS_ROOT:
+        pw = pwd.getpwnam(owner)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, mode)
+    return path
+
+
+def client_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE      # self-signed: we test encryption, not the PKI
+    return ctx
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("server exited with %s" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    assert qpytest.wait_for(up, timeout), "port %d not listening" % port
+
+
+class Server:
+    """qpy-tcpserver on three fresh loopback ports; its log in a file."""
+
+    def __init__(self, qroot, smtps: bool = True):
+        self.qroot = qroot
+        self.smtp = qpytest.free_port()
+        self.submission = qpytest.free_port()
+        self.smtps = qpytest.free_port()
+        qroot.control("smtplisten", "127.0.0.1:%d" % self.smtp)
+        qroot.control("submissionlisten", "127.0.0.1:%d" % self.submission)
+        if smtps:
+            qroot.control("smtpslisten", "127.0.0.1:%d" % self.smtps)
+        self.logpath = os.path.join(os.path.dirname(qroot.path), "tcpserver.log")
+        self.logfile = open(self.logpath, "ab")
+        self.proc = qroot.start("qpy-tcpserver", qroot.path, stdout=self.logfile,
+                                stderr=subprocess.STDOUT)
+        for port in (self.smtp, self.submission) + ((self.smtps,) if smtps else ()):
+            wait_port(port, self.proc)
+
+    def log(self) -> str:
+        with open(self.logpath, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_log(self, text: str, timeout: float = 20) -> bool:
+        return bool(qpytest.wait_for(lambda: text in self.log(), timeout))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=40)
+        self.logfile.close()
+
+
+def start_authd(qroot) -> subprocess.Popen:
+    p = qroot.start("qpy-authd", qroot.path)
+    sock = os.path.join(qroot.paths.run, "auth", "socket")
+    assert qpytest.wait_for(lambda: os.path.exists(sock) or p.poll() is not None, 20)
+    assert p.poll() is None
+    return p
+
+
+def set_password(qroot, user: str, password: str) -> None:
+    r = qroot.run("qpy-passwd", qroot.path, user,
+                  input=("%s\n%s\n" % (password, password)).encode())
+    assert r.returncode == 0, r.stderr
+
+
+class Raw:
+    """A line-level SMTP client on a real socket, able to switch to TLS mid-stream."""
+
+    def __init__(self, port: int, implicit_tls: bool = False):
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if implicit_tls:
+            self.tls()
+        self.buf = b""
+
+    def tls(self) -> None:
+        self.sock = client_context().wrap_socket(self.sock, server_hostname=CN)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, str]:
+        """One whole (multi-line) reply: (code, all its text)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    raise EOFError("connection closed; got %r" % lines)
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line.decode("utf-8", "replace"))
+            if len(line) < 4 or line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    def cmd(self, line: str) -> tuple[int, str]:
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def drops(qroot) -> list[bytes]:
+    """The messages qpy-smtpd has put into queue/drop/ (pickup is not running)."""
+    out = []
+    for name in qroot.queue_files("drop"):
+        if name.startswith("."):
+            continue
+        with open(os.path.join(qroot.paths.drop, name), "rb") as f:
+            out.append(f.read())
+    return out
+
+
+def wait_drops(qroot, n: int) -> list[bytes]:
+    got = qpytest.wait_for(lambda: len(drops(qroot)) >= n and drops(qroot), 10)
+    return got or drops(qroot)
+
+
+def elapsed(fn) -> tuple[object, float]:
+    t = time.monotonic()
+    v = fn()
+    return v, time.monotonic() - t
