@@ -62,7 +62,8 @@ SEND_GROUP = ("clean", "lspawn", "rspawn", "queue-send")
 STOP_WAIT = 75.0            # queue-send gives in-flight deliveries 60 s after TERM
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
-STABLE_RUN = 60.0           # a service that ran this long restarts after MIN_BACKOFF
+STABLE_RUN = 2.0            # a service that ran this long restarts after MIN_BACKOFF;
+                            # one that dies sooner is crash-looping: the wait doubles
 MAX_LINE = 4096             # longer child log lines are cut
 CHILD_PATH = "/usr/bin:/bin"
 EXIT_USAGE = 100

@@ -1,0 +1,402 @@
+"""The scheduler: qpy-queue-send, qpy-clean and qpy-start, end to end.
+
+Everything runs for real: qpy-start (root) with its whole send group and pickup,
+qpy-sendmail to inject, qpy-lspawn/qpy-local to deliver into real users' Maildirs.
+These tests cover scheduling, bounces, retries, concurrency, removal and crashes;
+.qmail semantics are tested in test_local.py.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import mailbox
+import os
+import pwd
+import random
+import re
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import qpytest
+from qpytest import needs_root, wait_for
+
+from qpy.common.state import StateFile, read_state
+
+pytestmark = [needs_root]
+
+ME = "test.example"
+CRASH_MESSAGES = int(os.environ.get("QPY_CRASH_MESSAGES", "150"))
+
+
+# --- helpers ---------------------------------------------------------------------
+class Qpy:
+    """qpy-start running on a root, its merged log in a file."""
+
+    def __init__(self, qroot):
+        self.qroot = qroot
+        self.logpath = os.path.join(os.path.dirname(qroot.path), "start.log")
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.logpath, "ab")
+        self.proc = self.qroot.start("qpy-start", self.qroot.path, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+        assert wait_for(lambda: self.pid("queue-send"), 30), self.log()
+
+    def log(self) -> str:
+        with open(self.logpath, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_log(self, pattern: str, timeout: float = 30, count: int = 1) -> list[str]:
+        rx = re.compile(pattern)
+        found = wait_for(lambda: len(rx.findall(self.log())) >= count and rx.findall(self.log()),
+                         timeout)
+        assert found, "no %r in log:\n%s" % (pattern, self.log()[-6000:])
+        return found
+
+    def pid(self, prog: str) -> int | None:
+        try:
+            with open(os.path.join(self.qroot.paths.run, prog + ".pid")) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            return None
+        return pid if psutil.pid_exists(pid) else None
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+
+def user(name: str, qroot, dot: dict[str, str] | None = None) -> pwd.struct_passwd:
+    """A real user with a home holding a Maildir and the given .qmail files."""
+    home = os.path.join(os.path.dirname(qroot.path), "home-" + name)
+    pw = qpytest.make_user(name, home)
+    for sub in ("", "/new", "/cur", "/tmp"):
+        os.makedirs(home + "/Maildir" + sub, exist_ok=True)
+        os.chown(home + "/Maildir" + sub, pw.pw_uid, pw.pw_gid)
+        os.chmod(home + "/Maildir" + sub, 0o700)
+    for ext, text in (dot or {}).items():
+        p = os.path.join(home, ".qmail" + ("-" + ext if ext else ""))
+        with open(p, "w") as f:
+            f.write(text)
+        os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chmod(p, 0o644)
+    return pw
+
+
+def maildir(pw: pwd.struct_passwd) -> list[email.message.Message]:
+    md = mailbox.Maildir(os.path.join(pw.pw_dir, "Maildir"), factory=None, create=False)
+    return [email.message_from_bytes(md.get_bytes(k), policy=email.policy.default)
+            for k in md.keys()]
+
+
+def sendmail(qroot, sender: str, *rcpts: str, body: str = "hello\n",
+             headers: str = "Subject: test\n") -> None:
+    r = qroot.run("qpy-sendmail", "-f", sender, *rcpts, input=(headers + "\n" + body).encode())
+    assert r.returncode == 0, r.stderr
+
+
+def queue_empty(qroot) -> bool:
+    p = qroot.paths
+    return not any(os.listdir(d) for d in (p.mess, p.todo, p.state))
+
+
+@pytest.fixture
+def qpy(qroot):
+    q = Qpy(qroot)
+    yield q
+    if q.proc.poll() is None:
+        q.stop()
+
+
+def bounces(pw) -> list[email.message.Message]:
+    return [m for m in maildir(pw) if m.get_content_type() == "multipart/report"]
+
+
+# --- bounces, retries, lifetime --------------------------------------------------
+def test_delivery_and_bounce_with_reason(qroot):
+    a = user("sa", qroot)
+    b = user("sb", qroot, {"fail": "|echo 'the fail program says no'; exit 100\n"})
+    q = Qpy(qroot)
+    sendmail(qroot, "qtsa@%s" % ME, "qtsb@%s" % ME, "qtsb-fail@%s" % ME, body="payload 42\n")
+    assert wait_for(lambda: bounces(a), 30), q.log()
+    assert wait_for(lambda: queue_empty(qroot), 30), q.log()
+    delivered = maildir(b)
+    assert len(delivered) == 1 and "payload 42" in delivered[0].get_content()
+    [bnc] = bounces(a)
+    assert bnc["From"] == "MAILER-DAEMON@%s" % ME
+    assert bnc["Return-Path"] == "<>"
+    human, status, original = bnc.get_payload()
+    text = human.get_content()
+    assert text.startswith("Hi. This is the")
+    assert "<qtsb-fail@%s>:\nthe fail program says no" % ME in text
+    assert "<qtsb@%s>" % ME not in text          # the delivered one is not bounced
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    assert blocks[1]["Final-Recipient"] == "rfc822; qtsb-fail@%s" % ME
+    assert blocks[1]["Action"] == "failed" and blocks[1]["Status"].startswith("5.")
+    assert original.get_content_type() == "message/rfc822"
+    assert b"payload 42" in original.as_bytes()
+    log = q.log()
+    for line in (r"new msg \d+", r"info msg \d+: bytes \d+ from <qtsa@test.example> qp \d+ uid 0",
+                 r"starting delivery \d+: msg \d+ to local qtsb-fail@test.example",
+                 r"delivery \d+: failure: the fail program says no",
+                 r"delivery \d+: success", r"status: local \d+/10 remote 0/20",
+                 r"bounce msg \d+ qp \d+", r"end msg \d+"):
+        assert re.search(line, log), line
+    assert q.stop() == 0
+
+
+def test_retry_on_sigalrm_after_111(qroot):
+    user("sa", qroot)
+    b = user("sb", qroot, {"flaky": "|if [ -e flag ]; then exit 0; fi; touch flag; "
+                                    "echo not yet; exit 111\n./Maildir/\n"})
+    q = Qpy(qroot)
+    sendmail(qroot, "qtsa@%s" % ME, "qtsb-flaky@%s" % ME)
+    q.wait_log(r"delivery \d+: deferral: not yet")
+    r = qroot.run("qpy-qread", qroot.path)
+    assert re.search(r"deferred\s+local\s+<qtsb-flaky@test.example>\s+next .*: not yet",
+                     r.stdout.decode()), r.stdout
+    assert maildir(b) == []
+    q.signal(signal.SIGALRM)             # forwarded to queue-send: retry now, not in 100 s
+    assert wait_for(lambda: maildir(b), 30), q.log()
+    assert wait_for(lambda: queue_empty(qroot), 30)
+
+
+def test_queuelifetime_expiry_bounces(qroot):
+    a = user("sa", qroot)
+    user("sb", qroot, {"never": "|echo still busy; exit 111\n"})
+    qroot.control("queuelifetime", "3")
+    q = Qpy(qroot)
+    sendmail(qroot, "qtsa@%s" % ME, "qtsb-never@%s" % ME)
+    q.wait_log(r"delivery \d+: deferral: still busy")
+    # the next try is moved to the end of the lifetime: one last attempt, then a bounce
+    assert wait_for(lambda: bounces(a), 30), q.log()
+    text = bounces(a)[0].get_payload()[0].get_content()
+    assert "still busy" in text and "in the queue too long" in text
+    assert wait_for(lambda: queue_empty(qroot), 30)
+
+
+def test_double_and_triple_bounce(qroot):
+    user("sa", qroot)
+    user("sb", qroot, {"fail": "|echo refused; exit 100\n"})
+    c = user("sc", qroot)
+    qroot.control("doublebounceto", "qtsc")
+    q = Qpy(qroot)
+    # the sender itself fails: its bounce fails, so a double bounce goes to qtsc
+    sendmail(qroot, "qtsb-fail@%s" % ME, "qtsb-fail@%s" % ME, body="original body\n")
+    assert wait_for(lambda: bounces(c), 30), q.log()
+    [dbl] = bounces(c)
+    assert dbl["To"] == "qtsc@%s" % ME and dbl["Return-Path"] == "<>"
+    text = dbl.get_payload()[0].get_content()
+    assert "bounce message could not be delivered" in text
+    assert "<qtsb-fail@%s>:\nrefused" % ME in text
+    assert wait_for(lambda: queue_empty(qroot), 30)
+    # a double bounce that fails too is logged and dropped
+    qroot.control("doublebounceto", "qtsb-fail")
+    q.signal(signal.SIGHUP)
+    q.wait_log(r"info: control files re-read")
+    sendmail(qroot, "qtsb-fail@%s" % ME, "qtsb-fail@%s" % ME)
+    q.wait_log(r"triple bounce: discarding bounce/\d+")
+    assert wait_for(lambda: queue_empty(qroot), 30)
+    assert len(bounces(c)) == 1
+
+
+# --- concurrency, removal, SIGTERM -----------------------------------------------
+def test_concurrencylocal_2_observed(qroot):
+    user("sa", qroot)
+    prog = ("|mkdir -p run; touch run/$$; ls run | wc -l >> counts; sleep 0.4; "
+            "rm run/$$\n")
+    d = user("sd", qroot, {"slow-default": prog})
+    qroot.control("concurrencylocal", "2")
+    q = Qpy(qroot)
+    sendmail(qroot, "qtsa@%s" % ME, *["qtsd-slow-%d@%s" % (i, ME) for i in range(8)])
+    q.wait_log(r"delivery \d+: success", count=8, timeout=60)
+    with open(os.path.join(d.pw_dir, "counts")) as f:
+        counts = [int(x) for x in f.read().split()]
+    assert len(counts) == 8
+    assert max(counts) == 2, counts          # in parallel, and never more than 2
+    assert not re.search(r"status: local [3-9]/2", q.log())
+
+
+def test_qrm_removes_without_bounce(qroot):
+    a = user("sa", qroot)
+    user("sb", qroot, {"never": "|echo later; exit 111\n"})
+    q = Qpy(qroot)
+    sendmail(qroot, "qtsa@%s" % ME, "qtsb-never@%s" % ME)
+    [msgid] = q.wait_log(r"new msg (\d+)")
+    q.wait_log(r"delivery \d+: deferral")
+    r = qroot.run("qpy-qrm", qroot.path, msgid)
+    assert r.returncode == 0, r.stderr
+    q.wait_log(r"remove msg %s by qpy-qrm" % msgid)
+    assert wait_for(lambda: queue_empty(qroot), 30)
+    assert os.listdir(os.path.join(qroot.paths.queue, "rm")) == []
+    time.sleep(0.5)
+    assert bounces(a) == [] and "bounce msg" not in q.log()
+
+
+def test_sigterm_waits_for_deliveries_in_flight(qroot):
+    user("sa", qroot)
+    b = user("sb", qroot, {"slow": "|sleep 2\n./Maildir/\n"})
+    q = Qpy(qroot)
+    sendmail(qroot, "qtsa@%s" % ME, "qtsb-slow@%s" % ME)
+    q.wait_log(r"starting delivery \d+: msg \d+ to local qtsb-slow")
+    assert q.stop() == 0
+    log = q.log()
+    assert "status: exiting" in log and "stopped" in log
+    # the delivery in flight finished and was recorded before queue-send exited
+    assert log.index("delivery 1: success") < log.index("status: exiting")
+    assert len(maildir(b)) == 1
+    assert queue_empty(qroot)
+    for prog in ("queue-send", "lspawn", "clean", "pickup"):
+        assert q.pid(prog) is None
+
+
+def test_uids_and_titles_of_the_send_group(qpy, qroot):
+    want = {"queue-send": "qpys", "clean": "qpyq", "lspawn": "root", "pickup": "qpyq"}
+    if os.path.exists(qroot.bin("qpy-rspawn")):
+        want["rspawn"] = "qpyr"
+    for prog, name in want.items():
+        p = psutil.Process(qpy.pid(prog))
+        uid = pwd.getpwnam(name).pw_uid        # the preamble drops right after the exec
+        assert wait_for(lambda p=p, uid=uid: p.uids() == (uid, uid, uid), 10), (prog, p.uids())
+        assert p.cmdline()[0].split()[0] == "qpy-" + prog
+        assert set(p.environ()) <= {"QPY_ROOT", "PATH", "LC_CTYPE"}, p.environ()
+        with open(os.path.join(qroot.paths.run, prog + ".pid"), "rb"):
+            pass
+        assert os.stat(os.path.join(qroot.paths.run, prog + ".pid")).st_uid == 0
+
+
+def test_restart_after_kill_of_each_part(qroot):
+    a = user("sa", qroot)
+    q = Qpy(qroot)
+    for prog in ("lspawn", "clean", "queue-send"):
+        time.sleep(2.2)     # past qpy-start's crash-loop window: restarted after 1 s
+        old = q.pid(prog)
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda prog=prog, old=old: q.pid(prog) not in (None, old), 30), q.log()
+        assert wait_for(lambda: q.pid("queue-send") and q.pid("lspawn") and q.pid("clean"), 30)
+    sendmail(qroot, "qtsa@%s" % ME, "qtsa@%s" % ME)
+    assert wait_for(lambda: maildir(a), 30), q.log()
+    assert "restarting in" in q.log()
+
+
+# --- crash safety ----------------------------------------------------------------
+def _seqs(pw) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    md = mailbox.Maildir(os.path.join(pw.pw_dir, "Maildir"), factory=None, create=False)
+    for k in md.keys():
+        m = re.search(rb"^X-Seq: (\d+)$", md.get_bytes(k), re.M)
+        if m:
+            seen[int(m.group(1))] = seen.get(int(m.group(1)), 0) + 1
+    return seen
+
+
+@pytest.mark.slow
+def test_crash_safety_kill9_during_delivery(qroot):
+    """N messages to 5 users; kill -9 queue-send, lspawn or a delivery child at random."""
+    from qpy.inject.drop import inject
+    users = [user("sk%d" % i, qroot) for i in range(5)]
+    rcpts = [b"%s@%s" % (u.pw_name.encode(), ME.encode()) for u in users]
+    q = Qpy(qroot)
+    for n in range(CRASH_MESSAGES):
+        inject(qroot.path, b"X-Seq: %d\nSubject: crash %d\n\nbody %d\n" % (n, n, n),
+               b"qtsa@test.example", rcpts)
+    rng = random.Random(1234)
+    kills = {"queue-send": 0, "lspawn": 0, "qpy-local": 0}
+    deadline = time.monotonic() + 240
+
+    def all_there() -> bool:
+        return all(len(_seqs(u)) == CRASH_MESSAGES for u in users)
+
+    while not all_there() and time.monotonic() < deadline:
+        # let the group run a little (restarts within 2 s of a start back off)
+        assert wait_for(lambda: q.pid("queue-send") and q.pid("lspawn"), 60), q.log()[-3000:]
+        time.sleep(2.0 + rng.random() * 1.5)
+        what = rng.choice(list(kills))
+        if what == "qpy-local":
+            kids = [p for p in psutil.process_iter(["cmdline"])
+                    if (p.info["cmdline"] or [""])[0].startswith("qpy-local")]
+            if not kids:
+                continue
+            victim = rng.choice(kids).pid
+        else:
+            victim = q.pid(what)
+            if not victim:
+                continue
+        try:
+            os.kill(victim, signal.SIGKILL)
+            kills[what] += 1
+        except ProcessLookupError:
+            pass
+        q.signal(signal.SIGALRM)        # retry the deferred (killed) deliveries now
+    for _ in range(20):
+        if all_there():
+            break
+        q.signal(signal.SIGALRM)
+        time.sleep(2)
+    seqs = [_seqs(u) for u in users]
+    missing = sum(CRASH_MESSAGES - len(s) for s in seqs)
+    dups = sum(c - 1 for s in seqs for c in s.values())
+    print("\ncrash test: %d messages x 5 users, kills %s, duplicates %d, missing %d"
+          % (CRASH_MESSAGES, kills, dups, missing))
+    assert missing == 0, q.log()[-5000:]
+    assert sum(kills.values()) >= 3
+    assert wait_for(lambda: queue_empty(qroot), 60)
+    assert "Traceback" not in q.log()
+
+
+# --- qpy-clean and the state file on their own ------------------------------------
+def test_clean_refuses_what_is_not_an_id(qroot):
+    p = qroot.paths
+    qpyq = pwd.getpwnam("qpyq")
+    for d in (p.mess, p.todo):
+        with open(os.path.join(d, "123"), "w"):
+            pass
+        os.chown(os.path.join(d, "123"), qpyq.pw_uid, qpyq.pw_gid)
+    victim = os.path.join(os.path.dirname(qroot.path), "victim")
+    with open(victim, "w"):
+        pass
+    req = (b"../../victim\n0123\n12a\n\n" + b"9" * 5000 + b"\n" + "١٢".encode() + b"\n"
+           b"123\n")
+    r = qroot.run("qpy-clean", input=req)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(b"\n")[:-1] == [b"x", b"x", b"x", b"x", b"x", b"x", b"+"]
+    assert os.path.exists(victim)
+    assert not os.path.exists(os.path.join(p.mess, "123"))
+    assert not os.path.exists(os.path.join(p.todo, "123"))
+
+
+def test_state_file_torn_record_and_done_stays_done(tmp_path):
+    from qpy.common.state import MessageState, RecipientState
+    ms = MessageState("17", 1000, 12, 0, 5, b"s@x.org",
+                      [RecipientState(b"a@x.org", "local", b"a@x.org"),
+                       RecipientState(b"b@y.org", "remote", b"b@y.org"),
+                       RecipientState(b"c@x.org", "local", b"pre-c@x.org")])
+    sf = StateFile(str(tmp_path), "17")
+    sf.create(ms)
+    sf.done(0)
+    sf.deferred(1, 5000, "try\tlater\n")
+    sf.failed(2, "no")
+    sf.bounced([2])
+    sf.deferred(0, 9, "late report")          # done stays done
+    with open(sf.path, "ab") as f:
+        f.write(b"K\t1")                      # torn: no LF, never fsync'd as a record
+    st = read_state(sf.path)
+    assert [r.state for r in st.recipients] == ["done", "deferred", "bounced"]
+    assert st.recipients[1].next_try == 5000 and st.recipients[1].error == "try_later_"
+    assert st.recipients[2].delivery_address == b"pre-c@x.org"
+    assert not st.recipients[2].bounce_owed and st.sender == b"s@x.org"
+    sf.repair()
+    sf.done(1)
+    assert [r.state for r in read_state(sf.path).recipients] == ["done", "done", "bounced"]
+    assert read_state(sf.path).finished()
