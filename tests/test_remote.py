@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import signal
 import socket
 import subprocess
 import time
@@ -16,6 +18,7 @@ import time
 import psutil
 import pytest
 import qpytest
+from qpytest import wait_for
 from remote_peers import DNSServer, PrivatePostfix, RawPeer, SmtpSink, basic_session
 
 from qpy.common import spawn
@@ -597,3 +600,39 @@ def test_qpy_remote_program(stack, aiopeer):
     assert recs[2].startswith(b"K") and recs[3] == b""
     assert h.messages[0][2] == wire(MSG)
 
+
+
+# --- the whole system: qpy-start, queue-send, rspawn ---------------------------------------
+
+def test_system_servfail_then_sigalrm_delivers_with_tls(stack, aiopeer, selfsigned):
+    import ssl
+
+    from test_send import Qpy, maildir, sendmail, user
+    qroot, dnssrv, port, rs = stack
+    rs.stop()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*selfsigned)
+    h = Recorder()
+    aiopeer(h, tls_context=ctx)
+    dnssrv.servfail.add("a.test")
+    sender = user("ra", qroot)
+    q = Qpy(qroot)
+    try:
+        sendmail(qroot, "qtra@test.example", "x@a.test", "bad@a.test", "temp@a.test")
+        q.wait_log(r"delivery \d+: deferral: .*DNS for a.test failed", count=3)
+        assert not h.messages
+        dnssrv.servfail.clear()
+        q.signal(signal.SIGALRM)
+        q.wait_log(r"delivery \d+: success: x@a.test: 127.0.0.2 accepted message. \(TLS TLSv1\.\d ")
+        assert len(h.messages) == 1 and h.messages[0][1] == ["x@a.test"]
+        assert b"Subject: test" in h.messages[0][2]
+        # the 5xx recipient bounces to the sender with the peer's text; 4xx stays queued
+        bounce = wait_for(lambda: maildir(sender), 30)
+        assert bounce, q.log()[-3000:]
+        text = bounce[0].as_string()
+        assert "bad@a.test" in text and "550 5.1.1 no such user" in text
+        r = qroot.run("qpy-qread", qroot.path)
+        assert re.search(r"deferred.*temp@a.test.*451 4.2.0 try later", r.stdout.decode()), \
+            r.stdout
+    finally:
+        assert q.stop() == 0
