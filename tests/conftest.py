@@ -18,4 +18,5 @@ def qroot():
         yield r
     finally:
         r.stop_all()
-        qpytest.remove_tree(os.path.dirname(r.path))
+        if not os.environ.get("QPY_KEEP"):
+            qpytest.remove_tree(os.path.dirname(r.path))

@@ -16,7 +16,7 @@ WRITES
     drop files to queue/quarantine/.
 
 HOW A BATCH IS ADMITTED (crash safety)
-    1. for each drop file: mess/ID and todo/.tmp.ID written and fsync'd;
+    1. for each drop file: todo/.tmp.ID, then mess/ID, written and fsync'd;
        then mess/ and todo/ fsync'd.          (nothing visible to queue-send yet)
     2. one journal record per drop file, "NAME ID", appended and fsync'd: the
        commit point. A crash before it leaves only invisible temporaries, which
@@ -42,6 +42,7 @@ EXIT CODES
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import stat
@@ -98,6 +99,7 @@ class Pickup:
         self.journal = os.path.join(self.paths.pickup, "journal")
         self.last_id = 0
         self.journal_records = 0
+        self.stuck: set[str] = set()      # entries pickup can neither admit nor move
         self.who = self._who_table()
 
     def _who_table(self) -> dict[int, str]:
@@ -166,35 +168,46 @@ class Pickup:
         who = self.who.get(st.st_uid, "by uid %d" % st.st_uid)
         received = b"Received: (qpy %d invoked %s); %s\n" % (
             pid, who.encode(), rfc822_date(now).encode())
-        msg_id, mfd = self._create_mess()
-        try:
-            durable.write_all(mfd, received)
-            self._copy_range(fd, mfd, dropfile.HEADER_LEN, msglen)
-            os.fsync(mfd)
-        except BaseException:
-            os.close(mfd)
-            self._unlink(self.paths.mess, msg_id)
-            raise
-        os.close(mfd)
         size = len(received) + msglen
         todo = todo_encode(int(now), st.st_uid, size, envelope.encode(sender, rcpts))
+        # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
+        # recover() removes together with mess/ID, so no orphan mess file is possible.
+        msg_id = self._reserve(todo)
         try:
-            # fsync'd here; its directory entry is fsync'd for the whole batch
-            durable.write_file(self.paths.todo, TODO_TMP + msg_id, todo, 0o640, sync_dir=False)
+            mfd = os.open(os.path.join(self.paths.mess, msg_id),
+                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            try:
+                durable.write_all(mfd, received)
+                self._copy_range(fd, mfd, dropfile.HEADER_LEN, msglen)
+                os.fsync(mfd)      # its directory entry is fsync'd for the whole batch
+            finally:
+                os.close(mfd)
         except BaseException:
             self._unlink(self.paths.mess, msg_id)
+            self._unlink(self.paths.todo, TODO_TMP + msg_id)
             raise
         return msg_id, st.st_uid, size
 
-    def _create_mess(self) -> tuple[str, int]:
+    def _reserve(self, todo: bytes) -> str:
+        """Pick a free id and write todo/.tmp.ID (fsync'd); pickup runs alone (flock)."""
         while True:
             msg_id = self.new_id()
+            if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
+                continue
             try:
-                fd = os.open(os.path.join(self.paths.mess, msg_id),
+                fd = os.open(os.path.join(self.paths.todo, TODO_TMP + msg_id),
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-                return msg_id, fd
             except FileExistsError:
                 continue
+            try:
+                durable.write_all(fd, todo)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                self._unlink(self.paths.todo, TODO_TMP + msg_id)
+                raise
+            os.close(fd)
+            return msg_id
 
     @staticmethod
     def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
@@ -230,7 +243,19 @@ class Pickup:
             finally:
                 os.close(qfd)
         except OSError as e:
-            log("warning: cannot quarantine drop %s: %s" % (clean(name), e.strerror))
+            # A directory made by a user cannot be moved (its ".." is not ours to
+            # change); an empty one can still be removed. Anything else is left
+            # alone and reported once.
+            try:
+                os.rmdir(name, dir_fd=dfd)
+                log("removed directory %s from drop: %s" % (clean(name), clean(reason)))
+                return
+            except OSError:
+                pass
+            if name not in self.stuck:
+                self.stuck.add(name)
+                log("warning: cannot quarantine drop %s (%s): %s"
+                    % (clean(name), clean(reason), e.strerror))
             return
         log("quarantine drop %s as %s: %s" % (clean(name), clean(target), clean(reason)))
 
@@ -311,6 +336,8 @@ class Pickup:
         now = time.time()
         for entry in os.scandir(dfd):
             name = entry.name
+            if name in self.stuck:
+                continue
             if dropfile.is_final_name(name):
                 ready.append(name)
             elif name.startswith(dropfile.TMP_PREFIX):
@@ -327,6 +354,12 @@ class Pickup:
 
     def run(self) -> int:
         global _reload
+        lock = os.open(self.journal, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("fatal: qpy-pickup: another qpy-pickup runs on %s" % self.root)
+            return 111
         self.recover()
         watcher = Watcher([self.paths.drop])
         dfd = os.open(self.paths.drop, os.O_RDONLY | os.O_DIRECTORY)
