@@ -7,16 +7,20 @@ qpyd (as root: the real system user) connects to ROOT/queue/run/auth/socket.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
 import pwd
+import smtplib
 import stat
 import subprocess
 
 import psutil
 import pytest
 import qpytest
+import tlshelp
+from tlshelp import Raw
 
 FAIL_DELAY = 1.0          # qpy.auth.authd.FAIL_DELAY
 LOCK_AFTER = 5            # qpy.auth.authd.LOCK_AFTER
@@ -149,16 +153,16 @@ def test_authd_answers_yes_no_and_delays_refusals(qroot, authd):
 
 def test_lockout_per_client_address(qroot, authd):
     """LOCK_AFTER failures from one address lock it: even the right password gets L."""
-    fails = ask(qroot, [("alice", "guess%d" % i, "198.51.100.7") for i in range(LOCK_AFTER)])
-    assert [a for a, _ in fails] == ["N"] * LOCK_AFTER
+    # IPv4 addresses count alone, IPv6 ones by their /64; both series run at once
+    fails = ask(qroot, [("alice", "guess%d" % i, "198.51.100.7") for i in range(LOCK_AFTER)]
+                + [("alice", "guess%d" % i, "2001:db8:1:2::%x" % i) for i in range(LOCK_AFTER)])
+    assert [a for a, _ in fails] == ["N"] * 2 * LOCK_AFTER
     # concurrent guesses from one address were serialised: each waited for the one before
-    assert max(t for _, t in fails) >= LOCK_AFTER * FAIL_DELAY
+    assert max(t for _, t in fails[:LOCK_AFTER]) >= LOCK_AFTER * FAIL_DELAY
     after = ask(qroot, [("alice", "correct horse", "198.51.100.7"),
-                        ("alice", "correct horse", "198.51.100.8")])
-    assert [a for a, _ in after] == ["L", "Y"]
-    # IPv6: the /64 is the unit
-    ask(qroot, [("alice", "guess%d" % i, "2001:db8:1:2::%x" % i) for i in range(LOCK_AFTER)])
-    assert ask(qroot, [("alice", "correct horse", "2001:db8:1:2::ff")])[0][0] == "L"
+                        ("alice", "correct horse", "198.51.100.8"),
+                        ("alice", "correct horse", "2001:db8:1:2::ff")])
+    assert [a for a, _ in after] == ["L", "Y", "L"]
     assert ask(qroot, [("alice", "correct horse", "2001:db8:1:3::1")])[0][0] == "Y"
     assert "auth locked user alice from 198.51.100.7" in log_of(authd)
 
@@ -223,4 +227,148 @@ def test_checkpassword_backend(qroot):
         assert answers == ["Y", "N", "N"]
         assert "backend checkpassword %s" % prog in log_of(p)
     finally:
+        qpytest.remove_tree(d)
+
+
+# -- AUTH in qpy-smtpd: swaks, smtplib, raw sessions ---------------------------------
+
+OUTSIDE = "friend@elsewhere.example"
+
+
+@pytest.fixture
+def mta(qroot):
+    d = qpytest.test_dir("cert")
+    tlshelp.install_cert(qroot, tlshelp.make_cert(d))
+    tlshelp.set_password(qroot, "alice", "correct horse")
+    tlshelp.set_password(qroot, "bob", "battery staple")
+    qroot.control("authsenders", "alice: alice@test.example\nbob: bob@test.example @bob.example")
+    tlshelp.start_authd(qroot)
+    server = tlshelp.Server(qroot)
+    yield server
+    server.stop()
+    qpytest.remove_tree(d)
+
+
+def swaks(port: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["swaks", "-s", "127.0.0.1:%d" % port, "--timeout", "30",
+                           "--to", OUTSIDE, *args], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
+def test_swaks_tls_auth_relays_and_names_user(qroot, mta, mech):
+    r = swaks(mta.submission, "--from", "alice@test.example", "--tls", "--auth", mech,
+              "--auth-user", "alice", "--auth-password", "correct horse")
+    out = r.stdout.decode()
+    assert r.returncode == 0, out
+    assert "235 2.7.0" in out and "250 2.0.0" in out
+    (msg,) = tlshelp.wait_drops(qroot, 1)
+    head = msg.split(b"\n\n")[0]
+    assert b"with ESMTPSA (version=TLSv1." in head
+    assert b"(authenticated user alice)" in head
+    assert mta.wait_log("qpy-smtpd 127.0.0.1: authenticated user alice")
+
+
+def test_auth_before_tls_is_refused(mta):
+    c = Raw(mta.submission)
+    c.reply()
+    code, text = c.cmd("EHLO client.example")
+    assert "AUTH" not in text and "STARTTLS" in text
+    cred = base64.b64encode(b"\0alice\0correct horse").decode()
+    code, text = c.cmd("AUTH PLAIN " + cred)
+    assert code == 538 and "5.7.11" in text
+    # and relaying without AUTH is refused
+    c.cmd("MAIL FROM:<alice@test.example>")
+    assert c.cmd("RCPT TO:<%s>" % OUTSIDE)[0] == 553
+    c.close()
+
+
+def test_relay_without_auth_on_submission_is_refused(qroot, mta):
+    r = swaks(mta.submission, "--from", "alice@test.example", "--tls")
+    assert r.returncode != 0
+    assert b"553 5.7.1" in r.stdout
+    assert tlshelp.drops(qroot) == []
+
+
+def test_wrong_password_is_refused_and_delayed(qroot, mta):
+    c = Raw(mta.submission)
+    c.reply()
+    c.cmd("EHLO client.example")
+    c.cmd("STARTTLS")
+    c.tls()
+    c.cmd("EHLO client.example")
+    bad = base64.b64encode(b"\0alice\0wrong").decode()
+    (code, text), took = tlshelp.elapsed(lambda: c.cmd("AUTH PLAIN " + bad))
+    assert code == 535 and "5.7.8" in text
+    assert took >= FAIL_DELAY
+    assert c.cmd("MAIL FROM:<alice@test.example>")[0] == 250
+    assert c.cmd("RCPT TO:<%s>" % OUTSIDE)[0] == 553          # still not allowed to relay
+    c.cmd("RSET")
+    # cancelling, bad base64, unknown mechanism, overlong response
+    assert c.cmd("AUTH LOGIN")[0] == 334
+    assert c.cmd("*")[0] == 501
+    assert c.cmd("AUTH PLAIN !!!notbase64")[0] == 501
+    assert c.cmd("AUTH CRAM-MD5")[0] == 504
+    assert c.cmd("AUTH PLAIN")[0] == 334
+    assert c.cmd("A" * 5000)[0] == 501
+    # the third wrong password ends the session
+    assert c.cmd("AUTH PLAIN " + bad)[0] == 535
+    assert c.cmd("AUTH PLAIN " + bad)[0] == 421
+    assert c.closed()
+    assert tlshelp.drops(qroot) == []
+
+
+def test_lockout_gives_421(mta):
+    """LOCK_AFTER failures from one address: then even the right password gets 421."""
+    bad = base64.b64encode(b"\0alice\0wrong").decode()
+    good = base64.b64encode(b"\0alice\0correct horse").decode()
+    failures = 0
+    while failures < LOCK_AFTER:
+        c = Raw(mta.smtps, implicit_tls=True)
+        c.reply()
+        c.cmd("EHLO client.example")
+        for _ in range(min(2, LOCK_AFTER - failures)):
+            assert c.cmd("AUTH PLAIN " + bad)[0] == 535
+            failures += 1
+        c.close()
+    c = Raw(mta.smtps, implicit_tls=True)
+    c.reply()
+    c.cmd("EHLO client.example")
+    code, text = c.cmd("AUTH PLAIN " + good)
+    assert code == 421 and "4.7.0" in text
+    assert c.closed()
+
+
+def test_authsenders_restricts_senders(qroot, mta):
+    ctx = tlshelp.client_context()
+    with smtplib.SMTP_SSL("127.0.0.1", mta.smtps, timeout=30, context=ctx) as s:
+        s.login("alice", "correct horse")
+        for sender in ("bob@test.example", "someone@bob.example"):
+            with pytest.raises(smtplib.SMTPSenderRefused) as e:
+                s.sendmail(sender, [OUTSIDE], b"Subject: x\r\n\r\nx\r\n")
+            assert e.value.smtp_code == 553
+        s.sendmail("alice@test.example", [OUTSIDE], b"Subject: mine\r\n\r\nx\r\n")
+    with smtplib.SMTP("127.0.0.1", mta.submission, timeout=30) as s:
+        s.starttls(context=ctx)
+        s.login("bob", "battery staple")
+        s.sendmail("anything@bob.example", [OUTSIDE], b"Subject: bob's\r\n\r\nx\r\n")
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            s.sendmail("alice@test.example", [OUTSIDE], b"Subject: x\r\n\r\nx\r\n")
+    msgs = tlshelp.wait_drops(qroot, 2)
+    assert len(msgs) == 2
+    assert sorted(m.split(b"Subject: ")[1].split(b"\n")[0] for m in msgs) == [b"bob's", b"mine"]
+
+
+def test_no_auth_offered_without_authd(qroot):
+    d = qpytest.test_dir("cert")
+    tlshelp.install_cert(qroot, tlshelp.make_cert(d))
+    server = tlshelp.Server(qroot, smtps=False)
+    try:
+        with smtplib.SMTP("127.0.0.1", server.submission, timeout=30) as s:
+            s.starttls(context=tlshelp.client_context())
+            s.ehlo("x")
+            assert not s.has_extn("auth")
+            code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0a\0b").decode())
+            assert code == 502
+    finally:
+        server.stop()
         qpytest.remove_tree(d)

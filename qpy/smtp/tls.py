@@ -67,13 +67,13 @@ def server_context(root: str, program: str = "qpy-smtpd") -> ssl.SSLContext | No
             ctx.options |= ssl.OP_NO_RENEGOTIATION
         ctx.load_cert_chain(path)
         validity = _validity(path)
+    except (ssl.SSLError, ValueError) as e:  # before OSError: SSLError is one
+        log("%s: tls: cannot use %s (chain and key in one PEM file?): %s; "
+            "STARTTLS not offered" % (program, why, getattr(e, "reason", None) or e))
+        return None
     except OSError as e:
         log("%s: tls: cannot read %s: %s; STARTTLS not offered"
             % (program, why, e.strerror or e))
-        return None
-    except (ssl.SSLError, ValueError) as e:
-        log("%s: tls: cannot use %s (chain and key in one PEM file?): %s; "
-            "STARTTLS not offered" % (program, why, getattr(e, "reason", None) or e))
         return None
     if validity is not None:
         now = time.time()
