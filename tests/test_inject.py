@@ -356,7 +356,8 @@ def test_hostile_drop_files(qroot):
     qroot.stop_all()
     log = pickup_log(qroot)
     for reason in ("not a plain file", "links", "too large", "cannot open",
-                   "lengths do not match", "bad header", "not a drop file name", "removed directory"):
+                   "lengths do not match", "bad header", "not a drop file name",
+                   "removed directory"):
         assert reason in log, (reason, log)
 
 
