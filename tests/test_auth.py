@@ -372,3 +372,40 @@ def test_no_auth_offered_without_authd(qroot):
     finally:
         server.stop()
         qpytest.remove_tree(d)
+
+
+def test_qpy_start_runs_authd_and_auth_works_end_to_end(qroot):
+    """qpy-start starts authd (as qpyauth) because auth/passwd holds a user; qpy-status
+    expects it; AUTH over implicit TLS then relays through the running system."""
+    d = qpytest.test_dir("cert")
+    tlshelp.install_cert(qroot, tlshelp.make_cert(d))
+    tlshelp.set_password(qroot, "alice", "correct horse")
+    port = qpytest.free_port()
+    qroot.control("smtpslisten", "127.0.0.1:%d" % port)
+    qroot.control("smtplisten", "127.0.0.1:%d" % qpytest.free_port())
+    start = qroot.start("qpy-start", qroot.path)
+    try:
+        def authd_proc():
+            for p in psutil.process_iter(["name", "username", "ppid"]):
+                if p.info["name"] == "qpy-authd" and p.info["ppid"] == start.pid:
+                    return p
+            return None
+        # the socket exists once authd has dropped to qpyauth
+        assert qpytest.wait_for(lambda: os.path.exists(
+            os.path.join(qroot.paths.run, "auth", "socket")), 30)
+        p = qpytest.wait_for(authd_proc, 30)
+        assert p is not None
+        if qpytest.IS_ROOT:
+            assert p.username() == "qpyauth"
+        tlshelp.wait_port(port, start)
+        with smtplib.SMTP_SSL("127.0.0.1", port, timeout=30,
+                              context=tlshelp.client_context()) as s:
+            s.login("alice", "correct horse")
+            refused = s.sendmail("alice@test.example", [OUTSIDE], b"Subject: e2e\r\n\r\nx\r\n")
+            assert refused == {}
+        status = qroot.run("qpy-status", qroot.path).stdout.decode()
+        assert "service authd: up" in status, status
+    finally:
+        start.terminate()
+        start.wait(timeout=60)
+        qpytest.remove_tree(d)

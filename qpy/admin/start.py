@@ -20,7 +20,7 @@ SERVICES (design §8; --only NAME starts just one)
             whole group is stopped and restarted, since the pipes are shared.
     pickup  qpy-pickup
     smtpd   qpy-tcpserver, only when control/smtplisten exists
-    authd   qpy-authd, only when auth/passwd holds a user
+    authd   qpy-authd, only when auth/passwd holds a user or control/checkpassword exists
 
 LOG
     every child's stderr is read here and printed to stdout, one line each, as
@@ -46,6 +46,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ MIN_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
 STABLE_RUN = 2.0            # a service that ran this long restarts after MIN_BACKOFF;
                             # one that dies sooner is crash-looping: the wait doubles
+NEWRCPT_TIMEOUT = 300      # seconds qpy-newrcpt may take
 MAX_LINE = 4096             # longer child log lines are cut
 CHILD_PATH = "/usr/bin:/bin"
 EXIT_USAGE = 100
@@ -124,6 +126,8 @@ class Starter:
         if name == "smtpd":
             return os.path.exists(os.path.join(self.paths.control, "smtplisten"))
         if name == "authd":
+            if os.path.exists(os.path.join(self.paths.control, "checkpassword")):
+                return True   # the checkpassword backend needs no auth/passwd
             try:
                 return os.path.getsize(os.path.join(self.root, "auth", "passwd")) > 0
             except OSError:
@@ -314,16 +318,15 @@ class Starter:
         """The SMTP recipient table (design §8), when qpy-newrcpt is installed."""
         if not self.exists("newrcpt"):
             return
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-                path = program("qpy-newrcpt")
-                os.execve(path, [path, self.root], self.env)
-            except BaseException:
-                pass
-            os._exit(127)
-        os.waitpid(pid, 0)
+        try:
+            r = subprocess.run([program("qpy-newrcpt"), self.root], env=self.env,
+                               stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=NEWRCPT_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            say("warning: qpy-newrcpt: %s" % clean(str(e)))
+            return
+        for line in (r.stdout + r.stderr).splitlines():
+            out("start", "qpy-newrcpt", clean(line, MAX_LINE))
 
     def run(self, wakeup: int) -> int:
         if self.paths.oneuser():
