@@ -1,0 +1,696 @@
+"""Local delivery: qpy-lspawn + qpy-local with real users, .qmail rules, Maildir, mbox,
+programs, forwards, the alias user, and hostile homes and .qmail files.
+
+Most tests drive the real qpy-lspawn directly: a SOCK_SEQPACKET socketpair, one end
+as its fd 0, requests and results in qpy.common.spawn's format (as qpy-queue-send
+sends them). The end-to-end tests go through qpy-sendmail, qpy-pickup and
+qpy-start. Everything here needs root (real uids) and skips otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import mailbox
+import os
+import pwd
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+import psutil
+import pytest
+import qpytest
+
+from qpy.common import dropfile, envelope, spawn
+
+pytestmark = [qpytest.needs_root]
+
+SENDER = b"sender@remote.example"
+MSG = b"Subject: hello\nFrom: sender@remote.example\n\nFrom the start\nbody line\n>From quoted\n"
+_ids = itertools.count(1)
+
+
+class LSpawn:
+    """A running qpy-lspawn with its request socket."""
+
+    def __init__(self, root: qpytest.QRoot):
+        self.root = root
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.errpath = os.path.join(root.path, "lspawn.err")
+        with open(self.errpath, "wb") as err:
+            self.proc = subprocess.Popen([root.bin("qpy-lspawn")], stdin=theirs,
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         env=root.env())
+        theirs.close()
+        self.msgdir = os.path.join(root.path, "msgs")
+        os.makedirs(self.msgdir, exist_ok=True)
+        self.qpyq = pwd.getpwnam("qpyq")
+
+    def message_fd(self, message: bytes) -> int:
+        path = os.path.join(self.msgdir, str(next(_ids)))
+        with open(path, "wb") as f:
+            f.write(message)
+        os.chown(path, self.qpyq.pw_uid, self.qpyq.pw_gid)
+        os.chmod(path, 0o640)
+        return os.open(path, os.O_RDONLY)
+
+    def send(self, rcpts: list[bytes], message: bytes = MSG, sender: bytes = SENDER) -> int:
+        d = next(_ids)
+        fd = self.message_fd(message)
+        try:
+            spawn.send_request(self.sock, d, sender, rcpts, fd)
+        finally:
+            os.close(fd)
+        return d
+
+    def recv(self, timeout: float = 60) -> tuple[int, list[tuple[bytes, bytes]]]:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        assert ready, "no result from qpy-lspawn; stderr: %r" % self.stderr()
+        got = spawn.recv_result(self.sock)
+        assert got is not None
+        return got
+
+    def deliver(self, rcpt: bytes, message: bytes = MSG, sender: bytes = SENDER,
+                timeout: float = 60) -> tuple[bytes, str]:
+        d = self.send([rcpt], message, sender)
+        got, results = self.recv(timeout)
+        assert got == d
+        status, text = results[0]
+        return status, text.decode()
+
+    def stderr(self) -> bytes:
+        with open(self.errpath, "rb") as f:
+            return f.read()
+
+    def close(self) -> int:
+        self.sock.close()
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture
+def ls(qroot):
+    h = LSpawn(qroot)
+    try:
+        yield h
+    finally:
+        rc = h.close()
+        assert rc == 0, h.stderr()
+
+
+@pytest.fixture
+def homes():
+    """Two real users qtlalice and qtlbob with fresh homes."""
+    base = qpytest.test_dir("home")
+    alice = qpytest.make_user("lalice", home=os.path.join(base, "alice"))
+    bob = qpytest.make_user("lbob", home=os.path.join(base, "bob"))
+    try:
+        yield alice, bob
+    finally:
+        qpytest.remove_tree(base)
+
+
+def put(pw: pwd.struct_passwd, name: str, data: bytes | str, mode: int = 0o644) -> str:
+    """Write a file in pw's home, owned by pw."""
+    path = os.path.join(pw.pw_dir, name)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, mode)
+    return path
+
+
+def maildir(pw: pwd.struct_passwd, sub: str = "Maildir", make: bool = False) -> str:
+    path = os.path.join(pw.pw_dir, sub)
+    if make:
+        for d in ("", "tmp", "new", "cur"):
+            os.makedirs(os.path.join(path, d), exist_ok=True)
+            os.chown(os.path.join(path, d), pw.pw_uid, pw.pw_gid)
+    return path
+
+
+def new_files(path: str) -> list[str]:
+    try:
+        return sorted(os.path.join(path, "new", n) for n in os.listdir(os.path.join(path, "new")))
+    except FileNotFoundError:
+        return []
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def addr(pw: pwd.struct_passwd, ext: str = "") -> bytes:
+    return (pw.pw_name + ext + "@test.example").encode()
+
+
+# ---- Maildir, mbox, readers --------------------------------------------------------
+
+def test_maildir_default_delivery(ls, homes):
+    alice, _ = homes
+    status, text = ls.deliver(addr(alice))
+    assert status == b"K", text
+    assert text.startswith("did 1+0+0")
+    md = maildir(alice)
+    files = new_files(md)
+    assert len(files) == 1
+    st = os.stat(files[0])
+    assert st.st_uid == alice.pw_uid and stat.S_IMODE(st.st_mode) == 0o600
+    data = read(files[0])
+    assert data.startswith(b"Return-Path: <sender@remote.example>\n"
+                           b"Delivered-To: qtlalice@test.example\n")
+    assert data.endswith(MSG)  # no From_ line, no quoting in a Maildir
+    assert os.listdir(os.path.join(md, "tmp")) == []
+    msgs = list(mailbox.Maildir(md, create=False))
+    assert len(msgs) == 1 and msgs[0]["Subject"] == "hello"
+    assert msgs[0]["Delivered-To"] == "qtlalice@test.example"
+
+
+@pytest.mark.skipif(not shutil.which("mutt") or not shutil.which("script"),
+                    reason="mutt or script missing")
+def test_mutt_reads_maildir_and_mbox(ls, homes, tmp_path):
+    alice, _ = homes
+    put(alice, ".qmail", "./Maildir/\n./Mailbox\n")
+    maildir(alice, make=True)
+    assert ls.deliver(addr(alice))[0] == b"K"
+    (tmp_path / "Mail").mkdir()  # or mutt asks to create it, eating our keys
+    for box in (maildir(alice), os.path.join(alice.pw_dir, "Mailbox")):
+        out = tmp_path / "mutt.out"
+        if out.exists():
+            out.unlink()
+        cmd = ("mutt -n -F /dev/null -R -f %s -e 'set wait_key=no' "
+               "-e 'push \"|cat > %s<enter>q\"'" % (box, out))
+        subprocess.run(["script", "-qfec", cmd, str(tmp_path / "typescript")], env={
+            "HOME": str(tmp_path), "TERM": "vt100", "PATH": "/usr/bin:/bin"},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=20)
+        assert out.exists(), (tmp_path / "typescript").read_bytes()[-2000:]
+        got = out.read_bytes()
+        assert b"Subject: hello" in got and b"body line" in got, box
+        assert b"Delivered-To: qtlalice@test.example" in got
+
+
+def test_mbox_quoting_and_reader(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", "./Mailbox\n")
+    assert ls.deliver(addr(alice))[0] == b"K"
+    assert ls.deliver(addr(alice), message=b"Subject: second\n\nno newline at end")[0] == b"K"
+    box = os.path.join(alice.pw_dir, "Mailbox")
+    raw = read(box)
+    assert raw.startswith(b"From sender@remote.example ")
+    assert b"\n>From the start\n" in raw and b"\n>>From quoted\n" in raw
+    assert raw.endswith(b"no newline at end\n\n")
+    assert os.stat(box).st_uid == alice.pw_uid
+    assert not os.path.exists(box + ".lock")
+    msgs = list(mailbox.mbox(box, create=False))
+    assert [m["Subject"] for m in msgs] == ["hello", "second"]
+    assert msgs[0]["Return-Path"] == "<sender@remote.example>"
+
+
+def test_bounce_sender_in_mbox_from_line(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", "./Mailbox\n")
+    assert ls.deliver(addr(alice), sender=b"")[0] == b"K"
+    raw = read(os.path.join(alice.pw_dir, "Mailbox"))
+    assert raw.startswith(b"From MAILER-DAEMON ")
+    assert b"\nReturn-Path: <>\n" in raw
+
+
+# ---- programs ------------------------------------------------------------------------
+
+PROG = """|env > "$HOME/env.out"; echo $$ > "$HOME/pid"; cat > "$HOME/stdin.out"; \
+i=0; while [ ! -e "$HOME/go" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo prog said hi
+"""
+
+
+def _env(path: str) -> dict[str, str]:
+    out = {}
+    for line in read(path).decode().split("\n"):
+        if "=" in line:
+            k, v = line.split("=", 1)
+            out[k] = v
+    return out
+
+
+def test_program_env_uid_and_stdin(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail-prog-default", PROG)
+    d = ls.send([addr(alice, "-prog-Foo-bar")])
+    pidfile = os.path.join(alice.pw_dir, "pid")
+    assert qpytest.wait_for(lambda: os.path.exists(pidfile) and read(pidfile).strip())
+    proc = psutil.Process(int(read(pidfile)))
+    uids, gids = proc.uids(), proc.gids()
+    assert set(uids) == {alice.pw_uid} and set(gids) == {alice.pw_gid}
+    # its parent is the delivery child, named for the user, also under the user's uid
+    parent = proc.parent()
+    assert parent.cmdline()[0].startswith("qpy-local qtlalice") or \
+        "qpy-local" in " ".join(parent.cmdline())
+    assert set(parent.uids()) == {alice.pw_uid}
+    put(alice, "go", "")
+    got, results = ls.recv()
+    assert got == d and results[0][0] == b"K", results
+    assert b"did 0+0+1" in results[0][1] and b"prog said hi" in results[0][1]
+    env = _env(os.path.join(alice.pw_dir, "env.out"))
+    expect = {
+        "SENDER": "sender@remote.example", "NEWSENDER": "sender@remote.example",
+        "RECIPIENT": "qtlalice-prog-Foo-bar@test.example", "USER": "qtlalice",
+        "HOME": alice.pw_dir, "HOST": "test.example", "HOST2": "test", "HOST3": "test",
+        "HOST4": "test", "LOCAL": "qtlalice-prog-Foo-bar", "EXT": "prog-Foo-bar",
+        "EXT2": "Foo-bar", "EXT3": "bar", "EXT4": "", "DEFAULT": "Foo-bar",
+    }
+    for k, v in expect.items():
+        assert env.get(k) == v, k
+    # multi-line values: the first line is what `env` shows
+    assert env["DTLINE"] == "Delivered-To: qtlalice-prog-Foo-bar@test.example"
+    assert env["RPLINE"] == "Return-Path: <sender@remote.example>"
+    assert env["UFLINE"].startswith("From sender@remote.example ")
+    assert read(os.path.join(alice.pw_dir, "stdin.out")) == MSG  # no RP/DT lines
+    assert os.stat(os.path.join(alice.pw_dir, "env.out")).st_uid == alice.pw_uid
+
+
+@pytest.mark.parametrize("code,status", [(100, b"D"), (111, b"Z"), (64, b"D"), (1, b"Z")])
+def test_program_exit_codes(ls, homes, code, status):
+    alice, _ = homes
+    put(alice, ".qmail", f"|echo failing with {code}; exit {code}\n./Maildir/\n")
+    got, text = ls.deliver(addr(alice))
+    assert got == status
+    assert f"failing with {code}" in text
+    assert new_files(maildir(alice)) == []  # processing stopped at the failure
+
+
+def test_program_99_stops_but_forwards_go(ls, homes, qroot):
+    alice, bob = homes
+    put(alice, ".qmail", f"&{bob.pw_name}@test.example\n|exit 99\n./Maildir/\n")
+    status, text = ls.deliver(addr(alice))
+    assert status == b"K", text
+    assert text.startswith("did 0+1+1")
+    assert new_files(maildir(alice)) == []
+    assert len(drops(qroot)) == 1
+
+
+def test_shell_metacharacters_in_sender_stay_data(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", '|printf "%s" "$SENDER" > "$HOME/sender.out"\n')
+    evil = b"a$(touch${IFS}/tmp/qpy-pwned)`id`@x.example"
+    assert ls.deliver(addr(alice), sender=evil)[0] == b"K"
+    assert read(os.path.join(alice.pw_dir, "sender.out")) == evil
+    assert not os.path.exists("/tmp/qpy-pwned")
+
+
+# ---- forwards ------------------------------------------------------------------------
+
+def drops(qroot) -> list[tuple[bytes, bytes, list[bytes]]]:
+    """(message, sender, recipients) of every final drop file."""
+    out = []
+    for name in qroot.queue_files("drop"):
+        if not dropfile.is_final_name(name):
+            continue
+        data = read(os.path.join(qroot.paths.drop, name))
+        head = data[:dropfile.HEADER_LEN]
+        _, msglen, _ = dropfile.parse_header(head, len(data))
+        msg = data[dropfile.HEADER_LEN:dropfile.HEADER_LEN + msglen]
+        sender, rcpts = envelope.decode(data[dropfile.HEADER_LEN + msglen:])
+        out.append((msg, sender, rcpts))
+    return out
+
+
+def test_forward_keeps_sender_adds_delivered_to(ls, homes, qroot):
+    alice, bob = homes
+    put(alice, ".qmail", f"&{bob.pw_name}@test.example\nother@elsewhere.example\n"
+                         "# a comment\n")
+    status, text = ls.deliver(addr(alice))
+    assert status == b"K" and text.startswith("did 0+2+0"), text
+    [(msg, sender, rcpts)] = drops(qroot)
+    assert sender == SENDER
+    assert rcpts == [b"qtlbob@test.example", b"other@elsewhere.example"]
+    assert msg == b"Delivered-To: qtlalice@test.example\n" + MSG
+    st = os.stat(os.path.join(qroot.paths.drop, qroot.queue_files("drop")[-1]))
+    assert st.st_uid == alice.pw_uid  # injected by the user, so pickup names that uid
+
+
+def test_owner_file_sets_newsender(ls, homes, qroot):
+    alice, bob = homes
+    put(alice, ".qmail-list", f"&{bob.pw_name}@test.example\n")
+    put(alice, ".qmail-list-owner", "./Maildir/\n")
+    assert ls.deliver(addr(alice, "-list"))[0] == b"K"
+    [(_, sender, _)] = drops(qroot)
+    assert sender == b"qtlalice-list-owner@test.example"
+
+
+def test_delivered_to_loop_bounces(ls, homes):
+    alice, _ = homes
+    looping = b"Delivered-To: qtlalice@test.example\n" + MSG
+    status, text = ls.deliver(addr(alice), message=looping)
+    assert status == b"D" and "looping" in text
+    # another address's line in the header, or our line in the body, is no loop
+    other = b"Delivered-To: someone@test.example\n" + MSG + b"Delivered-To: qtlalice@test.example\n"
+    assert ls.deliver(addr(alice), message=other)[0] == b"K"
+
+
+# ---- extensions, default, alias, assign -------------------------------------------------
+
+def test_extension_files_and_default(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail-work", "./work/\n")
+    put(alice, ".qmail-lists-default", "./lists/\n")
+    put(alice, ".qmail-default", "./rest/\n")
+    for sub in ("work", "lists", "rest"):
+        maildir(alice, sub, make=True)
+    assert ls.deliver(addr(alice, "-Work"))[0] == b"K"          # case folded for the file
+    assert ls.deliver(addr(alice, "-lists-python"))[0] == b"K"
+    assert ls.deliver(addr(alice, "-lists-a.b"))[0] == b"K"      # dots become colons
+    assert ls.deliver(addr(alice, "-other"))[0] == b"K"
+    assert len(new_files(maildir(alice, "work"))) == 1
+    assert len(new_files(maildir(alice, "lists"))) == 2
+    assert len(new_files(maildir(alice, "rest"))) == 1
+    work = read(new_files(maildir(alice, "work"))[0])
+    assert b"Delivered-To: qtlalice-Work@test.example\n" in work
+
+
+def test_unknown_extension_without_default_bounces(ls, homes):
+    alice, _ = homes
+    status, text = ls.deliver(addr(alice, "-nosuch"))
+    assert status == b"D" and "no mailbox" in text
+
+
+def test_postmaster_and_root_go_to_alias(ls, qroot):
+    alias = qroot.paths.alias
+    qa = pwd.getpwnam("qpyalias")
+    assert os.stat(alias).st_uid == qa.pw_uid
+    for name in (".qmail-postmaster", ".qmail-root"):
+        p = os.path.join(alias, name)
+        with open(p, "wb") as f:
+            f.write(b"./Maildir/\n")
+        os.chmod(p, 0o644)  # owned by root, as an admin writes it
+    md = os.path.join(alias, "Maildir")
+    for d in ("", "tmp", "new", "cur"):
+        os.makedirs(os.path.join(md, d), exist_ok=True)
+        os.chown(os.path.join(md, d), qa.pw_uid, qa.pw_gid)
+    assert ls.deliver(b"Postmaster@test.example")[0] == b"K"
+    assert ls.deliver(b"root@test.example")[0] == b"K"
+    files = new_files(md)
+    assert len(files) == 2 and all(os.stat(f).st_uid == qa.pw_uid for f in files)
+    status, text = ls.deliver(b"nobody-here@test.example")
+    assert status == b"D" and "no mailbox" in text
+
+
+def test_users_assign_exact_and_prefix(ls, homes, qroot):
+    alice, bob = homes
+    with open(os.path.join(qroot.paths.users, "assign"), "w") as f:
+        f.write(f"=info:{alice.pw_name}:{alice.pw_uid}:{alice.pw_gid}:{alice.pw_dir}:-:info:\n"
+                f"+sales-:{bob.pw_name}:{bob.pw_uid}:{bob.pw_gid}:{bob.pw_dir}:-:s-:\n"
+                f"=boss:root:0:0:/root:::\n.\n")
+    put(alice, ".qmail-info", "./Maildir/\n")
+    put(bob, ".qmail-s-default", "./Maildir/\n")
+    maildir(alice, make=True)
+    maildir(bob, make=True)
+    assert ls.deliver(b"INFO@test.example")[0] == b"K"
+    assert ls.deliver(b"sales-east@test.example")[0] == b"K"
+    assert len(new_files(maildir(alice))) == 1 and len(new_files(maildir(bob))) == 1
+    status, text = ls.deliver(b"boss@test.example")
+    assert status == b"Z" and "root" in text
+
+
+def test_users_lookup_rules(qroot, homes):
+    from qpy.common import users
+    alice, _ = homes
+    r = users.lookup(qroot.path, b"qtlalice-Foo-Bar")
+    assert (r.user, r.uid, r.dash, r.ext) == ("qtlalice", alice.pw_uid, b"-", b"Foo-Bar")
+    assert users.lookup(qroot.path, b"QTLALICE").dash == b""
+    assert users.lookup(qroot.path, b"root").user == "qpyalias"
+    assert users.lookup(qroot.path, b"root").ext == b"root"
+    valid = users.valid_locals(qroot.path)
+    assert b"qtlalice" in valid and b"qtlalice-x" not in valid
+    put(alice, ".qmail-x", "./Maildir/\n")
+    assert b"qtlalice-x" in users.valid_locals(qroot.path)
+
+
+@pytest.mark.parametrize("bad", [b"=a:b:1:1:/h::\n.\n", b"=a:b:x:1:/h:::\n.\n",
+                                 b"=a:b:1:1:h:::\n.\n", b"=a:b:1:1:/h:::\n", b"a\n.\n"])
+def test_assign_malformed_defers(ls, homes, qroot, bad):
+    alice, _ = homes
+    with open(os.path.join(qroot.paths.users, "assign"), "wb") as f:
+        f.write(bad)
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "users/assign" in text
+
+
+# ---- hostile homes and .qmail files --------------------------------------------------------
+
+def test_dotqmail_symlink_to_other_users_file(ls, homes):
+    alice, bob = homes
+    put(bob, ".qmail", f"|touch {alice.pw_dir}/ran\n", mode=0o644)
+    os.symlink(os.path.join(bob.pw_dir, ".qmail"), os.path.join(alice.pw_dir, ".qmail"))
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "not owned" in text
+    assert not os.path.exists(os.path.join(alice.pw_dir, "ran"))
+    assert new_files(maildir(alice)) == []
+
+
+def test_home_writable_by_others_defers(ls, homes):
+    alice, _ = homes
+    os.chmod(alice.pw_dir, 0o777)
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "writable" in text
+    os.chmod(alice.pw_dir, 0o755)
+    assert ls.deliver(addr(alice))[0] == b"K"
+
+
+def test_dotqmail_writable_by_group_defers(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", "./Maildir/\n", mode=0o664)
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "writable" in text
+
+
+def test_dotqmail_10000_lines(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", "".join("# comment %d\n" % i for i in range(10000)) + "./Maildir/\n")
+    maildir(alice, make=True)
+    assert ls.deliver(addr(alice))[0] == b"K"
+    assert len(new_files(maildir(alice))) == 1
+    put(alice, ".qmail", "".join(f"&x{i}@remote.example\n" for i in range(10000)))
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "instructions" in text
+
+
+def test_dotqmail_1mb_line(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", b"|" + b"x" * 1024 * 1024 + b"\n")
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "larger" in text
+    put(alice, ".qmail", b"|" + b"x" * 100_000 + b"\n")
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "longer" in text
+
+
+def test_program_that_never_exits_is_killed_and_deferred(ls, homes, qroot):
+    alice, _ = homes
+    qroot.control("timeoutlocal", "2")
+    ls.close()
+    ls2 = LSpawn(qroot)  # re-reads control files
+    try:
+        put(alice, ".qmail", '|echo $$ > "$HOME/pid"; sleep 3600 & wait\n')
+        status, text = ls2.deliver(addr(alice))
+        assert status == b"Z" and "timed out" in text
+        pid = int(read(os.path.join(alice.pw_dir, "pid")))
+        assert qpytest.wait_for(lambda: not psutil.pid_exists(pid), timeout=10)
+        left = [p for p in psutil.process_iter(["uids", "status"]) if p.info["uids"] and
+                p.info["uids"].real == alice.pw_uid and p.info["status"] != "zombie"]
+        assert left == []  # the sleep in the background went with its process group
+    finally:
+        assert ls2.close() == 0
+
+
+def test_maildir_that_is_a_file_defers(ls, homes):
+    alice, _ = homes
+    put(alice, "Maildir", "not a directory")
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "maildir" in text
+    assert read(os.path.join(alice.pw_dir, "Maildir")) == b"not a directory"
+
+
+def test_mbox_that_is_a_fifo_defers(ls, homes):
+    alice, _ = homes
+    fifo = os.path.join(alice.pw_dir, "Mailbox")
+    os.mkfifo(fifo)
+    os.chown(fifo, alice.pw_uid, alice.pw_gid)
+    put(alice, ".qmail", "./Mailbox\n")
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "mbox" in text
+    # with a reader on the FIFO it is still no mbox
+    r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        status, text = ls.deliver(addr(alice))
+        assert status == b"Z" and "regular file" in text
+    finally:
+        os.close(r)
+
+
+def test_mbox_waits_for_lock(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", "./Mailbox\n")
+    assert ls.deliver(addr(alice))[0] == b"K"
+    box = os.path.join(alice.pw_dir, "Mailbox")
+    before = os.path.getsize(box)
+    with open(box, "ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        d = ls.send([addr(alice)])
+        time.sleep(0.5)
+        assert os.path.getsize(box) == before  # nothing written while we hold the lock
+        fcntl.flock(f, fcntl.LOCK_UN)
+    got, results = ls.recv()
+    assert got == d and results[0][0] == b"K"
+    assert len(list(mailbox.mbox(box))) == 2
+
+
+@pytest.fixture
+def small_disk(homes):
+    """alice's home on a 256 KiB tmpfs."""
+    alice, _ = homes
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=755", "tmpfs",
+                       alice.pw_dir], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        os.chown(alice.pw_dir, alice.pw_uid, alice.pw_gid)
+        yield alice
+    finally:
+        subprocess.run(["umount", "-l", alice.pw_dir], capture_output=True)
+
+
+def test_full_disk_defers_and_leaves_no_partial_mail(ls, small_disk):
+    alice = small_disk
+    big = b"Subject: big\n\n" + b"From line\n" * 40_000  # 400 KB: more than the disk
+    put(alice, ".qmail", "./Mailbox\n")
+    assert ls.deliver(addr(alice))[0] == b"K"
+    box = os.path.join(alice.pw_dir, "Mailbox")
+    before = read(box)
+    status, text = ls.deliver(addr(alice), message=big)
+    assert status == b"Z" and "space" in text
+    assert read(box) == before  # truncated back to the old length
+    put(alice, ".qmail", "./Maildir/\n")
+    maildir(alice, make=True)
+    status, text = ls.deliver(addr(alice), message=big)
+    assert status == b"Z" and "space" in text
+    md = maildir(alice)
+    assert new_files(md) == [] and os.listdir(os.path.join(md, "tmp")) == []
+    assert ls.deliver(addr(alice))[0] == b"K"  # a small one still fits
+
+
+def test_sticky_home_means_editing(ls, homes):
+    alice, _ = homes
+    os.chmod(alice.pw_dir, 0o1755)
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "sticky" in text
+
+
+# ---- the spawner itself ------------------------------------------------------------------
+
+def test_concurrent_deliveries_and_multi_recipient_request(ls, homes):
+    alice, bob = homes
+    put(alice, ".qmail", '|while [ ! -e "$HOME/go" ]; do sleep 0.05; done\n./Maildir/\n')
+    maildir(alice, make=True)
+    first = ls.send([addr(alice)])
+    second = ls.send([addr(bob), b"@test.example", b"nohost"])  # runs while alice's waits
+    got, results = ls.recv()
+    assert got == second
+    assert [r[0] for r in results] == [b"K", b"K", b"D"]
+    put(alice, "go", "")
+    got, results = ls.recv()
+    assert got == first and results[0][0] == b"K"
+
+
+def test_wrong_message_owner_refused(ls, homes):
+    alice, _ = homes
+    path = os.path.join(ls.msgdir, "rootowned")
+    with open(path, "wb") as f:
+        f.write(MSG)
+    fd = os.open(path, os.O_RDONLY)
+    spawn.send_request(ls.sock, 7, SENDER, [addr(alice)], fd)
+    os.close(fd)
+    got, results = ls.recv()
+    assert got == 7 and results[0][0] == b"Z" and b"owner" in results[0][1]
+
+
+def test_lspawn_title_and_children_hold_no_socket(ls, homes):
+    alice, _ = homes
+    assert qpytest.wait_for(
+        lambda: psutil.Process(ls.proc.pid).cmdline()[0].startswith("qpy-lspawn"))
+    put(alice, ".qmail", '|echo $$ $PPID > "$HOME/pids"; '
+                         'while [ ! -e "$HOME/go" ]; do sleep 0.05; done\n')
+    d = ls.send([addr(alice)])
+    pids = os.path.join(alice.pw_dir, "pids")
+    assert qpytest.wait_for(lambda: os.path.exists(pids) and read(pids).strip())
+    prog, child = (int(x) for x in read(pids).split())
+    for pid in (prog, child):
+        links = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        assert not [x for x in links if x.startswith("socket:")], links
+        assert len(links) <= 5, links  # message, report pipe, program output pipe
+    assert "qpy-local qtlalice" in " ".join(psutil.Process(child).cmdline())
+    put(alice, "go", "")
+    got, results = ls.recv()
+    assert got == d and results[0][0] == b"K"
+
+
+def test_sigterm_waits_for_delivery_in_flight(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", '|touch "$HOME/started"; sleep 1\n./Maildir/\n')
+    maildir(alice, make=True)
+    d = ls.send([addr(alice)])
+    assert qpytest.wait_for(lambda: os.path.exists(os.path.join(alice.pw_dir, "started")))
+    ls.proc.send_signal(signal.SIGTERM)
+    got, results = ls.recv()
+    assert got == d and results[0][0] == b"K"
+    assert ls.proc.wait(30) == 0
+    assert len(new_files(maildir(alice))) == 1
+
+
+# ---- end to end: qpy-sendmail -> pickup -> queue-send -> lspawn -> local ---------------------
+
+@pytest.fixture
+def started(qroot):
+    p = qroot.start("qpy-start", qroot.path)
+    yield qroot
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def test_end_to_end_maildir_forward_ext_postmaster(started, homes):
+    qroot = started
+    alice, bob = homes
+    put(alice, ".qmail-fwd", f"&{bob.pw_name}@test.example\n")
+    put(alice, ".qmail", "./Maildir/\n./Mailbox\n")
+    maildir(alice, make=True)
+    alias = qroot.paths.alias
+    with open(os.path.join(alias, ".qmail-postmaster"), "w") as f:
+        f.write(f"&{alice.pw_name}@test.example\n")
+    os.chmod(os.path.join(alias, ".qmail-postmaster"), 0o644)
+    msg = b"Subject: e2e\n\nFrom here\n"
+    for rcpt in (alice.pw_name, alice.pw_name + "-fwd", "postmaster"):
+        r = qroot.run("qpy-sendmail", "-f", "carol@remote.example", rcpt + "@test.example",
+                      input=msg, user=alice.pw_name)
+        assert r.returncode == 0, r.stderr
+    assert qpytest.wait_for(lambda: len(new_files(maildir(alice))) == 2
+                            and len(new_files(maildir(bob))) == 1, timeout=60), \
+        (new_files(maildir(alice)), new_files(maildir(bob)))
+    got = [read(f) for f in new_files(maildir(alice))]
+    assert all(g.startswith(b"Return-Path: <carol@remote.example>\n") for g in got)
+    assert any(b"Delivered-To: postmaster@test.example\n" in g for g in got)
+    fwd = read(new_files(maildir(bob))[0])
+    assert b"Delivered-To: qtlalice-fwd@test.example\n" in fwd
+    assert fwd.startswith(b"Return-Path: <carol@remote.example>\n"
+                          b"Delivered-To: qtlbob@test.example\n")
+    msgs = list(mailbox.mbox(os.path.join(alice.pw_dir, "Mailbox")))
+    assert len(msgs) == 2 and all(">From here" in m.get_payload() for m in msgs)
