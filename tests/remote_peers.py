@@ -172,7 +172,7 @@ class PeerConn:
 
     def expect(self, verb: bytes, reply: bytes) -> bytes:
         ln = self.line()
-        assert ln.upper().startswith(verb), ln
+        assert ln.upper().startswith(verb.upper()), ln
         self.send(reply)
         return ln
 

@@ -396,6 +396,37 @@ def test_multiline_replies(stack, raw):
     assert got.index(b"RCPT") < got.index(b"DATA")
 
 
+def test_helo_fallback_and_size_limit(stack, raw):
+    qroot, dnssrv, port, rs = stack
+
+    def script(c):
+        c.send(b"220 old peer\r\n")
+        c.expect(b"EHLO", b"502 what?\r\n")
+        c.expect(b"HELO test.example", b"250 hi\r\n")
+        c.expect(b"MAIL FROM:<a@test.example>\r\n", b"250 ok\r\n")
+        c.expect(b"RCPT", b"250 ok\r\n")
+        c.expect(b"DATA", b"354 go\r\n")
+        c.data()
+        c.send(b"250 ok\r\n")
+        c.expect(b"QUIT", b"221 bye\r\n")
+    peer = raw(script)
+    assert rs.deliver([b"x@a.test"])[0][0] == b"K"
+    assert peer.transcripts and peer.transcripts[0].endswith(b".\r\nQUIT\r\n")
+    peer.script = lambda c: basic_session(c, ehlo=b"250-peer\r\n250 SIZE 100\r\n")
+    res = rs.deliver([b"x@a.test"])
+    assert res[0][0] == b"D" and b"up to 100 bytes" in res[0][1], res
+
+
+def test_dual_stack_tries_ipv6_then_ipv4(stack, aiopeer):
+    qroot, dnssrv, port, rs = stack
+    dnssrv.add("dual.test", "AAAA", "::1")      # nothing listens on [::1]:port
+    dnssrv.add("dual.test", "A", PEER)
+    h = Recorder()
+    aiopeer(h)
+    res = rs.deliver([b"x@dual.test"])
+    assert res[0][0] == b"K" and b"127.0.0.2 accepted" in res[0][1], res
+
+
 def test_stall_times_out(stack, raw):
     qroot, dnssrv, port, rs = stack
     peer = raw(lambda c: (c.send(b"220 hi\r\n"), c.line(), c.peer.release.wait(30)))
@@ -472,6 +503,24 @@ def test_starttls_self_signed_used(stack, aiopeer, selfsigned):
     res = rs.deliver([b"x@a.test"])
     assert res[0][0] == b"Z" and b"tlsverify" in res[0][1], res
     assert len(h.messages) == 1
+
+
+def test_broken_tls_handshake_falls_back_to_plain(stack, raw):
+    qroot, dnssrv, port, rs = stack
+
+    def script(c):
+        ehlo = b"250-peer\r\n250 STARTTLS\r\n"
+        if c.peer.connections == 1:         # first connection: a handshake that fails
+            c.send(b"220 hi\r\n")
+            c.expect(b"EHLO", ehlo)
+            c.expect(b"STARTTLS", b"220 go ahead\r\n")
+            c.send(b"this is not TLS\r\n")
+            return
+        basic_session(c, ehlo=ehlo)
+    peer = raw(script)
+    res = rs.deliver([b"x@a.test"])
+    assert res[0][0] == b"K" and b"TLS" not in res[0][1], res
+    assert peer.connections == 2 and b"STARTTLS" not in peer.transcripts[-1]
 
 
 def test_tlsverify_without_starttls_defers(stack, aiopeer):

@@ -148,8 +148,14 @@ def this_host_addresses(ipme: list[str]) -> set[str]:
 class Router:
     def __init__(self, ctl: Control):
         self.ctl = ctl
-        self.res = make_resolver(ctl.lines("resolvers"))
+        self._res: dns.resolver.Resolver | None = None
         self.soft: list[str] = []
+
+    @property
+    def res(self) -> dns.resolver.Resolver:
+        if self._res is None:       # made when needed: a relay by address needs no DNS
+            self._res = make_resolver(self.ctl.lines("resolvers"))
+        return self._res
 
     def _query(self, name: str, rdtype: str) -> list:
         """Records of one type; [] when there are none; RouteError on NXDOMAIN/soft."""
