@@ -400,3 +400,70 @@ def test_state_file_torn_record_and_done_stays_done(tmp_path):
     sf.done(1)
     assert [r.state for r in read_state(sf.path).recipients] == ["done", "done", "bounced"]
     assert read_state(sf.path).finished()
+
+
+def test_one_user_mode(qroot):
+    """A root installed by a plain user: qpy-start runs everything as that user."""
+    home = os.path.join(os.path.dirname(qroot.path), "home-sou")
+    pw = qpytest.make_user("sou", home)
+    root = os.path.join(home, "root")
+    r = qroot.run("qpy-install", root, "--me", ME, user=pw.pw_name)
+    assert r.returncode == 0, r.stderr
+    logpath = os.path.join(home, "start.log")
+    with open(logpath, "wb") as log:
+        p = subprocess.Popen(["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid),
+                              "--init-groups", "--", qroot.bin("qpy-start"), root],
+                             stdout=log, stderr=subprocess.STDOUT,
+                             env={"PATH": "/usr/bin:/bin"})
+    try:
+        run = os.path.join(root, "queue", "run")
+        progs = ("queue-send", "clean", "lspawn", "pickup")
+        assert wait_for(lambda: all(os.path.exists(os.path.join(run, n + ".pid"))
+                                    for n in progs), 30)
+        for n in progs:
+            with open(os.path.join(run, n + ".pid")) as f:
+                proc = psutil.Process(int(f.read()))
+            assert proc.uids().real == pw.pw_uid, n
+        r = qroot.run("qpy-sendmail", "postmaster@%s" % ME, input=b"Subject: ou\n\nhi\n",
+                      env={"QPY_ROOT": root}, user=pw.pw_name)
+        assert r.returncode == 0, r.stderr
+
+        def text() -> str:
+            with open(logpath, "rb") as f:
+                return f.read().decode()
+        assert wait_for(lambda: re.search(r"end msg \d+", text()), 30), text()
+        assert "one-user mode" in text()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=90) == 0
+
+
+def test_new_mail_is_read_while_deliveries_block(qroot):
+    """A delivery that hangs (and a full local channel) never stops preprocessing."""
+    a = user("sa", qroot)
+    b = user("sb", qroot, {"hold": "|while [ ! -e go ]; do sleep 0.1; done\n./Maildir/\n"})
+    qroot.control("concurrencylocal", "1")
+    q = Qpy(qroot)
+    go = os.path.join(b.pw_dir, "go")
+    try:
+        _hold_and_inject(q, qroot, a, b, go)
+    finally:
+        with open(go, "w"):     # never leave the held delivery running
+            pass
+
+
+def _hold_and_inject(q, qroot, a, b, go) -> None:
+    sendmail(qroot, "qtsa@%s" % ME, "qtsb-hold@%s" % ME)
+    q.wait_log(r"starting delivery 1: msg \d+ to local qtsb-hold")
+    for i in range(10):
+        sendmail(qroot, "qtsa@%s" % ME, "qtsa@%s" % ME, body="n%d\n" % i)
+    q.wait_log(r"new msg \d+", count=11)       # all read while delivery 1 hangs
+    assert not re.search(r"queue-send: delivery 1: ", q.log())
+    qpid = q.pid("queue-send")
+    os.kill(qpid, signal.SIGUSR1)
+    q.wait_log(r"status: local 1/1 remote 0/20", count=2)
+    q.wait_log(r"info: 11 messages queued")       # the held one and 10 waiting for the slot
+    with open(go, "w"):
+        pass
+    q.wait_log(r"delivery 1: success")
+    assert wait_for(lambda: len(maildir(a)) == 10 and len(maildir(b)) == 1, 30), q.log()
