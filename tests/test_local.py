@@ -306,6 +306,23 @@ def test_shell_metacharacters_in_sender_stay_data(ls, homes):
     assert not os.path.exists("/tmp/qpy-pwned")
 
 
+def test_function_import_values_kept_out_of_env(ls, qroot):
+    p = os.path.join(qroot.paths.alias, ".qmail-default")
+    with open(p, "w") as f:
+        f.write('|env > "$HOME/alias-env.out"\n')
+    os.chmod(p, 0o644)
+    rcpt = b'"a-() { :;}; touch /tmp/qpy-shellshock"@test.example'
+    status, text = ls.deliver(rcpt)
+    assert status == b"K", text
+    out = os.path.join(qroot.paths.alias, "alias-env.out")
+    env = _env(out)
+    assert env["EXT"] == '"a-() { :;}; touch /tmp/qpy-shellshock"'
+    assert "EXT2" not in env  # would start with "() {"
+    assert os.stat(out).st_uid == pwd.getpwnam("qpyalias").pw_uid
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600  # umask 077 as qmail-local
+    assert not os.path.exists("/tmp/qpy-shellshock")
+
+
 # ---- forwards ------------------------------------------------------------------------
 
 def drops(qroot) -> list[tuple[bytes, bytes, list[bytes]]]:

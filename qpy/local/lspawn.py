@@ -205,6 +205,7 @@ class LSpawn:
             if os.getuid() == 0 or os.geteuid() == 0:
                 raise privilege.PrivilegeError("still root")
             privilege.set_title("qpy-local " + who.user)
+            os.umask(0o077)  # as qmail-local: new mail and program files private to the user
             code, text = qlocal.deliver(d)
             os.write(1, text.encode("utf-8", "replace")[:MAX_REPORT])
         except BaseException as e:  # report, never return into the parent's loop
