@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import signal
 import smtplib
 import subprocess
@@ -208,20 +209,59 @@ def test_units_capability_sets_are_enough(host):
                                       "--reuid", str(qpyq.pw_uid), "--regid", str(qpyq.pw_gid),
                                       "--init-groups", qpytest.bin_path("qpy-pickup")],
                               env=host.qroot.env(), stdout=log, stderr=subprocess.STDOUT)
+    smtpd = subprocess.Popen(base + ["--bounding-set", _unit_caps(host, "qpy-smtpd.service"),
+                                     qpytest.bin_path("qpy-start"), host.root, "--only",
+                                     "smtpd"],
+                             env=host.qroot.env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         host.sendmail("caps")
         assert qpytest.wait_for(lambda: host.subjects() == ["caps"], timeout=60), \
             open(log.name, "rb").read()[-3000:]
+
+        def smtp_ok() -> bool:
+            try:
+                host.smtp("caps-smtp")
+                return True
+            except OSError:
+                return False
+        assert qpytest.wait_for(smtp_ok, timeout=60), open(log.name, "rb").read()[-3000:]
+        assert qpytest.wait_for(lambda: "caps-smtp" in host.subjects(), timeout=60)
     finally:
-        for p in (pickup, send):
+        for p in (smtpd, pickup, send):
             p.terminate()
-        for p in (pickup, send):
+        for p in (smtpd, pickup, send):
             try:
                 p.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
         log.close()
+
+
+def ucspi_variant(host: Host, port: int) -> str:
+    """A service dir whose run script is qpy-smtpd/run's commented tcpserver variant."""
+    src = os.path.join(host.svdir, "qpy-smtpd")
+    dst = os.path.join(host.svdir, "qpy-smtpd-ucspi")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("supervise"))
+    with open(os.path.join(src, "run")) as f:
+        text = f.read()
+    head, _, variant = text.partition("\n#\n")
+    lines = [ln[2:] for ln in variant.splitlines() if ln.startswith("# ")]
+    assert any(ln.startswith("exec envdir ./env tcpserver ") for ln in lines), lines
+    script = "#!/bin/sh\nexec 2>&1\n" + "\n".join(lines).replace(" 127.0.0.1 25 ",
+                                                                  " 127.0.0.1 %d " % port)
+    with open(os.path.join(dst, "run"), "w") as f:
+        f.write(script + "\n")
+    logrun = os.path.join(dst, "log", "run")
+    with open(logrun) as f:
+        text = f.read().replace("/log/qpy-smtpd\n", "/log/qpy-smtpd-ucspi\n")
+    with open(logrun, "w") as f:
+        f.write(text)
+    logdir = os.path.join(host.root, "log", "qpy-smtpd-ucspi")
+    os.mkdir(logdir)
+    qpyl = qpytest.pwd.getpwnam("qpyl")
+    os.chown(logdir, qpyl.pw_uid, qpyl.pw_gid)
+    return dst
 
 
 def test_daemontools(host):
@@ -302,6 +342,25 @@ def test_daemontools(host):
         assert b"bounce msg %s" % msgid.encode() not in host.log()
         host.break_maildir(False)
         assert "to-be-removed" not in host.subjects()
+
+        # the commented ucspi-tcp variant of qpy-smtpd/run, made live on a second port
+        port2 = qpytest.free_port()
+        ucspi = ucspi_variant(host, port2)
+        os.symlink(ucspi, os.path.join(scan.dir, "qpy-smtpd-ucspi"))   # svscan: within 5 s
+
+        def ucspi_ok() -> bool:
+            try:
+                with smtplib.SMTP("127.0.0.1", port2, timeout=30) as c:
+                    c.sendmail("sender@far.example", [host.rcpt],
+                               "Subject: via-ucspi-tcpserver\r\n\r\nhi\r\n")
+                return True
+            except OSError:
+                return False
+        assert qpytest.wait_for(ucspi_ok, timeout=60), host.log("smtpd-ucspi")
+        assert qpytest.wait_for(lambda: "via-ucspi-tcpserver" in host.subjects(), timeout=60)
+        tcpservers = [p for p in scan.processes() if p.name() == "tcpserver"]
+        assert [p.uids().real for p in tcpservers] == [qpytest.pwd.getpwnam("qpyd").pw_uid]
+        assert qpytest.wait_for(lambda: b"tcpserver: status:" in host.log("smtpd-ucspi"), 30)
 
         # svc -d: stopped on purpose; qpy-status says so; mail waits in drop/ meanwhile
         scan.svc("-d", "pickup")
