@@ -29,7 +29,7 @@ from qpy.common.state import StateFile, read_state
 pytestmark = [needs_root]
 
 ME = "test.example"
-CRASH_MESSAGES = int(os.environ.get("QPY_CRASH_MESSAGES", "150"))
+CRASH_MESSAGES = int(os.environ.get("QPY_CRASH_MESSAGES", "300"))
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -312,8 +312,9 @@ def test_crash_safety_kill9_during_delivery(qroot):
         inject(qroot.path, b"X-Seq: %d\nSubject: crash %d\n\nbody %d\n" % (n, n, n),
                b"qtsa@test.example", rcpts)
     rng = random.Random(1234)
-    kills = {"queue-send": 0, "lspawn": 0, "qpy-local": 0}
+    kills = {"qpy-local": 0, "queue-send": 0, "lspawn": 0, "clean": 0}
     deadline = time.monotonic() + 240
+    turn = 0
 
     def all_there() -> bool:
         return all(len(_seqs(u)) == CRASH_MESSAGES for u in users)
@@ -321,8 +322,9 @@ def test_crash_safety_kill9_during_delivery(qroot):
     while not all_there() and time.monotonic() < deadline:
         # let the group run a little (restarts within 2 s of a start back off)
         assert wait_for(lambda: q.pid("queue-send") and q.pid("lspawn"), 60), q.log()[-3000:]
-        time.sleep(2.0 + rng.random() * 1.5)
-        what = rng.choice(list(kills))
+        time.sleep(2.1 + rng.random())
+        what = list(kills)[turn % len(kills)]   # each kind in turn, at random moments
+        turn += 1
         if what == "qpy-local":
             kids = [p for p in psutil.process_iter(["cmdline"])
                     if (p.info["cmdline"] or [""])[0].startswith("qpy-local")]
