@@ -276,6 +276,17 @@ def test_status_sees_processes_uids_and_down_services(qroot):
         fake.wait()
     pickup.terminate()
     pickup.wait(timeout=30)
+    # with a password configured, authd is expected too
+    r = qroot.run("qpy-passwd", qroot.path, "someone", input=b"pw-12345\npw-12345\n")
+    assert r.returncode == 0, r.stderr
+    r = qroot.run("qpy-status", qroot.path)
+    assert b"service authd: DOWN, not running: qpy-authd" in r.stdout
+    authd = qroot.start("qpy-authd", qroot.path)
+    assert qpytest.wait_for(lambda: b"service authd: up" in
+                            qroot.run("qpy-status", qroot.path).stdout, timeout=30)
+    line = [ln for ln in qroot.run("qpy-status", qroot.path).stdout.decode().splitlines()
+            if ln.startswith("  qpy-authd")][0]
+    assert "pid %d " % authd.pid in line and " ok " in line
     r = qroot.run("qpy-status", qroot.path)
     assert b"\n  qpy-pickup" not in r.stdout
     assert b"service pickup: DOWN, not running: qpy-pickup" in r.stdout

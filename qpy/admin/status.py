@@ -5,7 +5,7 @@ SYNOPSIS
 
 Finds this root's qpy processes (psutil) by their title, whose first word is the
 program name (design §8): those named in pid files under `queue/run/`, those whose
-title, working directory or an open file names ROOT, and all their descendants. For
+title, working directory, an open file or a Unix socket names ROOT, and all their descendants. For
 each it prints the pid, the uid it runs under against the uid the design gives that
 program, its resident memory and its open file count. Then, per service:
 
@@ -100,7 +100,11 @@ def _names_root(p: psutil.Process, text: str, root: str) -> bool:
             continue
         if target == root or target.startswith(root + "/"):
             return True
-    return False
+    try:   # a listener such as qpy-authd holds only its socket under root
+        socks = p.net_connections(kind="unix")
+    except (psutil.Error, OSError):
+        return False
+    return any(isinstance(c.laddr, str) and c.laddr.startswith(root + "/") for c in socks)
 
 
 def processes(root: str) -> list[tuple[psutil.Process, str]]:
