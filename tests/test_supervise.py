@@ -190,6 +190,26 @@ def test_service_files_are_filled_in_and_systemd_verifies_them(host):
     assert "User=qpyq" in pickup and "\nCapabilityBoundingSet=\n" in pickup
 
 
+def test_one_user_root_service_files_name_that_user():
+    pw = qpytest.make_user("ou1")
+    base = qpytest.test_dir("oneuser")
+    os.chown(base, pw.pw_uid, pw.pw_gid)
+    root, svdir = os.path.join(base, "qpy"), os.path.join(base, "sv")
+    try:
+        r = subprocess.run(["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid),
+                            "--init-groups", qpytest.bin_path("qpy-install"), root, "--me",
+                            "one.example", "--supervise", svdir],
+                           capture_output=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+        assert r.returncode == 0, r.stderr
+        with open(os.path.join(svdir, "qpy-send", "log", "run")) as f:
+            assert "exec setuidgid %s multilog t" % pw.pw_name in f.read()
+        with open(os.path.join(svdir, "systemd", "qpy-pickup.service")) as f:
+            assert "\nUser=%s\n" % pw.pw_name in f.read()
+        assert os.stat(os.path.join(root, "log", "qpy-send")).st_uid == pw.pw_uid
+    finally:
+        qpytest.remove_tree(base)
+
+
 def _unit_caps(host: Host, unit: str) -> str:
     with open(os.path.join(host.svdir, "systemd", unit)) as f:
         caps = re.search(r"^CapabilityBoundingSet=(.*)$", f.read(), re.M).group(1).split()
@@ -213,7 +233,18 @@ def test_units_capability_sets_are_enough(host):
                                      qpytest.bin_path("qpy-start"), host.root, "--only",
                                      "smtpd"],
                              env=host.qroot.env(), stdout=log, stderr=subprocess.STDOUT)
+    r = host.qroot.run("qpy-passwd", host.root, "capsuser", input=b"pw-123456\npw-123456\n")
+    assert r.returncode == 0, r.stderr
+    qpyauth = qpytest.pwd.getpwnam("qpyauth")
+    authd = subprocess.Popen(base + ["--bounding-set", _unit_caps(host, "qpy-authd.service"),
+                                     "--reuid", str(qpyauth.pw_uid), "--regid",
+                                     str(qpyauth.pw_gid), "--init-groups",
+                                     qpytest.bin_path("qpy-authd"), host.root],
+                             env=host.qroot.env(), stdout=log, stderr=subprocess.STDOUT)
     try:
+        sock = os.path.join(host.root, "queue", "run", "auth", "socket")
+        assert qpytest.wait_for(lambda: os.path.exists(sock), timeout=60), \
+            open(log.name, "rb").read()[-3000:]
         host.sendmail("caps")
         assert qpytest.wait_for(lambda: host.subjects() == ["caps"], timeout=60), \
             open(log.name, "rb").read()[-3000:]
@@ -227,9 +258,9 @@ def test_units_capability_sets_are_enough(host):
         assert qpytest.wait_for(smtp_ok, timeout=60), open(log.name, "rb").read()[-3000:]
         assert qpytest.wait_for(lambda: "caps-smtp" in host.subjects(), timeout=60)
     finally:
-        for p in (smtpd, pickup, send):
+        for p in (authd, smtpd, pickup, send):
             p.terminate()
-        for p in (smtpd, pickup, send):
+        for p in (authd, smtpd, pickup, send):
             try:
                 p.wait(timeout=90)
             except subprocess.TimeoutExpired:
