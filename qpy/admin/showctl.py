@@ -44,18 +44,19 @@ def _show(value: object) -> str:
 
 def render(ctl: Control, name: str) -> tuple[list[str], bool]:
     """The lines describing one control file, and whether it is malformed."""
+    shown = clean(name)   # a stray file's name is outside text too
     if _secret(name):
         try:
             st = os.lstat(os.path.join(ctl.dir, name))
         except FileNotFoundError:
-            return ["%s: (absent)" % name], False
-        return ["%s: (%d bytes, not shown)" % (name, st.st_size)], False
+            return ["%s: (absent)" % shown], False
+        return ["%s: (%d bytes, not shown)" % (shown, st.st_size)], False
     value, source = ctl.explain(name)
     marker = "" if source == "file" else " (%s)" % source
     if isinstance(value, list):
-        head = "%s: %d entr%s%s" % (name, len(value), "y" if len(value) == 1 else "ies", marker)
+        head = "%s: %d entr%s%s" % (shown, len(value), "y" if len(value) == 1 else "ies", marker)
         return [head] + ["  " + clean(v) for v in value], source.startswith("malformed")
-    return ["%s: %s%s" % (name, _show(value), marker)], source.startswith("malformed")
+    return ["%s: %s%s" % (shown, _show(value), marker)], source.startswith("malformed")
 
 
 def main(argv: list[str] | None = None) -> int:
