@@ -58,19 +58,6 @@ def ask(qroot, reqs: list[tuple[str, str, str]], user: str = "qpyd") -> list[lis
     return json.loads(r.stdout)
 
 
-def set_password(qroot, user: str, password: str) -> subprocess.CompletedProcess:
-    return qroot.run("qpy-passwd", qroot.path, user,
-                     input=("%s\n%s\n" % (password, password)).encode())
-
-
-def start_authd(qroot) -> subprocess.Popen:
-    p = qroot.start("qpy-authd", qroot.path)
-    sock = os.path.join(qroot.paths.run, "auth", "socket")
-    assert qpytest.wait_for(lambda: os.path.exists(sock) or p.poll() is not None, 20)
-    assert p.poll() is None, p.stdout.read()
-    return p
-
-
 def log_of(p: subprocess.Popen) -> str:
     p.terminate()
     out, _ = p.communicate(timeout=20)
@@ -79,14 +66,13 @@ def log_of(p: subprocess.Popen) -> str:
 
 @pytest.fixture
 def authd(qroot):
-    assert set_password(qroot, "alice", "correct horse").returncode == 0
-    p = start_authd(qroot)
+    tlshelp.set_password(qroot, "alice", "correct horse")
+    p = tlshelp.start_authd(qroot)
     yield p
 
 
 def test_passwd_writes_scrypt_hash_only_qpyauth_reads(qroot):
-    r = set_password(qroot, "alice", "s3cret")
-    assert r.returncode == 0, r.stderr
+    tlshelp.set_password(qroot, "alice", "s3cret")
     path = os.path.join(qroot.path, "auth", "passwd")
     with open(path, "rb") as f:
         data = f.read()
@@ -97,8 +83,8 @@ def test_passwd_writes_scrypt_hash_only_qpyauth_reads(qroot):
     if qpytest.IS_ROOT:
         assert pwd.getpwuid(st.st_uid).pw_name == "qpyauth"
     # a second user, then a changed password: one line each, salts differ
-    assert set_password(qroot, "bob", "s3cret").returncode == 0
-    assert set_password(qroot, "alice", "other").returncode == 0
+    tlshelp.set_password(qroot, "bob", "s3cret")
+    tlshelp.set_password(qroot, "alice", "other")
     with open(path, "rb") as f:
         lines = f.read().splitlines()
     assert [ln.split(b":")[0] for ln in lines] == [b"alice", b"bob"]
@@ -120,7 +106,7 @@ def test_passwd_refuses_mismatch_and_bad_names(qroot):
 @qpytest.needs_root
 def test_qpyd_cannot_read_hashes(qroot):
     """A compromised qpyd: opening the hash file (or listing its directory) is EACCES."""
-    assert set_password(qroot, "alice", "pw").returncode == 0
+    tlshelp.set_password(qroot, "alice", "pw")
     code = ("import os\nfor p in %r:\n"
             "    try:\n        os.open(p, os.O_RDONLY); print('OPEN')\n"
             "    except OSError as e:\n        print(e.errno)\n"
@@ -142,7 +128,7 @@ def test_authd_answers_yes_no_and_delays_refusals(qroot, authd):
     # refusals are delayed by the checker itself (a lower bound: cannot flake)
     assert t_bad >= FAIL_DELAY and t_unknown >= FAIL_DELAY
     # qpy-passwd takes effect without a restart
-    assert set_password(qroot, "alice", "new one").returncode == 0
+    tlshelp.set_password(qroot, "alice", "new one")
     assert [a for a, _ in ask(qroot, [("alice", "new one", "192.0.2.1"),
                                       ("alice", "correct horse", "192.0.2.4")])] == ["Y", "N"]
     log = log_of(authd)
@@ -220,7 +206,7 @@ def test_checkpassword_backend(qroot):
     os.chmod(prog, 0o755)
     try:
         qroot.control("checkpassword", prog)
-        p = start_authd(qroot)
+        p = tlshelp.start_authd(qroot)
         answers = [a for a, _ in ask(qroot, [("carol", "hunter2", "192.0.2.1"),
                                              ("carol", "hunter3", "192.0.2.2"),
                                              ("alice", "hunter2", "192.0.2.3")])]

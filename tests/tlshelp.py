@@ -11,6 +11,8 @@ import subprocess
 import time
 
 import qpytest
+import smtphelp
+from smtphelp import wait_port
 
 CN = "test.example"
 
@@ -64,19 +66,7 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError("server exited with %s" % proc.returncode)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-    assert qpytest.wait_for(up, timeout), "port %d not listening" % port
-
-
-class Server:
+class Server(smtphelp.Listener):
     """qpy-tcpserver on three fresh loopback ports; its log in a file."""
 
     def __init__(self, qroot, smtps: bool = True):
@@ -95,25 +85,12 @@ class Server:
         for port in (self.smtp, self.submission) + ((self.smtps,) if smtps else ()):
             wait_port(port, self.proc)
 
-    def log(self) -> str:
-        with open(self.logpath, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def wait_log(self, text: str, timeout: float = 20) -> bool:
-        return bool(qpytest.wait_for(lambda: text in self.log(), timeout))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=40)
-        self.logfile.close()
-
 
 def start_authd(qroot) -> subprocess.Popen:
     p = qroot.start("qpy-authd", qroot.path)
     sock = os.path.join(qroot.paths.run, "auth", "socket")
     assert qpytest.wait_for(lambda: os.path.exists(sock) or p.poll() is not None, 20)
-    assert p.poll() is None
+    assert p.poll() is None, p.stdout.read()
     return p
 
 
