@@ -125,7 +125,7 @@ class RawPeer:
         self.script = script
         self.release = threading.Event()
         self.connections = 0
-        self.transcripts: list[bytes] = []
+        self.conns: list[PeerConn] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -137,14 +137,20 @@ class RawPeer:
             self.connections += 1
             threading.Thread(target=self._one, args=(c,), daemon=True).start()
 
+    @property
+    def transcripts(self) -> list[bytes]:
+        """What each connection sent so far (a QUIT is in it before its reply goes out)."""
+        return [c.got for c in self.conns]
+
     def _one(self, c: socket.socket) -> None:
         conn = PeerConn(c, self)
+        self.conns.append(conn)
         try:
             self.script(conn)
         except (OSError, EOFError):
             pass
         finally:
-            self.transcripts.append(conn.got)
+            conn.f.close()      # the makefile holds the socket open otherwise
             c.close()
 
     def stop(self) -> None:

@@ -427,6 +427,19 @@ def test_dual_stack_tries_ipv6_then_ipv4(stack, aiopeer):
     assert res[0][0] == b"K" and b"127.0.0.2 accepted" in res[0][1], res
 
 
+def test_line_ends_normalised_and_dots_stuffed(stack, raw):
+    qroot, dnssrv, port, rs = stack
+    peer = raw(basic_session)
+    filler = (b"y" * 98 + b"\n") * 661 + b"z" * 96      # the CR of a CRLF ends chunk one
+    assert len(filler) == 65535
+    msg = b"Subject: x\n\na\r\nb\rc\n.d\r\r\n..e\r" + filler + b"\r\n.dot\nf"
+    assert rs.deliver([b"x@a.test"], msg=msg)[0][0] == b"K"
+    got = peer.transcripts[0]
+    data = got[got.index(b"DATA\r\n") + 6: got.rindex(b"QUIT")]
+    assert data == (b"Subject: x\r\n\r\na\r\nb\r\nc\r\n..d\r\n\r\n...e\r\n" + filler
+                    .replace(b"\n", b"\r\n") + b"\r\n..dot\r\nf\r\n.\r\n")
+
+
 def test_stall_times_out(stack, raw):
     qroot, dnssrv, port, rs = stack
     peer = raw(lambda c: (c.send(b"220 hi\r\n"), c.line(), c.peer.release.wait(30)))
