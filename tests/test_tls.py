@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import smtplib
 import socket
 import subprocess
@@ -225,3 +226,7 @@ def test_certificate_is_read_once_before_fork(qroot, mta, certdir):
     until SIGHUP."""
     os.unlink(os.path.join(qroot.paths.control, "servercert.pem"))
     assert swaks(mta.smtp, "--tls").returncode == 0
+    mta.proc.send_signal(signal.SIGHUP)
+    assert mta.wait_log("control files re-read")
+    r = swaks(mta.smtp, "--tls")
+    assert r.returncode != 0 and b"did not advertise STARTTLS" in r.stdout + r.stderr
