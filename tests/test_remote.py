@@ -315,6 +315,13 @@ def test_servfail_defers_then_delivers(stack, aiopeer):
     assert len(h.messages) == 1
 
 
+def test_resolvers_file_without_servers_asks_nobody(stack):
+    qroot, dnssrv, port, rs = stack
+    qroot.control("resolvers", "not-an-address\n")
+    res = rs.deliver([b"x@a.test"])
+    assert res[0][0] == b"Z" and b"NoNameservers" in res[0][1], res
+
+
 def test_mx_pointing_back_at_this_host(stack):
     qroot, dnssrv, port, rs = stack
     # by name (control/me), and by address (127.0.0.1 is on lo; ipme adds one)

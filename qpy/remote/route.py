@@ -106,9 +106,13 @@ def literal(text: str) -> str | None:
         return None
 
 
-def make_resolver(lines: list[str]) -> dns.resolver.Resolver:
-    """A resolver that asks the servers of control/resolvers, or the system's."""
-    if not lines:
+def make_resolver(lines: list[str] | None) -> dns.resolver.Resolver:
+    """A resolver that asks the servers of control/resolvers, or (None) the system's.
+
+    An existing file without a usable line gives a resolver with no servers, whose
+    every lookup fails temporarily: design §8 says queries go there and nowhere else.
+    """
+    if lines is None:
         res = dns.resolver.Resolver()
     else:
         res = dns.resolver.Resolver(configure=False)
@@ -154,7 +158,8 @@ class Router:
     @property
     def res(self) -> dns.resolver.Resolver:
         if self._res is None:       # made when needed: a relay by address needs no DNS
-            self._res = make_resolver(self.ctl.lines("resolvers"))
+            lines, source = self.ctl.explain("resolvers")
+            self._res = make_resolver(None if source == "default" else lines)  # type: ignore
         return self._res
 
     def _query(self, name: str, rdtype: str) -> list:
