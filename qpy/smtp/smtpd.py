@@ -43,7 +43,6 @@ EXIT CODES
 
 from __future__ import annotations
 
-import email.utils
 import os
 import signal
 import time
@@ -63,6 +62,7 @@ from qpy.smtp.command import (
     parse_path_arg,
     parse_size,
     received_line,
+    rfc5322_date,
     split_line,
 )
 from qpy.smtp.recipients import RecipientTable, local_lookup
@@ -423,7 +423,7 @@ class Session:
         ident = "%x.%x" % (time.time_ns() // 1000, os.getpid())
         drop.write(received_line(self.helo or b"unknown", self.remote_host, self.remote_ip,
                                  self.cfg.me, self.protocol(), ident,
-                                 email.utils.formatdate(localtime=False)))
+                                 rfc5322_date()))
         size = 0
         failure: InjectError | None = None
 
