@@ -395,3 +395,68 @@ def test_qpy_start_runs_authd_and_auth_works_end_to_end(qroot):
         start.terminate()
         start.wait(timeout=60)
         qpytest.remove_tree(d)
+
+
+DOVECOT_CONF = """\
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/log
+protocols = none
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/nonexistent
+}}
+service auth {{
+  unix_listener {d}/auth-qpy {{
+    mode = 0600
+    user = {user}
+    group = {user}
+  }}
+}}
+"""
+
+
+@qpytest.needs_root
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/dovecot"), reason="no Dovecot")
+def test_dovecot_auth_socket_backend(qroot):
+    """control/dovecotauth: qpy-authd asks Debian's Dovecot (auth-client protocol, as
+    Postfix does) and still applies its own delays."""
+    d = qpytest.test_dir("dovecot")
+    for sub in ("run", "state"):
+        os.mkdir(os.path.join(d, sub))
+    with open(os.path.join(d, "users"), "w") as f:
+        f.write("carol:{PLAIN}hunter2\n")
+    conf = os.path.join(d, "dovecot.conf")
+    with open(conf, "w") as f:
+        f.write(DOVECOT_CONF.format(d=d, user="qpyauth"))
+    dovecot = subprocess.Popen(["/usr/sbin/dovecot", "-F", "-c", conf],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sock = os.path.join(d, "auth-qpy")
+        assert qpytest.wait_for(lambda: os.path.exists(sock), 20)
+        qroot.control("dovecotauth", sock)
+        p = tlshelp.start_authd(qroot)
+        (ok, _), (bad, t_bad), (unknown, _) = ask(qroot, [
+            ("carol", "hunter2", "192.0.2.1"), ("carol", "hunter3", "192.0.2.2"),
+            ("alice", "hunter2", "192.0.2.3")])
+        assert (ok, bad, unknown) == ("Y", "N", "N")
+        assert t_bad >= FAIL_DELAY
+        assert "backend dovecot %s" % sock in log_of(p)
+        # Dovecot gone: a temporary failure, not a yes or a no
+        dovecot.terminate()
+        dovecot.wait(timeout=30)
+        p = tlshelp.start_authd(qroot)
+        assert ask(qroot, [("carol", "hunter2", "192.0.2.1")])[0][0] == "T"
+    finally:
+        if dovecot.poll() is None:
+            dovecot.terminate()
+            dovecot.wait(timeout=30)
+        qpytest.remove_tree(d)

@@ -20,7 +20,8 @@ SERVICES (design §8; --only NAME starts just one)
             whole group is stopped and restarted, since the pipes are shared.
     pickup  qpy-pickup
     smtpd   qpy-tcpserver, only when control/smtplisten exists
-    authd   qpy-authd, only when auth/passwd holds a user or control/checkpassword exists
+    authd   qpy-authd, only when auth/passwd holds a user or control/checkpassword
+            or control/dovecotauth exists
 
 LOG
     every child's stderr is read here and printed to stdout, one line each, as
@@ -126,8 +127,9 @@ class Starter:
         if name == "smtpd":
             return os.path.exists(os.path.join(self.paths.control, "smtplisten"))
         if name == "authd":
-            if os.path.exists(os.path.join(self.paths.control, "checkpassword")):
-                return True   # the checkpassword backend needs no auth/passwd
+            if any(os.path.exists(os.path.join(self.paths.control, n))
+                   for n in ("checkpassword", "dovecotauth")):
+                return True   # these backends need no auth/passwd
             try:
                 return os.path.getsize(os.path.join(self.root, "auth", "passwd")) > 0
             except OSError:

@@ -153,7 +153,8 @@ def expected_uid(root: str, prog: str) -> int | None:
 
 
 def auth_configured(root: str) -> bool:
-    if os.path.exists(os.path.join(root, "control", "checkpassword")):
+    if any(os.path.exists(os.path.join(root, "control", n))
+           for n in ("checkpassword", "dovecotauth")):
         return True
     try:
         return os.path.getsize(os.path.join(root, "auth", "passwd")) > 0

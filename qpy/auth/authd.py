@@ -13,7 +13,11 @@ READS
     ROOT/control/checkpassword — when present, its first line names a program
     (with arguments) speaking the checkpassword interface: `user\\0password\\0
     timestamp\\0` on fd 3, exit 0 accepts, 1 refuses, anything else is a
-    temporary failure. It then replaces the password file. Re-read on SIGHUP.
+    temporary failure. It then replaces the password file.
+    ROOT/control/dovecotauth — when present (and no checkpassword), the path of
+    a Dovecot auth socket (auth-client protocol, as Postfix's SASL uses it;
+    the unix_listener must let qpyauth connect): Dovecot checks, qpy-authd
+    still counts, delays and locks out. Both re-read on SIGHUP.
 
 LISTENS
     ROOT/queue/run/auth/socket, a Unix stream socket. Its directory is
@@ -41,6 +45,7 @@ EXIT CODES
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import ipaddress
 import os
@@ -67,6 +72,9 @@ MAX_TRACKED = 10000         # client addresses remembered (oldest forgotten firs
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0
 CHECKPASSWORD_TIMEOUT = 10.0
+DOVECOT_TIMEOUT = 10.0      # per line from Dovecot's auth socket
+MAX_DOVECOT_LINES = 100     # handshake lines before DONE
+_IP_CHARS = frozenset(b"0123456789abcdefABCDEF.:")
 SOCKET_MODE = 0o666         # access is the directory's and SO_PEERCRED's job
 EXIT_TEMP = 111
 
@@ -165,18 +173,28 @@ class Checker:
         self.control = Control(root)
         self.passwords = Passwords(authdb.passwd_path(root))
         self.checkpassword: list[str] = []
+        self.dovecot = ""
         self.reload()
 
     def reload(self) -> None:
         self.control.reload()
         lines = self.control.lines("checkpassword")
         self.checkpassword = shlex.split(lines[0]) if lines else []
-        log("%s: backend %s" % (PROGRAM, "checkpassword " + clean(" ".join(self.checkpassword))
-                                if self.checkpassword else "passwd file"))
+        lines = self.control.lines("dovecotauth")
+        self.dovecot = lines[0] if lines else ""
+        if self.checkpassword:
+            backend = "checkpassword " + clean(" ".join(self.checkpassword))
+        elif self.dovecot:
+            backend = "dovecot " + clean(self.dovecot)
+        else:
+            backend = "passwd file"
+        log("%s: backend %s" % (PROGRAM, backend))
 
-    async def check(self, user: bytes, password: bytes) -> bytes:
+    async def check(self, user: bytes, password: bytes, ip: str) -> bytes:
         if self.checkpassword:
             return await self._checkpassword(user, password)
+        if self.dovecot:
+            return await self._dovecot(user, password, ip)
         stored = self.passwords.get(user)
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(None, authdb.check_hash, password,
@@ -211,6 +229,44 @@ class Checker:
             log("%s: checkpassword timed out" % PROGRAM)
             return authdb.TEMP
         return {0: authdb.YES, 1: authdb.NO}.get(code, authdb.TEMP)
+
+
+    async def _dovecot(self, user: bytes, password: bytes, ip: str) -> bytes:
+        """One PLAIN check over Dovecot's auth-client protocol (version 1)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.dovecot), DOVECOT_TIMEOUT)
+        except (OSError, TimeoutError) as e:
+            log("%s: cannot connect to dovecot at %s: %s" % (PROGRAM, clean(self.dovecot),
+                                                           clean(str(e))))
+            return authdb.TEMP
+        try:
+            writer.write(b"VERSION\t1\t2\nCPID\t%d\n" % os.getpid())
+            for _ in range(MAX_DOVECOT_LINES):
+                line = await asyncio.wait_for(reader.readline(), DOVECOT_TIMEOUT)
+                if not line or (line.startswith(b"VERSION\t")
+                                and not line.startswith(b"VERSION\t1\t")):
+                    return authdb.TEMP
+                if line == b"DONE\n":
+                    break
+            else:
+                return authdb.TEMP
+            resp = base64.b64encode(b"\0" + user + b"\0" + password)
+            raw_ip = ip.encode("ascii")
+            rip = b"\trip=" + raw_ip if raw_ip and set(raw_ip) <= _IP_CHARS else b""
+            writer.write(b"AUTH\t1\tPLAIN\tservice=smtp\tnologin\tsecured%s\tresp=%s\n"
+                         % (rip, resp))
+            fields = (await asyncio.wait_for(reader.readline(), DOVECOT_TIMEOUT)).split(b"\t")
+            fields[-1] = fields[-1].rstrip(b"\n")
+        except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError):
+            return authdb.TEMP
+        finally:
+            writer.close()
+        if fields[:2] == [b"OK", b"1"]:
+            return authdb.YES
+        if fields[:2] == [b"FAIL", b"1"] and b"temp" not in fields[2:]:
+            return authdb.NO
+        return authdb.TEMP
 
 
 class Server:
@@ -264,7 +320,7 @@ class Server:
                 return authdb.TEMP
             self.limiter.inflight += 1
             try:
-                result = await self.checker.check(user, password)
+                result = await self.checker.check(user, password, ip)
             finally:
                 self.limiter.inflight -= 1
             if result == authdb.YES:
