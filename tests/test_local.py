@@ -528,6 +528,24 @@ def test_program_that_never_exits_is_killed_and_deferred(ls, homes, qroot):
         assert ls2.close() == 0
 
 
+def test_killed_delivery_takes_its_programs_along(ls, homes):
+    alice, _ = homes
+    put(alice, ".qmail", '|echo $$ $PPID > "$HOME/pids"; sleep 3600 & sleep 3600; echo\n')
+    d = ls.send([addr(alice)])
+    pids = os.path.join(alice.pw_dir, "pids")
+    assert qpytest.wait_for(lambda: os.path.exists(pids) and read(pids).strip())
+    prog, child = (int(x) for x in read(pids).split())
+    os.kill(child, signal.SIGKILL)
+    got, results = ls.recv()
+    assert got == d and results[0][0] == b"Z" and b"crashed" in results[0][1]
+
+    def gone() -> bool:
+        return not [p for p in psutil.process_iter(["uids", "status"]) if p.info["uids"]
+                    and p.info["uids"].real == alice.pw_uid and p.info["status"] != "zombie"]
+    assert qpytest.wait_for(gone, timeout=10)
+    assert not psutil.pid_exists(prog) or psutil.Process(prog).status() == "zombie"
+
+
 def test_maildir_that_is_a_file_defers(ls, homes):
     alice, _ = homes
     put(alice, "Maildir", "not a directory")
@@ -694,7 +712,17 @@ def test_end_to_end_maildir_forward_ext_postmaster(started, homes):
     with open(os.path.join(alias, ".qmail-postmaster"), "w") as f:
         f.write(f"&{alice.pw_name}@test.example\n")
     os.chmod(os.path.join(alias, ".qmail-postmaster"), 0o644)
+    qroot.control("virtualdomains", f"virt.example:{alice.pw_name}-v")
+    put(alice, ".qmail-v-default", '|printf "%s" "$DEFAULT" > "$HOME/virt.out"\n')
+    os.kill(started.procs[0].pid, signal.SIGHUP)  # queue-send re-reads virtualdomains
+    time.sleep(0.5)
     msg = b"Subject: e2e\n\nFrom here\n"
+    r = qroot.run("qpy-sendmail", "-f", "carol@remote.example", "Someone@virt.example",
+                  input=msg, user=alice.pw_name)
+    assert r.returncode == 0, r.stderr
+    virt = os.path.join(alice.pw_dir, "virt.out")
+    assert qpytest.wait_for(lambda: os.path.exists(virt), timeout=60)
+    assert read(virt) == b"Someone"  # qpy-queue-send made it qtlalice-v-Someone@virt.example
     for rcpt in (alice.pw_name, alice.pw_name + "-fwd", "postmaster"):
         r = qroot.run("qpy-sendmail", "-f", "carol@remote.example", rcpt + "@test.example",
                       input=msg, user=alice.pw_name)

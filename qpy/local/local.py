@@ -179,7 +179,7 @@ class Local:
         try:
             p = subprocess.Popen([b"/bin/sh", b"-c", cmd], stdin=self.d.msgfd, stdout=w,
                                  stderr=w, cwd=self.d.home, env=env, close_fds=True,
-                                 start_new_session=True)
+                                 process_group=0)  # own group, same session as us
         except OSError as e:
             os.close(r)
             os.close(w)

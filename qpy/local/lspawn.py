@@ -23,7 +23,9 @@ WHAT IT DOES
 
     Deliveries run concurrently (queue-send bounds how many). A child that runs
     longer than `timeoutlocal` (control file, default 3600 s) plus GRACE seconds
-    is killed with its whole process group and reported Z (deferred).
+    is killed and reported Z (deferred). A child that dies on a signal takes its
+    whole session with it (its programs run in it, in their own process groups),
+    and lspawn is a child subreaper, so it reaps whatever they leave behind.
 
     Control files (defaultdelivery, envnoathost, timeoutlocal) are read at
     start and on SIGHUP; users/assign is re-read whenever it changes.
@@ -41,6 +43,7 @@ EXIT CODES
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import selectors
@@ -60,6 +63,7 @@ GRACE = 30              # seconds past timeoutlocal before the parent kills a ch
 MAX_CHILDREN = 2000     # a hard cap; queue-send's concurrencylocal is far lower
 MAX_REPORT = 4000       # bytes of a child's report kept
 STOP_WAIT = 60          # seconds SIGTERM waits for deliveries in flight
+PR_SET_CHILD_SUBREAPER = 36
 EXIT_TEMP = 111
 
 
@@ -130,7 +134,11 @@ class LSpawn:
             if problem:
                 job.results[i] = (b"Z", problem)
             else:
-                job.results[i] = self.start(job, i, sender, rcpt)
+                try:
+                    job.results[i] = self.start(job, i, sender, rcpt)
+                except Exception as e:  # a bug must cost one deferral, not the spawner
+                    log(f"alert: qpy-lspawn: delivery {delivery}: {type(e).__name__}: {e}")
+                    job.results[i] = (b"Z", b"Temporary failure in qpy-lspawn. (#4.3.0)")
         self.maybe_done(job)
 
     def _check_message(self, fd: int) -> bytes | None:
@@ -236,7 +244,7 @@ class LSpawn:
         self.finish(c)
 
     def reap(self) -> None:
-        while self.children:
+        while True:  # also orphans of deliveries: we are their subreaper
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -270,6 +278,8 @@ class LSpawn:
             letter, text = b"Z", b"Delivery timed out; killed. " + text
         else:
             letter, text = b"Z", b"qpy-local crashed. " + text
+        if not os.WIFEXITED(c.status):
+            kill_session(c.pid)  # its programs must not outlive a killed delivery
         c.job.results[c.index] = (letter, text)
         c.job.pending -= 1
         self.maybe_done(c.job)
@@ -291,11 +301,10 @@ class LSpawn:
         now = time.monotonic()
         for c in list(self.children.values()):
             if c.deadline <= now and c.status is None:
-                for kill in (os.killpg, os.kill):
-                    try:
-                        kill(c.pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+                try:
+                    os.kill(c.pid, signal.SIGKILL)  # finish() then clears its session
+                except OSError:
+                    pass
 
     # ---- main loop ------------------------------------------------------------------
     def stop(self) -> None:
@@ -350,6 +359,30 @@ class LSpawn:
         return 0
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process left in session `sid` (a delivery child's session)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read(4096)
+            fields = data[data.rfind(b")") + 2:].split()
+            if len(fields) > 3 and int(fields[3]) == sid:
+                os.kill(int(name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def become_subreaper() -> None:
+    """Orphans of deliveries become our children, so that reap() collects them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _in_passwd(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -372,4 +405,5 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"qpy-lspawn: fd 0: {e}\n")
         return EXIT_TEMP
     os.chdir("/")
+    become_subreaper()
     return LSpawn(root, sock).run()
