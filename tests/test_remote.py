@@ -48,7 +48,18 @@ def dnssrv():
 
 @pytest.fixture
 def port():
-    return qpytest.free_port(PEER)
+    """A port free on every address the peers of these tests use (they share it)."""
+    for _ in range(50):
+        p = qpytest.free_port(PEER)
+        try:
+            for host in (PEER2, DOWN, "::1"):
+                fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+                with socket.socket(fam, socket.SOCK_STREAM) as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError("no port free on all test addresses")
 
 
 @pytest.fixture

@@ -112,6 +112,10 @@ class Conn:
         self.sock: socket.socket = sock
         self.timeout = timeout
         sock.settimeout(timeout)
+        try:        # our writes are whole commands or message blocks: no Nagle delays
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self.buf = b""
         self.tls = ""
 
@@ -416,8 +420,15 @@ class Job:
             self.settle(D if r.code // 100 == 5 else Z, "%s failed on DATA command.%s"
                         " Remote host said: %s" % (ip, tls, r.said()), accepted)
             return _quit(conn)
-        for block in smtp_data(self.fd):
-            conn.send(block)
+        held = b""
+        for block in smtp_data(self.fd):     # the short ending goes with the last block
+            if len(block) <= 5:
+                held += block
+                continue
+            if held:
+                conn.send(held)
+            held = block
+        conn.send(held)
         try:
             r = conn.reply()
         except PeerError as e:
