@@ -58,6 +58,7 @@ PROGRAM = "qpy-tcpserver"
 BACKLOG = 1024
 SHUTDOWN_GRACE = 30.0       # seconds sessions may take to finish after SIGTERM
 KILL_GRACE = 5.0
+ACCEPT_BATCH = 16           # connections taken per wakeup of the loop
 TICK = 5.0                  # the loop wakes at least this often (reaping, safety)
 EXIT_TEMP = 111
 BUSY_REPLY = b"421 4.3.2 Too many connections, try again later\r\n"
@@ -154,7 +155,9 @@ class Server:
                 if key.data is None:
                     self._drain_wakeup()
                 elif not self.stopping:
-                    self._accept(key.data)
+                    for _ in range(ACCEPT_BATCH):
+                        if not self._accept(key.data):
+                            break
             self._reap()
             if self.reload_wanted:
                 self.reload_wanted = False
@@ -218,32 +221,33 @@ class Server:
             time.sleep(0.05)
         log("%s: stopped" % PROGRAM)
 
-    def _accept(self, lst: Listener) -> None:
+    def _accept(self, lst: Listener) -> bool:
+        """Take one connection; False when there was none to take."""
         try:
             conn, peer = lst.sock.accept()
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log("%s: accept: %s" % (PROGRAM, e.strerror))
                 time.sleep(0.1)
-                return
+                return False
             if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return
+                return True
             raise
         ip = peer[0]
         try:
             rule = rulesmod.match(lst.rules, ip)
             if rule is not None and not rule.allow:
                 log("%s: deny %s (%s)" % (PROGRAM, ip, lst.profile))
-                return
+                return True
             if len(self.children) >= self.maxsmtpd:
                 log("%s: busy %s: 421, %d sessions (maxsmtpd)" % (PROGRAM, ip, len(self.children)))
                 try:
                     conn.send(BUSY_REPLY, socket.MSG_DONTWAIT)
                 except OSError:
                     pass
-                return
+                return True
             assert self.cfg is not None
             self.cfg.refresh()
             pid = os.fork()
@@ -254,6 +258,7 @@ class Server:
             log("%s: status: %d/%d" % (PROGRAM, len(self.children), self.maxsmtpd))
         finally:
             conn.close()
+        return True
 
     def _child(self, conn: socket.socket, lst: Listener, peer: tuple,
                rule: rulesmod.Rule | None) -> None:
@@ -284,6 +289,8 @@ class Server:
             if rule is not None:
                 env.update(rule.env)
             conn.setblocking(True)
+            # replies go out in one write per batch already; do not let Nagle hold them
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             os.dup2(conn.fileno(), 0)
             os.dup2(conn.fileno(), 1)
             conn.close()

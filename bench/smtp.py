@@ -1,0 +1,121 @@
+"""bench/smtp.py — SMTP accept rate of qpy-tcpserver + qpy-smtpd (issue 4).
+
+SYNOPSIS
+    /opt/qpy/venv/bin/python3 bench/smtp.py [--messages N] [--rounds R] [--size BYTES]
+
+Runs as root (qpy-install with the system users). Lays out a fresh qpy root under
+/var/tmp/qpybench-smtp, starts qpy-tcpserver on a free 127.0.0.1 port with maxsmtpd 100
+and no pickup, and drives it with Postfix's smtp-source at 1 and 16 concurrent sessions,
+both keeping connections open (smtp-source -d: many messages per connection) and
+with a new connection (so a new forked session) per message. A message is counted only when its
+complete, fsync'd drop file is in queue/drop/: the rate is the rate of 250 replies
+after DATA, each durable. Prints a Markdown table of medians over the rounds (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+PREFIX = os.environ.get("QPY_PREFIX", "/opt/qpy")
+BASE = "/var/tmp/qpybench-smtp"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("qpy-tcpserver does not listen on %d" % port)
+
+
+def final_drops(drop: str) -> int:
+    return sum(1 for n in os.listdir(drop) if n[:1].isdigit())
+
+
+def run_once(root: str, port: int, sessions: int, messages: int, size: int,
+             disconnect: bool) -> float:
+    drop = os.path.join(root, "queue", "drop")
+    for n in os.listdir(drop):
+        os.unlink(os.path.join(drop, n))
+    args = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-f", "bench@client.example", "-t", "postmaster@bench.example",
+            "-M", "client.example"]
+    if not disconnect:
+        args.append("-d")     # smtp-source -d: keep the connection for the next message
+    start = time.monotonic()
+    r = subprocess.run(args + ["127.0.0.1:%d" % port], capture_output=True, timeout=600)
+    elapsed = time.monotonic() - start
+    if r.returncode != 0:
+        raise RuntimeError("smtp-source: %s" % r.stderr.decode(errors="replace")[-500:])
+    got = final_drops(drop)
+    if got != messages:
+        raise RuntimeError("%d messages sent, %d in queue/drop" % (messages, got))
+    return messages / elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=int, default=2000)
+    opts = ap.parse_args()
+    if os.getuid() != 0:
+        sys.stderr.write("bench/smtp.py: needs root\n")
+        return 2
+    shutil.rmtree(BASE, ignore_errors=True)
+    os.makedirs(BASE, mode=0o755)
+    root = os.path.join(BASE, "qpy")
+    subprocess.run([os.path.join(PREFIX, "bin", "qpy-install"), root, "--me", "bench.example"],
+                   check=True, capture_output=True)
+    port = free_port()
+    with open(os.path.join(root, "control", "smtplisten"), "w") as f:
+        f.write("127.0.0.1:%d\n" % port)
+    with open(os.path.join(root, "control", "maxsmtpd"), "w") as f:
+        f.write("100\n")
+    log = open(os.path.join(BASE, "tcpserver.log"), "wb")
+    server = subprocess.Popen([os.path.join(PREFIX, "bin", "qpy-tcpserver"), root],
+                              env={"PATH": "/usr/bin:/bin", "QPY_ROOT": root},
+                              stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_port(port)
+        for disconnect in (False, True):
+            for sessions in (1, 16):
+                rates = [run_once(root, port, sessions, opts.messages, opts.size, disconnect)
+                         for _ in range(opts.rounds)]
+                rows.append((sessions, "one per message" if disconnect else "kept open",
+                             statistics.median(rates), min(rates), max(rates)))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    print("SMTP accept rate, qpy-tcpserver + qpy-smtpd, %d messages of %d bytes, "
+          "median of %d rounds (min-max); %d CPUs, load %.1f"
+          % (opts.messages, opts.size, opts.rounds, os.cpu_count() or 0, os.getloadavg()[0]))
+    print()
+    print("| sessions | connections | messages/s |")
+    print("|---:|---|---:|")
+    for sessions, conn, med, lo, hi in rows:
+        print("| %d | %s | %.0f (%.0f-%.0f) |" % (sessions, conn, med, lo, hi))
+    shutil.rmtree(BASE, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
