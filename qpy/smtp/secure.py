@@ -59,27 +59,28 @@ class SecureSession(Session):
     def __init__(self, cfg: Config, env: Mapping[str, str], channel: Channel):
         super().__init__(cfg, env, channel)
         self.sec = settings(cfg.root)
+        self.ctx = self.sec.ctx if tls.is_socket(channel.rfd) else None
         self.tls_info = ""
         self.auth_failures = 0
         self._checking_sender = False
         self.verbs[b"AUTH"] = self.cmd_auth
         self.verbs[b"MAIL"] = self.cmd_mail
         self.mail_params[b"AUTH"] = self.param_auth
-        if self.sec.ctx is not None:
+        if self.ctx is not None:
             self.verbs[b"STARTTLS"] = self.cmd_starttls
         self._advertise()
 
     def _advertise(self) -> None:
         if not self.tls:
-            self.extensions = ["STARTTLS"] if self.sec.ctx is not None else []
+            self.extensions = ["STARTTLS"] if self.ctx is not None else []
         else:
             self.extensions = [auth.ehlo_line()] if auth.offered(self.cfg.root, True) else []
 
     # -- TLS -----------------------------------------------------------------------
     def _go_tls(self) -> None:
-        assert self.sec.ctx is not None
+        assert self.ctx is not None
         try:
-            sock = tls.secure_channel(self.ch, self.sec.ctx, self.remote_ip)
+            sock = tls.secure_channel(self.ch, self.ctx, self.remote_ip)
         except tls.HandshakeError as e:
             log("%s %s: %s" % (PROGRAM, self.remote_ip, clean(str(e), 300)))
             self.closing = True
@@ -99,7 +100,7 @@ class SecureSession(Session):
         self._go_tls()
 
     def on_smtps(self) -> None:
-        if self.sec.ctx is None:
+        if self.ctx is None:
             super().on_smtps()
             return
         self._go_tls()

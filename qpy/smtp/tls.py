@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import stat
 import time
 
 from qpy.common.log import log
@@ -103,6 +104,14 @@ def socket_of(fd: int) -> socket.socket | None:
         sock.close()
         return None
     return sock
+
+
+def is_socket(fd: int) -> bool:
+    """Whether fd is a socket (TLS needs one; a pipe, as in some tests, cannot)."""
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 class HandshakeError(Exception):
