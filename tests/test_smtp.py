@@ -593,3 +593,52 @@ def test_postfix_relays_into_qpy(server, qroot):
         assert b"Subject: via postfix" in msg and b"from postfix.pf.example" in msg
     finally:
         pf.stop()
+
+
+# -- the whole system: SMTP in, delivered to a Maildir ------------------------------------------
+
+@needs_root
+@pytest.mark.slow
+def test_delivered_end_to_end_under_qpy_start(qroot):
+    home = os.path.join(os.path.dirname(qroot.path), "home-smtp2")
+    pw = qpytest.make_user("smtp2", home)
+    for sub in ("", "/new", "/cur", "/tmp"):
+        os.makedirs(home + "/Maildir" + sub, exist_ok=True)
+        os.chown(home + "/Maildir" + sub, pw.pw_uid, pw.pw_gid)
+    with open(os.path.join(home, ".qmail"), "w") as f:
+        f.write("./Maildir/\n")
+    os.chown(os.path.join(home, ".qmail"), pw.pw_uid, pw.pw_gid)
+    port = qpytest.free_port()
+    qroot.control("smtplisten", "127.0.0.1:%d" % port)
+    log = open(os.path.join(os.path.dirname(qroot.path), "start.log"), "ab")
+    start = qroot.start("qpy-start", qroot.path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            try:
+                Client(port, timeout=2).close()
+                return True
+            except OSError:
+                return False
+        assert wait_for(up, 30)
+        rcpt = "%s@test.example" % pw.pw_name
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            assert s.sendmail("a@client.example", [rcpt], b"Subject: e2e 1\r\n\r\nhi\r\n") == {}
+            with pytest.raises(smtplib.SMTPRecipientsRefused):   # the table qpy-start built
+                s.sendmail("a@client.example", ["nosuch-%s" % rcpt], MSG)
+        r = subprocess.run(["swaks", "--pipeline", "--server", "127.0.0.1", "--port", str(port),
+                            "--to", rcpt, "--from", "s@example.org", "--header",
+                            "Subject: e2e 2"], capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stdout[-2000:]
+        new = os.path.join(home, "Maildir", "new")
+        assert wait_for(lambda: len(os.listdir(new)) == 2, 60)
+        bodies = [open(os.path.join(new, n), "rb").read() for n in os.listdir(new)]
+        assert all(b"Delivered-To: " in b and b"by test.example (qpy) with ESMTP" in b
+                   for b in bodies)
+        assert sorted(b"Subject: e2e 1" in b for b in bodies) == [False, True]
+    finally:
+        start.terminate()
+        try:
+            start.wait(60)
+        except subprocess.TimeoutExpired:
+            start.kill()
+        log.close()

@@ -102,9 +102,11 @@ class Config:
         self.refresh()
 
     def refresh(self) -> None:
-        """Pick up a rebuilt recipient table (cheap: one stat)."""
+        """Pick up a rebuilt recipient table (cheap: one stat); log when its state changes."""
+        before = getattr(self, "_table_state", "ok")
         self.recipients.refresh()
-        if self.recipients.state != "ok" and not self.acceptunknown:
+        self._table_state = self.recipients.state
+        if self.recipients.state not in ("ok", before) and not self.acceptunknown:
             log("%s: recipient table %s: %s" % (PROGRAM, self.recipients.state,
                 "accepting every local recipient" if self.recipients.state == "missing"
                 else "local recipients deferred"))
