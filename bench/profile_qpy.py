@@ -1,0 +1,107 @@
+"""profile_qpy — where qpy's per-message time goes: py-spy over one W1 run.
+
+`py-spy record --subprocesses` samples qpy-start and every process it forks (smtpd,
+queue-inject, pickup, queue-send, lspawn, local) while smtp-source sends; the raw
+(collapsed) stacks go to /var/tmp/qpybench/profile-*.txt and a summary is printed: CPU
+samples per program, and the functions with the most samples of their own (self) and
+below them (total). py-spy counts a thread only while it is on the CPU (no --idle), so
+time blocked in fsync or select shows up in the strace figures, not here.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import workloads as wl
+from systems import BASE, PREFIX, end
+
+TOP = 25
+RATE = 250
+
+
+def pyspy() -> str | None:
+    for cand in (os.path.join(PREFIX, "venv", "bin", "py-spy"), shutil.which("py-spy")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def profile(sysm, pw, newdir: str, n: int, sessions: int, run_one, idle: bool = False) -> None:
+    exe = pyspy()
+    if exe is None:
+        print("profile: py-spy not installed (pip install the test extra)", file=sys.stderr)
+        return
+    out = os.path.join(BASE, "profile-%s.txt" % ("wall" if idle else "cpu"))
+    args = [exe, "record", "--subprocesses", "--nonblocking", "--format", "raw",
+            "--rate", str(RATE), "-o", out, "-p", str(sysm.roots()[0])]
+    if idle:
+        args.append("--idle")
+    spy = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    try:
+        run_one("profile W1 s=%d" % sessions, sysm,
+                lambda: wl.w1(sysm, pw, newdir, n, sessions), {})
+    finally:
+        end(spy, signal.SIGINT)
+    if not os.path.exists(out):
+        print("profile: py-spy wrote nothing: %s" % spy.stderr.read().decode()[-500:],
+              file=sys.stderr)
+        return
+    print(summarize(out, n))
+
+
+_PROC = re.compile(r"^process \d+:\"(?:\S*/)?(?:python3?\S* (?:-\S+ )*)?(?:\S*/)?(\S+)")
+
+
+def summarize(path: str, messages: int) -> str:
+    per_prog: collections.Counter = collections.Counter()
+    own: collections.Counter = collections.Counter()
+    total: collections.Counter = collections.Counter()
+    samples = 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue
+            c = int(count)
+            frames = stack.split(";")
+            prog = "?"
+            if frames and frames[0].startswith("process "):
+                m = _PROC.match(frames[0])
+                prog = m.group(1) if m else frames[0][:40]
+                frames = frames[1:]
+                if frames and frames[0].startswith("thread "):
+                    frames = frames[1:]
+            samples += c
+            per_prog[prog] += c
+            if frames:
+                own[_short(frames[-1])] += c
+            for fr in set(map(_short, frames)):
+                total[fr] += c
+    ms = 1000.0 / RATE
+    lines = ["", "py-spy over one W1 run of %d messages: %d CPU samples at %d Hz "
+             "(%.2f ms CPU per message)" % (messages, samples, RATE,
+                                            samples * ms / max(1, messages)),
+             "", "CPU per program (ms per message):"]
+    for prog, c in per_prog.most_common(12):
+        lines.append("  %7.2f  %s" % (c * ms / messages, prog))
+    lines += ["", "self (ms per message):"]
+    for fr, c in own.most_common(TOP):
+        lines.append("  %7.2f  %s" % (c * ms / messages, fr))
+    lines += ["", "total, including callees (ms per message):"]
+    for fr, c in total.most_common(TOP):
+        lines.append("  %7.2f  %s" % (c * ms / messages, fr))
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """`func (path/to/site-packages/qpy/x.py:12)` -> `func (qpy/x.py)`."""
+    frame = re.sub(r":\d+\)$", ")", frame)
+    return re.sub(r"\(\S*?/((?:qpy|python3\.\d+|site-packages)/)", r"(\1", frame)
