@@ -20,7 +20,12 @@ import psutil
 import pytest
 import qpytest
 import tlshelp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tlshelp import Raw
+
+from qpy.common import authdb
+from qpy.smtp import auth as smtpauth
 
 FAIL_DELAY = 1.0          # qpy.auth.authd.FAIL_DELAY
 LOCK_AFTER = 5            # qpy.auth.authd.LOCK_AFTER
@@ -460,3 +465,46 @@ def test_dovecot_auth_socket_backend(qroot):
             dovecot.terminate()
             dovecot.wait(timeout=30)
         qpytest.remove_tree(d)
+
+
+# -- the SASL parser and the authsenders rule, as pure functions ------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.lists(st.one_of(st.none(), st.binary(max_size=600)),
+                                         max_size=3))
+def test_sasl_exchange_never_raises(arg, answers):
+    it = iter(answers)
+    result = smtpauth.exchange(arg, lambda challenge: next(it, None))
+    if isinstance(result, tuple):
+        user, password = result
+        assert authdb.valid_user(user) and authdb.valid_password(password)
+    else:
+        assert result[:3].isdigit() and result[3] == " "
+
+
+def test_sasl_exchange_examples():
+    b64 = lambda b: base64.b64encode(b)  # noqa: E731
+    assert smtpauth.exchange(b"PLAIN " + b64(b"\0alice\0pw"), None) == (b"alice", b"pw")
+    assert smtpauth.exchange(b"plain " + b64(b"alice\0alice\0pw"), None) == (b"alice", b"pw")
+    assert smtpauth.exchange(b"PLAIN " + b64(b"bob\0alice\0pw"), None) == smtpauth.BAD
+    assert smtpauth.exchange(b"PLAIN =", None) == smtpauth.BAD_B64
+    replies = iter([b64(b"alice"), b64(b"pw")])
+    assert smtpauth.exchange(b"LOGIN", lambda c: next(replies)) == (b"alice", b"pw")
+    assert smtpauth.exchange(b"LOGIN " + b64(b"alice"), lambda c: b"*") == smtpauth.CANCELLED
+    assert smtpauth.exchange(b"PLAIN " + b"A" * (smtpauth.MAX_B64 + 4), None) \
+        == smtpauth.BAD_B64
+
+
+def test_authsenders_rule():
+    lines = ["alice: alice@example.org Alice.Smith@example.org", "bob: @bob.example"]
+    ok = smtpauth.sender_allowed
+    assert ok(lines, "alice", b"alice@example.org")
+    assert ok(lines, "alice", b"alice.smith@EXAMPLE.org")
+    assert not ok(lines, "alice", b"bob@bob.example")
+    assert not ok(lines, "alice", b"")
+    assert ok(lines, "bob", b"anything@bob.example")
+    assert not ok(lines, "carol", b"x@bob.example")       # owned by bob
+    assert not ok(lines, "carol", b"alice@example.org")   # owned by alice
+    assert ok(lines, "carol", b"carol@example.org")       # nobody's: free
+    assert ok([], "carol", b"alice@example.org")
