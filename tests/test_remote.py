@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import re
 import signal
 import socket
@@ -48,11 +49,15 @@ def dnssrv():
 
 @pytest.fixture
 def port():
-    """A port free on every address the peers of these tests use (they share it)."""
-    for _ in range(50):
-        p = qpytest.free_port(PEER)
+    """A port free on every address the peers of these tests use (they share it).
+
+    Below the kernel's ephemeral range, so that no outgoing connection takes it
+    between this check and the peer's bind.
+    """
+    for _ in range(200):
+        p = random.randrange(20000, 32000)
         try:
-            for host in (PEER2, DOWN, "::1"):
+            for host in (PEER, PEER2, DOWN, "::1"):
                 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
                 with socket.socket(fam, socket.SOCK_STREAM) as s:
                     s.bind((host, p))
