@@ -135,7 +135,8 @@ class Server:
             log("%s: listen addresses changed; they take effect at restart" % PROGRAM)
 
     # -- the loop ----------------------------------------------------------------------
-    def run(self) -> int:
+    def signals(self) -> None:
+        """Catch signals from the very start: a SIGHUP while binding must not kill us."""
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -146,6 +147,9 @@ class Server:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def run(self) -> int:
+        rfd = self.wakeup[0]
         sel = self.sel = selectors.DefaultSelector()
         sel.register(rfd, selectors.EVENT_READ, None)
         for lst in self.listeners:
@@ -311,6 +315,7 @@ def main() -> int:
     root = root_from(args[:1] or None)
     preamble(PROGRAM, root, None)
     server = Server(root, lookup)
+    server.signals()
     try:
         server.bind()
     except (OSError, ValueError) as e:
