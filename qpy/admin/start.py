@@ -69,6 +69,8 @@ STABLE_RUN = 2.0            # a service that ran this long restarts after MIN_BA
 NEWRCPT_TIMEOUT = 300      # seconds qpy-newrcpt may take
 MAX_LINE = 4096             # longer child log lines are cut
 CHILD_PATH = "/usr/bin:/bin"
+FORWARDED = {signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1}
+HUP_TO = ("pickup", "tcpserver", "authd")
 EXIT_USAGE = 100
 EXIT_TEMP = 111
 
@@ -158,6 +160,14 @@ class Starter:
                 os.chdir("/")
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                # a forwarded signal must not kill a program still starting up:
+                # queue-send gets them blocked (it unblocks once its handlers are
+                # set, so an early SIGALRM still counts); the others ignore HUP until
+                # they set a handler
+                if prog == "queue-send":
+                    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+                elif prog in HUP_TO:
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 os.execve(path, [path], self.env)
             except BaseException:
                 pass
@@ -307,7 +317,7 @@ class Starter:
             self.signal("queue-send", signal.SIGALRM)
         if signal.SIGHUP in flags:
             self.newrcpt()
-            for prog in ("queue-send", "pickup", "tcpserver", "authd"):
+            for prog in ("queue-send",) + HUP_TO:
                 self.signal(prog, signal.SIGHUP)
         if (signal.SIGTERM in flags or signal.SIGINT in flags) and not self.terminating:
             say("stopping")

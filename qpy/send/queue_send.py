@@ -634,6 +634,9 @@ def main() -> int:
     for sig in (signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda s, f: None)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # qpy-start execs us with these blocked, so that none kills us before this point
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM, signal.SIGHUP,
+                                                signal.SIGUSR1, signal.SIGTERM})
     qs = QueueSend(root)
     if qs.socks[REMOTE] is None:
         log("warning: no qpy-rspawn connection: remote mail waits in the queue")
