@@ -451,6 +451,42 @@ def test_users_lookup_rules(qroot, homes):
     assert b"qtlalice-x" in users.valid_locals(qroot.path)
 
 
+def test_valid_locals_assign_and_alias_default(qroot, homes):
+    from qpy.common import users
+    alice, _ = homes
+    with open(os.path.join(qroot.paths.users, "assign"), "w") as f:
+        f.write(f"=info:{alice.pw_name}:{alice.pw_uid}:{alice.pw_gid}:{alice.pw_dir}:-:i:\n"
+                f"+Sales-:{alice.pw_name}:{alice.pw_uid}:{alice.pw_gid}:{alice.pw_dir}:-::\n.\n")
+    valid = users.valid_locals(qroot.path)
+    assert b"INFO" in valid and b"sales-x" in valid and b"info-x" not in valid
+    assert b"nosuchname" not in valid
+    p = os.path.join(qroot.paths.alias, ".qmail-default")
+    with open(p, "w") as f:
+        f.write("./Maildir/\n")
+    assert b"nosuchname" in users.valid_locals(qroot.path)
+
+
+def test_qpy_local_by_hand(qroot, homes):
+    alice, _ = homes
+    put(alice, ".qmail-x", "./Mailbox\n|echo hi\n")
+    msg = put(alice, "msg", MSG)
+    args = [alice.pw_name, alice.pw_dir, alice.pw_name + "-x", "-", "x", "test.example",
+            "s@remote.example", "./Maildir/"]
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        with open(msg, "rb") as f:
+            return subprocess.run(["setpriv", "--reuid", str(alice.pw_uid), "--regid",
+                                   str(alice.pw_gid), "--init-groups", "--",
+                                   qroot.bin("qpy-local"), *argv], stdin=f,
+                                  capture_output=True, env=qroot.env(), timeout=60)
+    r = run("-n", *args)
+    assert r.returncode == 0 and r.stdout == b"mbox ./Mailbox\nprogram echo hi\n"
+    r = run(*args)
+    assert r.returncode == 0 and r.stdout == b"did 1+0+1 hi\n", r
+    assert mailbox.mbox(os.path.join(alice.pw_dir, "Mailbox"))[0]["Subject"] == "hello"
+    r = qroot.run("qpy-local", *args, input=MSG)  # as root: refused
+    assert r.returncode == 111 and b"root" in r.stderr
+
+
 @pytest.mark.parametrize("bad", [b"=a:b:1:1:/h::\n.\n", b"=a:b:x:1:/h:::\n.\n",
                                  b"=a:b:1:1:h:::\n.\n", b"=a:b:1:1:/h:::\n", b"a\n.\n"])
 def test_assign_malformed_defers(ls, homes, qroot, bad):

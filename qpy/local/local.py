@@ -89,9 +89,9 @@ class Delivery:
 def timeout_from(ctl: control.Control) -> int:
     """control/timeoutlocal (a qpy addition) or TIMEOUT."""
     v = ctl.get("timeoutlocal")
-    if isinstance(v, list) and v and v[0].isdigit() and int(v[0]) > 0:
-        return int(v[0])
-    return TIMEOUT
+    if isinstance(v, list):  # not (yet) in control.DEFAULTS: read as a list
+        v = int(v[0]) if v and v[0].isdigit() else 0
+    return v if isinstance(v, int) and v > 0 else TIMEOUT
 
 
 def _host_parts(host: bytes) -> list[bytes]:
