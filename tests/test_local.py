@@ -393,6 +393,22 @@ def test_extension_files_and_default(ls, homes):
     assert b"Delivered-To: qtlalice-Work@test.example\n" in work
 
 
+def test_empty_dotqmail_forward_only_and_blank_first_line(ls, homes, qroot):
+    alice, bob = homes
+    put(alice, ".qmail", "")
+    assert ls.deliver(addr(alice))[0] == b"K"  # empty: the default delivery
+    assert len(new_files(maildir(alice))) == 1
+    put(alice, ".qmail", "\n./Maildir/\n")
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "blank" in text
+    put(alice, ".qmail", f"&{bob.pw_name}@test.example\n", mode=0o744)  # x bit: forward-only
+    assert ls.deliver(addr(alice))[0] == b"K"
+    put(alice, ".qmail", f"&{bob.pw_name}@test.example\n./Maildir/\n", mode=0o744)
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "x bit" in text
+    assert len(drops(qroot)) == 1 and len(new_files(maildir(alice))) == 1
+
+
 def test_unknown_extension_without_default_bounces(ls, homes):
     alice, _ = homes
     status, text = ls.deliver(addr(alice, "-nosuch"))
