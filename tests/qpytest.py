@@ -17,7 +17,7 @@ PREFIX = os.environ.get("QPY_PREFIX") or ("/opt/qpy" if os.getuid() == 0
                                           else os.path.expanduser("~/.local/qpy"))
 BIN = os.path.join(PREFIX, "bin")
 PYTHON = os.path.join(PREFIX, "venv", "bin", "python3")
-TEST_BASE = "/var/tmp/qpy-test"
+TEST_BASE = "/var/tmp/qpy-test" if os.getuid() == 0 else "/var/tmp/qpy-test-%d" % os.getuid()
 IS_ROOT = os.getuid() == 0
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (real uids)")
