@@ -47,6 +47,7 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "timeoutsmtpd": ("int", 1200),
     "timeoutremote": ("int", 1200),
     "timeoutconnect": ("int", 60),
+    "timeoutlocal": ("int", 3600),
     "maxsmtpd": ("int", 40),
     "maxrcpt": ("int", 100),
     "acceptunknown": ("flag", False),
