@@ -477,3 +477,21 @@ def _hold_and_inject(q, qroot, a, b, go) -> None:
         pass
     q.wait_log(r"delivery 1: success")
     assert wait_for(lambda: len(maildir(a)) == 10 and len(maildir(b)) == 1, 30), q.log()
+
+
+def test_bounce_that_cannot_be_injected_is_retried(qroot):
+    a = user("sa", qroot)
+    user("sb", qroot, {"fail": "|echo nope; exit 100\n"})
+    q = Qpy(qroot)
+    drop = qroot.paths.drop
+    mode = os.stat(drop).st_mode & 0o7777
+    os.chmod(drop, 0o3700)           # only qpyq (and root) can create a drop file now
+    try:
+        sendmail(qroot, "qtsa@%s" % ME, "qtsb-fail@%s" % ME)   # root can still inject
+        q.wait_log(r"trouble injecting bounce message, will try later")
+        assert bounces(a) == [] and os.listdir(qroot.paths.state)
+    finally:
+        os.chmod(drop, mode)
+    q.signal(signal.SIGALRM)
+    assert wait_for(lambda: bounces(a), 30), q.log()
+    assert wait_for(lambda: queue_empty(qroot), 30)

@@ -523,12 +523,14 @@ class QueueSend:
     def retry_all(self) -> None:
         for channel in (LOCAL, REMOTE):
             self.heaps[channel] = []
-        for msgid, m in self.msgs.items():
-            m.retry_at = 0.0
+        for msgid, m in list(self.msgs.items()):
             for i, r in enumerate(m.st.recipients):
                 if r.state in ("waiting", "deferred"):
                     r.next_try = 0
                     heapq.heappush(self.heaps[r.channel], (0, msgid, i))
+            if m.retry_at:      # a bounce or clean-up that failed: try it now
+                m.retry_at = 0.0
+                self.settle(m)
 
     def handle_flags(self) -> None:
         flags, self.flags = self.flags, set()
