@@ -372,6 +372,9 @@ class Pickup:
             if not pending:
                 # inotify only wakes us early; every wake lists the whole directory
                 watcher.wait(IDLE_WAIT)
+                # scan() lists the whole directory on every wake, so this is the due
+                # rescan too; not taking it leaves wait() with a zero timeout (a busy loop)
+                watcher.rescan_due()
                 pending = self.scan(dfd)
             if not pending:
                 self.empty_journal()
