@@ -59,6 +59,7 @@ ROWS = [
     ("w1s16.ms_per_msg", "", "ms/msg at {w1}", "low", None),
     ("w6.big", "", "ms/msg at {big}", "low", None),
     ("w6.growth", "", "ms/msg {big} / {small}", "low", ("flat", 1.2)),
+    ("idle", "idle CPU (no mail flowing)", "% of one core", "low", None),
     ("fsync", "fsyncs per message (strace -f, W1)", "fsync+fdatasync", "low", None),
     ("w7.ops", "W7 disk: create+4KiB+fsync+rename+fsync dir", "ops/s, 1 writer", None, None),
     ("w7.ops16", "", "ops/s, 16 writers", None, None),
@@ -71,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
     ap.add_argument("--big-rounds", type=int, default=1,
                     help="rounds of W6's largest run (default 1)")
-    ap.add_argument("--only", default="", help="comma list of W1..W7, fsync")
+    ap.add_argument("--only", default="", help="comma list of W1..W7, idle, fsync")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     ap.add_argument("--no-postfix", action="store_true")
     ap.add_argument("--no-qpy", action="store_true")
@@ -94,11 +95,13 @@ class Bench:
             self.n = {"w1": 50, "w2": 10, "w3": 0, "w4": 10, "small": 0, "big": 0,
                       "fsync": 20}
             self.w7_seconds = 0.5
+            self.idle_seconds = 3.0
         else:
             self.n = {"w1": int(2000 * s), "w2": int(500 * s), "w3": int(2000 * s),
                       "w4": int(200 * s), "small": int(500 * s), "big": int(8000 * s),
                       "fsync": int(500 * s)}
             self.w7_seconds = 3.0
+            self.idle_seconds = 10.0
         self.values: dict[str, dict[str, list[float]]] = {}
         self.failures: list[str] = []
         self.only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
@@ -201,6 +204,9 @@ class Bench:
                 if small and big:
                     self.record("w6.growth", s.name,
                                 statistics.median(big) / statistics.median(small))
+        if self.wanted("IDLE"):
+            self.ab("idle", 1, lambda s: lambda: wl.idle_cpu(s, self.idle_seconds),
+                    {"idle": "idle"})
         if self.wanted("FSYNC") and not self.args.no_strace:
             self.ab("fsync count", 1,
                     lambda s: lambda: wl.fsyncs(s, pw, nd, n["fsync"], SESSIONS),

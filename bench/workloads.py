@@ -285,6 +285,22 @@ def fsyncs(sysm, pw, newdir: str, n: int, sessions: int) -> dict:
     return {"fsync": (calls["fsync"] + calls["fdatasync"]) / n}
 
 
+def idle_cpu(sysm, seconds: float) -> dict:
+    """CPU used by all of a system's processes while no mail flows, % of one core."""
+    def total() -> float:
+        t = 0.0
+        for p in tree(sysm.roots()):
+            try:
+                c = p.cpu_times()
+                t += c.user + c.system + c.children_user + c.children_system
+            except psutil.Error:
+                pass
+        return t
+    before = total()
+    time.sleep(seconds)
+    return {"idle": 100.0 * (total() - before) / seconds}
+
+
 def settle(sysm, timeout: float = 60.0) -> bool:
     """Until the system's queue is empty (after a run), True if it emptied."""
     deadline = time.monotonic() + timeout
