@@ -158,6 +158,7 @@ class QueueSend:
         self.dnum = 0
         self.todo: deque[str] = deque()
         self.todo_known: set[str] = set()
+        self.retrying: set[str] = set()     # messages whose bounce or clean-up failed
         self.bad_todo: set[str] = set()
         self.flags: set[int] = set()
         self.next_rm = 0.0
@@ -433,7 +434,7 @@ class QueueSend:
         owed = [i for i, r in enumerate(st.recipients) if r.bounce_owed]
         if owed and not any(r.state == "waiting" for r in st.recipients):
             if not self.send_bounce(m, owed):
-                m.retry_at = now + RETRY_LATER
+                self.later(m, now)
                 return
         if st.finished():
             self.finish(m, "", now)
@@ -468,6 +469,18 @@ class QueueSend:
         log("bounce msg %s qp %d" % (st.id, os.getpid()))
         return True
 
+    def later(self, m: Msg, now: float) -> None:
+        """A bounce or clean-up failed: try again after RETRY_LATER (or on SIGALRM)."""
+        m.retry_at = now + RETRY_LATER
+        self.retrying.add(m.st.id)
+
+    def retry_failed(self, now: float) -> None:
+        for msgid in [i for i in self.retrying if self.msgs[i].retry_at <= now]:
+            self.retrying.discard(msgid)
+            m = self.msgs[msgid]
+            m.retry_at = 0.0
+            self.settle(m)
+
     @staticmethod
     def _mark_bounced(st: MessageState, owed: list[int]) -> None:
         for i in owed:
@@ -478,7 +491,7 @@ class QueueSend:
         reply = self.clean_request(msgid)
         if reply != b"+":
             log("warning: qpy-clean unable to clean up msg %s: %s" % (msgid, clean(reply)))
-            m.retry_at = now + RETRY_LATER
+            self.later(m, now)
             return
         m.sf.remove()
         if why:
@@ -486,6 +499,7 @@ class QueueSend:
             self._unlink(os.path.join(self.rmdir, msgid))
         log("end msg %s" % msgid)
         del self.msgs[msgid]
+        self.retrying.discard(msgid)
 
     def clean_request(self, msgid: str) -> bytes:
         try:
@@ -514,6 +528,7 @@ class QueueSend:
                 if not m.removing:
                     m.removing = True
                     m.retry_at = 0.0
+                    self.retrying.discard(name)
                     self.settle(m)
             elif name not in self.todo_known and \
                     not os.path.lexists(os.path.join(self.paths.todo, name)):
@@ -523,14 +538,12 @@ class QueueSend:
     def retry_all(self) -> None:
         for channel in (LOCAL, REMOTE):
             self.heaps[channel] = []
-        for msgid, m in list(self.msgs.items()):
+        for msgid, m in self.msgs.items():
             for i, r in enumerate(m.st.recipients):
                 if r.state in ("waiting", "deferred"):
                     r.next_try = 0
                     heapq.heappush(self.heaps[r.channel], (0, msgid, i))
-            if m.retry_at:      # a bounce or clean-up that failed: try it now
-                m.retry_at = 0.0
-                self.settle(m)
+        self.retry_failed(float("inf"))     # failed bounces and clean-ups: now
 
     def handle_flags(self) -> None:
         flags, self.flags = self.flags, set()
@@ -570,9 +583,7 @@ class QueueSend:
                     self.scan_todo()
                 for _ in range(min(TODO_BATCH, len(self.todo))):
                     self.preprocess(self.todo.popleft())
-                for m in [m for m in self.msgs.values() if m.retry_at and now >= m.retry_at]:
-                    m.retry_at = 0.0
-                    self.settle(m, now)
+                self.retry_failed(now)
                 self.start_deliveries(int(now))
             timeout = self._timeout(now)
             ready = watcher.wait(timeout, tuple(fds))
@@ -594,9 +605,8 @@ class QueueSend:
             heap = self.heaps[channel]
             if heap and self.busy[channel] < self.conc[channel]:
                 t = min(t, heap[0][0] - now)
-        for m in self.msgs.values():
-            if m.retry_at:
-                t = min(t, m.retry_at - now)
+        for msgid in self.retrying:
+            t = min(t, self.msgs[msgid].retry_at - now)
         t = min(t, self.next_rm - now)
         return max(0.0, t)
 
