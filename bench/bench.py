@@ -48,6 +48,7 @@ ROWS = [
     ("w1s1.deliver", "", "delivered msg/s", "high", None),
     ("w1s16.accept", "W1 SMTP to Maildir, 16 sessions", "accepted msg/s", "high", None),
     ("w1s16.deliver", "", "delivered msg/s", "high", (">=", 1.0)),
+    ("w1s16.cpu", "", "CPU ms/msg, all processes", "low", None),
     ("w2.inject", "W2 sendmail in a shell loop", "injected msg/s", "high", None),
     ("w2.deliver", "", "delivered msg/s", "high", (">=", 1.0)),
     ("w3.deliver", "W3 relay to smtp-sink, 16 sessions", "queue empty, msg/s", "high",
@@ -181,7 +182,8 @@ class Bench:
             self.ab("W1 s=16", rounds,
                     lambda s: lambda: wl.w1(s, pw, nd, n["w1"], SESSIONS, rss=True),
                     {"accept": "w1s16.accept", "deliver": "w1s16.deliver",
-                     "ms_per_msg": "w1s16.ms_per_msg", "rss": "w5.rss"})
+                     "ms_per_msg": "w1s16.ms_per_msg", "rss": "w5.rss",
+                     "cpu_ms": "w1s16.cpu"})
         if self.wanted("W2"):
             self.ab("W2", rounds, lambda s: lambda: wl.w2(s, pw, nd, n["w2"]),
                     {"inject": "w2.inject", "deliver": "w2.deliver"})

@@ -78,31 +78,30 @@ def cpu_by_program(roots: list[int]) -> dict[str, list[float]]:
             name = p.name()
         except psutil.Error:
             continue
-        own, kids = t.user + t.system, t.children_user + t.children_system
-        cur = out.setdefault("%s %d" % (name, p.pid), [0.0, 0.0])
-        cur[0] += own
-        cur[1] += kids
+        cur = out.setdefault("%s %d" % (name, p.pid), [0.0] * 4)
+        for i, v in enumerate((t.user, t.system, t.children_user, t.children_system)):
+            cur[i] += v
     return out
 
 
 def cpu_table(before: dict, after: dict, n: int) -> str:
-    lines = ["", "CPU per message by process, ms (own / its reaped children), W1 %d messages:"
-             % n]
+    lines = ["", "CPU per message by process, ms: total = own user+sys + reaped children "
+             "user+sys (W1, %d messages)" % n]
     rows = []
-    for key, (own, kids) in after.items():
-        b = before.get(key, [0.0, 0.0])
-        rows.append((own - b[0] + kids - b[1], own - b[0], kids - b[1], key))
+    for key, a in after.items():
+        b = before.get(key, [0.0] * 4)
+        d = [1000 * (x - y) / n for x, y in zip(a, b, strict=True)]
+        rows.append((sum(d), d, key))
     rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    for tot, own, kids, key in rows:
-        if tot > 0:
-            lines.append("  %7.2f  (%6.2f / %6.2f)  %s" % (1000 * tot / n, 1000 * own / n,
-                                                        1000 * kids / n, key))
-    lines.append("  %7.2f  total" % (1000 * total / n))
+    tot = [sum(r[1][i] for r in rows) for i in range(4)]
+    for t, d, key in rows:
+        if t > 0:
+            lines.append("  %7.2f = %5.2f+%5.2f  + %5.2f+%5.2f  %s" % (t, *d, key))
+    lines.append("  %7.2f = %5.2f+%5.2f  + %5.2f+%5.2f  total" % (sum(tot), *tot))
     return "\n".join(lines)
 
 
-_PROC = re.compile(r"^process \d+:\"(?:\S*/)?(?:python3?\S* (?:-\S+ )*)?(?:\S*/)?(\S+)")
+_PROC = re.compile(r"^process \d+:\"(?:\S*/)?(?:python3?\S* (?:-\S+ )*)?(?:\S*/)?([^\s\"]+)")
 
 
 def summarize(path: str, messages: int) -> str:
@@ -117,13 +116,16 @@ def summarize(path: str, messages: int) -> str:
                 continue
             c = int(count)
             frames = stack.split(";")
+            # --subprocesses nests each child's stack under its parents' "process" frames
             prog = "?"
-            if frames and frames[0].startswith("process "):
-                m = _PROC.match(frames[0])
-                prog = m.group(1) if m else frames[0][:40]
+            for i in range(len(frames) - 1, -1, -1):
+                if frames[i].startswith("process "):
+                    m = _PROC.match(frames[i])
+                    prog = m.group(1) if m else frames[i][:40]
+                    frames = frames[i + 1:]
+                    break
+            if frames and frames[0].startswith("thread "):
                 frames = frames[1:]
-                if frames and frames[0].startswith("thread "):
-                    frames = frames[1:]
             samples += c
             per_prog[prog] += c
             if frames:

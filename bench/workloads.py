@@ -132,16 +132,19 @@ def w1(sysm, pw, newdir: str, n: int, sessions: int, rss: bool = False) -> dict:
     try:
         if sampler:
             sampler.start()
+        cpu0 = cpu_seconds(sysm.roots())
         t0 = time.monotonic()
         smtp_source(sysm.port, "%s@%s" % (pw.pw_name, sysm.domain), n, sessions)
         t1 = time.monotonic()
         t2 = watch.wait(n, t0 + deadline_for(n))
+        cpu = cpu_seconds(sysm.roots()) - cpu0
     finally:
         peak = sampler.stop() if sampler else None
         watch.close()
     if t2 is None:
         raise RunFailed("W1: %d of %d delivered in time" % (watch.count, n))
-    out = {"accept": n / (t1 - t0), "deliver": n / (t2 - t0), "ms_per_msg": 1000 * (t2 - t0) / n}
+    out = {"accept": n / (t1 - t0), "deliver": n / (t2 - t0), "ms_per_msg": 1000 * (t2 - t0) / n,
+           "cpu_ms": 1000 * cpu / n}
     if peak is not None:
         out["rss"] = peak
     return out
@@ -285,20 +288,23 @@ def fsyncs(sysm, pw, newdir: str, n: int, sessions: int) -> dict:
     return {"fsync": (calls["fsync"] + calls["fdatasync"]) / n}
 
 
+def cpu_seconds(roots: list[int]) -> float:
+    """user+system CPU of a system's processes and of the children they reaped."""
+    t = 0.0
+    for p in tree(roots):
+        try:
+            c = p.cpu_times()
+            t += c.user + c.system + c.children_user + c.children_system
+        except psutil.Error:
+            pass
+    return t
+
+
 def idle_cpu(sysm, seconds: float) -> dict:
     """CPU used by all of a system's processes while no mail flows, % of one core."""
-    def total() -> float:
-        t = 0.0
-        for p in tree(sysm.roots()):
-            try:
-                c = p.cpu_times()
-                t += c.user + c.system + c.children_user + c.children_system
-            except psutil.Error:
-                pass
-        return t
-    before = total()
+    before = cpu_seconds(sysm.roots())
     time.sleep(seconds)
-    return {"idle": 100.0 * (total() - before) / seconds}
+    return {"idle": 100.0 * (cpu_seconds(sysm.roots()) - before) / seconds}
 
 
 def settle(sysm, timeout: float = 60.0) -> bool:
