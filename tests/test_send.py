@@ -505,3 +505,36 @@ def test_bounce_that_cannot_be_injected_is_retried(qroot):
     q.signal(signal.SIGALRM)
     assert wait_for(lambda: bounces(a), 30), q.log()
     assert wait_for(lambda: queue_empty(qroot), 30)
+
+
+def test_without_rspawn_remote_mail_waits(qroot):
+    """qpy-start skips a missing qpy-rspawn; remote recipients stay queued, deferred."""
+    import shutil
+    bindir = os.path.join(os.path.dirname(qroot.path), "bin")
+    os.mkdir(bindir)
+    os.chmod(bindir, 0o755)
+    for name in os.listdir(qpytest.BIN):
+        if name != "qpy-rspawn":
+            shutil.copy2(os.path.join(qpytest.BIN, name), bindir)   # launchers find
+    a = user("sa", qroot)                                          # their siblings here
+    logpath = os.path.join(os.path.dirname(qroot.path), "norspawn.log")
+    with open(logpath, "wb") as log:
+        p = subprocess.Popen([os.path.join(bindir, "qpy-start"), qroot.path], stdout=log,
+                             stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"})
+
+    def text() -> str:
+        with open(logpath, "rb") as f:
+            return f.read().decode()
+    try:
+        assert wait_for(lambda: "qpy-rspawn is missing" in text(), 30), text()
+        sendmail(qroot, "qtsa@%s" % ME, "someone@remote.example", "qtsa@%s" % ME)
+        assert wait_for(lambda: maildir(a), 30), text()
+        assert wait_for(lambda: "no qpy-rspawn connection" in text(), 30), text()
+        r = qroot.run("qpy-qread", qroot.path)
+        assert wait_for(lambda: re.search(
+            r"deferred\s+remote\s+<someone@remote.example>\s+next .*qpy-rspawn is not running",
+            qroot.run("qpy-qread", qroot.path).stdout.decode()), 30), r.stdout
+        assert "starting delivery 2" not in text() and bounces(a) == []
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=90) == 0

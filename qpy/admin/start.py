@@ -14,7 +14,7 @@ SERVICES (design §8; --only NAME starts just one)
     send    qpy-clean, qpy-lspawn, qpy-rspawn (skipped, with a log line, while its
             launcher is missing) and qpy-queue-send, wired:
               queue-send fd 3 = SOCK_SEQPACKET to lspawn (lspawn's fd 0)
-              queue-send fd 4 = SOCK_SEQPACKET to rspawn (rspawn's fd 0)
+              queue-send fd 4 = SOCK_SEQPACKET to rspawn (rspawn's fd 0; /dev/null without it)
               queue-send fd 5 -> clean fd 0, clean fd 1 -> queue-send fd 6 (pipes)
             lspawn and rspawn have /dev/null on fd 1. If any of the four dies the
             whole group is stopped and restarted, since the pipes are shared.
@@ -147,6 +147,7 @@ class Starter:
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         for fd in (0, 1):
             fdmap.setdefault(fd, devnull)
+        fdmap = {t: (devnull if src == -1 else src) for t, src in fdmap.items()}
         pid = os.fork()
         if pid == 0:
             try:
@@ -224,6 +225,7 @@ class Starter:
                 qfds[4] = rs_q.fileno()
             else:
                 say("warning: send: qpy-rspawn is missing; remote mail waits in the queue")
+                qfds[4] = -1    # /dev/null: no stray descriptor can land on fd 4
             self.spawn(svc, "queue-send", qfds)
         finally:
             # only the children hold the pipes now: an exit is seen as end of file

@@ -10,7 +10,7 @@ RUNS AS
 
 FDS (wired by qpy-start)
     3  SOCK_SEQPACKET to qpy-lspawn: requests out, results in (qpy.common.spawn)
-    4  SOCK_SEQPACKET to qpy-rspawn; when fd 4 is closed, remote mail waits queued
+    4  SOCK_SEQPACKET to qpy-rspawn; when fd 4 is not a socket, remote mail waits
     5  requests to qpy-clean (`ID` LF);  6  its replies (`+`, `!reason`, `x`)
     2  the log, one line per event in qmail-log's words
 
@@ -54,6 +54,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 from collections import deque
@@ -145,6 +146,13 @@ def classify(rcpt: bytes, locals_: set[bytes], vdoms: dict[bytes, bytes],
     return REMOTE, rcpt
 
 
+def is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 class QueueSend:
     def __init__(self, root: str):
         self.root = root
@@ -171,11 +179,9 @@ class QueueSend:
     # --- set-up -------------------------------------------------------------------
     @staticmethod
     def _sock(fd: int) -> socket.socket | None:
-        try:
-            os.fstat(fd)
-        except OSError:
-            return None
-        return socket.socket(fileno=fd)
+        """The spawner socket on fd, or None (qpy-start puts /dev/null there when the
+        spawner is not installed)."""
+        return socket.socket(fileno=fd) if is_socket(fd) else None
 
     def reload(self) -> None:
         self.ctl.reload()
@@ -635,10 +641,9 @@ def main() -> int:
         except OSError:
             log("alert: cannot start: no qpy-clean connection on fd %d" % fd)
             return 111
-    try:
-        os.fstat(LOCAL_FD)
-    except OSError:
-        log("alert: cannot start: hath the daemon spawn no fire? (no fd %d)" % LOCAL_FD)
+    if not is_socket(LOCAL_FD):
+        log("alert: cannot start: hath the daemon spawn no fire? (no socket on fd %d)"
+            % LOCAL_FD)
         return 111
     # signals only set flags: the wakeup pipe ends the select() at once
     wr, ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
