@@ -538,3 +538,21 @@ def test_without_rspawn_remote_mail_waits(qroot):
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=90) == 0
+
+
+def test_bounce_of_a_big_message_returns_its_header_only(qroot):
+    a = user("sa", qroot)
+    user("sb", qroot, {"fail": "|exit 100\n"})
+    q = Qpy(qroot)
+    big = ("line of a big message %d\n" % 0) * 12000            # about 300 kB
+    sendmail(qroot, "qtsa@%s" % ME, "qtsb-fail@%s" % ME, body=big,
+             headers="Subject: big one\nX-Marker: kept\n")
+    assert wait_for(lambda: bounces(a), 30), q.log()
+    [bnc] = bounces(a)
+    parts = bnc.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    headers = parts[2].get_payload()
+    assert "X-Marker: kept" in headers and "Subject: big one" in headers
+    assert "line of a big message" not in bnc.as_string()
+    assert len(bnc.as_bytes()) < 20000
