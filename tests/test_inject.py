@@ -422,6 +422,8 @@ def test_full_disk(tmp_path):
         big = b"Subject: big\n\n" + b"x" * 200_000
         r = q.run("qpy-sendmail", "-i", "a@test.example", input=big)
         assert r.returncode == 111, (r.returncode, r.stderr)
+        r = queue_inject(q, big, envelope.encode(b"", [b"a@test.example"]))
+        assert r.returncode == 53 and b"No space left" in r.stderr, (r.returncode, r.stderr)
         assert [n for n in os.listdir(q.paths.drop)] == []          # no partial file left
         os.unlink(filler)
         r = q.run("qpy-sendmail", "-i", "a@test.example", input=big)

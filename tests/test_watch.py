@@ -1,0 +1,51 @@
+"""The file watcher: inotify events are hints; lost events never strand a file."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import qpytest
+
+from qpy.common.watch import Watcher
+
+
+def queued_events_limit() -> int:
+    with open("/proc/sys/fs/inotify/max_queued_events") as f:
+        return int(f.read())
+
+
+def test_event_wakes_the_watcher():
+    d = qpytest.test_dir("watch")
+    w = Watcher([d], rescan_seconds=3600)
+    assert w.rescan_due()                       # a full listing is due at start
+    assert not w.rescan_due()
+    with open(os.path.join(d, "x"), "w") as f:
+        f.write("x")
+    t0 = time.monotonic()
+    w.wait(30)
+    assert time.monotonic() - t0 < 20           # woken by the event, not by the timeout
+    w.close()
+
+
+def test_periodic_rescan_without_events():
+    d = qpytest.test_dir("watch")
+    w = Watcher([d], rescan_seconds=0.5)
+    assert w.rescan_due()
+    w.wait(30)                                  # nothing happens: the rescan wakes it
+    assert w.rescan_due()
+    w.close()
+
+
+def test_queue_overflow_forces_a_rescan():
+    """More events than the kernel queues: IN_Q_OVERFLOW, and a full rescan is due."""
+    limit = queued_events_limit()
+    d = qpytest.test_dir("watch")
+    w = Watcher([d], rescan_seconds=3600)
+    assert w.rescan_due()
+    for i in range(limit + 100):                # nobody reads events meanwhile: they are lost
+        os.close(os.open(os.path.join(d, "f%d" % i), os.O_CREAT | os.O_WRONLY, 0o600))
+    w.wait(30)
+    assert w.rescan_due(), "an overflow must make the caller list the directory"
+    w.close()
+    qpytest.remove_tree(d)
