@@ -108,6 +108,7 @@ class Bench:
         self.only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
         self.pw = None
         self.systems: list = []
+        self.profile = ""
 
     def wanted(self, w: str) -> bool:
         return not self.only or w in self.only
@@ -220,9 +221,15 @@ class Bench:
                     self.record(key, "disk", res["ops"])
                     log("W7 round %d, %d writers: %s ops/s" % (r + 1, writers, fmt(res["ops"])))
         if self.args.profile and not self.args.quick:
+            parts = []
             for s in self.systems:
                 if isinstance(s, systems.Qpy):
-                    profile_qpy.profile(s, pw, nd, n["w1"], SESSIONS, self.run_one)
+                    parts.append(profile_qpy.profile(s, pw, nd, n["w1"], SESSIONS,
+                                                     self.run_one))
+                else:
+                    parts.append(profile_qpy.cpu_profile(s, pw, nd, n["w1"], SESSIONS,
+                                                         self.run_one))
+            self.profile = "\n\n".join(parts)
 
     def table(self) -> str:
         names = [s.name for s in self.systems]
@@ -360,6 +367,8 @@ def main(argv: list[str]) -> int:
     if b.failures:
         text += "\nFailed runs:\n\n" + "\n".join(
             "- " + f.splitlines()[0] for f in b.failures) + "\n"
+    if b.profile:
+        text += "\n## Profile (bench/run --profile)\n\n```\n%s\n```\n" % b.profile.strip()
     print(text)
     if not args.quick:
         path = args.out or results_path()

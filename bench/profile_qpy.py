@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -34,23 +33,18 @@ def pyspy() -> str | None:
     return None
 
 
-def profile(sysm, pw, newdir: str, n: int, sessions: int, run_one, idle: bool = False) -> None:
+def profile(sysm, pw, newdir: str, n: int, sessions: int, run_one, idle: bool = False) -> str:
+    """CPU per process over one W1 run, then py-spy over another: the text to report."""
     exe = pyspy()
     if exe is None:
-        print("profile: py-spy not installed (pip install the test extra)", file=sys.stderr)
-        return
+        return "profile: py-spy not installed (pip install the test extra)"
     out = os.path.join(BASE, "profile-%s.txt" % ("wall" if idle else "cpu"))
     args = [exe, "record", "--subprocesses", "--nonblocking", "--format", "raw",
             "--rate", str(RATE), "-o", out, "-p", str(sysm.roots()[0])]
     # --gil: only samples holding the GIL, i.e. Python running on a CPU (py-spy's own idle
     # detection counts threads blocked in select/fsync here)
     args.append("--idle" if idle else "--gil")
-    # CPU per program from the kernel's own accounting, without py-spy running
-    before = cpu_by_program(sysm.roots())
-    run_one("profile (CPU) W1 s=%d" % sessions, sysm,
-            lambda: wl.w1(sysm, pw, newdir, n, sessions), {})
-    after = cpu_by_program(sysm.roots())
-    print(cpu_table(before, after, n))
+    text = cpu_profile(sysm, pw, newdir, n, sessions, run_one)
     spy = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)
     try:
@@ -59,10 +53,18 @@ def profile(sysm, pw, newdir: str, n: int, sessions: int, run_one, idle: bool = 
     finally:
         end(spy, signal.SIGINT)
     if not os.path.exists(out):
-        print("profile: py-spy wrote nothing: %s" % spy.stderr.read().decode()[-500:],
-              file=sys.stderr)
-        return
-    print(summarize(out, n))
+        return text + "\nprofile: py-spy wrote nothing: %s" % (
+            spy.stderr.read().decode()[-500:])
+    return text + "\n" + summarize(out, n)
+
+
+def cpu_profile(sysm, pw, newdir: str, n: int, sessions: int, run_one) -> str:
+    """CPU per program from the kernel's own accounting over one W1 run (any system)."""
+    before = cpu_by_program(sysm.roots())
+    run_one("profile (CPU) W1 s=%d" % sessions, sysm,
+            lambda: wl.w1(sysm, pw, newdir, n, sessions), {})
+    after = cpu_by_program(sysm.roots())
+    return "%s: %s" % (sysm.name, cpu_table(before, after, n).lstrip())
 
 
 def cpu_by_program(roots: list[int]) -> dict[str, list[float]]:
@@ -78,7 +80,8 @@ def cpu_by_program(roots: list[int]) -> dict[str, list[float]]:
             name = p.name()
         except psutil.Error:
             continue
-        cur = out.setdefault("%s %d" % (name, p.pid), [0.0] * 4)
+        # by name: Postfix runs several smtpd, qpy one of each resident program
+        cur = out.setdefault(name, [0.0] * 4)
         for i, v in enumerate((t.user, t.system, t.children_user, t.children_system)):
             cur[i] += v
     return out
