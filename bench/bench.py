@@ -229,6 +229,9 @@ class Bench:
                 else:
                     parts.append(profile_qpy.cpu_profile(s, pw, nd, n["w1"], SESSIONS,
                                                          self.run_one))
+            for s in self.systems:
+                parts.append(profile_qpy.fsync_profile(s, pw, nd, n["fsync"], SESSIONS,
+                                                       self.run_one))
             self.profile = "\n\n".join(parts)
 
     def table(self) -> str:

@@ -155,3 +155,61 @@ def _short(frame: str) -> str:
     """`func (path/to/site-packages/qpy/x.py:12)` -> `func (qpy/x.py)`."""
     frame = re.sub(r":\d+\)$", ")", frame)
     return re.sub(r"\(\S*?/((?:qpy|python3\.\d+|site-packages)/)", r"(\1", frame)
+
+
+_NAME = re.compile(r'prctl\(PR_SET_NAME, "([^"]*)"')
+_EXEC = re.compile(r'execve\("([^"]*)"')
+_FORK = re.compile(r"(?:clone3?|fork|vfork)(?:\(.*\)| resumed>.*\)) += (\d+)$")
+_SYNC = re.compile(r"(fsync|fdatasync)\(\d+<([^>]*)>")  # also "<unfinished ...>" lines
+
+
+def fsync_profile(sysm, pw, newdir: str, n: int, sessions: int, run_one) -> str:
+    """fsyncs per message by program and by file, from `strace -f -y` over one W1 run."""
+    procs = tree(sysm.roots())
+    names = {}
+    for p in procs:
+        try:
+            names[str(p.pid)] = p.name().split()[0]
+        except psutil.Error:
+            pass
+    out = os.path.join(BASE, "fsyncs-%s.trace" % sysm.name)
+    args = ["strace", "-f", "-y", "-o", out,
+            "-e", "trace=fsync,fdatasync,prctl,execve,clone,clone3,fork,vfork"]
+    for p in procs:
+        args += ["-p", str(p.pid)]
+    st = wl.strace(args, len(procs))
+    try:
+        run_one("profile (fsyncs) W1 s=%d" % sessions, sysm,
+                lambda: wl.w1(sysm, pw, newdir, n, sessions), {})
+        wl.settle(sysm, 30)
+    finally:
+        end(st, signal.SIGINT)
+    counts: collections.Counter = collections.Counter()
+    with open(out, errors="replace") as f:
+        for line in f:
+            pid, _, rest = line.partition(" ")
+            rest = rest.strip()
+            m = _FORK.search(rest)
+            if m:
+                names[m.group(1)] = names.get(pid, "?")
+                continue
+            m = _NAME.search(rest) or _EXEC.search(rest)
+            if m:
+                names[pid] = os.path.basename(m.group(1).split()[0]) if m.group(1) else "?"
+                continue
+            m = _SYNC.search(rest)
+            if m:
+                counts[(names.get(pid, "?"), _file_kind(m.group(2)))] += 1
+    total = sum(counts.values())
+    lines = ["%s: fsync+fdatasync per message by program and file (strace -f -y, W1 %d "
+             "messages): %.2f" % (sysm.name, n, total / n)]
+    for (prog, kind), c in counts.most_common(20):
+        lines.append("  %5.2f  %-16s %s" % (c / n, prog, kind))
+    return "\n".join(lines)
+
+
+def _file_kind(path: str) -> str:
+    """A path with the message ids and names taken out: queue/mess/ID, Maildir/new."""
+    path = re.sub(r"^/var/tmp/qpybench/(qpy|postfix/spool)/", "", path)
+    path = re.sub(r"^.*/(Maildir/)", r"\1", path)
+    return re.sub(r"[0-9A-F]{6,}[^/]*|\d{6,}[^/]*", "ID", path)

@@ -255,6 +255,20 @@ def pct(sorted_values: list[float], p: float) -> float:
     return sorted_values[int(k)]
 
 
+def strace(args: list[str], npids: int) -> subprocess.Popen:
+    """Start strace on npids processes; return once it has seized them all (or 10 s)."""
+    errf = tempfile.TemporaryFile()
+    st = subprocess.Popen(args, stderr=errf)
+    # strace says "Process N attached" once per thread it has seized.
+    for _ in range(200):
+        errf.seek(0)
+        if errf.read().count(b"attached") >= npids:
+            break
+        time.sleep(0.05)
+    errf.close()
+    return st
+
+
 def fsyncs(sysm, pw, newdir: str, n: int, sessions: int) -> dict:
     """fsync + fdatasync calls per message over a W1 run, counted by strace -f."""
     pids = [p.pid for p in tree(sysm.roots())]
@@ -264,20 +278,12 @@ def fsyncs(sysm, pw, newdir: str, n: int, sessions: int) -> dict:
     args = ["strace", "-f", "-c", "-o", out, "-e", "trace=fsync,fdatasync"]
     for pid in pids:
         args += ["-p", str(pid)]
-    errf = tempfile.TemporaryFile()
-    st = subprocess.Popen(args, stderr=errf)
+    st = strace(args, len(pids))
     try:
-        # strace says "Process N attached" once per thread it has seized.
-        for _ in range(200):
-            errf.seek(0)
-            if errf.read().count(b"attached") >= len(pids):
-                break
-            time.sleep(0.05)
         w1(sysm, pw, newdir, n, sessions)
         settle(sysm, 30)
     finally:
         end(st, signal.SIGINT)
-        errf.close()
     calls = {"fsync": 0, "fdatasync": 0}
     with open(out) as f:
         for line in f:
