@@ -79,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-qpy", action="store_true")
     ap.add_argument("--no-strace", action="store_true", help="skip the fsync count")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile qpy with py-spy over one W1 run (summary printed)")
+                    help="add CPU per program, py-spy (qpy) and fsyncs by file to the results")
     ap.add_argument("--out", help="results file (default bench/results/DATE.md)")
     ap.add_argument("--deadline", type=float,
                     help="seconds a run may take before it fails (default 30 + 0.1/message)")
