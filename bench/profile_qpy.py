@@ -59,12 +59,34 @@ def profile(sysm, pw, newdir: str, n: int, sessions: int, run_one, idle: bool = 
 
 
 def cpu_profile(sysm, pw, newdir: str, n: int, sessions: int, run_one) -> str:
-    """CPU per program from the kernel's own accounting over one W1 run (any system)."""
+    """CPU per program from the kernel's own accounting over one W1 run (any system),
+    and page faults per message (`perf stat`, where perf works): a forked Python worker
+    copies every page whose objects it touches (reference counts are writes)."""
+    pids = [p.pid for p in tree(sysm.roots())]
+    out = os.path.join(BASE, "perf-%s.stat" % sysm.name)
+    perf = None
+    if shutil.which("perf") and pids:
+        perf = subprocess.Popen(["perf", "stat", "-e", "task-clock,page-faults,context-switches",
+                                 "-o", out, "-p", ",".join(map(str, pids))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
     before = cpu_by_program(sysm.roots())
-    run_one("profile (CPU) W1 s=%d" % sessions, sysm,
-            lambda: wl.w1(sysm, pw, newdir, n, sessions), {})
+    try:
+        run_one("profile (CPU) W1 s=%d" % sessions, sysm,
+                lambda: wl.w1(sysm, pw, newdir, n, sessions), {})
+    finally:
+        if perf:
+            end(perf, signal.SIGINT)
     after = cpu_by_program(sysm.roots())
-    return "%s: %s" % (sysm.name, cpu_table(before, after, n).lstrip())
+    text = "%s: %s" % (sysm.name, cpu_table(before, after, n).lstrip())
+    if perf and os.path.exists(out):
+        with open(out) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[1] in ("page-faults", "context-switches"):
+                    text += "\n  %s per message (perf stat, all processes): %.0f" % (
+                        parts[1], float(parts[0].replace(",", "")) / n)
+    return text
 
 
 def cpu_by_program(roots: list[int]) -> dict[str, list[float]]:
