@@ -120,7 +120,7 @@ def cpu_table(before: dict, after: dict, n: int) -> str:
     rows.sort(reverse=True)
     tot = [sum(r[1][i] for r in rows) for i in range(4)]
     for t, d, key in rows:
-        if t > 0:
+        if abs(t) >= 0.005:  # below 0: it exited in the run; its CPU moved to its parent
             lines.append("  %7.2f = %5.2f+%5.2f  + %5.2f+%5.2f  %s" % (t, *d, key))
     lines.append("  %7.2f = %5.2f+%5.2f  + %5.2f+%5.2f  total" % (sum(tot), *tot))
     return "\n".join(lines)
