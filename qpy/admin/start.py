@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from qpy.common import durable
+from qpy.common import children, durable
 from qpy.common.log import clean
 from qpy.common.paths import program
 from qpy.common.privilege import preamble
@@ -264,13 +264,7 @@ class Starter:
                     pass
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in children.exited():
             for svc in self.services.values():
                 c = svc.children.pop(pid, None)
                 if c is None:

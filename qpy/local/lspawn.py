@@ -54,7 +54,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from qpy.common import address, control, privilege, spawn, users
+from qpy.common import address, children, control, privilege, spawn, users
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, root_from
 from qpy.local import local as qlocal
@@ -244,13 +244,8 @@ class LSpawn:
         self.finish(c)
 
     def reap(self) -> None:
-        while True:  # also orphans of deliveries: we are their subreaper
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        # also orphans of deliveries: we are their subreaper
+        for pid, status in children.exited():
             c = self.children.get(pid)
             if c is not None:
                 c.status = status

@@ -52,7 +52,7 @@ import socket
 import sys
 import traceback
 
-from qpy.common import spawn
+from qpy.common import children, spawn
 from qpy.common.control import Control
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, set_title
@@ -161,13 +161,7 @@ class Spawner:
             os._exit(code)
 
     def reap(self) -> None:
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in children.exited():
             delivery, count = self.children.pop(pid, (None, 0))
             if delivery is None:
                 continue
