@@ -766,6 +766,9 @@ def test_end_to_end_maildir_forward_ext_postmaster(started, homes):
     os.chmod(os.path.join(alias, ".qmail-postmaster"), 0o644)
     qroot.control("virtualdomains", f"virt.example:{alice.pw_name}-v")
     put(alice, ".qmail-v-default", '|printf "%s" "$DEFAULT" > "$HOME/virt.out"\n')
+    # qpy-start forwards HUP once queue-send runs; before that a HUP would find nobody
+    assert qpytest.wait_for(lambda: os.path.exists(os.path.join(qroot.paths.run,
+                                                                "queue-send.pid")), 30)
     os.kill(started.procs[0].pid, signal.SIGHUP)  # queue-send re-reads virtualdomains
     time.sleep(0.5)
     msg = b"Subject: e2e\n\nFrom here\n"
