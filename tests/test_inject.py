@@ -492,3 +492,16 @@ def test_install_creates_system_users_without_shell(qroot):
         assert st.st_uid == pwd.getpwnam("qpyalias").pw_uid
     with open(os.path.join(qroot.paths.control, "rcpthosts")) as f:
         assert f.read() == "test.example\n"
+
+
+def test_nothing_under_queue_is_open_to_others(qroot):
+    """Design §8: under queue/ only drop/ lets others in, and only to create files."""
+    for dirpath, dirnames, filenames in os.walk(qroot.paths.queue):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if path == qroot.paths.drop:
+                assert mode & 0o007 == 0o003, oct(mode)      # -wx: create, no listing
+            else:
+                assert mode & 0o006 == 0, (path, oct(mode))
+    assert stat.S_IMODE(os.stat(qroot.paths.queue).st_mode) & 0o007 == 0o001

@@ -179,7 +179,7 @@ class Starter:
         svc.children[pid] = Child(svc.name, prog, pid, logr)
         try:
             # durable: temp name, fsync, rename, fsync dir (qpy.common.durable)
-            durable.write_file(self.paths.run, prog + ".pid", b"%d\n" % pid, mode=0o644)
+            durable.write_file(self.paths.run, prog + ".pid", b"%d\n" % pid, mode=0o600)
         except OSError as e:
             say("warning: cannot write %s.pid: %s" % (prog, e.strerror))
 
