@@ -22,6 +22,41 @@ EXIT_TEMP = 111
 MAX_MESSAGE_BYTES = 1 << 30
 
 
+class UsageError(ValueError):
+    pass
+
+
+def _arg(a: str) -> bytes:
+    return a.encode("utf-8", "surrogateescape")
+
+
+def options(args: list[str], with_value: tuple[str, ...]) -> tuple[list[tuple[str, bytes]],
+                                                                  list[bytes]]:
+    """Split a command line: ([(option, value)], operands). An option in with_value
+    takes the next argument or the rest of its own (`-fx` or `-f x`); `--` ends options."""
+    opts: list[tuple[str, bytes]] = []
+    operands: list[bytes] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":
+            operands += [_arg(r) for r in args[i:]]
+            break
+        if not a.startswith("-") or a == "-":
+            operands.append(_arg(a))
+        elif a in with_value:
+            if i >= len(args):
+                raise UsageError("option %s needs an argument" % a)
+            opts.append((a, _arg(args[i])))
+            i += 1
+        elif a[:2] in with_value:
+            opts.append((a[:2], _arg(a[2:])))
+        else:
+            opts.append((a, b""))
+    return opts, operands
+
+
 class Front:
     def __init__(self, program: str):
         self.program = program
@@ -72,6 +107,16 @@ class Front:
             return self.fail(EXIT_PERM if 11 <= e.code <= 40 else EXIT_TEMP,
                              "cannot queue the message: %s (#%d)" % (e, e.code))
         return 0
+
+
+    def read_message(self, dot_ends: bool) -> bytes | int:
+        """The message on stdin, or the exit code to leave with."""
+        try:
+            return read_stdin(dot_ends)
+        except OverflowError as e:
+            return self.fail(EXIT_PERM, str(e))
+        except OSError as e:
+            return self.fail(EXIT_TEMP, "cannot read the message: %s" % e.strerror)
 
 
 def read_stdin(dot_ends: bool) -> bytes:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-from qpy.inject.front import EXIT_PERM, EXIT_TEMP, Front, read_stdin
+from qpy.inject.front import EXIT_PERM, Front, UsageError, options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,36 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     front = Front("qpy-inject")
     sender: bytes | None = None
     mode = ""
-    rcpts: list[bytes] = []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        i += 1
-        if a == "--":
-            rcpts += [r.encode("utf-8", "surrogateescape") for r in args[i:]]
-            break
-        if a == "-f":
-            if i >= len(args):
-                return front.fail(EXIT_PERM, "-f needs an argument")
-            sender = args[i].encode("utf-8", "surrogateescape")
-            i += 1
-        elif a.startswith("-f"):
-            sender = a[2:].encode("utf-8", "surrogateescape")
-        elif a in ("-a", "-h"):
-            mode = a
-        elif a.startswith("-") and a != "-":
-            return front.fail(EXIT_PERM, "unknown option %s" % a)
+    try:
+        opts, rcpts = options(args, ("-f",))
+    except UsageError as e:
+        return front.fail(EXIT_PERM, str(e))
+    for opt, val in opts:
+        if opt == "-f":
+            sender = val
+        elif opt in ("-a", "-h"):
+            mode = opt
         else:
-            rcpts.append(a.encode("utf-8", "surrogateescape"))
+            return front.fail(EXIT_PERM, "unknown option %s" % opt)
     take = mode == "-h" or (mode == "" and not rcpts)
     if mode == "-h":
         rcpts = []
-    try:
-        message = read_stdin(False)
-    except OverflowError as e:
-        return front.fail(EXIT_PERM, str(e))
-    except OSError as e:
-        return front.fail(EXIT_TEMP, "cannot read the message: %s" % e.strerror)
+    message = front.read_message(False)
+    if isinstance(message, int):
+        return message
     from_addr = front.user(("QMAILUSER", "LOGNAME", "USER")) + b"@" + \
         front.host(("QMAILHOST",))
     if sender is None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import sys
 
-from qpy.inject.front import EXIT_PERM, EXIT_TEMP, Front, read_stdin
+from qpy.inject.front import EXIT_PERM, Front, UsageError, options
 
 IGNORED_WITH_ARG = ("-N", "-B", "-R", "-V", "-X", "-L", "-O", "-p", "-h", "-C", "-q")
 
@@ -43,44 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     name = b""
     take = False
     dot_ends = True
-    rcpts: list[bytes] = []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        i += 1
-        if a == "--":
-            rcpts += [r.encode("utf-8", "surrogateescape") for r in args[i:]]
-            break
-        if not a.startswith("-") or a == "-":
-            rcpts.append(a.encode("utf-8", "surrogateescape"))
-            continue
-        if a in ("-f", "-r", "-F") or a in IGNORED_WITH_ARG:
-            if i >= len(args):
-                return front.fail(EXIT_PERM, "option %s needs an argument" % a)
-            val = args[i].encode("utf-8", "surrogateescape")
-            i += 1
-        elif a[:2] in ("-f", "-r", "-F") and len(a) > 2:
-            val = a[2:].encode("utf-8", "surrogateescape")
-            a = a[:2]
-        else:
-            val = b""
-        if a in ("-f", "-r"):
-            sender = val.strip(b"<>") if val not in (b"<>", b"") else b""
-        elif a == "-F":
-            name = val
-        elif a == "-t":
-            take = True
-        elif a in ("-i", "-oi"):
-            dot_ends = False
-        elif a in ("-bs", "-bd", "-bp", "-bi"):
-            return front.fail(EXIT_PERM, "%s is not supported; use qpy-smtpd or qpy-qstat" % a)
-        # -odi -oem -om -v -bm -U -o* and the IGNORED_WITH_ARG options change nothing here
     try:
-        message = read_stdin(dot_ends)
-    except OverflowError as e:
+        opts, rcpts = options(args, ("-f", "-r", "-F") + IGNORED_WITH_ARG)
+    except UsageError as e:
         return front.fail(EXIT_PERM, str(e))
-    except OSError as e:
-        return front.fail(EXIT_TEMP, "cannot read the message: %s" % e.strerror)
+    for opt, val in opts:
+        if opt in ("-f", "-r"):
+            sender = val.strip(b"<>") if val not in (b"<>", b"") else b""
+        elif opt == "-F":
+            name = val
+        elif opt == "-t":
+            take = True
+        elif opt in ("-i", "-oi"):
+            dot_ends = False
+        elif opt in ("-bs", "-bd", "-bp", "-bi"):
+            return front.fail(EXIT_PERM, "%s is not supported; use qpy-smtpd or qpy-qstat" % opt)
+        # -odi -oem -om -v -bm -U -o* and the IGNORED_WITH_ARG options change nothing here
+    message = front.read_message(dot_ends)
+    if isinstance(message, int):
+        return message
     user = front.user(("QMAILUSER", "LOGNAME", "USER"))
     from_addr = user + b"@" + front.host(("QMAILHOST",))
     if sender is None:
