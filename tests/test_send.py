@@ -560,3 +560,34 @@ def test_bounce_of_a_big_message_returns_its_header_only(qroot):
     assert "X-Marker: kept" in headers and "Subject: big one" in headers
     assert "line of a big message" not in bnc.as_string()
     assert len(bnc.as_bytes()) < 20000
+
+
+def test_torn_state_head_is_rebuilt_from_todo(qroot):
+    """A crash while queue-send wrote a state head (O_EXCL, one fsync, no directory
+    fsync) leaves todo/ID and a torn state/ID: the message is still delivered, once."""
+    from qpy.common import envelope
+    from qpy.common.queue import todo_encode
+    pw = user("sh", qroot)
+    p = qroot.paths
+    msgid = "1700000000000001"
+    body = b"Received: (qpy 1 invoked by uid 0); 1 Jan 2026 00:00:00 -0000\n" \
+           b"Subject: torn\n\ntorn head body\n"
+    todo = todo_encode(int(time.time()), 0, len(body),
+                       envelope.encode(b"a@%s" % ME.encode(), [b"qtsh@%s" % ME.encode()]))
+    qpyq, qpys = pwd.getpwnam("qpyq"), pwd.getpwnam("qpys")
+    for path, data, owner, mode in (
+            (os.path.join(p.mess, msgid), body, qpyq, 0o640),
+            (os.path.join(p.todo, msgid), todo, qpyq, 0o640),
+            # half a head: the fsync never returned, so todo/ID was never unlinked
+            (os.path.join(p.state, msgid), b"QPYSTATE1\t%s\t17" % msgid.encode(), qpys,
+             0o600)):
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, owner.pw_uid, qpys.pw_gid)
+        os.chmod(path, mode)
+    q = Qpy(qroot)
+    q.wait_log(r"state/%s torn .*rebuilding it from todo/%s" % (msgid, msgid))
+    assert wait_for(lambda: queue_empty(qroot), 30), q.log()
+    [m] = maildir(pw)
+    assert "torn head body" in m.get_content()
+    q.stop()

@@ -6,7 +6,8 @@ tools (`qpy-qread`) through `read_state()`.
 FORMAT
     One record a line, fields separated by TAB (no address that passed the strict
     parser holds a TAB, LF or NUL; texts are made printable before they are written).
-    The file is created whole with a durable write (temp, fsync, rename, fsync dir):
+    The head is written straight into `state/ID`, created with O_EXCL, and fsync'd
+    once (no temporary name, no directory fsync; see CRASH SAFETY):
 
         QPYSTATE1 <TAB> ID <TAB> ARRIVAL <TAB> SIZE <TAB> UID <TAB> QP
         F <TAB> sender
@@ -22,6 +23,16 @@ FORMAT
 
     A crash can tear only the last, unsynced record: readers ignore a final line
     without LF, and queue-send cuts it off before appending (`repair()`).
+
+CRASH SAFETY OF THE HEAD
+    On ext4, xfs and btrfs (the filesystems qpy supports for its queue) the fsync of
+    a new file commits the journal transaction that created its directory entry, so
+    one fsync makes both the bytes and the name durable. queue-send unlinks todo/ID
+    only after that fsync returned; until then todo/ID holds everything the head
+    says. A crash before it leaves state/ID missing, empty or with a torn head, and
+    queue-send rebuilds it from todo/ID (QueueSend.load removes a torn head whose
+    todo/ID exists; preprocess writes it again). No record is appended before the
+    head is durable, so a torn head never hides a `K`.
 
 STATE WORDS (per recipient, as `qpy-qread` prints them)
     waiting (not yet tried), deferred (Z: next try, last error), done (K),
@@ -162,8 +173,20 @@ class StateFile:
         self.msgid = msgid
 
     def create(self, ms: MessageState) -> None:
-        # durable: temp name, fsync, rename, fsync dir (qpy.common.durable)
-        durable.write_file(self.directory, self.msgid, encode_head(ms), mode=STATE_MODE)
+        """Write the head into a new state/ID; raises FileExistsError if it exists."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     STATE_MODE)
+        try:
+            durable.write_all(fd, encode_head(ms))
+            # durable: one fsync commits the bytes and the new directory entry (ext4,
+            # xfs, btrfs); no temp+rename+dir fsync, as a torn head is rebuilt from
+            # todo/ID, which goes only after this returns (CRASH SAFETY above)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self.remove()
+            raise
+        os.close(fd)
 
     def repair(self) -> None:
         """Cut off a torn last record so that the next append starts on a line."""

@@ -21,8 +21,10 @@ READS
     queuelifetime, bouncefrom, bouncehost, doublebounceto, doublebouncehost, me.
 
 WRITES
-    `state/ID` (qpy.common.state): created durably, then one fsync'd record per
-    result, so a recipient marked done stays done across any crash. Bounces go in
+    `state/ID` (qpy.common.state): its head created with O_EXCL and fsync'd once
+    (no directory fsync: a torn or missing head is rebuilt from todo/ID, which is
+    unlinked only after that fsync), then one fsync'd record per result, so a
+    recipient marked done stays done across any crash. Bounces go in
     through `queue/drop/` (qpy.inject.drop) with sender <>.
 
 SCHEDULING
@@ -212,7 +214,12 @@ class QueueSend:
             try:
                 sf.repair()
                 st = read_state(sf.path)
-            except (OSError, StateError) as e:
+            except StateError as e:
+                if self._torn_head(sf, e):
+                    continue
+                log("warning: unable to read state/%s: %s" % (name, clean(str(e))))
+                continue
+            except OSError as e:
                 log("warning: unable to read state/%s: %s" % (name, clean(str(e))))
                 continue
             self.msgs[name] = m = Msg(st, sf)
@@ -220,6 +227,26 @@ class QueueSend:
                 if r.state in ("waiting", "deferred"):
                     heapq.heappush(self.heaps[r.channel], (r.next_try, name, i))
             self.settle(m)
+
+    def _torn_head(self, sf: StateFile, e: Exception) -> bool:
+        """A crash tore the head of state/ID while todo/ID still holds the message:
+        remove the state file, so that preprocess writes it again from todo/ID."""
+        if not os.path.lexists(os.path.join(self.paths.todo, sf.msgid)):
+            return False        # todo/ID goes only after the head is durable: not torn
+        log("warning: state/%s torn (%s): rebuilding it from todo/%s"
+            % (sf.msgid, clean(str(e)), sf.msgid))
+        sf.remove()
+        return True
+
+    def _replaceable(self, sf: StateFile) -> bool:
+        """A state/ID that load() could not use is replaced only when its head is torn."""
+        try:
+            read_state(sf.path)
+        except StateError as e:
+            return self._torn_head(sf, e)
+        except OSError:
+            pass
+        return False
 
     # --- preprocessing ------------------------------------------------------------
     def scan_todo(self) -> None:
@@ -271,7 +298,12 @@ class QueueSend:
             st.recipients.append(RecipientState(r, channel, daddr))
         sf = StateFile(self.paths.state, msgid)
         try:
-            sf.create(st)           # durable before todo/ID goes: the state takes over
+            try:
+                sf.create(st)       # durable before todo/ID goes: the state takes over
+            except FileExistsError:
+                if not self._replaceable(sf):
+                    raise
+                sf.create(st)
         except OSError as e:
             log("warning: unable to write state/%s: %s" % (msgid, e.strerror))
             return                  # todo/ID stays; the next rescan tries again
