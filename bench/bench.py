@@ -61,7 +61,7 @@ ROWS = [
     ("w6.big", "", "ms/msg at {big}", "low", None),
     ("w6.growth", "", "ms/msg {big} / {small}", "low", ("flat", 1.2)),
     ("idle", "idle CPU (no mail flowing)", "% of one core", "low", None),
-    ("fsync", "fsyncs per message (strace -f, W1)", "fsync+fdatasync", "low", None),
+    ("fsync", "fsyncs per message (strace -f, W1)", "fsync+fdatasync+syncfs", "low", None),
     ("w7.ops", "W7 disk: create+4KiB+fsync+rename+fsync dir", "ops/s, 1 writer", None, None),
     ("w7.ops16", "", "ops/s, 16 writers", None, None),
 ]

@@ -182,7 +182,7 @@ def _short(frame: str) -> str:
 _NAME = re.compile(r'prctl\(PR_SET_NAME, "([^"]*)"')
 _EXEC = re.compile(r'execve\("([^"]*)"')
 _FORK = re.compile(r"(?:clone3?|fork|vfork)(?:\(.*\)| resumed>.*\)) += (\d+)$")
-_SYNC = re.compile(r"(fsync|fdatasync)\(\d+<([^>]*)>")  # also "<unfinished ...>" lines
+_SYNC = re.compile(r"(fsync|fdatasync|syncfs)\(\d+<([^>]*)>")  # also "<unfinished ...>" lines
 
 
 def fsync_profile(sysm, pw, newdir: str, n: int, sessions: int, run_one) -> str:
@@ -196,7 +196,7 @@ def fsync_profile(sysm, pw, newdir: str, n: int, sessions: int, run_one) -> str:
             pass
     out = os.path.join(BASE, "fsyncs-%s.trace" % sysm.name)
     args = ["strace", "-f", "-y", "-o", out,
-            "-e", "trace=fsync,fdatasync,prctl,execve,clone,clone3,fork,vfork"]
+            "-e", "trace=fsync,fdatasync,syncfs,prctl,execve,clone,clone3,fork,vfork"]
     for p in procs:
         args += ["-p", str(p.pid)]
     st = wl.strace(args, len(procs))
@@ -223,7 +223,7 @@ def fsync_profile(sysm, pw, newdir: str, n: int, sessions: int, run_one) -> str:
             if m:
                 counts[(names.get(pid, "?"), _file_kind(m.group(2)))] += 1
     total = sum(counts.values())
-    lines = ["%s: fsync+fdatasync per message by program and file (strace -f -y, W1 %d "
+    lines = ["%s: fsync+fdatasync+syncfs per message by program and file (strace -f -y, W1 %d "
              "messages): %.2f" % (sysm.name, n, total / n)]
     for (prog, kind), c in counts.most_common(20):
         lines.append("  %5.2f  %-16s %s" % (c / n, prog, kind))

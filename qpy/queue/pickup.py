@@ -18,6 +18,15 @@ WRITES
 HOW A BATCH IS ADMITTED (crash safety)
     1. for each drop file: todo/.tmp.ID, then mess/ID, written and fsync'd;
        then mess/ and todo/ fsync'd.          (nothing visible to queue-send yet)
+       A batch of SYNCFS_MIN_BATCH or more files skips these fsyncs and makes
+       them all durable with one syncfs(2) of the queue's filesystem instead,
+       which returns only once every dirty file and directory of that
+       filesystem is on disk. It is used only where it reports write errors
+       (Linux 5.8 and later) and when mess/ and todo/ share one filesystem.
+       When it fails, the batch is not committed: its temporaries are
+       removed, the drop files stay, and from then on every file is fsync'd.
+       (syncfs also writes other programs' dirty data on that filesystem; a
+       queue on a busy shared filesystem is better on its own one.)
     2. one journal record per drop file, "NAME ID", appended and fsync'd: the
        commit point. A crash before it leaves only invisible temporaries, which
        the next start removes; the drop file is admitted again.
@@ -41,6 +50,7 @@ EXIT CODES
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -57,6 +67,7 @@ from qpy.common.queue import Paths, root_from, todo_encode
 from qpy.common.watch import Watcher
 
 BATCH_MAX = 64                    # drop files admitted under one journal fsync
+SYNCFS_MIN_BATCH = 2              # from this many files on, one syncfs replaces their fsyncs
 MAX_MESSAGE_BYTES = 1 << 30       # hard cap when databytes is unset
 HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
 STALE_TMP_SECONDS = 36 * 3600     # qmail's limit for a half-written file
@@ -87,6 +98,20 @@ def rfc822_date(t: float) -> str:
         tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec)
 
 
+def _load_syncfs():
+    """libc's syncfs, where the kernel reports write errors through it (5.8+)."""
+    try:
+        version = tuple(int(x) for x in os.uname().release.split(".")[:2])
+        f = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError, ValueError):
+        return None
+    if version < (5, 8):
+        return None
+    f.argtypes = [ctypes.c_int]
+    f.restype = ctypes.c_int
+    return f
+
+
 class Rejected(Exception):
     """The drop file fails a check; it goes to quarantine."""
 
@@ -101,6 +126,9 @@ class Pickup:
         self.journal_records = 0
         self.stuck: set[str] = set()      # entries pickup can neither admit nor move
         self.who = self._who_table()
+        self.syncfs = _load_syncfs()
+        if os.stat(self.paths.mess).st_dev != os.stat(self.paths.todo).st_dev:
+            self.syncfs = None            # one syncfs would not cover both
 
     def _who_table(self) -> dict[int, str]:
         import pwd
@@ -125,7 +153,7 @@ class Pickup:
         return str(self.last_id)
 
     # --- one drop file --------------------------------------------------
-    def admit_one(self, name: str, dfd: int) -> tuple[str, int, int] | None:
+    def admit_one(self, name: str, dfd: int, sync: bool = True) -> tuple[str, int, int] | None:
         """Write mess/ID and todo/.tmp.ID for one drop file; (id, uid, bytes) or None."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
@@ -136,14 +164,14 @@ class Pickup:
             self.quarantine(name, dfd, "cannot open: %s" % e.strerror)
             return None
         try:
-            return self._copy(name, fd)
+            return self._copy(name, fd, sync)
         except Rejected as e:
             self.quarantine(name, dfd, str(e))
             return None
         finally:
             os.close(fd)
 
-    def _copy(self, name: str, fd: int) -> tuple[str, int, int]:
+    def _copy(self, name: str, fd: int, sync: bool) -> tuple[str, int, int]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Rejected("not a plain file")
@@ -172,14 +200,15 @@ class Pickup:
         todo = todo_encode(int(now), st.st_uid, size, envelope.encode(sender, rcpts))
         # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
         # recover() removes together with mess/ID, so no orphan mess file is possible.
-        msg_id = self._reserve(todo)
+        msg_id = self._reserve(todo, sync)
         try:
             mfd = os.open(os.path.join(self.paths.mess, msg_id),
                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             try:
                 durable.write_all(mfd, received)
                 self._copy_range(fd, mfd, dropfile.HEADER_LEN, msglen)
-                os.fsync(mfd)      # its directory entry is fsync'd for the whole batch
+                if sync:           # else the batch's syncfs makes it durable
+                    os.fsync(mfd)  # its directory entry is fsync'd for the whole batch
             finally:
                 os.close(mfd)
         except BaseException:
@@ -188,8 +217,9 @@ class Pickup:
             raise
         return msg_id, st.st_uid, size
 
-    def _reserve(self, todo: bytes) -> str:
-        """Pick a free id and write todo/.tmp.ID (fsync'd); pickup runs alone (flock)."""
+    def _reserve(self, todo: bytes, sync: bool) -> str:
+        """Pick a free id and write todo/.tmp.ID (fsync'd unless the batch's syncfs will
+        do it); pickup runs alone (flock)."""
         while True:
             msg_id = self.new_id()
             if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
@@ -201,7 +231,8 @@ class Pickup:
                 continue
             try:
                 durable.write_all(fd, todo)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             except BaseException:
                 os.close(fd)
                 self._unlink(self.paths.todo, TODO_TMP + msg_id)
@@ -264,9 +295,10 @@ class Pickup:
         """Admit what it can of names; False when the queue refused a write."""
         admitted: list[tuple[str, str, int, int]] = []
         ok = True
+        batched = len(names) >= SYNCFS_MIN_BATCH and self.syncfs is not None
         for name in names:
             try:
-                r = self.admit_one(name, dfd)
+                r = self.admit_one(name, dfd, sync=not batched)
             except OSError as e:
                 log("warning: cannot admit drop %s: %s" % (clean(name), e.strerror))
                 ok = False       # disk full or worse: retry later, nothing lost
@@ -275,8 +307,16 @@ class Pickup:
                 admitted.append((name, *r))
         if not admitted:
             return ok
-        durable.fsync_dir(self.paths.mess)
-        durable.fsync_dir(self.paths.todo)
+        if batched:
+            # durable: one syncfs for every mess/ID, todo/.tmp.ID and both directories
+            if not self._syncfs_queue():
+                for _, msg_id, _, _ in admitted:    # not committed: the drops stay
+                    self._unlink(self.paths.mess, msg_id)
+                    self._unlink(self.paths.todo, TODO_TMP + msg_id)
+                return False
+        else:
+            durable.fsync_dir(self.paths.mess)
+            durable.fsync_dir(self.paths.todo)
         records = b"".join(b"%s %s\n" % (n.encode(), i.encode()) for n, i, _, _ in admitted)
         durable.append_line(self.journal, records)          # the commit point
         self.journal_records += len(admitted)
@@ -291,6 +331,21 @@ class Pickup:
                 pass
             log("pickup msg %s: drop %s uid %d bytes %d" % (msg_id, name, uid, size))
         return ok
+
+    def _syncfs_queue(self) -> bool:
+        """syncfs(2) of the queue's filesystem; on failure, fsync each file from now on."""
+        assert self.syncfs is not None
+        fd = os.open(self.paths.mess, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if self.syncfs(fd) == 0:
+                return True
+            err = ctypes.get_errno()
+        finally:
+            os.close(fd)
+        log("warning: syncfs failed (%s): batch not admitted; fsync each file from now on"
+            % os.strerror(err))
+        self.syncfs = None
+        return False
 
     def empty_journal(self) -> None:
         """Once the drop files' removals are durable, the journal can go."""
