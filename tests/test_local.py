@@ -10,6 +10,7 @@ qpy-start. Everything here needs root (real uids) and skips otherwise.
 from __future__ import annotations
 
 import fcntl
+import grp
 import itertools
 import mailbox
 import os
@@ -739,6 +740,32 @@ def test_sigterm_waits_for_delivery_in_flight(ls, homes):
     assert got == d and results[0][0] == b"K"
     assert ls.proc.wait(30) == 0
     assert len(new_files(maildir(alice))) == 1
+
+
+def test_supplementary_groups_from_the_parent_follow_etc_group(ls, homes):
+    """lspawn looks the groups up itself and caches them; a change of /etc/group
+    reaches the very next delivery."""
+    alice, _ = homes
+    group = "qtlgroup"
+    subprocess.run(["groupadd", "-f", group], check=True, capture_output=True)
+    subprocess.run(["gpasswd", "-d", alice.pw_name, group], capture_output=True)
+    gid = grp.getgrnam(group).gr_gid
+    put(alice, ".qmail", '|id -G > "$HOME/groups"\n')
+    out = os.path.join(alice.pw_dir, "groups")
+
+    def groups() -> set[int]:
+        status, text = ls.deliver(addr(alice))
+        assert status == b"K", text
+        return {int(g) for g in read(out).split()}
+
+    try:
+        assert groups() == {alice.pw_gid}
+        assert groups() == {alice.pw_gid}        # from the cache
+        subprocess.run(["gpasswd", "-a", alice.pw_name, group], check=True,
+                       capture_output=True)
+        assert groups() == {alice.pw_gid, gid}
+    finally:
+        subprocess.run(["gpasswd", "-d", alice.pw_name, group], capture_output=True)
 
 
 # ---- end to end: qpy-sendmail -> pickup -> queue-send -> lspawn -> local ---------------------

@@ -29,13 +29,23 @@ WHAT IT DOES
 
     Control files (defaultdelivery, envnoathost, timeoutlocal) are read at
     start and on SIGHUP; users/assign is re-read whenever it changes.
+
+    The recipient's supplementary groups are looked up here, in the parent
+    (os.getgrouplist, once per user), and kept for GROUPS_TTL seconds, until
+    /etc/group changes, or until SIGHUP, whichever comes first: the child does no
+    name-service work at all (libnss would be loaded and initialised again in
+    every child). A user added to a group through a non-file source (LDAP,
+    sssd) gets the new group within GROUPS_TTL seconds or at once on SIGHUP.
+
     End of file on fd 0 or SIGTERM: no new requests; wait for the children in
     flight (their results are still sent while the socket lasts), then exit 0.
 
 SECURITY
     Never delivers as uid 0. Refuses a message fd that is not a regular file
     owned by the queue user. The child holds no descriptor but the message and
-    its report pipe when user code runs.
+    its report pipe when user code runs. The child still makes qpy-local's own
+    checks (home owned by the user, not writable by group or others) as the
+    user, after dropping privileges; only the group lookup moved to the parent.
 
 EXIT CODES
     0 after end of input; 111 when it cannot start (not root, fd 0 not a socket).
@@ -64,6 +74,8 @@ MAX_CHILDREN = 2000     # a hard cap; queue-send's concurrencylocal is far lower
 MAX_REPORT = 4000       # bytes of a child's report kept
 STOP_WAIT = 60          # seconds SIGTERM waits for deliveries in flight
 PR_SET_CHILD_SUBREAPER = 36
+GROUPS_TTL = 60.0       # seconds a user's supplementary groups are kept
+GROUP_FILE = "/etc/group"
 EXIT_TEMP = 111
 
 
@@ -99,6 +111,7 @@ class LSpawn:
         self.reload = False
         self.oneuser = Paths(root).oneuser() is not None
         self.queue_uid = self._queue_uid()
+        self.groups = GroupCache()
         self._settings()
 
     def _queue_uid(self) -> int:
@@ -167,6 +180,10 @@ class LSpawn:
             return b"Z", b"One-user mode: cannot deliver as another uid. (#4.3.0)"
         if len(self.children) >= MAX_CHILDREN:
             return b"Z", b"Too many deliveries in qpy-lspawn. (#4.3.0)"
+        try:
+            groups = self.groups.get(who.user, who.gid) if os.getuid() == 0 else []
+        except OSError:
+            return b"Z", b"Unable to look up the groups of the recipient. (#4.3.0)"
         d = qlocal.Delivery(root=self.root, user=who.user, uid=who.uid, home=who.home,
                             local=local, domain=domain, dash=who.dash, ext=who.ext,
                             sender=sender, msgfd=0, defaultdelivery=self.defaultdelivery,
@@ -182,7 +199,7 @@ class LSpawn:
             os.close(w)
             return b"Z", b"qpy-lspawn unable to fork. (#4.3.0)"
         if pid == 0:
-            self.child(d, who, job.msgfd, w)  # never returns
+            self.child(d, who, groups, job.msgfd, w)  # never returns
         os.close(w)
         os.set_blocking(r, False)
         c = Child(pid, job, index, r, time.monotonic() + self.timeout + GRACE)
@@ -193,7 +210,8 @@ class LSpawn:
         return None
 
     # ---- the child ------------------------------------------------------------------
-    def child(self, d: qlocal.Delivery, who: users.Recipient, msgfd: int, w: int) -> None:
+    def child(self, d: qlocal.Delivery, who: users.Recipient, groups: list[int], msgfd: int,
+              w: int) -> None:
         code = EXIT_TEMP
         try:
             signal.set_wakeup_fd(-1)
@@ -207,9 +225,7 @@ class LSpawn:
             os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0
                           else 65536)
             if os.getuid() == 0:
-                groups = os.getgrouplist(who.user, who.gid) if _in_passwd(who.user) \
-                    else [who.gid]
-                privilege.become(who.uid, who.gid, groups)
+                privilege.become(who.uid, who.gid, groups)  # groups from the parent's cache
             if os.getuid() == 0 or os.geteuid() == 0:
                 raise privilege.PrivilegeError("still root")
             privilege.set_title("qpy-local " + who.user)
@@ -345,6 +361,7 @@ class LSpawn:
                     self.stop()
                 elif sig == signal.SIGHUP:
                     self._settings()
+                    self.groups.clear()
             self.reap()
             self.kill_overdue()
             if self.stopping and time.monotonic() > self.stop_by:
@@ -376,6 +393,37 @@ def become_subreaper() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+class GroupCache:
+    """Supplementary groups by (user, gid), looked up in lspawn rather than in each child."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, int], tuple[float, list[int]]] = {}
+        self.stamp: tuple[int, int] | None = None
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def get(self, user: str, gid: int) -> list[int]:
+        try:
+            st = os.stat(GROUP_FILE)
+            stamp = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if stamp != self.stamp:        # /etc/group changed: nothing cached holds
+            self.entries.clear()
+            self.stamp = stamp
+        now = time.monotonic()
+        hit = self.entries.get((user, gid))
+        if hit is not None and now - hit[0] < GROUPS_TTL:
+            return hit[1]
+        # a users/assign name missing from passwd gets its own gid only, as before
+        groups = os.getgrouplist(user, gid) if _in_passwd(user) else [gid]
+        if len(self.entries) > MAX_CHILDREN:
+            self.entries.clear()
+        self.entries[(user, gid)] = (now, groups)
+        return groups
 
 
 def _in_passwd(name: str) -> bool:
