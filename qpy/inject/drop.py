@@ -6,6 +6,15 @@ sendmail front ends, `qpy-smtpd` (streaming DATA straight in), forwards from
 temporary name, fsync'd, renamed to its final name and the directory fsync'd;
 only then does `commit()` return, and only then may the caller say "queued".
 
+Why the fsync before the rename stays (issue 7 weighed dropping it): without it a
+crash before the acknowledgement can leave a file under its final name whose
+header and envelope are on disk but part of whose body is not. The body is
+written in chunks that end inside a page; a page written back early and then
+appended to is dirty again, and cyclic writeback can put the tail, the size and
+page 0 (the header) on disk before it. The lengths then match the size, the
+envelope parses, and pickup would admit a copy with a run of zeros. A checksum in
+the drop header, checked by pickup, would let the first fsync go.
+
 Failures raise InjectError carrying qmail-queue's exit code for them.
 """
 
