@@ -96,7 +96,10 @@ def listing(paths: Paths) -> list[str]:
         try:
             block = block_from_state(paths, msgid)
         except (StateError, OSError) as e:
-            block = ["%s  (unreadable state file: %s)" % (msgid, clean(str(e)))]
+            # queue-send writes state/ID before it removes todo/ID: while todo/ID is
+            # there, a state file still being written is not an error
+            block = None if msgid in todo else [
+                "%s  (unreadable state file: %s)" % (msgid, clean(str(e)))]
         if block is None and msgid in todo:
             block = block_from_todo(paths, msgid)
         if block is None:
