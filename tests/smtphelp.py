@@ -28,6 +28,8 @@ class Listener:
         self.proc = qroot.start("qpy-tcpserver", qroot.path, stdout=self.logfile,
                                 stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc)
+        # wait_port's probe was a session: tests count sessions from here on
+        assert self.wait_log("status: 0/"), self.log()
 
     def log(self) -> str:
         with open(self.logpath, "rb") as f:
@@ -37,10 +39,15 @@ class Listener:
         return bool(qpytest.wait_for(lambda: text in self.log(), timeout))
 
     def sessions(self) -> list[psutil.Process]:
+        """Children serving a session: any child but an idle qpy-tcpserver worker
+        (`qpy-smtpd idle`); an exited, unreaped one counts too."""
+        return [p for p in psutil.Process(self.proc.pid).children() if not _idle(p)]
+
+    def workers(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children()
 
     def wait_idle(self, timeout: float = 30) -> bool:
-        """True once no session child is left (reaped, so no zombie either)."""
+        """True once no session is left (reaped, so no zombie either)."""
         return bool(qpytest.wait_for(lambda: not self.sessions(), timeout))
 
     def stop(self) -> None:
@@ -48,6 +55,13 @@ class Listener:
             self.proc.terminate()
             self.proc.wait(timeout=60)
         self.logfile.close()
+
+
+def _idle(p: psutil.Process) -> bool:
+    try:
+        return " ".join(p.cmdline()).split() == ["qpy-smtpd", "idle"]
+    except psutil.Error:
+        return False
 
 
 class UcspiListener(Listener):

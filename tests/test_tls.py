@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import signal
 import smtplib
 import socket
 import subprocess
+import time
 
+import psutil
 import pytest
 import qpytest
 import tlshelp
@@ -230,3 +233,63 @@ def test_certificate_is_read_once_before_fork(qroot, mta, certdir):
     assert mta.wait_log("control files re-read")
     r = swaks(mta.smtp, "--tls")
     assert r.returncode != 0 and b"did not advertise STARTTLS" in r.stdout + r.stderr
+
+
+def _greeted(port: int) -> Raw:
+    """A client past the 220; a 421 (the parent has not yet heard its one worker is free)
+    is retried."""
+    for _ in range(200):
+        c = Raw(port)
+        if c.reply()[0] == 220:
+            return c
+        c.close()
+        time.sleep(0.05)
+    raise AssertionError("no session on port %d" % port)
+
+
+def _send(c: Raw, helo: str) -> None:
+    assert c.cmd("EHLO " + helo)[0] == 250
+    assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    assert c.cmd("RCPT TO:<%s>" % RCPT)[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    assert c.cmd("Subject: %s\r\n\r\nhi\r\n." % helo)[0] == 250
+    assert c.cmd("QUIT")[0] == 221
+    c.close()
+
+
+def test_pooled_worker_starts_each_client_in_plaintext(qroot, certdir):
+    """One qpy-tcpserver worker serves a STARTTLS session, then a plaintext one:
+    the second starts afresh without TLS, and the worker keeps no socket of
+    either client (the TLS layer's own descriptor is closed too)."""
+    qroot.control("maxsmtpd", "1")        # one worker: it serves every session
+    tlshelp.install_cert(qroot, tlshelp.make_cert(certdir))
+    server = tlshelp.Server(qroot)
+    try:
+        c = _greeted(server.smtp)
+        assert "STARTTLS" in c.cmd("EHLO first.example")[1]
+        assert c.cmd("STARTTLS")[0] == 220
+        c.tls()
+        _send(c, "tls.example")
+        d = _greeted(server.smtp)
+        code, text = d.cmd("EHLO second.example")
+        assert code == 250 and "STARTTLS" in text
+        _send(d, "plain.example")
+        msgs = tlshelp.wait_drops(qroot, 2)
+        received = {}
+        for m in msgs:
+            line = re.search(rb"Received: from (\S+) [^;]*", m)
+            received[line.group(1)] = line.group(0)
+        assert b"with ESMTPS " in received[b"tls.example"]
+        assert b"with ESMTP id" in received[b"plain.example"]
+        # a TLS session again; once the worker is idle it holds no socket of it
+        c = _greeted(server.smtp)
+        assert c.cmd("EHLO third.example")[0] == 250 and c.cmd("STARTTLS")[0] == 220
+        c.tls()
+        assert c.cmd("EHLO third.example")[0] == 250 and c.cmd("QUIT")[0] == 221
+        assert c.closed()
+        worker, = psutil.Process(server.proc.pid).children()
+        assert qpytest.wait_for(lambda: not server.sessions(), 10)
+        assert worker.net_connections("inet") == []
+        assert set(re.findall(r"pid (\d+) from ", server.log())) == {str(worker.pid)}
+    finally:
+        server.stop()

@@ -1,6 +1,6 @@
 """secure — STARTTLS, implicit TLS and SMTP AUTH on top of qpy-smtpd's Session.
 
-Not a program: `SecureSession` is the Session that qpy-smtpd and the children
+Not a program: `SecureSession` is the Session that qpy-smtpd and the workers
 of qpy-tcpserver run. With no certificate and no checker it behaves exactly as
 the plain Session (STARTTLS and AUTH then get 502).
 
@@ -16,7 +16,7 @@ the plain Session (STARTTLS and AUTH then get 502).
                   control/authsenders: 553 5.7.1 for a sender not the user's.
 
 `load(root)` reads the certificate and those control files; qpy-tcpserver calls
-it once before forking (and again on SIGHUP), so the key is read once.
+it once before forking workers (and again on SIGHUP), so the key is read once.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class SecureSession(Session):
         self.sec = settings(cfg.root)
         self.ctx = self.sec.ctx if tls.is_socket(channel.rfd) else None
         self.tls_info = ""
+        self.tls_sock: ssl.SSLSocket | None = None
         self.auth_failures = 0
         self._checking_sender = False
         self.verbs[b"AUTH"] = self.cmd_auth
@@ -86,6 +87,7 @@ class SecureSession(Session):
             self.closing = True
             return
         self.tls = True
+        self.tls_sock = sock
         self.tls_info = tls.received_comment(sock)
         self.reset()            # RFC 3207 4.2: nothing said before TLS counts
         self._advertise()
@@ -98,6 +100,11 @@ class SecureSession(Session):
             raise CommandError(501, "5.5.4 Syntax: STARTTLS")
         self.reply(220, "2.0.0 Ready to start TLS")
         self._go_tls()
+
+    def close(self) -> None:
+        if self.tls_sock is not None:
+            self.tls_sock.close()     # its own dup of the connection's descriptor
+            self.tls_sock = None
 
     def on_smtps(self) -> None:
         if self.ctx is None:

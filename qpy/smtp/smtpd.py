@@ -4,8 +4,8 @@ SYNOPSIS
     qpy-smtpd                         (fd 0 and 1 are the connection)
     tcpserver -u UID -g GID 0 25 /opt/qpy/bin/qpy-smtpd      (ucspi-tcp)
 
-    qpy-tcpserver runs the same Session in a forked child, without a new
-    interpreter per connection.
+    qpy-tcpserver runs the same Session in its pre-forked workers, without a
+    new interpreter or a fork per connection.
 
 RUNS AS
     qpyd (started as root, it drops to qpyd before reading a byte).
@@ -183,6 +183,9 @@ class Session:
         self.sender: bytes | None = None
         self.recipients: list[bytes] = []
         self.smtputf8 = False
+
+    def close(self) -> None:
+        """Release what the session holds besides rfd/wfd (the TLS layer's socket)."""
 
     def may_relay(self) -> bool:
         return self.relayclient is not None or self.auth_user is not None
@@ -496,7 +499,10 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
     from qpy.smtp.secure import SecureSession  # here: secure.py builds on this module
     # STARTTLS, implicit TLS and AUTH (qpy.smtp.secure); plain SMTP without a cert.
     session = SecureSession(cfg, env, Channel(rfd, wfd, cfg.timeout))
-    session.run()
+    try:
+        session.run()
+    finally:
+        session.close()   # a qpy-tcpserver worker lives on: keep nothing of this client open
     return 0
 
 

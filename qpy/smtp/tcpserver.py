@@ -1,13 +1,14 @@
-"""qpy-tcpserver — accept SMTP connections and fork one session per connection.
+"""qpy-tcpserver — accept SMTP connections; a pool of forked workers serves them.
 
 SYNOPSIS
     qpy-tcpserver [-h] [ROOT]
 
 RUNS AS
     root only to bind the listening sockets (ports below 1024), then qpyd for
-    good, before it reads a byte from the network. Sessions are forked from
-    this already-imported process (no new interpreter per connection), run as
-    qpyd, and are titled `qpy-smtpd CLIENT-IP`.
+    good, before it reads a byte from the network. Workers are forked from
+    this already-imported process (no new interpreter, and no fork per
+    connection), run as qpyd, and are titled `qpy-smtpd CLIENT-IP` while they
+    serve a session and `qpy-smtpd idle` between sessions.
 
 READS
     QPY_ROOT (or ROOT); control/smtplisten, control/submissionlisten,
@@ -17,21 +18,42 @@ READS
     control/maxsmtpd (sessions at once, default 40) and what qpy-smtpd reads.
 
 DOES
-    For each connection: the listener's rules (first match; `deny` closes at
-    once, `allow` adds its variables), then over maxsmtpd a `421` and close,
-    else fork; the child sets the ucspi-tcp environment (PROTO=TCP,
-    TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, TCPREMOTEHOST only
-    with -h, the rule's variables, QPY_LISTENER=smtp|submission|smtps), puts
-    the connection on fd 0 and 1 and runs qpy-smtpd's Session in-process.
+    The parent alone accepts. For each connection: the listener's rules
+    (first match; `deny` closes at once, `allow` adds its variables), then
+    over maxsmtpd a `421` and close, else the socket goes to an idle worker
+    over that worker's Unix socketpair (SCM_RIGHTS, with the listener name
+    and the rule's variables); with no idle worker one is forked for it. The
+    worker writes one byte back when the session is over. Why the parent
+    accepts rather than the workers: it then knows exactly how many sessions
+    run (a worker is busy from the hand-over until its byte arrives), so
+    maxsmtpd, its 421 and its log line stay exact and in one place, with no
+    race between processes over accept() and no shared counter.
+
+    A worker, per connection: restores the environment it was forked with,
+    sets the ucspi-tcp one (PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP,
+    TCPREMOTEPORT, TCPREMOTEHOST only with -h, the rule's variables,
+    QPY_LISTENER=smtp|submission|smtps), puts the connection on fd 0 and 1,
+    runs qpy-smtpd's Session in-process, then shuts the connection down and
+    puts /dev/null on fd 0 and 1. The Session, its Channel, TLS socket and
+    Drop are made anew per connection: nothing of one client's session
+    reaches the next.
+
+    POOL_MIN idle workers are kept ready; more are forked on demand, up to
+    maxsmtpd busy ones; an idle worker beyond POOL_MIN exits after IDLE_EXIT
+    seconds without work; a worker exits after WORKER_CONNECTIONS sessions
+    (bounds memory); a worker that dies is replaced when one is needed.
 
 SIGNALS
     SIGHUP: control files, rules and the recipient table re-read (the listen
-    addresses need a restart). SIGTERM: stop accepting, let sessions finish
-    for up to SHUTDOWN_GRACE seconds, then end them, then exit 0.
+    addresses need a restart); idle workers exit at once and busy ones after
+    their session, so every later session runs on the new control files.
+    SIGTERM: stop accepting, let sessions finish for up to SHUTDOWN_GRACE
+    seconds, then end them, then exit 0.
 
 LOGS (stderr, one line per event)
-    listening, pid P from IP (listener), end P status S, deny IP,
-    busy IP (421 over maxsmtpd), status N/MAX.
+    listening, pid P from IP (listener) (P: the worker serving it), deny IP,
+    busy IP (421 over maxsmtpd), status N/MAX (sessions), worker P started,
+    end P status S (a worker ended).
 
 EXIT CODES
     0 after SIGTERM; 111 when it cannot listen or drop privileges.
@@ -39,7 +61,10 @@ EXIT CODES
 
 from __future__ import annotations
 
+import array
 import errno
+import gc
+import json
 import os
 import selectors
 import signal
@@ -59,9 +84,17 @@ BACKLOG = 1024
 SHUTDOWN_GRACE = 30.0       # seconds sessions may take to finish after SIGTERM
 KILL_GRACE = 5.0
 ACCEPT_BATCH = 16           # connections taken per wakeup of the loop
-TICK = 5.0                  # the loop wakes at least this often (reaping, safety)
+TICK = 5.0                  # the loop wakes at least this often (reaping, idle workers)
+POOL_MIN = 2                # idle workers kept ready
+IDLE_EXIT = 60.0            # seconds an idle worker beyond POOL_MIN waits before it exits
+WORKER_CONNECTIONS = 1000   # sessions one worker serves before it exits (bounds its memory)
+HANDOVER_BYTES = 64 * 1024  # largest hand-over message (listener name and rule variables)
+HANDOVER_TRIES = 3          # workers tried for one connection before giving up on it
 EXIT_TEMP = 111
 BUSY_REPLY = b"421 4.3.2 Too many connections, try again later\r\n"
+TROUBLE_REPLY = b"421 4.3.0 Temporary problem, try again later\r\n"
+DONE = b"."                 # worker -> parent: the session is over, give me the next
+SESSION_ENV = ("PROTO", "RELAYCLIENT", "QPY_LISTENER")   # set per connection (and TCP*)
 
 # (name, listen control file, rules control file): a listener profile per line.
 PROFILES = (
@@ -99,12 +132,27 @@ class Listener:
         self.sock.setblocking(False)
 
 
+class Worker:
+    """The parent's view of one worker: its end of the socketpair and whether it serves."""
+
+    def __init__(self, pid: int, chan: socket.socket, gen: int):
+        self.pid = pid
+        self.chan = chan
+        self.gen = gen            # control generation it was forked with (SIGHUP: +1)
+        self.busy = False
+        self.since = time.monotonic()
+
+
 class Server:
     def __init__(self, root: str, lookup_host: bool = False):
         self.root = root
         self.lookup_host = lookup_host
         self.listeners: list[Listener] = []
-        self.children: dict[int, str] = {}
+        self.children: set[int] = set()          # forked, not yet reaped
+        self.workers: dict[int, Worker] = {}     # with an open socketpair
+        self.idle: list[Worker] = []             # oldest first; the newest is used first
+        self.nbusy = 0
+        self.gen = 0
         self.stopping = False
         self.reload_wanted = False
         self.maxsmtpd = 40
@@ -154,10 +202,15 @@ class Server:
         sel.register(rfd, selectors.EVENT_READ, None)
         for lst in self.listeners:
             sel.register(lst.sock, selectors.EVENT_READ, lst)
+        self._tend()
         while not self.stopping:
-            for key, _ in sel.select(TICK):
+            # session ends before new connections: they free workers the new ones need
+            events = sorted(sel.select(TICK), key=lambda ev: not isinstance(ev[0].data, Worker))
+            for key, _ in events:
                 if key.data is None:
                     self._drain_wakeup()
+                elif isinstance(key.data, Worker):
+                    self._from_worker(key.data)
                 elif not self.stopping:
                     for _ in range(ACCEPT_BATCH):
                         if not self._accept(key.data):
@@ -167,9 +220,13 @@ class Server:
                 self.reload_wanted = False
                 try:
                     self.load()
+                    self.gen += 1             # workers forked before this one are recycled
+                    for w in list(self.idle):
+                        self._retire(w)
                     log("%s: control files re-read" % PROGRAM)
                 except Exception as e:
                     log("%s: cannot re-read control files: %s" % (PROGRAM, clean(str(e))))
+            self._tend()
         for lst in self.listeners:
             sel.unregister(lst.sock)
             lst.sock.close()
@@ -189,6 +246,111 @@ class Server:
         except BlockingIOError:
             pass
 
+    def _status(self) -> None:
+        log("%s: status: %d/%d" % (PROGRAM, self.nbusy, self.maxsmtpd))
+
+    # -- the workers -------------------------------------------------------------------
+    def _spawn(self, conn: socket.socket | None) -> Worker | None:
+        """Fork one worker (conn: an accepted socket the child must not keep)."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        assert self.cfg is not None
+        self.cfg.refresh()                # a rebuilt recipient table: read once, here
+        try:
+            pid = os.fork()
+        except OSError as e:
+            mine.close()
+            theirs.close()
+            log("%s: cannot fork a worker: %s" % (PROGRAM, e.strerror))
+            return None
+        if pid == 0:
+            mine.close()
+            self._worker(theirs, conn)    # never returns
+        theirs.close()
+        w = Worker(pid, mine, self.gen)
+        self.children.add(pid)
+        self.workers[pid] = w
+        self.sel.register(mine, selectors.EVENT_READ, w)
+        log("%s: worker %d started" % (PROGRAM, pid))
+        return w
+
+    def _retire(self, w: Worker) -> None:
+        """Close our end: an idle worker exits at once, a busy one after its session."""
+        if self.workers.pop(w.pid, None) is None:
+            return
+        self.sel.unregister(w.chan)
+        w.chan.close()
+        if w.busy:
+            w.busy = False
+            self.nbusy -= 1
+            self._status()
+        if w in self.idle:
+            self.idle.remove(w)
+
+    def _from_worker(self, w: Worker) -> None:
+        if self.workers.get(w.pid) is not w:
+            return                        # retired earlier in this same round of events
+        try:
+            data = w.chan.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:                      # it ended (recycled, killed, crashed)
+            self._retire(w)
+            return
+        if not w.busy:
+            return                        # not after a session of ours: ignore it
+        w.busy = False
+        self.nbusy -= 1
+        self._status()
+        if w.gen != self.gen or self.stopping:
+            self._retire(w)
+        else:
+            w.since = time.monotonic()
+            self.idle.append(w)
+
+    def _collect(self) -> None:
+        """Take in every session end already reported, before counting sessions:
+        a client that got its 221 may connect again before we read its worker's byte."""
+        for w in [w for w in self.workers.values() if w.busy]:
+            self._from_worker(w)
+
+    def _tend(self) -> None:
+        """Let long-idle workers beyond POOL_MIN go; keep POOL_MIN ready (within maxsmtpd)."""
+        now = time.monotonic()
+        while len(self.idle) > POOL_MIN and now - self.idle[0].since > IDLE_EXIT:
+            self._retire(self.idle[0])
+        while (not self.stopping and len(self.idle) < POOL_MIN
+               and self.nbusy + len(self.idle) < self.maxsmtpd):
+            w = self._spawn(None)
+            if w is None:
+                break
+            self.idle.append(w)
+
+    def _hand_over(self, conn: socket.socket, lst: Listener,
+                   rule: rulesmod.Rule | None) -> Worker | None:
+        """Pass conn to an idle (or new) worker; the worker, or None when none took it."""
+        message = json.dumps({"listener": lst.profile,
+                              "env": rule.env if rule is not None else {}}).encode()
+        if len(message) > HANDOVER_BYTES:
+            log("%s: rule variables too long for %s" % (PROGRAM, lst.rules_name))
+            return None
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))]
+        for _ in range(HANDOVER_TRIES):
+            w = self.idle.pop() if self.idle else self._spawn(conn)
+            if w is None:
+                return None
+            try:
+                w.chan.sendmsg([message], fds)
+            except OSError as e:          # it died while idle: the next one
+                log("%s: worker %d: hand-over: %s" % (PROGRAM, w.pid, e.strerror))
+                self._retire(w)
+                continue
+            w.busy = True
+            self.nbusy += 1
+            return w
+        return None
+
     def _reap(self) -> None:
         while self.children:
             try:
@@ -198,17 +360,28 @@ class Server:
                 return
             if pid == 0:
                 return
-            if self.children.pop(pid, None) is not None:
+            if pid in self.children:
+                self.children.discard(pid)
                 log("%s: end %d status %d" % (PROGRAM, pid, os.waitstatus_to_exitcode(status)))
-                log("%s: status: %d/%d" % (PROGRAM, len(self.children), self.maxsmtpd))
+            w = self.workers.get(pid)
+            if w is not None:
+                self._retire(w)
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        if self.children:
-            log("%s: stopping; waiting for %d sessions" % (PROGRAM, len(self.children)))
+        if self.nbusy:
+            log("%s: stopping; waiting for %d sessions" % (PROGRAM, self.nbusy))
+        for w in list(self.workers.values()):
+            if not w.busy:
+                self._retire(w)
         killed = False
         while self.children:
             self._reap()
+            for key, _ in self.sel.select(0.05):
+                if isinstance(key.data, Worker):
+                    self._from_worker(key.data)   # a session ended: that worker exits
+                elif key.data is None:
+                    self._drain_wakeup()
             if not self.children:
                 break
             if time.monotonic() > deadline:
@@ -222,7 +395,6 @@ class Server:
                     deadline = time.monotonic() + 3600
                 else:
                     killed, deadline = True, time.monotonic() + KILL_GRACE
-            time.sleep(0.05)
         log("%s: stopped" % PROGRAM)
 
     def _accept(self, lst: Listener) -> bool:
@@ -245,66 +417,131 @@ class Server:
             if rule is not None and not rule.allow:
                 log("%s: deny %s (%s)" % (PROGRAM, ip, lst.profile))
                 return True
-            if len(self.children) >= self.maxsmtpd:
-                log("%s: busy %s: 421, %d sessions (maxsmtpd)" % (PROGRAM, ip, len(self.children)))
-                try:
-                    conn.send(BUSY_REPLY, socket.MSG_DONTWAIT)
-                except OSError:
-                    pass
+            if self.nbusy >= self.maxsmtpd or not self.idle:
+                self._collect()
+            if self.nbusy >= self.maxsmtpd:
+                log("%s: busy %s: 421, %d sessions (maxsmtpd)" % (PROGRAM, ip, self.nbusy))
+                self._refuse(conn, BUSY_REPLY)
                 return True
-            assert self.cfg is not None
-            self.cfg.refresh()
-            pid = os.fork()
-            if pid == 0:
-                self._child(conn, lst, peer, rule)
-            self.children[pid] = ip
-            log("%s: pid %d from %s (%s)" % (PROGRAM, pid, ip, lst.profile))
-            log("%s: status: %d/%d" % (PROGRAM, len(self.children), self.maxsmtpd))
+            w = self._hand_over(conn, lst, rule)
+            if w is None:
+                log("%s: no worker for %s: 421" % (PROGRAM, ip))
+                self._refuse(conn, TROUBLE_REPLY)
+                return True
+            log("%s: pid %d from %s (%s)" % (PROGRAM, w.pid, ip, lst.profile))
+            self._status()
         finally:
-            conn.close()
+            conn.close()                  # the worker has its own descriptor of it
         return True
 
-    def _child(self, conn: socket.socket, lst: Listener, peer: tuple,
-               rule: rulesmod.Rule | None) -> None:
-        """In the forked child: set up fd 0/1 and the environment, run the session."""
-        code = 0
+    @staticmethod
+    def _refuse(conn: socket.socket, reply: bytes) -> None:
+        try:
+            conn.send(reply, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    # -- in a worker -------------------------------------------------------------------
+    def _worker(self, chan: socket.socket, conn: socket.socket | None) -> None:
+        """The forked worker: serve connections handed over on chan, then exit."""
         try:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, _stop)
             for fd in self.wakeup:
                 os.close(fd)
             self.sel.close()
-            for other in self.listeners:
-                other.sock.close()
+            for lst in self.listeners:
+                lst.sock.close()
+            for w in self.workers.values():
+                w.chan.close()            # else a sibling never sees its EOF
+            if conn is not None:
+                conn.close()
+            set_title("qpy-smtpd idle")
+            gc.freeze()                   # the parent's objects: never scanned, never copied
+            base = {name: value for name, value in os.environ.items()
+                    if not name.startswith("TCP") and name not in SESSION_ENV}
+            null = os.open(os.devnull, os.O_RDWR)
+            for served in range(1, WORKER_CONNECTIONS + 1):
+                got = _receive(chan)
+                if got is None:
+                    break
+                self._session(*got, base, null)
+                if served < WORKER_CONNECTIONS:
+                    try:
+                        chan.send(DONE)
+                    except OSError:   # the parent closed our pair (SIGTERM, SIGHUP)
+                        break
+        except BaseException as e:  # never let a worker return into the parent's loop
+            if not isinstance(e, SystemExit):
+                log("%s: session error: %s" % (PROGRAM, clean(repr(e))))
+        finally:
+            os._exit(0)
+
+    def _session(self, conn: socket.socket, profile: str, rule_env: dict[str, str],
+                 base: dict[str, str], null: int) -> None:
+        """One connection: a fresh environment, fd 0/1, qpy-smtpd's session, clean-up."""
+        try:
+            peer, local = conn.getpeername(), conn.getsockname()
+        except OSError:                   # gone before we looked
+            conn.close()
+            return
+        try:
             set_title("qpy-smtpd %s" % peer[0])
-            local = conn.getsockname()
             env = os.environ
-            for name in [n for n in env if n.startswith("TCP") or n == "RELAYCLIENT"]:
-                del env[name]
+            env.clear()                   # nothing of the last client's environment stays
+            env.update(base)
             env.update(PROTO="TCP", TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]),
                        TCPREMOTEIP=peer[0], TCPREMOTEPORT=str(peer[1]),
-                       QPY_LISTENER=lst.profile)
+                       QPY_LISTENER=profile)
             if self.lookup_host:
                 try:
                     env["TCPREMOTEHOST"] = socket.gethostbyaddr(peer[0])[0].lower()
                 except OSError:
                     pass
-            if rule is not None:
-                env.update(rule.env)
+            env.update(rule_env)
             conn.setblocking(True)
             # replies go out in one write per batch already; do not let Nagle hold them
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             os.dup2(conn.fileno(), 0)
             os.dup2(conn.fileno(), 1)
-            conn.close()
             assert self.cfg is not None
-            code = smtpd.serve(self.cfg, env)
-        except BaseException as e:  # never let a child return into the parent's loop
-            if not isinstance(e, SystemExit):
-                log("%s: session error: %s" % (PROGRAM, clean(repr(e))))
+            self.cfg.refresh()
+            smtpd.serve(self.cfg, env)
         finally:
-            os._exit(code)
+            try:                          # the end for the client, whatever still holds a dup
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            set_title("qpy-smtpd idle")
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _receive(chan: socket.socket) -> tuple[socket.socket, str, dict[str, str]] | None:
+    """The next connection from the parent; None when the parent closed our pair."""
+    fds = array.array("i")
+    msg, ancillary, flags, _ = chan.recvmsg(HANDOVER_BYTES, socket.CMSG_SPACE(fds.itemsize))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    if not msg or len(fds) != 1 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        return None
+    conn = socket.socket(fileno=fds[0])
+    try:
+        order = json.loads(msg)
+        return conn, str(order["listener"]), {str(k): str(v) for k, v in order["env"].items()}
+    except (ValueError, KeyError, AttributeError):
+        conn.close()
+        return None
 
 
 def main() -> int:
