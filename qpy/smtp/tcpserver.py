@@ -38,10 +38,10 @@ DOES
     Drop are made anew per connection: nothing of one client's session
     reaches the next.
 
-    POOL_MIN idle workers are kept ready; more are forked on demand, up to
-    maxsmtpd busy ones; an idle worker beyond POOL_MIN exits after IDLE_EXIT
-    seconds without work; a worker exits after WORKER_CONNECTIONS sessions
-    (bounds memory); a worker that dies is replaced when one is needed.
+    POOL_MIN workers are kept (forked ahead); more are forked on demand, when
+    no worker is idle, up to maxsmtpd busy ones; idle workers beyond POOL_MIN
+    exit one by one after IDLE_EXIT seconds without work; a worker exits after
+    WORKER_CONNECTIONS sessions (bounds memory); a dead worker is replaced.
 
 SIGNALS
     SIGHUP: control files, rules and the recipient table re-read (the listen
@@ -66,6 +66,7 @@ import errno
 import gc
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -85,10 +86,11 @@ SHUTDOWN_GRACE = 30.0       # seconds sessions may take to finish after SIGTERM
 KILL_GRACE = 5.0
 ACCEPT_BATCH = 16           # connections taken per wakeup of the loop
 TICK = 5.0                  # the loop wakes at least this often (reaping, idle workers)
-POOL_MIN = 2                # idle workers kept ready
+POOL_MIN = 2                # workers kept even when there is no work
 IDLE_EXIT = 60.0            # seconds an idle worker beyond POOL_MIN waits before it exits
 WORKER_CONNECTIONS = 1000   # sessions one worker serves before it exits (bounds its memory)
 HANDOVER_BYTES = 64 * 1024  # largest hand-over message (listener name and rule variables)
+END_WAIT = 0.002            # seconds to wait for a session to end before forking a worker
 HANDOVER_TRIES = 3          # workers tried for one connection before giving up on it
 EXIT_TEMP = 111
 BUSY_REPLY = b"421 4.3.2 Too many connections, try again later\r\n"
@@ -309,23 +311,33 @@ class Server:
             w.since = time.monotonic()
             self.idle.append(w)
 
-    def _collect(self) -> None:
-        """Take in every session end already reported, before counting sessions:
-        a client that got its 221 may connect again before we read its worker's byte."""
-        for w in [w for w in self.workers.values() if w.busy]:
-            self._from_worker(w)
+    def _collect(self, wait: float) -> None:
+        """Take in session ends before counting sessions or forking: a client that got
+        its 221 often connects again before its worker has said it is free; waiting up
+        to END_WAIT for that saves a needless fork (and a worker kept for IDLE_EXIT)."""
+        busy = [w for w in self.workers.values() if w.busy]
+        if not busy:
+            return
+        poll = select.poll()
+        for w in busy:
+            poll.register(w.chan, select.POLLIN)
+        if poll.poll(wait * 1000):
+            for w in busy:
+                self._from_worker(w)
 
     def _tend(self) -> None:
-        """Let long-idle workers beyond POOL_MIN go; keep POOL_MIN ready (within maxsmtpd)."""
+        """Keep POOL_MIN workers (forked with the current control files); let the
+        oldest idle one beyond them go after IDLE_EXIT seconds without work."""
         now = time.monotonic()
-        while len(self.idle) > POOL_MIN and now - self.idle[0].since > IDLE_EXIT:
+        if len(self.workers) > POOL_MIN and self.idle and now - self.idle[0].since > IDLE_EXIT:
             self._retire(self.idle[0])
-        while (not self.stopping and len(self.idle) < POOL_MIN
-               and self.nbusy + len(self.idle) < self.maxsmtpd):
+        current = sum(1 for w in self.workers.values() if w.gen == self.gen)
+        while not self.stopping and current < min(POOL_MIN, self.maxsmtpd - self.nbusy):
             w = self._spawn(None)
             if w is None:
                 break
             self.idle.append(w)
+            current += 1
 
     def _hand_over(self, conn: socket.socket, lst: Listener,
                    rule: rulesmod.Rule | None) -> Worker | None:
@@ -337,6 +349,8 @@ class Server:
             return None
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))]
         for _ in range(HANDOVER_TRIES):
+            if not self.idle:
+                self._collect(END_WAIT)
             w = self.idle.pop() if self.idle else self._spawn(conn)
             if w is None:
                 return None
@@ -417,8 +431,8 @@ class Server:
             if rule is not None and not rule.allow:
                 log("%s: deny %s (%s)" % (PROGRAM, ip, lst.profile))
                 return True
-            if self.nbusy >= self.maxsmtpd or not self.idle:
-                self._collect()
+            if self.nbusy >= self.maxsmtpd:
+                self._collect(0)          # no wait: a flood of 421s must stay cheap
             if self.nbusy >= self.maxsmtpd:
                 log("%s: busy %s: 421, %d sessions (maxsmtpd)" % (PROGRAM, ip, self.nbusy))
                 self._refuse(conn, BUSY_REPLY)
