@@ -67,25 +67,26 @@ def one(port: int) -> None:
             pass
 
 
+def start_server(root: str, port: int) -> subprocess.Popen:
+    """A fresh root listening on 127.0.0.1:port (qpy-install --smtp) and its tcpserver."""
+    bindir = os.path.join(PREFIX, "bin")
+    subprocess.run([os.path.join(bindir, "qpy-install"), root, "--me", "bench.example",
+                    "--smtp", "127.0.0.1:%d" % port], check=True, capture_output=True)
+    with open(os.path.join(BASE, "tcpserver.log"), "wb") as log:
+        return subprocess.Popen([os.path.join(bindir, "qpy-tcpserver"), root], stdout=log,
+                                stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"})
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--connections", type=int, default=500)
-    opts = ap.parse_args()
-    if os.getuid() != 0:
-        sys.stderr.write("bench/connect.py: needs root\n")
-        return 2
+    parser = argparse.ArgumentParser(description="qpy-tcpserver cost per connection")
+    parser.add_argument("--connections", type=int, default=500)
+    n = parser.parse_args().connections
+    if os.geteuid():
+        sys.exit("bench/connect.py: run it as root")
     shutil.rmtree(BASE, ignore_errors=True)
     os.makedirs(BASE, mode=0o755)
-    root = os.path.join(BASE, "qpy")
-    subprocess.run([os.path.join(PREFIX, "bin", "qpy-install"), root, "--me", "bench.example"],
-                   check=True, capture_output=True)
     port = free_port()
-    with open(os.path.join(root, "control", "smtplisten"), "w") as f:
-        f.write("127.0.0.1:%d\n" % port)
-    log = open(os.path.join(BASE, "tcpserver.log"), "wb")
-    server = subprocess.Popen([os.path.join(PREFIX, "bin", "qpy-tcpserver"), root],
-                              env={"PATH": "/usr/bin:/bin", "QPY_ROOT": root},
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = start_server(os.path.join(BASE, "qpy"), port)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -98,17 +99,15 @@ def main() -> int:
                 time.sleep(0.05)
         time.sleep(0.5)
         faults0, ticks0 = tree_counters(server.pid)
-        start = time.monotonic()
-        for _ in range(opts.connections):
+        t0 = time.monotonic()
+        for _ in range(n):
             one(port)
-        elapsed = time.monotonic() - start
+        elapsed = time.monotonic() - t0
         time.sleep(0.5)            # the last session's end reaped or reported
         faults1, ticks1 = tree_counters(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=60)
-        log.close()
-    n = opts.connections
     print("qpy-tcpserver (%s), %d connections (greeting, QUIT) one after another: "
           "%.2f ms CPU and %.0f minor page faults per connection, %.0f connections/s; "
           "load %.1f" % (PREFIX, n, 1000.0 * (ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") / n,
