@@ -398,8 +398,8 @@ def test_daemontools(host):
         assert qpytest.wait_for(lambda: "down" in scan.svstat("pickup"), timeout=30)
         r = qpytest.wait_for(lambda: (lambda r: r if b"\n  qpy-pickup" not in r.stdout
                                       else None)(host.status("--svdir", scan.dir)), timeout=60)
-        assert r.returncode == 2
-        assert b"service pickup: DOWN, supervise says down" in r.stdout
+        assert r.returncode == 2, r.stdout.decode()
+        assert b"service pickup: DOWN, supervise says down" in r.stdout, r.stdout.decode()
         host.sendmail("while-pickup-down")
         assert host.qstat() == (b"messages in queue: 1\n"
                                 b"messages in queue but not yet preprocessed: 1\n")
