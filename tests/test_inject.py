@@ -112,6 +112,13 @@ def test_queue_inject_databytes(qroot):
     assert r.returncode == 0
 
 
+def test_queue_inject_malformed_databytes(qroot):
+    qroot.control("databytes", "lots")
+    r = queue_inject(qroot, b"x\n", envelope.encode(b"", [b"a@b.example"]))
+    assert r.returncode == 55 and b"control/databytes malformed" in r.stderr, r.stderr
+    assert os.listdir(qroot.paths.drop) == []
+
+
 def test_queue_inject_timeout_on_slow_input(qroot):
     """A writer that never closes the message pipe: exit 52, nothing left behind."""
     rm, wm = os.pipe()

@@ -33,7 +33,7 @@ import signal
 import sys
 
 from qpy.common import envelope
-from qpy.common.control import Control, ControlError
+from qpy.common.control import Control
 from qpy.common.queue import root_from
 from qpy.inject.drop import Drop, InjectError
 
@@ -73,14 +73,11 @@ def _read_all(fd: int, limit: int) -> bytes:
 
 
 def run(root: str) -> int:
+    databytes, source = Control(root).explain("databytes")  # a bad file is "malformed"
+    if source.startswith("malformed"):
+        return _fail(EXIT_CONFIG, "control/databytes %s" % source)
     try:
-        databytes = Control(root).explain("databytes")
-    except ControlError as e:
-        return _fail(EXIT_CONFIG, "cannot read control/databytes: %s" % e)
-    if databytes[1].startswith("malformed"):
-        return _fail(EXIT_CONFIG, "control/databytes %s" % databytes[1])
-    try:
-        drop = Drop(root, int(databytes[0]))
+        drop = Drop(root, int(databytes))
     except InjectError as e:
         return _fail(e.code, "cannot create a file in the queue: %s" % e)
     try:
