@@ -68,7 +68,12 @@ def make_user(name: str, home: str | None = None) -> pwd.struct_passwd:
             time.sleep(0.2)
         pw = pwd.getpwnam(login)
     if home:
-        subprocess.run(["usermod", "-d", home, login], check=True, capture_output=True)
+        for _ in range(50):  # 8: a process of the user still runs (an idle qpy-local worker)
+            r = subprocess.run(["usermod", "-d", home, login], capture_output=True)
+            if r.returncode != 8:
+                break
+            time.sleep(0.2)
+        r.check_returncode()
         os.makedirs(home, exist_ok=True)
         os.chown(home, pw.pw_uid, pw.pw_gid)
         os.chmod(home, 0o755)

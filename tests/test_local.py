@@ -574,9 +574,15 @@ def test_program_that_never_exits_is_killed_and_deferred(ls, homes, qroot):
         assert status == b"Z" and "timed out" in text
         pid = int(read(os.path.join(alice.pw_dir, "pid")))
         assert qpytest.wait_for(lambda: not psutil.pid_exists(pid), timeout=10)
-        left = [p for p in psutil.process_iter(["uids", "status"]) if p.info["uids"] and
-                p.info["uids"].real == alice.pw_uid and p.info["status"] != "zombie"]
+        left = [p for p in psutil.process_iter(["uids", "status", "cmdline"])
+                if p.info["uids"] and p.info["uids"].real == alice.pw_uid
+                and p.info["status"] != "zombie"
+                and not " ".join(p.info["cmdline"] or []).startswith("qpy-local ")]
         assert left == []  # the sleep in the background went with its process group
+        # the worker that ran it (idle now) is the only process left as alice
+        workers = [p for p in psutil.Process(ls2.proc.pid).children()
+                   if p.uids().real == alice.pw_uid]
+        assert len(workers) == 1
     finally:
         assert ls2.close() == 0
 
@@ -709,7 +715,7 @@ def test_wrong_message_owner_refused(ls, homes):
     assert got == 7 and results[0][0] == b"Z" and b"owner" in results[0][1]
 
 
-def test_lspawn_title_and_children_hold_no_socket(ls, homes):
+def test_lspawn_title_and_workers_hold_only_their_socket(ls, homes):
     alice, _ = homes
     assert qpytest.wait_for(
         lambda: psutil.Process(ls.proc.pid).cmdline()[0].startswith("qpy-lspawn"))
@@ -719,10 +725,18 @@ def test_lspawn_title_and_children_hold_no_socket(ls, homes):
     pids = os.path.join(alice.pw_dir, "pids")
     assert qpytest.wait_for(lambda: os.path.exists(pids) and read(pids).strip())
     prog, child = (int(x) for x in read(pids).split())
-    for pid in (prog, child):
-        links = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
-        assert not [x for x in links if x.startswith("socket:")], links
-        assert len(links) <= 5, links  # message, report pipe, program output pipe
+
+    def fds(pid: int) -> dict[int, str]:
+        return {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+
+    links = fds(prog)
+    assert not [x for x in links.values() if x.startswith("socket:")], links
+    # the worker: its own socket to lspawn on fd 0 (never queue-send's request socket),
+    # /dev/null on 1 and 2, the message, the program's output pipe; nothing else
+    links = fds(child)
+    assert [n for n, x in links.items() if x.startswith("socket:")] == [0], links
+    assert links[0] != fds(ls.proc.pid)[0]
+    assert links[1] == links[2] == "/dev/null" and len(links) == 5, links
     assert "qpy-local qtlalice" in " ".join(psutil.Process(child).cmdline())
     put(alice, "go", "")
     got, results = ls.recv()

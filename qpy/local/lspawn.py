@@ -11,21 +11,27 @@ WHAT IT DOES
     Reads delivery requests on fd 0 (qpy.common.spawn: delivery number, sender,
     recipients `local@domain`, the message as a read-only fd). For each
     recipient it finds the owner (qpy.common.users.lookup: users/assign, the
-    passwd database, the alias user qpyalias; never root), then forks. The child
-    starts a new session, moves the message to fd 0 and a report pipe to fd 1
-    and 2, closes every other descriptor (the request socket above all), drops
-    to the user's groups, gid and uid (qpy.common.privilege.become, which proves
-    root cannot be regained), names itself `qpy-local USER` and runs the
-    delivery in-process (qpy.local.local: no new interpreter per delivery). It
-    exits with qmail-local's code and writes its text to the report pipe. The
-    parent answers each request with spawn.send_result once every recipient is
-    done: K (exit 0), D (exit 100), Z (anything else, a crash, a timeout).
+    passwd database, the alias user qpyalias; never root) and hands the delivery
+    to a worker (qpy.local.worker) that runs as that owner, with the message
+    reopened as its own file description. A worker is a child forked from this
+    process: it starts a new session, keeps only its socket (fd 0; fd 1 and 2
+    are /dev/null), drops to the user's groups, gid and uid
+    (qpy.common.privilege.become, which proves root cannot be regained), names
+    itself `qpy-local USER` and runs deliveries in-process (qpy.local.local: no
+    new interpreter per delivery), one at a time, answering each with
+    qmail-local's code and text. An idle worker of the same identity (user,
+    uid, gid, groups) is reused; a new one is forked when none is idle, so as
+    many run as queue-send has deliveries in flight. A worker is retired (its
+    socket closed, so it exits) after WORKER_IDLE idle seconds, after
+    MAX_DELIVERIES deliveries, on SIGHUP, or when it answers EXIT_RETIRE. The
+    parent answers each request with spawn.send_result once every recipient
+    is done: K (code 0), D (code 100), Z (anything else, a crash, a timeout).
 
-    Deliveries run concurrently (queue-send bounds how many). A child that runs
-    longer than `timeoutlocal` (control file, default 3600 s) plus GRACE seconds
-    is killed and reported Z (deferred). A child that dies on a signal takes its
-    whole session with it (its programs run in it, in their own process groups),
-    and lspawn is a child subreaper, so it reaps whatever they leave behind.
+    A delivery that runs longer than `timeoutlocal` (control file, default
+    3600 s) plus GRACE seconds gets its worker killed and is reported Z
+    (deferred). A worker that dies on a signal takes its whole session with it
+    (its programs run in it, in their own process groups), and lspawn is a
+    child subreaper, so it reaps whatever they leave behind.
 
     Control files (defaultdelivery, envnoathost, timeoutlocal) are read at
     start and on SIGHUP; users/assign is re-read whenever it changes.
@@ -37,15 +43,19 @@ WHAT IT DOES
     every child). A user added to a group through a non-file source (LDAP,
     sssd) gets the new group within GROUPS_TTL seconds or at once on SIGHUP.
 
-    End of file on fd 0 or SIGTERM: no new requests; wait for the children in
-    flight (their results are still sent while the socket lasts), then exit 0.
+    End of file on fd 0 or SIGTERM: no new requests; retire the idle workers,
+    wait for the deliveries in flight (their results are still sent while the
+    socket lasts), then exit 0.
 
 SECURITY
     Never delivers as uid 0. Refuses a message fd that is not a regular file
-    owned by the queue user. The child holds no descriptor but the message and
-    its report pipe when user code runs. The child still makes qpy-local's own
-    checks (home owned by the user, not writable by group or others) as the
-    user, after dropping privileges; only the group lookup moved to the parent.
+    owned by the queue user. A worker holds no descriptor but its socket and the
+    message at hand when user code runs, and serves one identity only, so it
+    never holds another user's mail. It still makes qpy-local's own checks (home
+    owned by the user, not writable by group or others) as the user, per
+    delivery; only the group lookup moved to the parent. Its answers are parsed
+    strictly (qpy.local.worker.decode_result) and must name the delivery it was
+    given; anything else retires it.
 
 EXIT CODES
     0 after end of input; 111 when it cannot start (not root, fd 0 not a socket).
@@ -53,6 +63,7 @@ EXIT CODES
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 import pwd
@@ -62,15 +73,18 @@ import socket
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qpy.common import address, children, control, privilege, spawn, users
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, root_from
 from qpy.local import local as qlocal
+from qpy.local import worker
 
 GRACE = 30              # seconds past timeoutlocal before the parent kills a child
-MAX_CHILDREN = 2000     # a hard cap; queue-send's concurrencylocal is far lower
+MAX_WORKERS = 2000      # a hard cap; queue-send's concurrencylocal is far lower
+MAX_DELIVERIES = 500    # a worker is retired after this many (bounds any slow leak)
+WORKER_IDLE = 5.0       # seconds an idle worker is kept for the next delivery
 MAX_REPORT = 4000       # bytes of a child's report kept
 STOP_WAIT = 60          # seconds SIGTERM waits for deliveries in flight
 PR_SET_CHILD_SUBREAPER = 36
@@ -87,16 +101,20 @@ class Job:
     pending: int = 0
 
 
-@dataclass
-class Child:
+@dataclass(eq=False)
+class Worker:
+    """A forked delivery process for one identity (qpy.local.worker), kept for reuse."""
     pid: int
-    job: Job
-    index: int
-    fd: int                     # read end of the report pipe
-    deadline: float
-    report: bytearray = field(default_factory=bytearray)
+    key: tuple                  # (user, uid, gid, groups): who it runs as
+    sock: socket.socket         # our end of its SOCK_SEQPACKET pair
+    served: int = 0
+    job: Job | None = None      # the delivery in flight, with its recipient index
+    index: int = 0
+    seq: int = 0
+    deadline: float = 0.0       # of the delivery in flight
+    idle_since: float = 0.0
     status: int | None = None   # wait status once reaped
-    eof: bool = False
+    killed: bool = False        # we sent SIGKILL (timeout)
 
 
 class LSpawn:
@@ -104,11 +122,11 @@ class LSpawn:
         self.root = root
         self.sock = sock
         self.ctl = control.Control(root)
-        self.children: dict[int, Child] = {}   # by pid
-        self.by_fd: dict[int, Child] = {}
+        self.workers: dict[int, Worker] = {}     # by pid
+        self.idle: dict[tuple, list[Worker]] = {}
+        self.seq = 0
         self.sel = selectors.DefaultSelector()
         self.stopping = False
-        self.reload = False
         self.oneuser = Paths(root).oneuser() is not None
         self.queue_uid = self._queue_uid()
         self.groups = GroupCache()
@@ -164,7 +182,7 @@ class LSpawn:
         return None
 
     def start(self, job: Job, index: int, sender: bytes, rcpt: bytes) -> tuple[bytes, bytes] | None:
-        """Fork the delivery for one recipient; a result now when none can run."""
+        """Hand one recipient to a worker; a result now when none can run."""
         local, domain = address.split(rcpt)
         if not domain:
             return b"D", b"Sorry, address must include host name. (#5.1.3)"
@@ -178,50 +196,82 @@ class LSpawn:
             return b"Z", b"Not allowed to perform deliveries as root. (#4.3.0)"
         if self.oneuser and who.uid != os.getuid():
             return b"Z", b"One-user mode: cannot deliver as another uid. (#4.3.0)"
-        if len(self.children) >= MAX_CHILDREN:
-            return b"Z", b"Too many deliveries in qpy-lspawn. (#4.3.0)"
         try:
             groups = self.groups.get(who.user, who.gid) if os.getuid() == 0 else []
         except OSError:
             return b"Z", b"Unable to look up the groups of the recipient. (#4.3.0)"
-        d = qlocal.Delivery(root=self.root, user=who.user, uid=who.uid, home=who.home,
-                            local=local, domain=domain, dash=who.dash, ext=who.ext,
-                            sender=sender, msgfd=0, defaultdelivery=self.defaultdelivery,
-                            timeout=self.timeout, envnoathost=self.envnoathost)
+        key = (who.user, who.uid, who.gid, tuple(groups))
+        fields = [who.user.encode(), os.fsencode(who.home), local, domain, who.dash, who.ext,
+                  sender, self.defaultdelivery, self.envnoathost, b"%d" % self.timeout]
         try:
-            r, w = os.pipe()
+            # the worker's own open file description: no offset shared with another
+            msgfd = os.open(f"/proc/self/fd/{job.msgfd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return b"Z", b"qpy-lspawn unable to create pipe. (#4.3.0)"
+            return b"Z", b"qpy-lspawn unable to reopen the message. (#4.3.0)"
         try:
-            pid = os.fork()
-        except OSError:
-            os.close(r)
-            os.close(w)
-            return b"Z", b"qpy-lspawn unable to fork. (#4.3.0)"
-        if pid == 0:
-            self.child(d, who, groups, job.msgfd, w)  # never returns
-        os.close(w)
-        os.set_blocking(r, False)
-        c = Child(pid, job, index, r, time.monotonic() + self.timeout + GRACE)
-        self.children[pid] = c
-        self.by_fd[r] = c
-        self.sel.register(r, selectors.EVENT_READ, "child")
+            for _ in range(2):  # an idle worker may have died just now: then a new one
+                w = self._worker(key, who, groups)
+                if w is None:
+                    return b"Z", b"qpy-lspawn unable to start a delivery process. (#4.3.0)"
+                self.seq += 1
+                try:
+                    w.sock.sendmsg([worker.encode_request(self.seq, fields)], [
+                        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [msgfd]))])
+                    break
+                except OSError:
+                    self.retire(w)  # its exit is reaped; it had no delivery of ours
+            else:
+                return b"Z", b"qpy-lspawn unable to reach a delivery process. (#4.3.0)"
+        finally:
+            os.close(msgfd)
+        w.job, w.index, w.seq = job, index, self.seq
+        w.deadline = time.monotonic() + self.timeout + GRACE
+        w.served += 1
         job.pending += 1
         return None
 
+    def _worker(self, key: tuple, who: users.Recipient, groups: list[int]) -> Worker | None:
+        """An idle worker for this identity, or a new one; None when none can start."""
+        idle = self.idle.get(key)
+        if idle:
+            w = idle.pop()
+            if not idle:
+                del self.idle[key]
+            return w
+        if len(self.workers) >= MAX_WORKERS:
+            self.retire_idle(0.0, 1)   # make room: the idle worker unused the longest
+            if len(self.workers) >= MAX_WORKERS:
+                return None
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError:
+            return None
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            self.child(who, groups, theirs.fileno())  # never returns
+        theirs.close()
+        w = Worker(pid, key, ours)
+        self.workers[pid] = w
+        self.sel.register(ours, selectors.EVENT_READ, w)
+        return w
+
     # ---- the child ------------------------------------------------------------------
-    def child(self, d: qlocal.Delivery, who: users.Recipient, groups: list[int], msgfd: int,
-              w: int) -> None:
+    def child(self, who: users.Recipient, groups: list[int], sockfd: int) -> None:
         code = EXIT_TEMP
         try:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
                 signal.signal(sig, signal.SIG_DFL)
-            self.sel.close()
             os.setsid()
-            os.dup2(msgfd, 0)   # also closes the request socket in this process
-            os.dup2(w, 1)
-            os.dup2(w, 2)
+            os.dup2(sockfd, 0)  # also closes the request socket in this process
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
             os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0
                           else 65536)
             if os.getuid() == 0:
@@ -230,70 +280,116 @@ class LSpawn:
                 raise privilege.PrivilegeError("still root")
             privilege.set_title("qpy-local " + who.user)
             os.umask(0o077)  # as qmail-local: new mail and program files private to the user
-            code, text = qlocal.deliver(d)
-            os.write(1, text.encode("utf-8", "replace")[:MAX_REPORT])
-        except BaseException as e:  # report, never return into the parent's loop
-            try:
-                os.write(1, f"qpy-local failed: {type(e).__name__}: {e}".encode()[:MAX_REPORT])
-            except BaseException:
-                pass
+            os.chdir("/")
+            code = worker.serve(socket.socket(fileno=0), self.root, who.uid)
+        except BaseException:  # never return into the parent's loop
             code = EXIT_TEMP
         finally:
             os._exit(code)
 
     # ---- results --------------------------------------------------------------------
-    def readable(self, c: Child) -> None:
-        """Read what the child reported so far; at end of file, try to finish it."""
-        while True:
+    def readable(self, w: Worker) -> None:
+        """A worker's answer, or its end of file."""
+        try:
+            data = w.sock.recv(worker.MAX_RESULT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.retire(w)      # it exited or is exiting: reap() reports its delivery
+            return
+        if w.job is None:
+            log(f"warning: qpy-lspawn: unasked answer from qpy-local {w.pid}: retired")
+            self.retire(w)
+            return
+        try:
+            seq, code, text = worker.decode_result(data)
+            if seq != w.seq:
+                raise worker.WorkerError("answer to another delivery")
+        except worker.WorkerError as e:
+            log(f"warning: qpy-lspawn: qpy-local {w.pid}: {e}: retired")
+            self._report(w, b"Z", b"qpy-local sent a mangled report. (#4.3.0)")
+            self.retire(w)
+            return
+        letter = {0: b"K", 100: b"D"}.get(code, b"Z")
+        self._report(w, letter, text[:MAX_REPORT].strip().replace(b"\n", b" "))
+        if code == worker.EXIT_RETIRE or w.served >= MAX_DELIVERIES or self.stopping:
+            self.retire(w)
+        else:
+            w.idle_since = time.monotonic()
+            self.idle.setdefault(w.key, []).append(w)
+
+    def _report(self, w: Worker, letter: bytes, text: bytes) -> None:
+        job, w.job = w.job, None
+        if job is None:
+            return
+        job.results[w.index] = (letter, text)
+        job.pending -= 1
+        self.maybe_done(job)
+
+    def _forget_socket(self, w: Worker) -> None:
+        if w.sock.fileno() >= 0:
+            self.sel.unregister(w.sock)
+            w.sock.close()
+
+    def retire(self, w: Worker) -> None:
+        """No more work for w: closing its socket ends it (end of file), reap() collects it."""
+        idle = self.idle.get(w.key)
+        if idle and w in idle:
+            idle.remove(w)
+            if not idle:
+                del self.idle[w.key]
+        if w.sock.fileno() >= 0:
+            self.readable_last(w)
+        self._forget_socket(w)
+
+    def readable_last(self, w: Worker) -> None:
+        """Take an answer already sent before the socket closes (a worker that exited)."""
+        if w.job is None:
+            return
+        try:
+            w.sock.setblocking(False)
+            data = w.sock.recv(worker.MAX_RESULT)
+        except OSError:
+            return
+        if data:
             try:
-                data = os.read(c.fd, 65536)
-            except BlockingIOError:
+                seq, code, text = worker.decode_result(data)
+            except worker.WorkerError:
                 return
-            except OSError:
-                data = b""
-            if not data:
-                break
-            if len(c.report) < MAX_REPORT:
-                c.report += data[: MAX_REPORT - len(c.report)]
-        c.eof = True
-        self.sel.unregister(c.fd)
-        self.finish(c)
+            if seq == w.seq:
+                self._report(w, {0: b"K", 100: b"D"}.get(code, b"Z"),
+                             text[:MAX_REPORT].strip().replace(b"\n", b" "))
+
+    def retire_idle(self, older_than: float, most: int | None = None) -> None:
+        """Retire idle workers unused for older_than seconds (at most `most` of them)."""
+        now = time.monotonic()
+        old = sorted((w for ws in self.idle.values() for w in ws
+                      if now - w.idle_since >= older_than), key=lambda w: w.idle_since)
+        for w in old[:most]:
+            self.retire(w)
 
     def reap(self) -> None:
         # also orphans of deliveries: we are their subreaper
         for pid, status in children.exited():
-            c = self.children.get(pid)
-            if c is not None:
-                c.status = status
-                self.finish(c)
-
-    def finish(self, c: Child) -> None:
-        """Report the child once it has exited and its pipe is drained."""
-        if c.status is None:
-            return
-        if not c.eof:
-            self.readable(c)  # drains what is left; its end of file calls finish again
-            if not c.eof:  # a writer survived the child: report what we have
-                self.sel.unregister(c.fd)
-                c.eof = True
-        if c.pid not in self.children:
-            return
-        del self.children[c.pid]
-        del self.by_fd[c.fd]
-        os.close(c.fd)
-        text = bytes(c.report).strip().replace(b"\n", b" ")
-        if os.WIFEXITED(c.status):
-            code = os.WEXITSTATUS(c.status)
-            letter = {0: b"K", 100: b"D"}.get(code, b"Z")
-        elif c.deadline <= time.monotonic():
-            letter, text = b"Z", b"Delivery timed out; killed. " + text
-        else:
-            letter, text = b"Z", b"qpy-local crashed. " + text
-        if not os.WIFEXITED(c.status):
-            kill_session(c.pid)  # its programs must not outlive a killed delivery
-        c.job.results[c.index] = (letter, text)
-        c.job.pending -= 1
-        self.maybe_done(c.job)
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            w.status = status
+            if w.sock.fileno() >= 0:
+                self.readable_last(w)
+            self.retire(w)
+            if w.job is not None:
+                if w.killed:
+                    text = b"Delivery timed out; killed."
+                elif os.WIFEXITED(status):
+                    text = b"qpy-local exited %d. (#4.3.0)" % os.WEXITSTATUS(status)
+                else:
+                    text = b"qpy-local crashed. (#4.3.0)"
+                self._report(w, b"Z", text)
+            if not os.WIFEXITED(status):
+                kill_session(pid)  # its programs must not outlive a killed delivery
 
     def maybe_done(self, job: Job) -> None:
         if job.pending or any(r is None for r in job.results):
@@ -310,10 +406,11 @@ class LSpawn:
 
     def kill_overdue(self) -> None:
         now = time.monotonic()
-        for c in list(self.children.values()):
-            if c.deadline <= now and c.status is None:
+        for w in list(self.workers.values()):
+            if w.job is not None and w.deadline <= now and not w.killed:
+                w.killed = True
                 try:
-                    os.kill(c.pid, signal.SIGKILL)  # finish() then clears its session
+                    os.kill(w.pid, signal.SIGKILL)  # reap() then clears its session
                 except OSError:
                     pass
 
@@ -326,6 +423,17 @@ class LSpawn:
                 self.sel.unregister(self.sock)
             except (KeyError, ValueError):
                 pass
+            self.retire_idle(0.0)
+
+    def _wait(self) -> float | None:
+        """How long the loop may sleep: until a deadline or an idle worker's retirement."""
+        now = time.monotonic()
+        times = [w.deadline for w in self.workers.values() if w.job is not None]
+        times += [w.idle_since + WORKER_IDLE for ws in self.idle.values() for w in ws]
+        wait = max(0.0, min(times) - now) if times else None
+        if self.stopping:
+            wait = 1.0 if wait is None else min(wait, 1.0)
+        return wait
 
     def run(self) -> int:
         wake_r, wake_w = os.pipe()
@@ -338,12 +446,8 @@ class LSpawn:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.sel.register(self.sock, selectors.EVENT_READ, "sock")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
-        while not (self.stopping and not self.children):
-            deadlines = [c.deadline for c in self.children.values()]
-            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            if self.stopping:
-                wait = 1.0 if wait is None else min(wait, 1.0)
-            for key, _ in self.sel.select(wait):
+        while not (self.stopping and not self.workers):
+            for key, _ in self.sel.select(self._wait()):
                 if key.data == "sock":
                     if not self.stopping:
                         self.request()
@@ -353,8 +457,8 @@ class LSpawn:
                             pass
                     except BlockingIOError:
                         pass
-                elif key.fd in self.by_fd:
-                    self.readable(self.by_fd[key.fd])
+                elif isinstance(key.data, Worker):
+                    self.readable(key.data)
             while signals:
                 sig = signals.pop()
                 if sig == signal.SIGTERM:
@@ -362,12 +466,18 @@ class LSpawn:
                 elif sig == signal.SIGHUP:
                     self._settings()
                     self.groups.clear()
+                    self.retire_idle(0.0)   # new settings and groups: fresh workers
             self.reap()
             self.kill_overdue()
+            self.retire_idle(WORKER_IDLE)
             if self.stopping and time.monotonic() > self.stop_by:
-                for c in list(self.children.values()):
-                    c.deadline = 0
-                self.kill_overdue()
+                for w in self.workers.values():
+                    w.deadline = 0
+                    w.killed = w.job is not None
+                    try:
+                        os.kill(w.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
         return 0
 
 
@@ -420,7 +530,7 @@ class GroupCache:
             return hit[1]
         # a users/assign name missing from passwd gets its own gid only, as before
         groups = os.getgrouplist(user, gid) if _in_passwd(user) else [gid]
-        if len(self.entries) > MAX_CHILDREN:
+        if len(self.entries) > MAX_WORKERS:
             self.entries.clear()
         self.entries[(user, gid)] = (now, groups)
         return groups
