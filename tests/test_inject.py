@@ -411,6 +411,37 @@ def test_kill_pickup_during_injection_loses_nothing(qroot):
     assert not [n for n in os.listdir(qroot.paths.todo) if not n.isdigit()]
 
 
+def test_pickup_journal_lingers_then_empties_and_old_records_are_harmless(qroot):
+    """The journal keeps its records while mail flows (no fsyncs per message to empty
+    it), empties once drop/ stays quiet, and records finished long ago do nothing at a
+    restart: their drop names are never reused, their ids are gone."""
+    journal = os.path.join(qroot.paths.queue, "pickup", "journal")
+    p = start_pickup(qroot)
+    r = queue_inject(qroot, b"Subject: j\n\nbody\n",
+                     envelope.encode(b"s@x.example", [b"d@test.example"]))
+    assert r.returncode == 0
+    assert wait_for(lambda: drop_empty(qroot) and len(todo_ready(qroot)) == 1, 30)
+    with open(journal, "rb") as f:
+        records = f.read().split(b"\n")[:-1]
+    assert len(records) == 1 and records[0].split(b" ")[1].decode() in todo_ready(qroot)
+    assert wait_for(lambda: os.path.getsize(journal) == 0, 10), "journal never emptied"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    # a journal left by a crash: a record of that message (already finished), and a
+    # record whose drop file and ids are long gone; a new drop file waits meanwhile
+    (msgid,) = todo_ready(qroot)
+    with open(journal, "ab") as f:
+        f.write(records[0] + b"\n" + b"1.2.3 99999\n")
+    r = queue_inject(qroot, b"Subject: k\n\nbody\n",
+                     envelope.encode(b"s@x.example", [b"d@test.example"]))
+    assert r.returncode == 0
+    p = start_pickup(qroot)
+    assert wait_for(lambda: drop_empty(qroot) and len(todo_ready(qroot)) == 2, 30)
+    assert msgid in todo_ready(qroot) and p.poll() is None
+    qroot.stop_all()
+    assert sorted(os.listdir(qroot.paths.mess)) == sorted(todo_ready(qroot))
+
+
 # --- full disk ------------------------------------------------------------------------
 
 @needs_root

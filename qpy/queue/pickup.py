@@ -16,25 +16,30 @@ WRITES
     drop files to queue/quarantine/.
 
 HOW A BATCH IS ADMITTED (crash safety)
-    1. for each drop file: todo/.tmp.ID, then mess/ID, written and fsync'd;
-       then mess/ and todo/ fsync'd.          (nothing visible to queue-send yet)
-       A batch of SYNCFS_MIN_BATCH or more files skips these fsyncs and makes
-       them all durable with one syncfs(2) of the queue's filesystem instead,
-       which returns only once every dirty file and directory of that
-       filesystem is on disk. It is used only where it reports write errors
-       (Linux 5.8 and later) and when mess/ and todo/ share one filesystem.
-       When it fails, the batch is not committed: its temporaries are
-       removed, the drop files stay, and from then on every file is fsync'd.
-       (syncfs also writes other programs' dirty data on that filesystem; a
-       queue on a busy shared filesystem is better on its own one.)
+    1. for each drop file: todo/.tmp.ID, then mess/ID, written; then made
+       durable with one syncfs(2) of the queue's filesystem, which returns
+       only once every dirty file and directory of that filesystem is on disk
+       (one call where fsyncs of every file and of mess/ and todo/ would take
+       four per message). It is used only where it reports write errors
+       (Linux 5.8 and later) and when mess/ and todo/ share one filesystem;
+       elsewhere each file and both directories are fsync'd. When syncfs
+       fails, the batch is not committed: its temporaries are removed, the
+       drop files stay, and from then on every file is fsync'd. (syncfs also
+       writes other programs' dirty data on that filesystem; a queue on a busy
+       shared filesystem is better on its own one.)  Nothing is visible to
+       queue-send yet.
     2. one journal record per drop file, "NAME ID", appended and fsync'd: the
        commit point. A crash before it leaves only invisible temporaries, which
        the next start removes; the drop file is admitted again.
-    3. todo/.tmp.ID renamed to todo/ID, todo/ fsync'd: queue-send sees them.
+    3. todo/.tmp.ID renamed to todo/ID: queue-send sees them. todo/ is not
+       fsync'd here: a rename lost in a crash is redone from the journal.
     4. the drop files are unlinked.
     At start, every journal record is finished (steps 3 and 4), so a message
-    is never lost and never admitted twice. When no drop file waits, drop/ is
-    fsync'd and the journal emptied.
+    is never lost and never admitted twice. Once no drop file has come for
+    JOURNAL_LINGER seconds (or the journal holds JOURNAL_MAX_RECORDS), todo/
+    and drop/ are fsync'd and the journal emptied: finishing a record twice is
+    harmless (drop names hold the inode, a nanosecond clock and the pid, and
+    are never reused), so the records may wait for a quiet moment.
 
 SECURITY
     The injecting user owns the drop file and may rewrite it at any time, so
@@ -67,7 +72,7 @@ from qpy.common.queue import Paths, root_from, todo_encode
 from qpy.common.watch import Watcher
 
 BATCH_MAX = 64                    # drop files admitted under one journal fsync
-SYNCFS_MIN_BATCH = 2              # from this many files on, one syncfs replaces their fsyncs
+SYNCFS_MIN_BATCH = 1              # from this many files on, one syncfs replaces their fsyncs
 MAX_MESSAGE_BYTES = 1 << 30       # hard cap when databytes is unset
 HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
 STALE_TMP_SECONDS = 36 * 3600     # qmail's limit for a half-written file
@@ -75,6 +80,7 @@ COPY_BYTES = 1 << 20
 IDLE_WAIT = 5.0
 RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
 JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
+JOURNAL_LINGER = 2.0              # seconds without new drop files before it is emptied
 TODO_TMP = ".tmp."
 
 _stop = False
@@ -124,6 +130,7 @@ class Pickup:
         self.journal = os.path.join(self.paths.pickup, "journal")
         self.last_id = 0
         self.journal_records = 0
+        self.last_admit = 0.0
         self.stuck: set[str] = set()      # entries pickup can neither admit nor move
         self.who = self._who_table()
         self.syncfs = _load_syncfs()
@@ -323,7 +330,9 @@ class Pickup:
         for _, msg_id, _, _ in admitted:
             os.rename(os.path.join(self.paths.todo, TODO_TMP + msg_id),
                       os.path.join(self.paths.todo, msg_id))
-        durable.fsync_dir(self.paths.todo)
+        # no fsync of todo/ here: the journal record redoes a lost rename at start, and
+        # empty_journal() fsyncs todo/ before it lets the records go
+        self.last_admit = time.monotonic()
         for name, msg_id, uid, size in admitted:
             try:
                 os.unlink(name, dir_fd=dfd)
@@ -351,7 +360,8 @@ class Pickup:
         """Once the drop files' removals are durable, the journal can go."""
         if self.journal_records == 0:
             return
-        durable.fsync_dir(self.paths.drop)
+        durable.fsync_dir(self.paths.todo)      # the renames to todo/ID
+        durable.fsync_dir(self.paths.drop)      # the removals of the drop files
         fd = os.open(self.journal, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             os.ftruncate(fd, 0)
@@ -426,13 +436,16 @@ class Pickup:
                 self.control.reload()
             if not pending:
                 # inotify only wakes us early; every wake lists the whole directory
-                watcher.wait(IDLE_WAIT)
+                watcher.wait(JOURNAL_LINGER if self.journal_records else IDLE_WAIT)
                 # scan() lists the whole directory on every wake, so this is the due
                 # rescan too; not taking it leaves wait() with a zero timeout (a busy loop)
                 watcher.rescan_due()
                 pending = self.scan(dfd)
             if not pending:
-                self.empty_journal()
+                # idle: the records go once no drop file came for JOURNAL_LINGER seconds
+                # (their three fsyncs would cost more than the admission of one message)
+                if time.monotonic() - self.last_admit >= JOURNAL_LINGER:
+                    self.empty_journal()
                 continue
             batch, pending = pending[:BATCH_MAX], pending[BATCH_MAX:]
             if not self.admit_batch(batch, dfd):
