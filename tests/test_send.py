@@ -269,7 +269,9 @@ def test_uids_and_titles_of_the_send_group(qpy, qroot):
         p = psutil.Process(qpy.pid(prog))
         uid = pwd.getpwnam(name).pw_uid        # the preamble drops right after the exec
         assert wait_for(lambda p=p, uid=uid: p.uids() == (uid, uid, uid), 10), (prog, p.uids())
-        assert p.cmdline()[0].split()[0] == "qpy-" + prog
+        # lspawn stays root: its uid matches at once, before the preamble names it
+        assert wait_for(lambda p=p, prog=prog: p.cmdline()[0].split()[0] == "qpy-" + prog,
+                        10), (prog, p.cmdline())
         assert set(p.environ()) <= {"QPY_ROOT", "PATH", "LC_CTYPE"}, p.environ()
         with open(os.path.join(qroot.paths.run, prog + ".pid"), "rb"):
             pass

@@ -304,8 +304,13 @@ class Starter:
         if len(c.buf) > MAX_LINE:
             lines.append(c.buf)
             c.buf = b""
-        for line in lines:
-            out(c.service, "qpy-" + c.prog, clean(line, MAX_LINE))
+        if lines:   # one stamp and one write for all the lines read together
+            prefix = "%s %s qpy-%s: " % (stamp(), c.service, c.prog)
+            text = "".join(prefix + clean(line, MAX_LINE) + "\n" for line in lines)
+            try:
+                durable.write_all(1, text.encode("utf-8", "replace"))
+            except OSError:
+                pass
 
     def handle_flags(self) -> None:
         flags, self.flags = self.flags, set()

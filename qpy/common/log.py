@@ -15,13 +15,52 @@ def clean(text: bytes | str, limit: int = MAX_LOG_TEXT) -> str:
     """Printable ASCII only, bounded: safe for a log line or a reply."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    out = "".join(c if " " <= c <= "~" else "_" for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")
+    head = text[:limit]
+    if not (head.isascii() and head.isprintable()):    # the common case needs no copy
+        head = "".join(c if " " <= c <= "~" else "_" for c in head)
+    return head + ("..." if len(text) > limit else "")
+
+
+MAX_HELD = 64 * 1024   # bytes of held lines written out at once, at most
+
+_held: list[bytes] | None = None
+_held_bytes = 0
 
 
 def log(line: str) -> None:
+    global _held_bytes
     data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
+    if _held is not None:
+        _held.append(data)
+        _held_bytes += len(data)
+        if _held_bytes >= MAX_HELD:
+            flush()
+        return
     try:
         os.write(2, data)
+    except OSError:
+        pass
+
+
+def hold() -> None:
+    """Keep log lines until flush(): a busy loop writes one pass's lines at once (one
+    write, one wake-up of the collector, instead of one per line)."""
+    global _held
+    if _held is None:
+        _held = []
+
+
+def flush() -> None:
+    """Write the held lines, in order, with one write."""
+    global _held_bytes
+    if not _held:
+        return
+    data = b"".join(_held)
+    _held.clear()
+    _held_bytes = 0
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(2, view):]
     except OSError:
         pass

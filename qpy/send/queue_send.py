@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 
 from qpy.common import address, envelope, spawn
 from qpy.common.control import Control
-from qpy.common.log import clean, log
+from qpy.common.log import clean, flush, hold, log
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, is_id, root_from, todo_decode
 from qpy.common.state import (
@@ -624,6 +624,7 @@ class QueueSend:
                 self.retry_failed(now)
                 self.start_deliveries(int(now))
             timeout = self._timeout(now)
+            flush()     # this pass's log lines, in one write, before we sleep
             ready = watcher.wait(timeout, tuple(fds))
             # the watcher's hint: something may have arrived in todo/
             self.hinted = self.hinted or getattr(watcher, "_hint", True)
@@ -690,6 +691,7 @@ def main() -> int:
     if qs.socks[REMOTE] is None:
         log("warning: no qpy-rspawn connection: remote mail waits in the queue")
     try:
+        hold()
         return qs.run(wr)
     except Lost as e:
         log("alert: oh no! %s! dying..." % e)
@@ -700,6 +702,8 @@ def main() -> int:
         else:
             log("alert: %s" % e)
         return 111
+    finally:
+        flush()
 
 
 if __name__ == "__main__":
