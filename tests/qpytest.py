@@ -10,8 +10,11 @@ import socket
 import subprocess
 import tempfile
 import time
+import zlib
 
 import pytest
+
+from qpy.common import dropfile, envelope
 
 PREFIX = os.environ.get("QPY_PREFIX") or ("/opt/qpy" if os.getuid() == 0
                                           else os.path.expanduser("~/.local/qpy"))
@@ -162,3 +165,12 @@ def wait_for(pred, timeout: float = 30.0, interval: float = 0.05):
         if time.monotonic() > deadline:
             return None
         time.sleep(interval)
+
+
+def split_drop(data: bytes) -> tuple[bytes, bytes, list[bytes]]:
+    """(message, sender, recipients) of a drop file's bytes; checks its CRC-32."""
+    h = dropfile.parse_header(data[:dropfile.HEADER_LEN], len(data))
+    msg, env = data[h.length:h.length + h.msglen], data[h.length + h.msglen:]
+    assert h.crc is None or zlib.crc32(env, zlib.crc32(msg)) == h.crc
+    sender, rcpts = envelope.decode(env)
+    return msg, sender, rcpts

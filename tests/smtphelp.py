@@ -12,7 +12,7 @@ import subprocess
 import psutil
 import qpytest
 
-from qpy.common import dropfile, envelope
+from qpy.common import dropfile
 
 
 class Listener:
@@ -171,10 +171,7 @@ def drops(qroot) -> list[tuple[bytes, bytes, list[bytes]]]:
             continue
         with open(os.path.join(qroot.paths.drop, name), "rb") as f:
             data = f.read()
-        _, msglen, envlen = dropfile.parse_header(data[:dropfile.HEADER_LEN], len(data))
-        body = data[dropfile.HEADER_LEN:dropfile.HEADER_LEN + msglen]
-        sender, rcpts = envelope.decode(data[dropfile.HEADER_LEN + msglen:])
-        out.append((body, sender, rcpts))
+        out.append(qpytest.split_drop(data))
     return out
 
 

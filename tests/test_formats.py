@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,27 +46,39 @@ def test_envelope_truncation_is_always_detected(sender, rcpts, cut):
 @given(st.binary(max_size=2000), mailbox, st.lists(mailbox, max_size=5), st.integers(0, 99999))
 def test_dropfile_round_trip(msg, sender, rcpts, pid):
     env = envelope.encode(sender, rcpts)
-    data = dropfile.header(pid, len(msg), len(env)) + msg + env
-    p, mlen, elen = dropfile.parse_header(data[:dropfile.HEADER_LEN], len(data))
-    assert (p, mlen, elen) == (pid, len(msg), len(env))
-    assert data[dropfile.HEADER_LEN:dropfile.HEADER_LEN + mlen] == msg
-    assert envelope.decode(data[dropfile.HEADER_LEN + mlen:]) == (sender, rcpts)
+    data = dropfile.build(pid, msg, env)
+    h = dropfile.parse_header(data[:dropfile.HEADER_LEN], len(data))
+    assert (h.pid, h.msglen, h.envlen, h.length) == (pid, len(msg), len(env),
+                                                     dropfile.HEADER_LEN)
+    assert h.crc == zlib.crc32(msg + env)
+    assert data[h.length:h.length + h.msglen] == msg
+    assert envelope.decode(data[h.length + h.msglen:]) == (sender, rcpts)
+
+
+@given(st.binary(max_size=200), st.integers(0, 99999))
+def test_dropfile_v1_still_read(msg, pid):
+    env = envelope.encode(b"a@b.example", [b"c@d.example"])
+    data = b"QPYDROP1 %010d %015d %010d\n" % (pid, len(msg), len(env)) + msg + env
+    h = dropfile.parse_header(data[:dropfile.HEADER_LEN], len(data))
+    assert (h.pid, h.msglen, h.envlen, h.crc, h.length) == (
+        pid, len(msg), len(env), None, dropfile.V1_HEADER_LEN)
+    assert data[h.length:h.length + h.msglen] == msg
 
 
 @given(st.binary(min_size=0, max_size=dropfile.HEADER_LEN + 10), st.integers(0, 1 << 40))
 @settings(max_examples=2000)
 def test_dropfile_header_garbage_is_refused_cleanly(head, size):
     try:
-        pid, mlen, elen = dropfile.parse_header(head, size)
+        h = dropfile.parse_header(head, size)
     except dropfile.DropError:
         return
-    assert dropfile.HEADER_LEN + mlen + elen == size
+    assert h.length + h.msglen + h.envlen == size
 
 
 @given(st.binary(max_size=10), st.integers(1, 10))
 def test_dropfile_size_mismatch_refused(msg, extra):
     env = envelope.encode(b"", [b"a@b.example"])
-    data = dropfile.header(1, len(msg), len(env)) + msg + env
+    data = dropfile.build(1, msg, env)
     with pytest.raises(dropfile.DropError):
         dropfile.parse_header(data[:dropfile.HEADER_LEN], len(data) + extra)
     with pytest.raises(dropfile.DropError):

@@ -78,10 +78,8 @@ def test_queue_inject_writes_one_drop_file(qroot):
     assert len(names) == 1 and dropfile.is_final_name(names[0])
     with open(os.path.join(qroot.paths.drop, names[0]), "rb") as f:
         data = f.read()
-    pid, mlen, elen = dropfile.parse_header(data[:dropfile.HEADER_LEN], len(data))
-    assert data[dropfile.HEADER_LEN:dropfile.HEADER_LEN + mlen] == msg
-    assert envelope.decode(data[dropfile.HEADER_LEN + mlen:]) == (b"a@x.example",
-                                                                   [b"b@test.example"])
+    assert data.startswith(dropfile.MAGIC)     # written in the current format
+    assert qpytest.split_drop(data) == (msg, b"a@x.example", [b"b@test.example"])
     assert stat.S_IMODE(os.stat(os.path.join(qroot.paths.drop, names[0])).st_mode) == 0o640
 
 
@@ -317,7 +315,7 @@ def write_drop(qroot, name: str, data: bytes) -> str:
 
 def good_drop(msg: bytes = b"Subject: ok\n\nok\n") -> bytes:
     env = envelope.encode(b"a@b.example", [b"c@test.example"])
-    return dropfile.header(1, len(msg), len(env)) + msg + env
+    return dropfile.build(1, msg, env)
 
 
 @needs_root
@@ -341,6 +339,14 @@ def test_hostile_drop_files(qroot):
     write_drop(qroot, "tmp.1.2.3", g[:50])                                # still being written
     write_drop(qroot, "..evil", g)                                        # not a drop name
     os.mkdir(os.path.join(drop, "108.1.1"))                               # a directory
+    body = b"Subject: torn\n\n" + b"x" * 10000 + b"\n"
+    torn = bytearray(good_drop(body))
+    torn[5000:9096] = bytes(4096)       # a page that never reached the disk before a crash
+    write_drop(qroot, "109.1.1", bytes(torn))                             # torn: bad CRC
+    env = envelope.encode(b"a@b.example", [b"c@test.example"])
+    old = b"Subject: v1\n\nold format\n"
+    write_drop(qroot, "110.1.1", b"QPYDROP1 %010d %015d %010d\n" % (1, len(old), len(env))
+               + old + env)                                               # QPYDROP1: admitted
     for n in os.listdir(drop):
         if not os.path.islink(os.path.join(drop, n)):
             os.chown(os.path.join(drop, n), 0, pwd.getpwnam("qpyq").pw_gid)
@@ -351,21 +357,41 @@ def test_hostile_drop_files(qroot):
     assert wait_for(lambda: set(os.listdir(drop)) == {"tmp.1.2.3"}, 60), os.listdir(drop)
     assert p.poll() is None, "pickup died"
     quarantined = os.listdir(qroot.paths.quarantine)
-    assert len(quarantined) == 10, quarantined       # and the empty directory removed
-    msgs = queued_messages(qroot)
-    assert len(msgs) == 1 and b"Subject: good" in next(iter(msgs.values()))
+    assert len(quarantined) == 11, quarantined       # and the empty directory removed
+    msgs = list(queued_messages(qroot).values())
+    assert len(msgs) == 2, msgs
+    assert any(b"Subject: good" in m for m in msgs) and any(b"old format" in m for m in msgs)
     assert os.path.exists(victim)
     # pickup is still alive and admits the next good file
     write_drop(qroot, "201.1.1", good_drop(b"Subject: after\n\nafter\n"))
     os.chown(os.path.join(drop, "201.1.1"), 0, pwd.getpwnam("qpyq").pw_gid)
     os.chmod(os.path.join(drop, "201.1.1"), 0o640)
-    assert wait_for(lambda: len(queued_messages(qroot)) == 2, 30)
+    assert wait_for(lambda: len(queued_messages(qroot)) == 3, 30)
     qroot.stop_all()
     log = pickup_log(qroot)
     for reason in ("not a plain file", "links", "too large", "cannot open",
                    "lengths do not match", "bad header", "not a drop file name",
-                   "removed directory"):
+                   "removed directory", "checksum mismatch"):
         assert reason in log, (reason, log)
+
+
+def test_front_ends_import_only_what_injection_needs():
+    """Each sendmail run starts an interpreter; heavy modules would double its start-up
+    (dataclasses alone pulls in inspect: about 15 ms, as much as the interpreter)."""
+    heavy = {"dataclasses", "inspect", "typing", "subprocess", "email", "socket", "ssl",
+             "dns", "pyinotify", "psutil"}
+    site = subprocess.run([qpytest.PYTHON, "-c", "import sysconfig; print(sysconfig."
+                           "get_paths()['purelib'])"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    for module in ("qpy.inject.sendmail", "qpy.inject.queue_inject", "qpy.inject.inject"):
+        # as the launchers run them: -IS, the venv's site-packages put first by hand
+        r = subprocess.run([qpytest.PYTHON, "-IS", "-c",
+                            "import sys; sys.path[:0] = [%r]; import %s; print(' '.join("
+                            "sorted(sys.modules)))" % (site, module)],
+                           capture_output=True, text=True, check=True)
+        loaded = set(r.stdout.split())
+        assert module in loaded
+        assert not {m.split(".")[0] for m in loaded} & heavy, (module, loaded & heavy)
 
 
 # --- crash safety ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import qpytest
 
-from qpy.common import dropfile, envelope, spawn
+from qpy.common import dropfile, spawn
 
 pytestmark = [qpytest.needs_root]
 
@@ -333,11 +333,7 @@ def drops(qroot) -> list[tuple[bytes, bytes, list[bytes]]]:
         if not dropfile.is_final_name(name):
             continue
         data = read(os.path.join(qroot.paths.drop, name))
-        head = data[:dropfile.HEADER_LEN]
-        _, msglen, _ = dropfile.parse_header(head, len(data))
-        msg = data[dropfile.HEADER_LEN:dropfile.HEADER_LEN + msglen]
-        sender, rcpts = envelope.decode(data[dropfile.HEADER_LEN + msglen:])
-        out.append((msg, sender, rcpts))
+        out.append(qpytest.split_drop(data))
     return out
 
 

@@ -3,17 +3,20 @@
 Everything that enters the queue comes through `Drop`: `qpy-queue-inject`, the
 sendmail front ends, `qpy-smtpd` (streaming DATA straight in), forwards from
 `qpy-local` and bounces from `qpy-queue-send`. The file is written under a
-temporary name, fsync'd, renamed to its final name and the directory fsync'd;
-only then does `commit()` return, and only then may the caller say "queued".
+temporary name, its header (lengths and CRC-32, qpy.common.dropfile) written
+last, renamed to its final name, then fsync'd once; only then does `commit()`
+return, and only then may the caller say "queued".
 
-Why the fsync before the rename stays (issue 7 weighed dropping it): without it a
-crash before the acknowledgement can leave a file under its final name whose
-header and envelope are on disk but part of whose body is not. The body is
-written in chunks that end inside a page; a page written back early and then
-appended to is dirty again, and cyclic writeback can put the tail, the size and
-page 0 (the header) on disk before it. The lengths then match the size, the
-envelope parses, and pickup would admit a copy with a run of zeros. A checksum in
-the drop header, checked by pickup, would let the first fsync go.
+One fsync, after the rename, makes both the bytes and the name durable on the
+filesystems qpy supports for its queue (ext4, xfs, btrfs): the rename dirties
+the file's inode (its ctime), so the file's fsync commits the journal
+transaction that holds the rename. (The injecting user may not read drop/, so
+it could not fsync the directory anyway.) A crash before that fsync returns was
+never acknowledged, and may leave under the final name a file whose header and
+envelope are on disk but part of whose body is not (cyclic writeback can put
+the tail and page 0 on disk before a middle page, so the lengths match the size
+and only zeros mark the hole): pickup recomputes the CRC-32 and quarantines
+such a file instead of admitting it.
 
 Failures raise InjectError carrying qmail-queue's exit code for them.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+import zlib
 
 from qpy.common import dropfile, envelope
 from qpy.common.durable import write_all
@@ -55,23 +59,16 @@ class Drop:
     def __init__(self, root: str, databytes: int = 0):
         self.databytes = databytes
         self.size = 0
+        self._crc = 0          # CRC-32 of what was written so far
         self._buf: list[bytes] = []
         self._buffered = 0
         self._dir = Paths(root).drop
         self._tmp = "%s%d.%d.%s" % (dropfile.TMP_PREFIX, time.time_ns(), os.getpid(),
                                      os.urandom(4).hex())
-        # drop/ is not readable by the injecting user (nobody may list it), so a
-        # plain user gets an O_PATH descriptor: enough for openat/renameat, but
-        # not for fsync of the directory (see commit()).
-        self._dir_readable = True
+        # drop/ is not readable by the injecting user (nobody may list it): an O_PATH
+        # descriptor is enough for openat/renameat, and the directory is never fsync'd
         try:
-            self._dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-        except PermissionError:
-            self._dir_readable = False
-            try:
-                self._dfd = os.open(self._dir, os.O_PATH | os.O_DIRECTORY)
-            except OSError as e:
-                raise _io_error(e, "create")
+            self._dfd = os.open(self._dir, os.O_PATH | os.O_DIRECTORY)
         except OSError as e:
             raise _io_error(e, "create")
         try:
@@ -82,7 +79,7 @@ class Drop:
             raise _io_error(e, "create")
         try:
             os.fchmod(self._fd, DROP_MODE)
-            write_all(self._fd, dropfile.header(0, 0, 0))
+            write_all(self._fd, dropfile.header(0, 0, 0, 0))  # filled in by commit()
         except OSError as e:
             self.abort()
             raise _io_error(e, "write")
@@ -102,6 +99,7 @@ class Drop:
             return
         data = b"".join(self._buf)
         self._buf, self._buffered = [], 0
+        self._crc = zlib.crc32(data, self._crc)
         try:
             write_all(self._fd, data)
         except OSError as e:
@@ -118,20 +116,15 @@ class Drop:
         try:
             self._flush()
             write_all(self._fd, env)
-            os.pwrite(self._fd, dropfile.header(os.getpid(), self.size, len(env)), 0)
-            # durable: fsync the file, rename to the final name, fsync the directory
-            os.fsync(self._fd)
+            crc = zlib.crc32(env, self._crc)
+            os.pwrite(self._fd, dropfile.header(os.getpid(), self.size, len(env), crc), 0)
             ino = os.fstat(self._fd).st_ino
             final = "%d.%d.%d" % (ino, time.time_ns(), os.getpid())
             os.rename(self._tmp, final, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
             self._tmp = ""
-            if self._dir_readable:
-                os.fsync(self._dfd)
-            else:
-                # A user who may not read drop/ cannot fsync it. The rename changed
-                # the file's inode (ctime), so fsync of the file commits the journal
-                # transaction holding the rename (ext4, xfs, btrfs all do).
-                os.fsync(self._fd)
+            # durable: rename, then one fsync of the file commits its bytes and the
+            # rename together (the module docstring says why; pickup checks the CRC)
+            os.fsync(self._fd)
         except OSError as e:
             raise _io_error(e, "write")
         finally:

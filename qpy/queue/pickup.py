@@ -56,13 +56,13 @@ EXIT CODES
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
 import signal
 import stat
 import sys
 import time
+import zlib
 
 from qpy.common import dropfile, durable, envelope
 from qpy.common.control import Control
@@ -187,12 +187,11 @@ class Pickup:
         if st.st_size > self.limit() + dropfile.HEADER_LEN + envelope.MAX_ENVELOPE:
             raise Rejected("too large (%d bytes)" % st.st_size)
         try:
-            head = os.pread(fd, dropfile.HEADER_LEN, 0)
-            pid, msglen, envlen = dropfile.parse_header(head, st.st_size)
-            if msglen > self.limit():
-                raise Rejected("message too large (%d bytes)" % msglen)
-            env = os.pread(fd, envlen, dropfile.HEADER_LEN + msglen)
-            if len(env) != envlen:
+            h = dropfile.parse_header(os.pread(fd, dropfile.HEADER_LEN, 0), st.st_size)
+            if h.msglen > self.limit():
+                raise Rejected("message too large (%d bytes)" % h.msglen)
+            env = os.pread(fd, h.envlen, h.length + h.msglen)
+            if len(env) != h.envlen:
                 raise Rejected("envelope truncated")
             sender, rcpts = envelope.decode(env)
         except (dropfile.DropError, envelope.EnvelopeError) as e:
@@ -202,8 +201,8 @@ class Pickup:
         now = time.time()
         who = self.who.get(st.st_uid, "by uid %d" % st.st_uid)
         received = b"Received: (qpy %d invoked %s); %s\n" % (
-            pid, who.encode(), rfc822_date(now).encode())
-        size = len(received) + msglen
+            h.pid, who.encode(), rfc822_date(now).encode())
+        size = len(received) + h.msglen
         todo = todo_encode(int(now), st.st_uid, size, envelope.encode(sender, rcpts))
         # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
         # recover() removes together with mess/ID, so no orphan mess file is possible.
@@ -213,7 +212,12 @@ class Pickup:
                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             try:
                 durable.write_all(mfd, received)
-                self._copy_range(fd, mfd, dropfile.HEADER_LEN, msglen)
+                crc = self._copy_range(fd, mfd, h.length, h.msglen)
+                if h.crc is not None and zlib.crc32(env, crc) != h.crc:
+                    # torn by a crash before its writer's fsync returned: never
+                    # acknowledged, so its sender still has it
+                    raise Rejected("checksum mismatch (torn by a crash before it was "
+                                   "acknowledged)")
                 if sync:           # else the batch's syncfs makes it durable
                     os.fsync(mfd)  # its directory entry is fsync'd for the whole batch
             finally:
@@ -248,21 +252,18 @@ class Pickup:
             return msg_id
 
     @staticmethod
-    def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+        """Copy count bytes from offset; the CRC-32 of exactly the bytes copied."""
+        crc = 0
         while count > 0:
-            try:
-                n = os.copy_file_range(src, dst, min(count, COPY_BYTES), offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                data = os.pread(src, min(count, COPY_BYTES), offset)
-                n = len(data)
-                if n:
-                    durable.write_all(dst, data)
-            if n == 0:
+            data = os.pread(src, min(count, COPY_BYTES), offset)
+            if not data:
                 raise Rejected("file shrank while being read")
-            offset += n
-            count -= n
+            crc = zlib.crc32(data, crc)
+            durable.write_all(dst, data)
+            offset += len(data)
+            count -= len(data)
+        return crc
 
     @staticmethod
     def _unlink(directory: str, name: str) -> None:
