@@ -24,7 +24,7 @@ import pytest
 import qpytest
 from qpytest import needs_root, wait_for
 
-from qpy.common.state import StateFile, read_state
+from qpy.common.state import StateError, StateFile, read_state
 
 pytestmark = [needs_root]
 
@@ -562,6 +562,242 @@ def test_bounce_of_a_big_message_returns_its_header_only(qroot):
     assert "X-Marker: kept" in headers and "Subject: big one" in headers
     assert "line of a big message" not in bnc.as_string()
     assert len(bnc.as_bytes()) < 20000
+
+
+# --- state/ID only for a message that outlives its first pass (issue 7) -----------
+def _write_queue_files(qroot, msgid: str, body: bytes | None, rcpts: list[bytes]) -> None:
+    """mess/ID (unless body is None) and todo/ID by hand, with pickup's owners and modes."""
+    from qpy.common import envelope
+    from qpy.common.queue import todo_encode
+    p = qroot.paths
+    qpyq, qpys = pwd.getpwnam("qpyq"), pwd.getpwnam("qpys")
+    todo = todo_encode(int(time.time()), 0, len(body or b""),
+                       envelope.encode(b"qtsa@%s" % ME.encode(), rcpts))
+    files = [(os.path.join(p.todo, msgid), todo)]
+    if body is not None:
+        files.append((os.path.join(p.mess, msgid), body))
+    for path, data in files:
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, qpyq.pw_uid, qpys.pw_gid)
+        os.chmod(path, 0o640)
+
+
+def test_first_pass_success_creates_no_state_file(qroot):
+    """One recipient delivered on the first try: state/ID is never created (inotify
+    sees every creation in state/, however short-lived)."""
+    import pyinotify
+    pw = user("sa", qroot)
+    q = Qpy(qroot)
+    created: list[str] = []
+    wm = pyinotify.WatchManager()
+    notifier = pyinotify.Notifier(wm, lambda e: created.append(e.pathname), timeout=10)
+    wm.add_watch(qroot.paths.state, pyinotify.IN_CREATE | pyinotify.IN_MOVED_TO)
+    try:
+        for n in range(3):
+            sendmail(qroot, "qtsa@%s" % ME, "qtsa@%s" % ME, body="first pass %d\n" % n)
+        q.wait_log(r"end msg \d+", count=3)
+        assert wait_for(lambda: queue_empty(qroot), 30), q.log()
+        while notifier.check_events():
+            notifier.read_events()
+            notifier.process_events()
+    finally:
+        notifier.stop()
+    assert len(maildir(pw)) == 3
+    assert created == [], created
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/strace"), reason="no strace")
+def test_queue_send_fsyncs_nothing_for_first_pass_successes(qroot, tmp_path):
+    """The fsyncs of qpy-queue-send itself, counted with strace attached to it."""
+    pw = user("sa", qroot)
+    q = Qpy(qroot)
+    out, err = str(tmp_path / "strace.out"), tmp_path / "strace.err"
+    with open(err, "wb") as errf:
+        tracer = subprocess.Popen(["strace", "-e", "trace=fsync,fdatasync,syncfs", "-o", out,
+                                   "-p", str(q.pid("queue-send"))], stderr=errf)
+    try:
+        if not wait_for(lambda: b"attached" in err.read_bytes(), 10):
+            pytest.skip("strace cannot attach here: %s" % err.read_bytes()[-300:])
+        for n in range(5):
+            sendmail(qroot, "qtsa@%s" % ME, "qtsa@%s" % ME, body="counted %d\n" % n)
+        q.wait_log(r"end msg \d+", count=5)
+    finally:
+        tracer.send_signal(signal.SIGINT)       # detach; the trace is complete then
+        tracer.wait(timeout=30)
+    assert len(maildir(pw)) == 5
+    with open(out) as f:
+        calls = [ln for ln in f if re.match(r"(fsync|fdatasync|syncfs)\(", ln)]
+    assert calls == [], calls
+
+
+def test_deferral_in_first_pass_persists_done_and_deferred(qroot):
+    """Two recipients, one delivered and one deferred: state/ID gets the K of the
+    delivered one and the Z, todo/ID goes; the retry ends the message."""
+    a = user("sa", qroot)
+    b = user("sb", qroot, {"flaky": "|if [ -e flag ]; then exit 0; fi; touch flag; "
+                                    "sleep 1; echo not yet; exit 111\n./Maildir/\n"})
+    q = Qpy(qroot)
+    sendmail(qroot, "qtsa@%s" % ME, "qtsa@%s" % ME, "qtsb-flaky@%s" % ME)
+    [msgid] = q.wait_log(r"new msg (\d+)")
+    q.wait_log(r"delivery \d+: deferral: not yet")
+    state = os.path.join(qroot.paths.state, msgid)
+
+    def states() -> list[str] | None:
+        try:
+            return [r.state for r in read_state(state).recipients]
+        except (OSError, StateError):
+            return None
+    # the K usually comes first (the deferral sleeps 1 s) and goes into the head
+    assert wait_for(lambda: states() == ["done", "deferred"], 30), (states(), q.log())
+    with open(state, "rb") as f:
+        records = f.read().split(b"\nE\n", 1)[1].splitlines()
+    assert b"K\t0" in records and [r for r in records if r.startswith(b"Z\t1\t")], records
+    assert not os.path.exists(os.path.join(qroot.paths.todo, msgid))
+    assert len(maildir(a)) == 1 and maildir(b) == []
+    q.signal(signal.SIGALRM)
+    q.wait_log(r"end msg %s" % msgid)
+    assert wait_for(lambda: queue_empty(qroot), 30), q.log()
+    assert len(maildir(a)) == 1 and len(maildir(b)) == 1      # qtsa not delivered again
+
+
+def test_todo_without_mess_is_removed_at_start(qroot):
+    """qpy-clean removes mess/ID, then todo/ID: a crash between the two leaves a
+    todo/ID that queue-send removes at start, delivering and bouncing nothing."""
+    a = user("sa", qroot)
+    msgid = "1700000000000002"
+    _write_queue_files(qroot, msgid, None, [b"qtsa@%s" % ME.encode()])
+    q = Qpy(qroot)
+    q.wait_log(r"warning: todo/%s has no mess/%s: finished before a crash; removing it"
+               % (msgid, msgid))
+    assert wait_for(lambda: queue_empty(qroot), 30), q.log()
+    time.sleep(0.5)
+    log = q.log()
+    assert "new msg" not in log and "starting delivery" not in log
+    assert "bounce msg" not in log and maildir(a) == []
+    assert q.stop() == 0
+
+
+def _queue_send(qroot, monkeypatch):
+    """A QueueSend in this process: no spawners, qpy-clean's handler called directly."""
+    from qpy.queue import clean
+    from qpy.send.queue_send import QueueSend
+    monkeypatch.setattr(QueueSend, "_sock", staticmethod(lambda fd: None))
+    qs = QueueSend(qroot.path)
+    os.makedirs(qs.rmdir, exist_ok=True)
+    monkeypatch.setattr(qs, "clean_request",
+                        lambda msgid: clean.handle(qs.paths, msgid.encode()))
+    return qs
+
+
+def _in_flight(qs, msgid: str, indexes: list[int]) -> int:
+    """Pretend the local spawner took a delivery of these recipients: its number."""
+    from qpy.send.queue_send import LOCAL, Delivery
+    qs.dnum += 1
+    qs.deliveries[qs.dnum] = Delivery(msgid, LOCAL, indexes, False)
+    qs.msgs[msgid].inflight.update(indexes)
+    qs.busy[LOCAL] += 1
+    return qs.dnum
+
+
+def test_queue_send_records_only_what_outlives_the_first_pass(qroot, monkeypatch, capfd):
+    from qpy.common.state import encode_head
+    qs = _queue_send(qroot, monkeypatch)
+    p = qroot.paths
+    one, two, gone = "1700000000000011", "1700000000000012", "1700000000000013"
+    body = b"Received: (qpy 7 invoked by uid 0); 1 Jan 2026 00:00:00 -0000\n\nhi\n"
+    _write_queue_files(qroot, one, body, [b"x@%s" % ME.encode()])
+    _write_queue_files(qroot, two, body, [b"x@%s" % ME.encode(), b"y@%s" % ME.encode()])
+    _write_queue_files(qroot, gone, None, [b"x@%s" % ME.encode()])
+    qs.scan_todo()
+    while qs.todo:
+        qs.preprocess(qs.todo.popleft())
+    assert sorted(qs.msgs) == [one, two] and not os.path.exists(os.path.join(p.todo, gone))
+    assert os.listdir(p.state) == [] and all(m.backed_by_todo for m in qs.msgs.values())
+    qs.scan_todo()                       # todo/ID of a message taken in is not new again
+    assert not qs.todo
+    # one recipient, delivered: qpy-clean removes it; state/ID never existed
+    qs.result(_in_flight(qs, one, [0]), [(b"K", b"ok")])
+    assert one not in qs.msgs and os.listdir(p.state) == []
+    assert not os.path.exists(os.path.join(p.mess, one))
+    assert not os.path.exists(os.path.join(p.todo, one))
+    # two recipients, the first delivered: head and its K in one write; todo/ID goes
+    d0, d1 = _in_flight(qs, two, [0]), _in_flight(qs, two, [1])
+    qs.result(d0, [(b"K", b"ok")])
+    m = qs.msgs[two]
+    with open(os.path.join(p.state, two), "rb") as f:
+        assert f.read() == encode_head(m.st, [0])
+    assert not m.backed_by_todo and not os.path.exists(os.path.join(p.todo, two))
+    qs.result(d1, [(b"Z", b"busy")])
+    assert [r.state for r in read_state(os.path.join(p.state, two)).recipients] == \
+        ["done", "deferred"]
+    log = capfd.readouterr().err
+    assert "todo/%s has no mess/%s: finished before a crash; removing it" % (gone, gone) in log
+    assert "end msg %s" % one in log and "new msg %s" % gone not in log
+
+
+def test_queue_send_removes_a_todo_backed_message_without_state(qroot, monkeypatch):
+    qs = _queue_send(qroot, monkeypatch)
+    p = qroot.paths
+    msgid = "1700000000000021"
+    _write_queue_files(qroot, msgid, b"\nhi\n", [b"x@%s" % ME.encode(), b"y@%s" % ME.encode()])
+    qs.scan_todo()
+    qs.preprocess(qs.todo.popleft())
+    d = _in_flight(qs, msgid, [0])
+    with open(os.path.join(qs.rmdir, msgid), "wb"):
+        pass
+    qs.check_rm()                        # in flight: removed once its result is in
+    assert msgid in qs.msgs
+    qs.result(d, [(b"K", b"ok")])
+    assert msgid not in qs.msgs
+    assert os.listdir(p.state) == [] and os.listdir(qs.rmdir) == []
+    assert not os.path.exists(os.path.join(p.mess, msgid))
+    assert not os.path.exists(os.path.join(p.todo, msgid))
+
+
+def test_queue_send_persists_a_finished_message_whose_clean_up_fails(qroot, monkeypatch):
+    """The K's of a todo-backed message must not wait in memory for a clean-up retry."""
+    from qpy.common.state import encode_head
+    qs = _queue_send(qroot, monkeypatch)
+    p = qroot.paths
+    msgid = "1700000000000031"
+    _write_queue_files(qroot, msgid, b"\nhi\n", [b"x@%s" % ME.encode()])
+    qs.scan_todo()
+    qs.preprocess(qs.todo.popleft())
+    works = qs.clean_request
+    monkeypatch.setattr(qs, "clean_request", lambda msgid: b"!mess/%s: I/O error" % msgid.encode())
+    qs.result(_in_flight(qs, msgid, [0]), [(b"K", b"ok")])
+    m = qs.msgs[msgid]
+    with open(os.path.join(p.state, msgid), "rb") as f:
+        assert f.read() == encode_head(m.st, [0])
+    assert not os.path.exists(os.path.join(p.todo, msgid)) and msgid in qs.retrying
+    monkeypatch.setattr(qs, "clean_request", works)
+    qs.retry_failed(float("inf"))
+    assert msgid not in qs.msgs and os.listdir(p.state) == []
+    assert not os.path.exists(os.path.join(p.mess, msgid))
+
+
+def test_queue_send_leaves_todo_alone_while_an_unusable_state_file_is_in_the_way(
+        qroot, monkeypatch, capfd):
+    qs = _queue_send(qroot, monkeypatch)
+    p = qroot.paths
+    msgid = "1700000000000041"
+    _write_queue_files(qroot, msgid, b"\nhi\n", [b"x@%s" % ME.encode()])
+    os.mkdir(os.path.join(p.state, msgid))          # cannot be read as a state file
+    qs.scan_todo()
+    qs.preprocess(qs.todo.popleft())
+    assert msgid not in qs.msgs and os.path.exists(os.path.join(p.todo, msgid))
+    assert "unable to take in todo/%s: state/%s exists and is unusable" % (msgid, msgid) \
+        in capfd.readouterr().err
+
+
+def test_state_file_refuses_records_before_it_exists(tmp_path):
+    sf = StateFile(str(tmp_path), "17", exists=False)
+    for record in (lambda: sf.done(0), lambda: sf.deferred(0, 1, "x"),
+                   lambda: sf.failed(0, "x"), lambda: sf.bounced([0])):
+        with pytest.raises(RuntimeError):
+            record()
+    assert os.listdir(tmp_path) == []
 
 
 def test_torn_state_head_is_rebuilt_from_todo(qroot):

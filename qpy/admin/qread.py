@@ -10,11 +10,14 @@ One block per message, oldest first:
 
 STATE is `waiting` (not tried yet), `deferred` (followed by the next try and the
 last error), `done`, or `bounced` (with the failure text). The recipients come from
-`queue/state/ID` (qpy.common.state, written by qpy-queue-send); a message that
-queue-send has not taken in yet shows its envelope from `queue/todo/ID` with every
-recipient `waiting` and the channel `new`; a committed drop file not yet picked up
-is shown with id `drop:NAME`. DATE is the arrival time in UTC. Text from the queue
-is made printable before it is shown.
+`queue/state/ID` (qpy.common.state, written by qpy-queue-send). A message without
+state/ID shows its envelope from `queue/todo/ID` with every recipient `waiting` and
+the channel `new`: either queue-send has not read it yet, or it is in its first
+delivery pass (queue-send keeps that pass's results in memory and writes state/ID
+only when one must be durable, so its first attempts, and a success that ends the
+message, never show here). A committed drop file not yet picked up is shown with id
+`drop:NAME`. DATE is the arrival time in UTC. Text from the queue is made printable
+before it is shown.
 
 UID: root or qpys (state/ is qpys-only, mess/ and todo/ are group qpys); keeps the
 caller's uid and writes nothing.
@@ -96,8 +99,8 @@ def listing(paths: Paths) -> list[str]:
         try:
             block = block_from_state(paths, msgid)
         except (StateError, OSError) as e:
-            # queue-send writes state/ID before it removes todo/ID: while todo/ID is
-            # there, a state file still being written is not an error
+            # queue-send writes state/ID (fsync'd) before it removes todo/ID: while
+            # todo/ID is there, a state file still being written is not an error
             block = None if msgid in todo else [
                 "%s  (unreadable state file: %s)" % (msgid, clean(str(e)))]
         if block is None and msgid in todo:

@@ -9,7 +9,9 @@ Prints exactly two lines:
     messages in queue but not yet preprocessed: M
 
 N counts `queue/mess/`, M counts `queue/todo/`; committed files still waiting in
-`queue/drop/` count in both. ROOT is the first argument, else $QPY_ROOT, else
+`queue/drop/` count in both. qpy-queue-send keeps todo/ID through a message's first
+delivery pass (until a result must be recorded in state/ID), so M also counts
+messages in that pass. ROOT is the first argument, else $QPY_ROOT, else
 /var/qpy.
 
 UID: any user that can list `queue/mess`, `queue/todo` and `queue/drop` (root, or

@@ -5,7 +5,9 @@ Layout (owners and modes are data in `queue-layout/layout`):
     queue/drop/         front door: one drop file per injected message
     queue/mess/ID       the message, with pickup's Received: line      (qpyq)
     queue/todo/ID       a new message's envelope, for queue-send        (qpyq)
-    queue/state/ID      per-recipient delivery state                    (qpys)
+                        (kept through its first delivery pass)
+    queue/state/ID      per-recipient delivery state, from the first    (qpys)
+                        result that must be durable
     queue/quarantine/   drop files that failed pickup's checks          (qpyq)
     queue/pickup/       pickup's journal of admitted drop files         (qpyq)
 

@@ -13,8 +13,14 @@ FORMAT
         F <TAB> sender
         R <TAB> i <TAB> L|R <TAB> address <TAB> delivery address      (one per recipient)
         E                                                             (end of the head)
+        K <TAB> i             (one per recipient already delivered, in the same write)
 
-    Then queue-send appends one record per event, each fsync'd before it counts:
+    queue-send creates state/ID only for a message that outlives its first pass
+    (the first record that must be durable: a Z, D or B, or a K that leaves other
+    recipients to do); until then todo/ID is the message's durable record and its
+    state lives in memory. The K lines after `E` are the ones it kept in memory so
+    far; they are ordinary records. Then queue-send appends one record per event,
+    each fsync'd before it counts:
 
         K <TAB> i                        recipient i delivered (done; never undone)
         Z <TAB> i <TAB> NEXT <TAB> text  temporary failure, next try at NEXT
@@ -29,10 +35,13 @@ CRASH SAFETY OF THE HEAD
     a new file commits the journal transaction that created its directory entry, so
     one fsync makes both the bytes and the name durable. queue-send unlinks todo/ID
     only after that fsync returned; until then todo/ID holds everything the head
-    says. A crash before it leaves state/ID missing, empty or with a torn head, and
-    queue-send rebuilds it from todo/ID (QueueSend.load removes a torn head whose
-    todo/ID exists; preprocess writes it again). No record is appended before the
-    head is durable, so a torn head never hides a `K`.
+    says. A crash before it leaves state/ID missing, empty, torn inside the head, or
+    with the whole head and only some of the K records written with it. A torn head
+    whose todo/ID exists is removed (QueueSend.load) and the message read again from
+    todo/ID; a whole head is used as it stands and the stale todo/ID removed
+    (QueueSend.preprocess). Either way a K written with the head but lost was never
+    durable, and that recipient is delivered again. No record is appended before the
+    head is durable, so a torn head never hides an appended `K`.
 
 STATE WORDS (per recipient, as `qpy-qread` prints them)
     waiting (not yet tried), deferred (Z: next try, last error), done (K),
@@ -42,6 +51,7 @@ STATE WORDS (per recipient, as `qpy-qread` prints them)
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from qpy.common import durable
@@ -93,7 +103,8 @@ def clean_text(text: bytes | str) -> bytes:
     return bytes(c if 0x20 <= c <= 0x7E else 0x5F for c in text[:MAX_TEXT])
 
 
-def encode_head(ms: MessageState) -> bytes:
+def encode_head(ms: MessageState, done: Iterable[int] = ()) -> bytes:
+    """The head of a state file, then a `K` record for each index in done."""
     lines = [b"\t".join([MAGIC, ms.id.encode(), b"%d" % ms.arrival, b"%d" % ms.size,
                          b"%d" % ms.uid, b"%d" % ms.qp]),
              b"F\t" + ms.sender]
@@ -101,6 +112,7 @@ def encode_head(ms: MessageState) -> bytes:
         lines.append(b"R\t%d\t%s\t%s\t%s" % (i, b"L" if r.channel == LOCAL else b"R",
                                            r.address, r.delivery_address))
     lines.append(b"E")
+    lines += [b"K\t%d" % i for i in done]
     return b"\n".join(lines) + b"\n"
 
 
@@ -165,28 +177,36 @@ def read_state(path: str) -> MessageState:
 
 
 class StateFile:
-    """queue-send's writer for one state file."""
+    """queue-send's writer for one state file.
 
-    def __init__(self, directory: str, msgid: str):
+    exists is False for a message whose state/ID is not created yet (todo/ID is its
+    durable record): every append is refused until create() has made the file.
+    """
+
+    def __init__(self, directory: str, msgid: str, exists: bool = True):
         self.directory = directory
         self.path = os.path.join(directory, msgid)
         self.msgid = msgid
+        self.exists = exists
 
-    def create(self, ms: MessageState) -> None:
-        """Write the head into a new state/ID; raises FileExistsError if it exists."""
+    def create(self, ms: MessageState, done: Iterable[int] = ()) -> None:
+        """Write the head, and a K record for each index in done, into a new state/ID
+        with one write and one fsync; raises FileExistsError if it exists."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                      STATE_MODE)
         try:
-            durable.write_all(fd, encode_head(ms))
-            # durable: one fsync commits the bytes and the new directory entry (ext4,
-            # xfs, btrfs); no temp+rename+dir fsync, as a torn head is rebuilt from
-            # todo/ID, which goes only after this returns (CRASH SAFETY above)
+            durable.write_all(fd, encode_head(ms, done))
+            # durable: one fsync commits the bytes (head and K records) and the new
+            # directory entry (ext4, xfs, btrfs); no temp+rename+dir fsync, as a torn
+            # head is dropped and the message read again from todo/ID, which goes
+            # only after this returns (CRASH SAFETY above)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
             self.remove()
             raise
         os.close(fd)
+        self.exists = True
 
     def repair(self) -> None:
         """Cut off a torn last record so that the next append starts on a line."""
@@ -206,24 +226,30 @@ class StateFile:
         finally:
             os.close(fd)
 
-    def _append(self, record: bytes) -> None:
-        # durable: the record is fsync'd before append_line returns; only then it counts
-        durable.append_line(self.path, record + b"\n")
+    def _append(self, records: bytes) -> None:
+        if not self.exists:
+            # a programming error: the record would be lost with a todo-backed message
+            raise RuntimeError("state/%s: record appended before the file was created"
+                               % self.msgid)
+        # durable: the records are fsync'd before append_line returns; only then they count
+        durable.append_line(self.path, records)
 
     def done(self, i: int) -> None:
-        self._append(b"K\t%d" % i)
+        self._append(b"K\t%d\n" % i)
 
     def deferred(self, i: int, next_try: int, text: bytes | str) -> None:
-        self._append(b"Z\t%d\t%d\t%s" % (i, next_try, clean_text(text)))
+        self._append(b"Z\t%d\t%d\t%s\n" % (i, next_try, clean_text(text)))
 
     def failed(self, i: int, text: bytes | str) -> None:
-        self._append(b"D\t%d\t%s" % (i, clean_text(text)))
+        self._append(b"D\t%d\t%s\n" % (i, clean_text(text)))
 
     def bounced(self, indexes: list[int]) -> None:
         # one write, one fsync for the whole batch of a bounce
-        durable.append_line(self.path, b"".join(b"B\t%d\n" % i for i in indexes))
+        self._append(b"".join(b"B\t%d\n" % i for i in indexes))
 
     def remove(self) -> None:
+        """Unlink state/ID; a missing file (a todo-backed message) is fine."""
+        self.exists = False
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -13,7 +13,14 @@ READS
 WRITES
     fd 1: one reply line per request, in order: `+` (removed, or was already gone),
     `!` reason (an unlink failed; ask again later), `x` (not a message id: refused).
-    Removes `queue/mess/ID` and `queue/todo/ID`, nothing else.
+    Removes `queue/mess/ID`, then `queue/todo/ID`, nothing else. mess/ID goes first:
+    a crash between the two leaves a todo/ID without its mess/ID, which
+    qpy-queue-send takes for a message finished before the crash and removes; the
+    other order would leave an orphan mess/ID that nothing removes (qpy-clean
+    cannot read state/, and nothing asks about that ID again). For a message that
+    queue-send delivered in its first pass, todo/ID is its only record, so this
+    removal is what ends it. The unlinks are not fsync'd: a power cut soon after
+    can bring the files back, and the message is then delivered again.
 
 SECURITY
     A request names a message id, never a path: anything but digits is refused,
@@ -55,7 +62,7 @@ def handle(paths: Paths, request: bytes) -> bytes:
         return b"x"
     if not is_id(name):
         return b"x"
-    for d in (paths.todo, paths.mess):
+    for d in (paths.mess, paths.todo):    # mess first: see WRITES
         err = _remove(d, name)
         if err:
             return b"!" + clean(err).encode()

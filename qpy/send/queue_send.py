@@ -21,11 +21,30 @@ READS
     queuelifetime, bouncefrom, bouncehost, doublebounceto, doublebouncehost, me.
 
 WRITES
-    `state/ID` (qpy.common.state): its head created with O_EXCL and fsync'd once
-    (no directory fsync: a torn or missing head is rebuilt from todo/ID, which is
-    unlinked only after that fsync), then one fsync'd record per result, so a
-    recipient marked done stays done across any crash. Bounces go in
-    through `queue/drop/` (qpy.inject.drop) with sender <>.
+    `state/ID` (qpy.common.state), only for a message that outlives its first pass.
+    A new message is delivered while todo/ID stays its durable record and its state
+    lives in memory ("todo-backed"); a first pass that delivers every recipient
+    writes nothing here, and qpy-clean removes mess/ID and todo/ID. The first result
+    that must be durable (a deferral, a failure, a bounce, or a delivery that leaves
+    other recipients to do) persists the message: state/ID is created with O_EXCL
+    holding the head and a K for every recipient delivered so far, in one write and
+    one fsync (no directory fsync: a torn or missing head is taken in again from
+    todo/ID, which is unlinked only after that fsync). Then that result and every
+    later one is appended as one fsync'd record, so a recipient marked done stays
+    done across any crash. Bounces go in through `queue/drop/` (qpy.inject.drop)
+    with sender <>.
+
+CRASH SAFETY
+    A todo-backed message still in memory when queue-send exits (a crash, or SIGTERM
+    before its deliveries ran or reported) keeps its todo/ID: the next start takes it
+    in again (a second `new msg` line) and delivers it again, at least once. A
+    recipient already delivered gets a duplicate only when the exit fell after its
+    delivery and before its K was durable; for a K that finished a todo-backed
+    message, that is before the clean-up. qpy-clean removes mess/ID before todo/ID;
+    a todo/ID without its mess/ID is a message finished before a crash, which
+    preprocess removes with a warning. The clean-up's unlinks are not fsync'd: a
+    power cut (not a process crash) within the filesystem's commit interval after it
+    can bring todo/ID and mess/ID back, and the message is delivered again.
 
 SCHEDULING
     Every loop pass preprocesses at most TODO_BATCH new messages, reads every result
@@ -106,6 +125,12 @@ class Msg:
     inflight: set[int] = field(default_factory=set)     # recipient indexes in flight
     removing: bool = False
     retry_at: float = 0.0          # when a failed bounce or clean-up is tried again
+
+    @property
+    def backed_by_todo(self) -> bool:
+        """No state/ID yet: todo/ID is the message's only durable record, and its
+        recipients are waiting or done in memory only (see WRITES)."""
+        return not self.sf.exists
 
 
 @dataclass
@@ -230,7 +255,7 @@ class QueueSend:
 
     def _torn_head(self, sf: StateFile, e: Exception) -> bool:
         """A crash tore the head of state/ID while todo/ID still holds the message:
-        remove the state file, so that preprocess writes it again from todo/ID."""
+        remove the state file, so that preprocess takes the message in again."""
         if not os.path.lexists(os.path.join(self.paths.todo, sf.msgid)):
             return False        # todo/ID goes only after the head is durable: not torn
         log("warning: state/%s torn (%s): rebuilding it from todo/%s"
@@ -257,13 +282,19 @@ class QueueSend:
             return
         for name in sorted(names):
             if is_id(name) and name not in self.todo_known and name not in self.bad_todo:
+                m = self.msgs.get(name)
+                if m is not None and m.backed_by_todo:
+                    continue        # taken in already: todo/ID is its durable record
                 self.todo_known.add(name)
                 self.todo.append(name)
 
-    def _qp(self, msgid: str) -> int:
+    def _qp(self, msgid: str) -> int | None:
+        """The qp of mess/ID's Received: line (0 when unknown); None: no mess/ID."""
         try:
             with open(os.path.join(self.paths.mess, msgid), "rb") as f:
                 m = _QP.match(f.read(200))
+        except FileNotFoundError:
+            return None
         except OSError:
             return 0
         return int(m.group(1)) if m else 0
@@ -271,8 +302,10 @@ class QueueSend:
     def preprocess(self, msgid: str) -> None:
         self.todo_known.discard(msgid)
         todo_path = os.path.join(self.paths.todo, msgid)
-        if msgid in self.msgs:          # state written before a crash: todo is stale
-            self._unlink(todo_path)
+        known = self.msgs.get(msgid)
+        if known is not None:
+            if not known.backed_by_todo:    # state written before a crash: todo is stale
+                self._unlink(todo_path)
             return
         try:
             fd = os.open(todo_path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -289,6 +322,18 @@ class QueueSend:
             self.bad_todo.add(msgid)
             return
         qp = self._qp(msgid)
+        if qp is None:
+            # qpy-clean removes mess/ID before todo/ID: a crash came between the two
+            log("warning: todo/%s has no mess/%s: finished before a crash; removing it"
+                % (msgid, msgid))
+            self._unlink(todo_path)     # not fsync'd: if it comes back, this runs again
+            return
+        # no state/ID now: todo/ID stays the durable record until persist() writes one
+        sf = StateFile(self.paths.state, msgid, exists=False)
+        if os.path.lexists(sf.path) and not self._replaceable(sf):
+            log("warning: unable to take in todo/%s: state/%s exists and is unusable"
+                % (msgid, msgid))
+            return                      # todo/ID stays; the next rescan tries again
         log("new msg %s" % msgid)
         log("info msg %s: bytes %d from <%s> qp %d uid %d" % (msgid, size, clean(sender),
                                                               qp, uid))
@@ -296,22 +341,22 @@ class QueueSend:
         for r in rcpts:
             channel, daddr = classify(r, self.locals, self.vdoms, self.noathost)
             st.recipients.append(RecipientState(r, channel, daddr))
-        sf = StateFile(self.paths.state, msgid)
-        try:
-            try:
-                sf.create(st)       # durable before todo/ID goes: the state takes over
-            except FileExistsError:
-                if not self._replaceable(sf):
-                    raise
-                sf.create(st)
-        except OSError as e:
-            log("warning: unable to write state/%s: %s" % (msgid, e.strerror))
-            return                  # todo/ID stays; the next rescan tries again
-        self._unlink(todo_path)
         self.msgs[msgid] = m = Msg(st, sf)
         for i, r in enumerate(st.recipients):
             heapq.heappush(self.heaps[r.channel], (0, msgid, i))
         self.settle(m)
+
+    def persist(self, m: Msg) -> None:
+        """Give a todo-backed message its state/ID, before a record that must be
+        durable: the head and a K for each recipient done so far (a todo-backed
+        message has no other state in memory), one write and one fsync; only then
+        todo/ID goes. Nothing to do when state/ID exists. An OSError ends queue-send
+        (111) as a failed append does; todo/ID still holds the message then."""
+        if not m.backed_by_todo:
+            return
+        done = [i for i, r in enumerate(m.st.recipients) if r.state == "done"]
+        m.sf.create(m.st, done)     # durable (one fsync) before todo/ID goes
+        self._unlink(os.path.join(self.paths.todo, m.st.id))
 
     @staticmethod
     def _unlink(path: str) -> None:
@@ -391,14 +436,16 @@ class QueueSend:
 
     def defer(self, m: Msg, i: int, nxt: int, text: str | bytes) -> None:
         r = m.st.recipients[i]
-        m.sf.deferred(i, nxt, text)
+        self.persist(m)
+        m.sf.deferred(i, nxt, text)     # fsync'd
         r.state, r.next_try, r.error = "deferred", nxt, clean(text)
         heapq.heappush(self.heaps[r.channel], (nxt, m.st.id, i))
 
     def fail(self, m: Msg, indexes: list[int], text: str | bytes) -> None:
+        self.persist(m)
         for i in indexes:
             r = m.st.recipients[i]
-            m.sf.failed(i, text)
+            m.sf.failed(i, text)        # fsync'd
             r.state, r.bounce_owed, r.error = "bounced", True, clean(text, 1000)
 
     def read_results(self, channel: str) -> None:
@@ -442,8 +489,9 @@ class QueueSend:
                                          else "ignored for removed msg: " + what))
                 continue
             if status == b"K":
-                m.sf.done(i)    # fsync'd: from here on the recipient stays done
-                r.state, r.error = "done", ""
+                if not m.backed_by_todo:
+                    m.sf.done(i)    # fsync'd: from here on the recipient stays done
+                r.state, r.error = "done", ""   # todo-backed: in memory (see below)
                 log("delivery %d: success: %s" % (d, what))
             elif status == b"Z" and not dl.dying:
                 self.defer(m, i, nxt, text)
@@ -454,6 +502,11 @@ class QueueSend:
                     what = what + "/" + EXPIRED
                 self.fail(m, [i], text)
                 log("delivery %d: failure: %s" % (d, what))
+        # Still todo-backed: every result was a K, held in memory. A K that finished
+        # the message needs no record (settle has qpy-clean remove it); otherwise other
+        # recipients are left, and a crash must not deliver these ones again.
+        if m.backed_by_todo and not m.removing and not m.st.finished():
+            self.persist(m)
         self.status()
         self.settle(m)
 
@@ -484,7 +537,8 @@ class QueueSend:
             if all(st.recipients[i].address.lower() == self.doublebounce.lower()
                    for i in owed):
                 log("triple bounce: discarding bounce/%s" % st.id)
-                m.sf.bounced(owed)
+                self.persist(m)
+                m.sf.bounced(owed)      # fsync'd
                 self._mark_bounced(st, owed)
                 return True
             to, double = self.doublebounce, True
@@ -502,6 +556,7 @@ class QueueSend:
             log("warning: trouble injecting bounce message, will try later: %s"
                 % clean(str(e)))
             return False
+        self.persist(m)
         m.sf.bounced(owed)  # fsync'd; a crash just before it sends the bounce twice
         self._mark_bounced(st, owed)
         log("bounce msg %s qp %d" % (st.id, os.getpid()))
@@ -529,9 +584,12 @@ class QueueSend:
         reply = self.clean_request(msgid)
         if reply != b"+":
             log("warning: qpy-clean unable to clean up msg %s: %s" % (msgid, clean(reply)))
+            if not m.removing:
+                self.persist(m)     # its K's wait for the next try on disk, not in memory
             self.later(m, now)
             return
-        m.sf.remove()
+        if not m.backed_by_todo:
+            m.sf.remove()       # a crash before this: the next start finishes it again
         if why:
             log(why)
             self._unlink(os.path.join(self.rmdir, msgid))
