@@ -232,6 +232,6 @@ def fsync_profile(sysm, pw, newdir: str, n: int, sessions: int, run_one) -> str:
 
 def _file_kind(path: str) -> str:
     """A path with the message ids and names taken out: queue/mess/ID, Maildir/new."""
-    path = re.sub(r"^/var/tmp/qpybench/(qpy|postfix/spool)/", "", path)
+    path = re.sub(r"^%s/(qpy|postfix/spool)/" % re.escape(BASE), "", path)
     path = re.sub(r"^.*/(Maildir/)", r"\1", path)
     return re.sub(r"[0-9A-F]{6,}[^/]*|\d{6,}[^/]*", "ID", path)

@@ -24,8 +24,10 @@ import time
 
 import psutil
 
-BASE = "/var/tmp/qpybench"
-USER = "qbench"
+# Overridable so that two engineers' runs on one machine do not reset each other's
+# base (reset_base stops the qpy and Postfix it finds there) or empty each other's Maildir.
+BASE = os.environ.get("QPY_BENCH_BASE", "/var/tmp/qpybench")
+USER = os.environ.get("QPY_BENCH_USER", "qbench")
 PREFIX = os.environ.get("QPY_PREFIX", "/opt/qpy")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

@@ -137,6 +137,7 @@ class Recorder:
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.data_reply = data_reply
         self.mail_options: list[list[str]] = []
+        self.peers: list[tuple] = []
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.startswith("temp"):
@@ -148,6 +149,7 @@ class Recorder:
 
     async def handle_DATA(self, server, session, envelope):
         self.mail_options.append(list(envelope.mail_options))
+        self.peers.append(session.peer)     # the client's (address, port): one per connection
         if self.data_reply.startswith("2"):
             self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return self.data_reply
@@ -279,19 +281,30 @@ def test_mx_preference_first_refuses_second_accepts(stack, aiopeer):
     assert len(h.messages) == 1
 
 
-def test_equal_preferences_spread(stack, aiopeer):
+def one_message(c) -> None:
+    """A peer that takes one message per connection and then hangs up (no reuse)."""
+    c.send(b"220 peer\r\n")
+    c.expect(b"EHLO", b"250-peer\r\n250 PIPELINING\r\n")
+    c.expect(b"MAIL", b"250 ok\r\n")
+    c.expect(b"RCPT", b"250 ok\r\n")
+    c.expect(b"DATA", b"354 go\r\n")
+    c.data()
+    c.send(b"250 queued\r\n")
+
+
+def test_equal_preferences_spread(stack, raw):
+    # The MX is chosen per connection; a cached connection would carry every message
+    # to the first choice, so these peers take one message per connection.
     qroot, dnssrv, port, rs = stack
     dnssrv.add("eq.test", "MX", "10 one.eq.test.", "10 two.eq.test.")
     dnssrv.add("one.eq.test", "A", PEER)
     dnssrv.add("two.eq.test", "A", PEER2)
-    h1, h2 = Recorder(), Recorder()
-    aiopeer(h1, PEER)
-    aiopeer(h2, PEER2)
+    p1, p2 = raw(one_message, PEER), raw(one_message, PEER2)
     for _ in range(20):
         assert rs.deliver([b"x@eq.test"])[0][0] == b"K"
     # random among equal preferences: both get some (chance of failing: 2 in a million)
-    assert h1.messages and h2.messages
-    assert len(h1.messages) + len(h2.messages) == 20
+    assert p1.connections and p2.connections
+    assert sum(t.count(b"\r\n.\r\n") for t in p1.transcripts + p2.transcripts) == 20
 
 
 def test_a_only_and_aaaa_only_and_cname(stack, aiopeer):
@@ -434,7 +447,9 @@ def test_helo_fallback_and_size_limit(stack, raw):
         c.expect(b"QUIT", b"221 bye\r\n")
     peer = raw(script)
     assert rs.deliver([b"x@a.test"])[0][0] == b"K"
-    assert peer.transcripts and peer.transcripts[0].endswith(b".\r\nQUIT\r\n")
+    # the connection is kept for reuse; QUIT follows after CONN_IDLE seconds unused
+    assert wait_for(lambda: peer.transcripts[0].endswith(b"QUIT\r\n"), 10)
+    assert peer.transcripts[0].endswith(b".\r\nQUIT\r\n")
     peer.script = lambda c: basic_session(c, ehlo=b"250-peer\r\n250 SIZE 100\r\n")
     res = rs.deliver([b"x@a.test"])
     assert res[0][0] == b"D" and b"up to 100 bytes" in res[0][1], res
@@ -457,6 +472,7 @@ def test_line_ends_normalised_and_dots_stuffed(stack, raw):
     assert len(filler) == 65535
     msg = b"Subject: x\n\na\r\nb\rc\n.d\r\r\n..e\r" + filler + b"\r\n.dot\nf"
     assert rs.deliver([b"x@a.test"], msg=msg)[0][0] == b"K"
+    assert wait_for(lambda: peer.transcripts[0].endswith(b"QUIT\r\n"), 10)  # after CONN_IDLE
     got = peer.transcripts[0]
     data = got[got.index(b"DATA\r\n") + 6: got.rindex(b"QUIT")]
     assert data == (b"Subject: x\r\n\r\na\r\nb\r\nc\r\n..d\r\n\r\n...e\r\n" + filler
@@ -530,15 +546,19 @@ def test_starttls_self_signed_used(stack, aiopeer, selfsigned):
     ctx.load_cert_chain(*selfsigned)
     h = Recorder()
     aiopeer(h, tls_context=ctx)
-    res = rs.deliver([b"x@a.test"])
-    assert res[0][0] == b"K", res
-    assert b"(TLS TLSv1." in res[0][1]
-    assert h.messages[0][2] == wire(MSG)
-    # tlsverify: the self-signed certificate is refused, the delivery deferred
+    for _ in range(2):
+        res = rs.deliver([b"x@a.test"])
+        assert res[0][0] == b"K", res
+        assert b"(TLS TLSv1." in res[0][1]
+    assert h.messages[0][2] == wire(MSG) and h.messages[1][2] == wire(MSG)
+    assert h.peers[0] == h.peers[1]         # the second went over the same TLS connection
+    # tlsverify: the self-signed certificate is refused, the delivery deferred. Workers
+    # keep the control files they were forked with: SIGHUP retires them.
     qroot.control("tlsverify", "a.test")
+    rs.proc.send_signal(signal.SIGHUP)
     res = rs.deliver([b"x@a.test"])
     assert res[0][0] == b"Z" and b"tlsverify" in res[0][1], res
-    assert len(h.messages) == 1
+    assert len(h.messages) == 2
 
 
 def test_broken_tls_handshake_falls_back_to_plain(stack, raw):
@@ -668,6 +688,281 @@ def test_sigterm_answers_waiting_requests(stack, raw):
     finally:
         peer.release.set()
         rs2.stop()
+
+
+# --- workers and connection reuse ---------------------------------------------------------
+
+def stuffed(msg: bytes) -> bytes:
+    """What a peer reads between DATA and the final dot: CRLF, dot-stuffed, with the dot."""
+    return (b"\n" + msg).replace(b"\n.", b"\n..")[1:].replace(b"\n", b"\r\n") + b".\r\n"
+
+
+def bodies(transcript: bytes) -> list[bytes]:
+    """The DATA contents of a connection's transactions, each up to its final dot."""
+    out = []
+    for part in transcript.split(b"DATA\r\n")[1:]:
+        out.append(part[: part.index(b"\r\n.\r\n") + 5])
+    return out
+
+
+def workers(rs: Rspawn) -> list[psutil.Process]:
+    return [c for c in psutil.Process(rs.proc.pid).children()
+            if c.cmdline() and c.cmdline()[0].startswith("qpy-remote")]
+
+
+def test_same_domain_back_to_back_over_one_connection(stack, raw):
+    qroot, dnssrv, port, rs = stack
+    peer = raw(basic_session)
+    msgs = [MSG + b"message %d\n.\n" % i for i in range(3)]
+    for m in msgs:
+        res = rs.deliver([b"x@a.test"], msg=m)
+        assert res[0][0] == b"K" and b"127.0.0.2 accepted message" in res[0][1], res
+    assert peer.connections == 1
+    t = peer.transcripts[0]
+    assert t.count(b"EHLO") == 1 and t.count(b"MAIL FROM") == 3
+    # RSET before each transaction on the reused connection, nothing else in between
+    assert t.count(b"RSET\r\n") == 2
+    assert t.count(b"\r\n.\r\nRSET\r\nMAIL FROM:<a@test.example>") == 2
+    assert bodies(t) == [stuffed(m) for m in msgs]
+
+
+def test_aiosmtpd_reuse_byte_exact(stack, aiopeer):
+    qroot, dnssrv, port, rs = stack
+    h = Recorder()
+    aiopeer(h)
+    msgs = [MSG, MSG + b"second\n", MSG.replace(b"hello", b"third")]
+    for m in msgs:
+        res = rs.deliver([b"x@a.test", b"y@a.test"], msg=m)
+        assert [s for s, _ in res] == [b"K", b"K"], res
+    assert [c for _, _, c in h.messages] == [wire(m) for m in msgs]
+    assert len(set(h.peers)) == 1, h.peers
+
+
+def test_idle_connection_gets_quit_after_conn_idle(stack, raw):
+    qroot, dnssrv, port, rs = stack
+    closed = []
+
+    def script(c):
+        basic_session(c)
+        closed.append((time.monotonic(), c.f.read(1)))  # after QUIT: the client's close
+    peer = raw(script)
+    assert rs.deliver([b"x@a.test"])[0][0] == b"K"
+    done = time.monotonic()
+    assert not peer.transcripts[0].endswith(b"QUIT\r\n")
+    assert wait_for(lambda: closed, 10)
+    when, rest = closed[0]
+    assert peer.transcripts[0].endswith(b".\r\nQUIT\r\n") and rest == b""
+    assert 1.5 <= when - done <= 6, when - done      # CONN_IDLE is 2 s
+
+
+def dying_cache(how: bytes):
+    """A peer whose first connection takes one message, then fails as `how` says;
+    every later connection is a normal session."""
+    def script(c):
+        if c.peer.connections > 1:
+            basic_session(c)
+            return
+        c.send(b"220 peer\r\n")
+        c.expect(b"EHLO", b"250-peer\r\n250 PIPELINING\r\n")
+        c.expect(b"MAIL", b"250 ok\r\n")
+        c.expect(b"RCPT", b"250 ok\r\n")
+        c.expect(b"DATA", b"354 go\r\n")
+        c.data()
+        c.send(b"250 queued\r\n")
+        if how == b"close":
+            return                                  # hang up while the client idles
+        if how == b"421 idle":
+            c.send(b"421 4.4.2 idle too long\r\n")  # said unasked, then hang up
+            time.sleep(0.5)
+            return
+        if how in (b"421", b"500"):
+            c.expect(b"RSET", how + b" no\r\n")
+            return
+        c.expect(b"RSET", b"250 ok\r\n")
+        if how == b"421 mail":
+            c.expect(b"MAIL", b"421 4.3.2 going down\r\n")
+        else:                                       # close after RSET, before MAIL's reply
+            c.line()
+        c.c.shutdown(socket.SHUT_RDWR)
+    return script
+
+
+@pytest.mark.parametrize("how", [b"close", b"421 idle", b"421", b"500", b"421 mail",
+                                 b"close after rset"])
+def test_dead_cached_connection_costs_nothing(stack, raw, how):
+    qroot, dnssrv, port, rs = stack
+    peer = raw(dying_cache(how))
+    first, second = MSG + b"first\n", MSG + b"second\n"
+    assert rs.deliver([b"x@a.test"], msg=first)[0][0] == b"K"
+    if how in (b"close", b"421 idle"):
+        time.sleep(0.3)     # the worker sees it while idle (or else on its RSET)
+    res = rs.deliver([b"x@a.test", b"y@a.test"], msg=second)
+    assert [s for s, _ in res] == [b"K", b"K"], res
+    assert peer.connections == 2
+    assert bodies(peer.transcripts[0])[:1] == [stuffed(first)]
+    assert bodies(peer.transcripts[1]) == [stuffed(second)]
+    assert b"RCPT TO:<y@a.test>" in peer.transcripts[1]
+
+
+def test_connection_breaks_after_dot_on_reuse_possible_duplicate(stack, raw):
+    qroot, dnssrv, port, rs = stack
+
+    def script(c):
+        if c.peer.connections > 1:
+            basic_session(c)
+            return
+        c.send(b"220 peer\r\n")
+        c.expect(b"EHLO", b"250 peer\r\n")
+        for reply in (b"250 queued\r\n", None):
+            c.expect(b"MAIL", b"250 ok\r\n")
+            c.expect(b"RCPT", b"250 ok\r\n")
+            c.expect(b"DATA", b"354 go\r\n")
+            c.data()
+            if reply is None:       # took the whole message, then died: maybe delivered
+                c.c.shutdown(socket.SHUT_RDWR)
+                return
+            c.send(reply)
+            c.expect(b"RSET", b"250 ok\r\n")
+    peer = raw(script)
+    assert rs.deliver([b"x@a.test"])[0][0] == b"K"
+    res = rs.deliver([b"x@a.test"])
+    assert res[0][0] == b"Z" and b"Possible duplicate!" in res[0][1], res
+    assert peer.connections == 1       # not sent again on a fresh connection
+
+
+def test_rspawn_prefers_the_worker_holding_the_domain(stack, raw):
+    rs2 = restart(stack, 2)
+    qroot, dnssrv, port = stack[:3]
+    dnssrv.add("b.test", "A", PEER2)
+    dnssrv.add("c.test", "AAAA", "::1")
+    pa, pb, pc = raw(basic_session), raw(basic_session, PEER2), raw(basic_session, "::1")
+    try:
+        for dom in (b"a.test", b"b.test", b"a.test", b"b.test", b"a.test"):
+            assert rs2.deliver([b"x@" + dom])[0][0] == b"K"
+        assert pa.connections == 1 and pb.connections == 1
+        assert len(workers(rs2)) == 2
+        # concurrency reached, no worker free of a connection: the one idle the shortest
+        # (b.test's) QUITs its connection and takes c.test
+        assert rs2.deliver([b"x@c.test"])[0][0] == b"K"
+        assert wait_for(lambda: pb.transcripts[0].endswith(b"QUIT\r\n"), 5)
+        assert not pa.transcripts[0].endswith(b"QUIT\r\n")
+        assert rs2.deliver([b"x@a.test"])[0][0] == b"K"
+        assert pa.connections == 1 and pc.connections == 1
+        assert pa.transcripts[0].count(b"MAIL FROM") == 4
+    finally:
+        rs2.stop()
+
+
+def test_worker_killed_mid_delivery(stack, raw):
+    qroot, dnssrv, port, rs = stack
+
+    def script(c):
+        if c.peer.connections == 1:
+            c.send(b"220 hi\r\n")
+            c.peer.release.wait(30)
+            return
+        basic_session(c)
+    peer = raw(script)
+    n = rs.send(b"a@test.example", [b"x@a.test"])
+    assert wait_for(lambda: peer.connections == 1, 10)
+    busy = wait_for(lambda: [w for w in workers(rs) if w.cmdline()[0] == "qpy-remote a.test"],
+                    10)
+    assert busy, [w.cmdline() for w in workers(rs)]
+    busy[0].kill()
+    d, res = rs.result()
+    assert d == n and res[0][0] == b"Z" and b"crashed" in res[0][1], res
+    res = rs.deliver([b"x@a.test"])
+    assert res[0][0] == b"K", res
+    assert busy[0].pid not in [w.pid for w in workers(rs)]
+    assert rs.proc.poll() is None
+
+
+def worker_socket(pid: int) -> socket.socket:
+    """A copy of a worker's fd 0 (its end of the pair with qpy-rspawn), with pidfd_getfd."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = libc.syscall(438, pidfd, 0, 0)     # SYS_pidfd_getfd
+    finally:
+        os.close(pidfd)
+    if fd < 0:
+        pytest.skip("pidfd_getfd: %s" % os.strerror(ctypes.get_errno()))
+    return socket.socket(fileno=fd)
+
+
+@pytest.mark.parametrize("garbage", [b"S2\0Dsomeone else's delivery\0", b"S1\0K\0K\0",
+                                     b"S1\0Xbad status\0", b"hello", b"I\x01\x02",
+                                     b"I" + b"a" * 600, b"S1\0K" + b"x" * 2000 + b"\0"])
+def test_worker_garbage_settles_nothing_else(stack, raw, aiopeer, garbage):
+    rs2 = restart(stack, 2)
+    qroot, dnssrv, port = stack[:3]
+    dnssrv.add("b.test", "A", PEER2)
+    stall = raw(lambda c: (c.send(b"220 hi\r\n"), c.peer.release.wait(30)))
+
+    def slow(c):                    # b.test: a normal session once the test says so
+        c.peer.release.wait(30)
+        basic_session(c)
+    slowpeer = raw(slow, PEER2)
+    try:
+        rs2.send(b"a@test.example", [b"x@a.test"])        # delivery 1: stalls
+        rs2.send(b"a@test.example", [b"x@b.test"])        # delivery 2: in flight elsewhere
+        assert wait_for(lambda: stall.connections == 1 and slowpeer.connections == 1, 10)
+        w1 = wait_for(lambda: [w for w in workers(rs2)
+                               if w.cmdline()[0] == "qpy-remote a.test"], 10)
+        assert w1
+        with worker_socket(w1[0].pid) as fake:
+            fake.send(garbage)
+        d, res = rs2.result()
+        assert d == 1 and res[0][0] == b"Z" and b"mangled" in res[0][1], res
+        assert wait_for(lambda: not w1[0].is_running() or w1[0].status() == "zombie", 10)
+        slowpeer.release.set()
+        d, res = rs2.result()
+        assert d == 2 and res[0][0] == b"K" and b"accepted message" in res[0][1], res
+        rs2.sock.settimeout(1)
+        with pytest.raises(TimeoutError):           # nothing more: no second answer
+            rs2.sock.recv(100)
+        assert rs2.deliver([b"x@b.test"])[0][0] == b"K"
+    finally:
+        stall.release.set()
+        slowpeer.release.set()
+        rs2.stop()
+
+
+def test_worker_holds_only_its_own_fds(stack, raw):
+    rs2 = restart(stack, 2)
+    peer = raw(lambda c: (c.send(b"220 hi\r\n"), c.peer.release.wait(30)))
+    try:
+        rs2.send(b"a@test.example", [b"x@a.test"])
+        rs2.send(b"a@test.example", [b"y@a.test"])
+        assert wait_for(lambda: peer.connections == 2, 10)
+        spawner_fd0 = os.readlink("/proc/%d/fd/0" % rs2.proc.pid)
+        for w in workers(rs2):
+            fds = {int(n): os.readlink("/proc/%d/fd/%s" % (w.pid, n))
+                   for n in os.listdir("/proc/%d/fd" % w.pid)}
+            assert fds[0].startswith("socket:") and fds[0] != spawner_fd0, fds
+            assert fds[1] == "/dev/null", fds
+            rest = [fds[n] for n in fds if n > 2]
+            # the message at hand and the SMTP connection: nothing else
+            assert len(rest) == 2, fds
+            assert sum(r.startswith(os.path.join(rs2.dir, "m")) for r in rest) == 1, fds
+            assert sum(r.startswith("socket:") for r in rest) == 1, fds
+    finally:
+        peer.release.set()
+        rs2.stop()
+
+
+def test_sighup_retires_idle_workers(stack, raw):
+    qroot, dnssrv, port, rs = stack
+    peer = raw(basic_session)
+    assert rs.deliver([b"x@a.test"])[0][0] == b"K"
+    before = [w.pid for w in workers(rs)]
+    assert len(before) == 1
+    rs.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: peer.transcripts[0].endswith(b"QUIT\r\n"), 5)  # at once
+    assert wait_for(lambda: not [w for w in workers(rs) if w.pid in before], 10)
+    assert rs.deliver([b"x@a.test"])[0][0] == b"K"
+    assert peer.connections == 2
 
 
 # --- the qpy-remote program ---------------------------------------------------------------

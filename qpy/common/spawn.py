@@ -22,6 +22,7 @@ import socket
 MAX_DATAGRAM = 256 * 1024
 MAX_TEXT = 1000
 MAX_RCPTS = 100
+MAX_NUMBER = 20             # digits of a delivery number (int() of more is slow, or refused)
 
 
 class SpawnError(ValueError):
@@ -56,7 +57,8 @@ def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | N
         if not data.startswith(b"R") or not data.endswith(b"\0"):
             raise SpawnError("bad request")
         fields = data[1:-1].split(b"\0")
-        if len(fields) < 3 or not fields[0].isdigit() or len(fields) - 2 > MAX_RCPTS:
+        if len(fields) < 3 or not fields[0].isdigit() or len(fields[0]) > MAX_NUMBER \
+                or len(fields) - 2 > MAX_RCPTS:
             raise SpawnError("bad request fields")
     except SpawnError:
         for fd in fds:
@@ -80,14 +82,21 @@ def recv_result(sock: socket.socket) -> tuple[int, list[tuple[bytes, bytes]]] | 
     data = sock.recv(MAX_DATAGRAM)
     if not data:
         return None
+    return decode_result(data)
+
+
+def decode_result(data: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """(delivery, [(status, text)]) from one result datagram, or SpawnError."""
     if not data.startswith(b"S") or not data.endswith(b"\0"):
         raise SpawnError("bad result")
     fields = data[1:-1].split(b"\0")
-    if not fields[0].isdigit():
+    if not fields[0].isdigit() or len(fields[0]) > MAX_NUMBER:
         raise SpawnError("bad result delivery number")
     results = []
     for f in fields[1:]:
         if not f or f[:1] not in (b"K", b"Z", b"D"):
             raise SpawnError("bad result status")
+        if len(f) > 1 + MAX_TEXT or _clean(f[1:]) != f[1:]:
+            raise SpawnError("bad result text")
         results.append((f[:1], f[1:]))
     return int(fields[0]), results

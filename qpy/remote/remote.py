@@ -4,8 +4,9 @@ SYNOPSIS
     qpy-remote HOST SENDER RECIPIENT...  < message
 
     qmail-remote's interface, for admins and tests. qpy-rspawn does not run
-    this program: it calls `deliver()` in a forked child of its own process
-    (no new interpreter per delivery), with the message as an open fd.
+    this program: its workers (qpy.remote.worker, forked from qpy-rspawn, so no
+    new interpreter per delivery) call `deliver()` with the message as an open
+    fd and a connection cache.
 
 RUNS AS
     qpyr (the preamble drops to it when started as root).
@@ -42,6 +43,26 @@ PROTOCOL
     messages (a MIME downgrade breaks DKIM signatures and there is no
     standard downgrade for UTF-8 addresses).
 
+    Connection reuse (qpy-rspawn's workers only; this program always ends
+    with QUIT, as qmail-remote): a transaction that ends with the connection
+    between commands (a final reply to the end of DATA, to DATA, or to every
+    RCPT; no broken connection, no 421, no unread byte from the server) does
+    not QUIT: the connection (socket, TLS state, EHLO keywords, target) is
+    kept in a ConnCache under the job's domain, one connection per worker.
+    The next job for that domain sends RSET on it and, on 250 within
+    RSET_WAIT seconds, runs its transaction there without greeting, EHLO or
+    STARTTLS. A refused or unanswered RSET, a broken connection, or a 421
+    anywhere before the answer to the message's final dot closes it, and the
+    recipients still open go through the targets on fresh connections in
+    the same delivery: a dead cached connection costs no deferral. Only a
+    connection that breaks after the final dot was sent defers with
+    "Possible duplicate!", as on a fresh connection. A job for another
+    domain, and a connection idle CONN_IDLE seconds, CONN_MAX_AGE seconds
+    after it was opened, or after CONN_MAX_USES transactions, gets QUIT and
+    is closed; one that the server closes or speaks on while idle is closed
+    at once. A connection opened without a verified certificate is never
+    reused for a job that needs one (control/tlsverify).
+
 SECURITY
     Own small client, not smtplib: smtplib bounds a reply line (8192 bytes)
     but not the number of lines of a multi-line reply, has no pipelining and
@@ -60,7 +81,9 @@ import ssl
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from qpy.common import address
 from qpy.common.control import Control
@@ -75,6 +98,10 @@ MAX_REPLY_BYTES = 64 * 1024
 MAX_SAID = 300              # bytes of the server's text kept in a result
 CHUNK = 64 * 1024
 QUIT_WAIT = 2.0             # seconds we wait for the answer to QUIT
+CONN_IDLE = 2.0             # seconds a cached connection may sit unused (Postfix's default)
+CONN_MAX_AGE = 300.0        # seconds since it was opened (Postfix's reuse time limit)
+CONN_MAX_USES = 100         # transactions on one connection
+RSET_WAIT = 20.0            # seconds for the RSET that proves a cached connection alive
 EXIT_USAGE = 111
 
 K, Z, D = b"K", b"Z", b"D"
@@ -86,6 +113,10 @@ class PeerError(Exception):
 
 class Closed(Exception):
     """The peer said 421: what is left has been deferred; drop the connection."""
+
+
+class Stale(Exception):
+    """A cached connection that does not serve (421, a refused RSET): go on afresh."""
 
 
 class Reply:
@@ -167,11 +198,95 @@ class Conn:
             raise PeerError("TLS handshake failed: %s" % _why(e))
         self.tls = "%s %s" % (self.sock.version(), self.sock.cipher()[0])  # type: ignore
 
+    def between_commands(self) -> bool:
+        """No byte from the peer is waiting unread: nothing unexpected was said."""
+        if self.buf:
+            return False
+        return not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending())
+
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+@dataclass(eq=False)
+class Cached:
+    """A connection after a clean transaction, with what reusing it needs."""
+    conn: Conn
+    domain: str             # the job's routing key: the recipients' domain, or `host`
+    target: Target          # where it goes
+    ext: dict[str, str]     # the EHLO keywords (after STARTTLS when it was used)
+    verified: bool          # TLS with a verified certificate (control/tlsverify)
+    opened: float           # time.monotonic() at connect
+    uses: int = 1           # transactions run on it
+    last: float = 0.0       # time.monotonic() when its last transaction ended
+
+
+class ConnCache:
+    """At most one idle SMTP connection, kept for the next job to the same domain.
+
+    qpy-rspawn's workers (qpy.remote.worker) keep one across deliveries; qpy-remote
+    keeps none. A connection is given back only after a clean transaction and is
+    ended (QUIT) once idle CONN_IDLE seconds, CONN_MAX_AGE after it was opened, or
+    after CONN_MAX_USES transactions.
+    """
+
+    def __init__(self) -> None:
+        self.held: Cached | None = None
+
+    def domain(self) -> str:
+        return self.held.domain if self.held else ""
+
+    def fileno(self) -> int:
+        """The held connection's socket, to watch while idle; -1 when none is held."""
+        return self.held.conn.sock.fileno() if self.held else -1
+
+    def deadline(self) -> float | None:
+        """time.monotonic() at which the held connection must end; None when none is."""
+        h = self.held
+        return min(h.last + CONN_IDLE, h.opened + CONN_MAX_AGE) if h else None
+
+    def take(self, domain: str, verify: bool) -> Cached | None:
+        """The held connection when it goes to `domain` and is still fit for use."""
+        h, deadline = self.held, self.deadline()
+        if h is None or deadline is None or h.domain != domain:
+            return None
+        self.held = None
+        if time.monotonic() >= deadline or (verify and not h.verified):
+            _quit(h.conn)
+            h.conn.close()
+            return None
+        return h
+
+    def keep(self, c: Cached) -> None:
+        """Hold `c` for the next job (instead of any other), or QUIT it when it is used up."""
+        self.close()
+        c.last = time.monotonic()
+        if c.uses >= CONN_MAX_USES or c.last - c.opened >= CONN_MAX_AGE:
+            _quit(c.conn)
+            c.conn.close()
+            return
+        self.held = c
+
+    def retain(self, domains: set[str]) -> None:
+        """QUIT the held connection unless it goes to one of `domains`."""
+        if self.held and self.held.domain not in domains:
+            self.close()
+
+    def close(self) -> None:
+        """QUIT and close the held connection, if any."""
+        h, self.held = self.held, None
+        if h:
+            _quit(h.conn)
+            h.conn.close()
+
+    def drop(self) -> None:
+        """Close the held connection without a word: the peer closed it or spoke unasked."""
+        h, self.held = self.held, None
+        if h:
+            h.conn.close()
 
 
 def _why(e: BaseException) -> str:
@@ -242,8 +357,11 @@ def tls_required(ctl: Control, domain: str) -> bool:
 class Job:
     """One message to the recipients of one domain; results fill in as we go."""
 
-    def __init__(self, ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, domain: str):
+    def __init__(self, ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, domain: str,
+                 cache: ConnCache | None = None):
         self.ctl = ctl
+        self.cache = cache
+        self.reusing = False        # a transaction on a cached connection is running
         self.sender = sender
         self.rcpts = rcpts
         self.fd = fd
@@ -263,6 +381,10 @@ class Job:
                 self.results[i] = (status, text.encode())
 
     def run(self) -> None:
+        if self.cache is not None:
+            cached = self.cache.take(self.domain, self.verify)
+            if cached is not None and self.reuse(cached):
+                return
         try:
             targets = Router(self.ctl).targets(self.domain)
         except RouteError as e:
@@ -283,17 +405,63 @@ class Job:
             self.settle(D, last)
         self.settle(Z, last or "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)")
 
+    def reuse(self, c: Cached) -> bool:
+        """The transaction on a cached connection; False when it is stale: go on afresh.
+
+        RSET first (answered within RSET_WAIT seconds with 250, or the connection
+        is stale). A broken connection or a 421 before the answer to the message's
+        final dot leaves the recipients still open for a fresh connection; only a
+        connection that breaks after the dot settles them (Possible duplicate!).
+        """
+        conn = c.conn
+        self.reusing = True
+        try:
+            conn.sock.settimeout(min(RSET_WAIT, conn.timeout))
+            r = conn.command(b"RSET")
+            conn.sock.settimeout(conn.timeout)
+            if r.code != 250:
+                raise Stale("RSET answered %d" % r.code)
+            c.uses += 1
+            clean = self.transaction(conn, c.target.address, c.ext)
+        except (PeerError, Stale):
+            conn.close()
+            return not self.open()
+        except BaseException:       # e.g. the message cannot be read: deliver() reports it
+            conn.close()
+            raise
+        finally:
+            self.reusing = False
+        self.release(c, clean)
+        return True
+
+    def release(self, c: Cached, clean: bool) -> None:
+        """After a transaction: keep the connection for the next job, or end it."""
+        if clean and self.cache is not None and c.conn.between_commands():
+            self.cache.keep(c)
+            return
+        if clean:
+            _quit(c.conn)
+        c.conn.close()
+
     def session(self, t: Target, tls: bool) -> tuple[bytes, str] | str | None:
         """Deliver through one target. None: the job is settled; else why we move on."""
         timeout = max(1, self.ctl.integer("timeoutconnect"))
+        opened = time.monotonic()
         try:
             sock = socket.create_connection((t.address, t.port), timeout=timeout)
         except OSError as e:
             return Z, "Sorry, I wasn't able to establish an SMTP connection to %s: %s. (#4.4.1)" \
                 % (t.address, _why(e))
         conn = Conn(sock, max(1, self.ctl.integer("timeoutremote")))
+        ours = True             # until release() takes the connection over
         try:
-            return self.dialogue(conn, t, tls)
+            ext = self.dialogue(conn, t, tls)
+            if not isinstance(ext, dict):
+                return ext
+            clean = self.transaction(conn, t.address, ext)
+            ours = False
+            self.release(Cached(conn, self.domain, t, ext, self.verify, opened), clean)
+            return None
         except Closed:
             return None
         except PeerError as e:
@@ -303,13 +471,16 @@ class Job:
                         % (t.address, e, self._tls_note(conn)))
             return None
         finally:
-            conn.close()
+            if ours:
+                conn.close()
 
     @staticmethod
     def _tls_note(conn: Conn) -> str:
         return " (TLS %s)" % conn.tls if conn.tls else ""
 
-    def dialogue(self, conn: Conn, t: Target, tls: bool) -> tuple[bytes, str] | str | None:
+    def dialogue(self, conn: Conn, t: Target,
+                 tls: bool) -> dict[str, str] | tuple[bytes, str] | str:
+        """Greeting, EHLO, STARTTLS: the EHLO keywords, or why we move on."""
         ip = t.address
         try:
             greet = conn.reply()
@@ -335,7 +506,7 @@ class Job:
             self._check_421(r, ip, conn)
         if self.verify and not conn.tls:
             return Z, "%s does not offer STARTTLS, required by control/tlsverify. (#4.7.5)" % ip
-        return self.transaction(conn, ip, ext)
+        return ext
 
     def _ehlo(self, conn: Conn, helo: bytes, ip: str) -> dict[str, str]:
         r = conn.command(b"EHLO " + helo)
@@ -351,19 +522,25 @@ class Job:
         raise Closed()
 
     def _check_421(self, r: Reply, ip: str, conn: Conn) -> None:
-        """421 at any point: defer every recipient still open, and stop."""
+        """421 at any point: defer every recipient still open, and stop.
+
+        On a cached connection: stop, and leave the recipients to a fresh one.
+        """
         if r.code == 421:
+            if self.reusing:
+                raise Stale("421")
             self.settle(Z, "%s closes the session (421).%s Remote host said: %s"
                         % (ip, self._tls_note(conn), r.said()))
             raise Closed()
 
-    def transaction(self, conn: Conn, ip: str, ext: dict[str, str]) -> None:
+    def transaction(self, conn: Conn, ip: str, ext: dict[str, str]) -> bool:
+        """MAIL, RCPT, DATA. True: the connection is clean (between commands) after it."""
         tls = self._tls_note(conn)
         limit = ext.get("SIZE", "")
         if limit.isdigit() and 0 < int(limit) < self.size:
             self.settle(D, "%s takes messages up to %s bytes; this one has %d. (#5.3.4)"
                         % (ip, limit, self.size))
-            return _quit(conn)
+            return True
         params = b""
         if "SIZE" in ext:
             params += b" SIZE=%d" % self.size
@@ -371,13 +548,13 @@ class Job:
             if "SMTPUTF8" not in ext:
                 self.settle(D, "This message needs SMTPUTF8 (a UTF-8 address or header), which"
                             " %s does not offer; qpy does not downgrade. (#5.6.7)" % ip)
-                return _quit(conn)
+                return True
             params += b" SMTPUTF8"
         if self.eight:
             if "8BITMIME" not in ext and "SMTPUTF8" not in ext:
                 self.settle(D, "This message has 8-bit data and %s does not offer 8BITMIME;"
                             " qpy does not convert messages. (#5.6.3)" % ip)
-                return _quit(conn)
+                return True
             params += b" BODY=8BITMIME"
         todo = self.open()
         mail = b"MAIL FROM:<%s>%s\r\n" % (self.sender, params)
@@ -394,9 +571,10 @@ class Job:
                         "Connected to %s but sender was rejected.%s Remote host said: %s"
                         % (ip, tls, r.said()))
             if piped:                       # the RCPT and DATA replies are still coming
-                for _ in range(len(rcpts) + 1):
+                for _ in rcpts:
                     conn.reply()
-            return _quit(conn)
+                return conn.reply().code != 354     # 354: it waits for data; not clean
+            return True
         accepted = []
         for i, cmd in zip(todo, rcpts, strict=True):
             r = conn.reply() if piped else conn.command(cmd[:-2])
@@ -408,18 +586,18 @@ class Job:
                         "%s does not like recipient.%s Remote host said: %s"
                         % (ip, tls, r.said()), [i])
         if not accepted and not piped:
-            return _quit(conn)
+            return True
         r = conn.reply() if piped else conn.command(b"DATA")
         if not accepted:
             if r.code == 354:               # a server that wants data for nobody: give it none
                 conn.send(b".\r\n")
                 conn.reply()
-            return _quit(conn)
+            return True
         if r.code != 354:
             self._check_421(r, ip, conn)
             self.settle(D if r.code // 100 == 5 else Z, "%s failed on DATA command.%s"
                         " Remote host said: %s" % (ip, tls, r.said()), accepted)
-            return _quit(conn)
+            return True
         held = b""
         for block in smtp_data(self.fd):     # the short ending goes with the last block
             if len(block) <= 5:
@@ -434,7 +612,7 @@ class Job:
         except PeerError as e:
             self.settle(Z, "Connected to %s but connection died after the message: %s."
                         " Possible duplicate!%s (#4.4.2)" % (ip, e, tls), accepted)
-            return None
+            return False
         if r.code // 100 == 2:
             self.settle(K, "%s accepted message.%s Remote host said: %s"
                         % (ip, tls, r.said()), accepted)
@@ -442,7 +620,7 @@ class Job:
             self._check_421(r, ip, conn)
             self.settle(D if r.code // 100 == 5 else Z, "%s failed after I sent the message.%s"
                         " Remote host said: %s" % (ip, tls, r.said()), accepted)
-        return _quit(conn)
+        return True
 
 
 def literal_free(host: str) -> bool:
@@ -465,11 +643,13 @@ def _quit(conn: Conn) -> None:
         pass
 
 
-def deliver(ctl: Control, sender: bytes, rcpts: list[bytes], fd: int,
-            host: str = "") -> list[tuple[bytes, bytes]]:
+def deliver(ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, host: str = "",
+            cache: ConnCache | None = None) -> list[tuple[bytes, bytes]]:
     """Deliver the message on `fd`; (status, text) per recipient, in order.
 
     Recipients are routed by their domain, or all by `host` when it is given.
+    With a `cache`, a connection it holds for a domain is tried first, and the
+    last clean connection is left in it; without, every session ends with QUIT.
     """
     rcpts = list(rcpts)
     results: list[tuple[bytes, bytes] | None] = [None] * len(rcpts)
@@ -487,8 +667,10 @@ def deliver(ctl: Control, sender: bytes, rcpts: list[bytes], fd: int,
         rcpts[i] = r
         dom = host or address.domain_part(r).decode("utf-8", "replace")
         groups.setdefault(dom, []).append(i)
+    if cache is not None:
+        cache.retain(set(groups))
     for dom, idx in groups.items():
-        job = Job(ctl, sender, [rcpts[i] for i in idx], fd, dom)
+        job = Job(ctl, sender, [rcpts[i] for i in idx], fd, dom, cache)
         try:
             job.run()
         except (PeerError, OSError) as e:      # e.g. the message fd cannot be read

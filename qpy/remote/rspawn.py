@@ -11,8 +11,8 @@ READS
     fd 0: a SOCK_SEQPACKET socket to qpy-queue-send. Each datagram is one
     request of qpy.common.spawn: a delivery number, the sender, up to
     spawn.MAX_RCPTS recipients of one domain, and the message as an open,
-    read-only fd. `control/concurrencyremote` (re-read on SIGHUP) and what
-    qpy.remote.remote reads.
+    read-only fd. `control/concurrencyremote` and what qpy.remote.remote reads,
+    at start and on SIGHUP.
 
 WRITES
     fd 0: one result datagram per request, one status per recipient
@@ -20,23 +20,46 @@ WRITES
     the remote server, sanitised. stderr: a log line per fault.
 
 HOW
-    Each request is delivered in a child forked from this process, which has
-    already imported everything (no new interpreter per delivery); the child
-    is titled `qpy-remote DOMAIN`, sends its own result datagram (datagrams
-    are atomic, so children never interleave) and exits 0. A child that dies
-    otherwise gets a Z result from the parent. At most concurrencyremote
-    children run; further requests wait here, up to MAX_PENDING, beyond
-    which they are answered Z at once. A malformed request is logged and
-    answered Z when it names a delivery number.
+    Deliveries run in workers (qpy.remote.worker): children forked from this
+    process, which has already imported everything, each serving one request
+    at a time over its own SOCK_SEQPACKET socketpair and reused for the next,
+    so that there is no fork per delivery, and each keeping the SMTP
+    connection of its last delivery open for a while (qpy.remote.remote,
+    "Connection reuse"). A request is forwarded as it came (the request
+    datagram and the message fd); the worker answers with b"I" DOMAIN (the
+    domain whose connection it holds, or none) and the result datagram, which
+    is checked (spawn.decode_result; it must name the delivery that worker was
+    given, with one status per recipient) and then sent on to queue-send.
+
+    A request goes, in this order of preference, to: an idle worker that holds
+    a connection for the request's domain (the domain of its first recipient);
+    an idle worker that holds none; a new worker, while fewer than
+    concurrencyremote run; the idle worker unused the longest, which holds
+    another domain's connection (it QUITs that one first). Otherwise it waits
+    here, up to MAX_PENDING, beyond which requests are answered Z at once.
+    Among idle workers of the first two kinds the one idle the shortest time
+    is taken, so that surplus workers reach WORKER_IDLE and go.
+
+    A worker is retired (its end of the pair closed: it QUITs its connection
+    and exits) after WORKER_IDLE idle seconds, after MAX_DELIVERIES
+    deliveries, on SIGHUP (idle ones at once, busy ones when they answer: new
+    forks read the control files again), and on SIGTERM. A worker that dies
+    with a delivery in flight gets that delivery answered Z; one that sends
+    anything but the answers above, or an answer for another delivery, gets
+    its delivery (if any) answered Z, is killed and retired: a worker's
+    answer never settles a delivery it was not given. A malformed request is
+    logged and answered Z when it names a delivery number.
 
 SIGNALS
-    SIGHUP: re-read control files. SIGTERM, or end of file on fd 0: take no
-    more requests, answer Z to those waiting, let running deliveries finish,
-    then exit 0.
+    SIGHUP: re-read control files; retire the workers (they hold the old
+    ones). SIGTERM, or end of file on fd 0: take no more requests, answer Z to
+    those waiting, let running deliveries finish, then exit 0 once every
+    worker is gone.
 
 SECURITY
     qpyr cannot open anything in queue/mess/: it only reads the fds it is
-    handed. Children hold only their own message fd.
+    handed. A worker holds its socket, the message fd of its delivery and one
+    SMTP connection (qpy.remote.worker, SECURITY), nothing of this process.
 
 EXIT CODES
     0 after end of input or SIGTERM; 111 when it cannot start.
@@ -50,17 +73,23 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 
 from qpy.common import children, spawn
 from qpy.common.control import Control
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, set_title
 from qpy.common.queue import root_from
-from qpy.remote import remote
+from qpy.remote import worker
 
 MAX_CONCURRENCY = 500       # bound on concurrencyremote, whatever the file says
-MAX_PENDING = 5000          # requests waiting for a free slot
+MAX_PENDING = 5000          # requests waiting for a free worker
+MAX_DELIVERIES = 1000       # a worker is retired after this many (bounds any slow leak)
+WORKER_IDLE = 10.0          # seconds an idle worker is kept for the next request
+SEND_TRIES = 2              # workers a request is offered to before it is answered Z
+LOOP_WAIT = 60.0            # longest sleep of the main loop (a safety net)
 EXIT_TEMP = 111
 
 
@@ -77,15 +106,35 @@ class _Recorder:
         return got
 
 
+@dataclass(eq=False)
+class Worker:
+    """A forked qpy.remote.worker and what this process knows of it."""
+    pid: int
+    sock: socket.socket                 # our end of its SOCK_SEQPACKET pair
+    gen: int                            # self.gen at its fork: SIGHUP makes it stale
+    job: tuple[int, int] | None = None  # (delivery, recipient count) in flight
+    served: int = 0
+    holds: bytes = b""                  # domain of its cached connection, as it last said
+    idle_since: float = 0.0
+
+
+def request_domain(rcpts: list[bytes]) -> bytes:
+    """The domain a request goes to, as a worker names the connection it holds."""
+    return rcpts[0].rpartition(b"@")[2].lower()
+
+
 class Spawner:
     def __init__(self, root: str, sock: socket.socket):
         self.ctl = Control(root)
         self.sock = sock
         self.rec = _Recorder(sock)
-        self.children: dict[int, tuple[int, int]] = {}   # pid: (delivery, recipient count)
+        self.workers: dict[int, Worker] = {}    # by pid: the ones we give work to
+        self.leaving: dict[int, Worker] = {}    # retired, until reaped
+        self.idle: list[Worker] = []            # in the order they became idle
         self.pending: collections.deque = collections.deque()
+        self.sel = selectors.DefaultSelector()
+        self.gen = 0
         self.stopping = False
-        self.hup = False
 
     def concurrency(self) -> int:
         return min(MAX_CONCURRENCY, max(1, self.ctl.integer("concurrencyremote")))
@@ -96,6 +145,7 @@ class Spawner:
         except OSError as e:
             log("qpy-rspawn: cannot send result for delivery %d: %s" % (delivery, e.strerror))
 
+    # ---- requests from queue-send ------------------------------------------------------
     def take(self) -> None:
         """Receive one request; on end of file, stop."""
         try:
@@ -105,10 +155,10 @@ class Spawner:
             return
         except OSError as e:
             log("qpy-rspawn: cannot read requests: %s" % e.strerror)
-            self.stopping = True
+            self.stop()
             return
         if req is None:
-            self.stopping = True
+            self.stop()
             return
         if len(self.pending) >= MAX_PENDING:
             os.close(req[3])
@@ -127,83 +177,245 @@ class Spawner:
             log("qpy-rspawn: bad request without a delivery number: %s" % why)
 
     def start(self) -> None:
-        while self.pending and len(self.children) < self.concurrency():
-            delivery, sender, rcpts, fd = self.pending.popleft()
-            try:
-                pid = os.fork()
-            except OSError as e:
-                log("qpy-rspawn: cannot fork: %s" % e.strerror)
-                self.pending.appendleft((delivery, sender, rcpts, fd))
-                return
-            if pid == 0:
-                self.child(delivery, sender, rcpts, fd)
+        """Hand waiting requests, in order, to workers while there are workers to have."""
+        while self.pending:
+            delivery, sender, rcpts, fd = self.pending[0]
+            for _ in range(SEND_TRIES):
+                w = self.pick(request_domain(rcpts))
+                if w is None:
+                    return                  # it waits for a worker to become free
+                try:
+                    spawn.send_request(w.sock, delivery, sender, rcpts, fd)
+                    break
+                except OSError as e:        # it died just now; it had no delivery of ours
+                    log("qpy-rspawn: cannot reach qpy-remote %d: %s" % (w.pid, e.strerror))
+                    self.retire(w)
+            else:
+                w = None
+            self.pending.popleft()
             os.close(fd)
-            self.children[pid] = (delivery, len(rcpts))
+            if w is None:
+                self.answer_z(delivery, len(rcpts),
+                              b"qpy-rspawn unable to reach a delivery process. (#4.3.0)")
+                continue
+            w.job = (delivery, len(rcpts))
+            w.served += 1
 
-    def child(self, delivery: int, sender: bytes, rcpts: list[bytes], fd: int) -> None:
-        """One delivery; never returns."""
+    def pick(self, domain: bytes) -> Worker | None:
+        """The worker for a request to `domain` (see HOW), or None: it must wait."""
+        for holds in (domain, b""):
+            for w in reversed(self.idle):
+                if w.holds == holds:
+                    self.idle.remove(w)
+                    return w
+        if len(self.workers) < self.concurrency():
+            w = self.fork()
+            if w is not None:
+                return w
+        if self.idle:
+            return self.idle.pop(0)     # the connection unused the longest goes
+        return None
+
+    # ---- workers -----------------------------------------------------------------------
+    def fork(self) -> Worker | None:
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as e:
+            log("qpy-rspawn: cannot make a socket pair: %s" % e.strerror)
+            return None
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log("qpy-rspawn: cannot fork: %s" % e.strerror)
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            self.child(ours, theirs)
+        theirs.close()
+        w = Worker(pid, ours, self.gen)
+        self.workers[pid] = w
+        self.sel.register(ours, selectors.EVENT_READ, w)
+        return w
+
+    def child(self, ours: socket.socket, theirs: socket.socket) -> None:
+        """The worker process: fd 0 its socket, 1 /dev/null, 2 the log; never returns."""
         code = EXIT_TEMP
         try:
-            for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
-            domain = rcpts[0].rpartition(b"@")[2].decode("utf-8", "replace")
-            set_title("qpy-remote %s" % clean(domain, 100))
-            for *_, ofd in self.pending:    # only our own message fd stays open
-                os.close(ofd)
-            results = remote.deliver(self.ctl, sender, rcpts, fd)
-            spawn.send_result(self.sock, delivery, results)
-            code = 0
+            for sig in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)    # rspawn retires us on SIGHUP
+            set_title(worker.IDLE_TITLE)
+            # Python objects must not close fd numbers that the worker reuses
+            for s in [ours, self.sock] + [w.sock for w in self.workers.values()] \
+                    + [w.sock for w in self.leaving.values()]:
+                s.detach()
+            os.dup2(theirs.detach(), 0)     # also closes queue-send's socket here
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            top = os.sysconf("SC_OPEN_MAX")
+            os.closerange(3, top if top > 0 else 65536)     # other messages' fds, the rest
+            code = worker.serve(socket.socket(fileno=0), self.ctl)
         except BaseException:
-            log("qpy-rspawn: delivery %d crashed: %s"
-                % (delivery, clean(traceback.format_exc(), 2000)))
+            log("qpy-rspawn: qpy-remote %d crashed: %s"
+                % (os.getpid(), clean(traceback.format_exc(), 2000)))
         finally:
             os._exit(code)
 
+    def readable(self, w: Worker) -> None:
+        """One datagram from a worker, or its end of file."""
+        try:
+            data, _, flags, _ = w.sock.recvmsg(spawn.MAX_DATAGRAM, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, flags = b"", 0
+        if not data:
+            self.retire(w)      # it exited: reap() answers its delivery
+        elif flags & socket.MSG_TRUNC:
+            self.garbage(w, "answer too long")
+        else:
+            self.answer(w, data)
+
+    def answer(self, w: Worker, data: bytes) -> None:
+        if data[:1] == b"I":
+            try:
+                w.holds = worker.decode_idle(data)
+            except worker.WorkerError as e:
+                self.garbage(w, str(e))
+            return
+        if w.job is None:
+            self.garbage(w, "an answer without a request")
+            return
+        delivery, count = w.job
+        try:
+            got, results = spawn.decode_result(data)
+            if got != delivery or len(results) != count:
+                raise spawn.SpawnError("not the answer to delivery %d" % delivery)
+        except spawn.SpawnError as e:
+            self.garbage(w, str(e))
+            return
+        w.job = None
+        try:
+            spawn.send_result(self.sock, delivery, results)
+        except OSError as e:
+            log("qpy-rspawn: cannot send result for delivery %d: %s" % (delivery, e.strerror))
+        if self.stopping or w.gen != self.gen or w.served >= MAX_DELIVERIES:
+            self.retire(w)
+        else:
+            w.idle_since = time.monotonic()
+            self.idle.append(w)
+
+    def garbage(self, w: Worker, why: str) -> None:
+        """A worker that said something wrong: Z for its delivery; killed and retired."""
+        log("qpy-rspawn: qpy-remote %d: %s: retired" % (w.pid, clean(why, 200)))
+        if w.job is not None:
+            delivery, count = w.job
+            w.job = None
+            self.answer_z(delivery, count, b"qpy-remote sent a mangled report. (#4.3.0)")
+        try:
+            os.kill(w.pid, signal.SIGKILL)  # it may not go on delivering what we answered Z
+        except OSError:
+            pass
+        self.retire(w)
+
+    def retire(self, w: Worker) -> None:
+        """No more work for w: closing our end ends it; reap() collects it."""
+        if w in self.idle:
+            self.idle.remove(w)
+        if self.workers.pop(w.pid, None) is not None:
+            self.leaving[w.pid] = w
+        if w.sock.fileno() >= 0:
+            self.sel.unregister(w.sock)
+            w.sock.close()
+
+    def retire_idle(self, older_than: float) -> None:
+        now = time.monotonic()
+        for w in [w for w in self.idle if now - w.idle_since >= older_than]:
+            self.retire(w)
+
     def reap(self) -> None:
         for pid, status in children.exited():
-            delivery, count = self.children.pop(pid, (None, 0))
-            if delivery is None:
+            w = self.workers.get(pid) or self.leaving.get(pid)
+            if w is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            if code != 0:
+            while w.sock.fileno() >= 0:     # what it said before it went still counts
+                try:
+                    data, _, flags, _ = w.sock.recvmsg(spawn.MAX_DATAGRAM, 0,
+                                                       socket.MSG_DONTWAIT)
+                except OSError:
+                    break
+                if not data or flags & socket.MSG_TRUNC:
+                    break
+                self.answer(w, data)
+            self.retire(w)
+            del self.leaving[pid]
+            if w.job is not None:
+                delivery, count = w.job
+                w.job = None
+                code = os.waitstatus_to_exitcode(status)
                 why = "crashed" if code < 0 else "exited %d" % code
                 self.answer_z(delivery, count, b"qpy-remote %s. (#4.3.0)" % why.encode())
+
+    # ---- main loop ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """No more requests: answer the waiting ones Z, retire the idle workers."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.sel.unregister(self.sock)
+        while self.pending:
+            delivery, _, rcpts, fd = self.pending.popleft()
+            os.close(fd)
+            self.answer_z(delivery, len(rcpts), b"qpy-rspawn is stopping. (#4.3.0)")
+        self.retire_idle(0.0)
+
+    def hangup(self) -> None:
+        """New control files: idle workers go now, busy ones once they answer."""
+        self.ctl.reload()
+        self.gen += 1
+        self.retire_idle(0.0)
+
+    def wait(self) -> float:
+        if not self.idle:
+            return LOOP_WAIT
+        first = min(w.idle_since for w in self.idle)
+        return min(LOOP_WAIT, max(0.0, first + WORKER_IDLE - time.monotonic()))
 
     def run(self) -> int:
         rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wr)
-        signal.signal(signal.SIGCHLD, lambda s, f: None)
-        signal.signal(signal.SIGHUP, lambda s, f: setattr(self, "hup", True))
-        signal.signal(signal.SIGTERM, lambda s, f: setattr(self, "stopping", True))
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ)
-        sel.register(rd, selectors.EVENT_READ)
-        reading = True
+        signals: list[int] = []
+        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, lambda s, f: signals.append(s))
+        self.sel.register(self.sock, selectors.EVENT_READ, "requests")
+        self.sel.register(rd, selectors.EVENT_READ, "wake")
         while True:
-            if self.hup:
-                self.hup = False
-                self.ctl.reload()
-            if self.stopping and reading:
-                sel.unregister(self.sock)
-                reading = False
-                while self.pending:
-                    delivery, _, rcpts, fd = self.pending.popleft()
-                    os.close(fd)
-                    self.answer_z(delivery, len(rcpts), b"qpy-rspawn is stopping. (#4.3.0)")
-            self.reap()
-            self.start()
-            if not reading and not self.children:
-                return 0
-            for key, _ in sel.select(timeout=60):
-                if key.fileobj is self.sock:
-                    self.take()
-                else:
+            events = self.sel.select(self.wait())
+            while signals:      # first, so that a SIGHUP sent before a request applies to it
+                sig = signals.pop(0)
+                if sig == signal.SIGHUP:
+                    self.hangup()
+                elif sig == signal.SIGTERM:
+                    self.stop()
+            for key, _ in events:
+                if key.data == "requests":
+                    if not self.stopping:
+                        self.take()
+                elif key.data == "wake":
                     try:
                         while os.read(rd, 512):
                             pass
                     except BlockingIOError:
                         pass
+                elif key.data.sock.fileno() >= 0:   # not retired earlier in this round
+                    self.readable(key.data)
+            self.reap()
+            self.retire_idle(WORKER_IDLE)
+            self.start()
+            if self.stopping and not self.workers and not self.leaving:
+                return 0
 
 
 def main() -> int:
