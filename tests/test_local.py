@@ -831,3 +831,32 @@ def test_end_to_end_maildir_forward_ext_postmaster(started, homes):
                           b"Delivered-To: qtlbob@test.example\n")
     msgs = list(mailbox.mbox(os.path.join(alice.pw_dir, "Mailbox")))
     assert len(msgs) == 2 and all(">From here" in m.get_payload() for m in msgs)
+
+
+def test_maildir_fsyncs_new_only_off_the_queue_filesystem(tmp_path, monkeypatch):
+    """new/ needs no fsync of its own on the queue's filesystem (its journal orders the
+    link before the queue's later unlinks); elsewhere it is fsync'd."""
+    from qpy.local import maildir as md
+    box = tmp_path / "Maildir"
+    for sub in ("", "tmp", "new", "cur"):
+        os.mkdir(box / sub)
+    src = tmp_path / "msg"
+    src.write_bytes(MSG)
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(md.os, "fsync", fsync)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        md.deliver(str(box), fd, b"Delivered-To: x\n", os.stat(tmp_path).st_dev)
+        assert synced == ["file"]
+        synced.clear()
+        md.deliver(str(box), fd, b"Delivered-To: x\n", -1)     # another filesystem
+        assert synced == ["file", "dir"]
+    finally:
+        os.close(fd)
+    assert len(os.listdir(box / "new")) == 2 and os.listdir(box / "tmp") == []

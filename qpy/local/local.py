@@ -84,6 +84,7 @@ class Delivery:
     defaultdelivery: bytes = b"./Maildir/"
     timeout: int = TIMEOUT
     envnoathost: bytes = b""
+    queue_dev: int = -1   # st_dev of the queue (qpy.local.maildir: when new/ needs no fsync)
 
 
 def timeout_from(ctl: control.Control) -> int:
@@ -234,7 +235,7 @@ class Local:
             if kind == "maildir" and self.from_default:
                 make_maildir(path)
             if kind == "maildir":
-                maildir.deliver(path, self.d.msgfd, head)
+                maildir.deliver(path, self.d.msgfd, head, self.d.queue_dev)
             else:
                 mbox.deliver(path, self.d.msgfd, self.ufline, head)
         except OSError as e:

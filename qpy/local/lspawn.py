@@ -129,6 +129,10 @@ class LSpawn:
         self.stopping = False
         self.oneuser = Paths(root).oneuser() is not None
         self.queue_uid = self._queue_uid()
+        try:
+            self.queue_dev = os.stat(Paths(root).queue).st_dev
+        except OSError:
+            self.queue_dev = -1     # unknown: every Maildir delivery fsyncs new/
         self.groups = GroupCache()
         self._settings()
 
@@ -281,7 +285,7 @@ class LSpawn:
             privilege.set_title("qpy-local " + who.user)
             os.umask(0o077)  # as qmail-local: new mail and program files private to the user
             os.chdir("/")
-            code = worker.serve(socket.socket(fileno=0), self.root, who.uid)
+            code = worker.serve(socket.socket(fileno=0), self.root, who.uid, self.queue_dev)
         except BaseException:  # never return into the parent's loop
             code = EXIT_TEMP
         finally:

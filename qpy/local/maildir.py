@@ -1,6 +1,6 @@
 """maildir — deliver one message into a Maildir, as maildir(5).
 
-    deliver("./Maildir/", msgfd, head)
+    deliver("./Maildir/", msgfd, head, queue_dev)
 
 Runs as the recipient, in the recipient's home. The file is created in `tmp/`
 under a unique name (`SECONDS.MUSECPPID_COUNT.HOST`, `/` and `:` in the host
@@ -9,6 +9,14 @@ message, fsync'd and closed; then linked into `new/` (the delivery instant),
 the tmp name removed and `new/` fsync'd. Any failure (not a directory, no
 `tmp/`, disk full, quota) removes the tmp file and raises OSError: the caller
 defers (111), so nothing is lost and nothing is half-delivered in `new/`.
+
+The fsync of `new/` is skipped when `new/` is on the queue's own filesystem
+(device `queue_dev`): the queue forgets the message only by later unlinks on
+that filesystem, and its journal (ext4, xfs, btrfs: the filesystems qpy
+supports for its queue) makes metadata changes durable in the order they were
+made, so no crash can keep the queue's unlink and lose the link into `new/`.
+The worst a crash can do is lose both: the message is delivered again. On
+another filesystem nothing orders the two, so `new/` is fsync'd.
 """
 
 from __future__ import annotations
@@ -49,15 +57,16 @@ def copy_message(src: int, dst: int, head: bytes) -> None:
         off += len(chunk)
 
 
-def deliver(path: str | bytes, msgfd: int, head: bytes) -> str:
-    """Deliver into Maildir `path`; returns the new file's name. Raises OSError."""
+def deliver(path: str | bytes, msgfd: int, head: bytes, queue_dev: int = -1) -> str:
+    """Deliver into Maildir `path`; returns the new file's name. Raises OSError.
+    queue_dev: the queue's st_dev (-1: unknown, always fsync `new/`)."""
     dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         tmpfd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
         try:
             newfd = os.open("new", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
             try:
-                return _deliver(tmpfd, newfd, msgfd, head)
+                return _deliver(tmpfd, newfd, msgfd, head, queue_dev)
             finally:
                 os.close(newfd)
         finally:
@@ -66,7 +75,7 @@ def deliver(path: str | bytes, msgfd: int, head: bytes) -> str:
         os.close(dfd)
 
 
-def _deliver(tmpfd: int, newfd: int, msgfd: int, head: bytes) -> str:
+def _deliver(tmpfd: int, newfd: int, msgfd: int, head: bytes, queue_dev: int) -> str:
     for _ in range(MAX_TRIES):
         name = unique_name()
         try:
@@ -83,7 +92,8 @@ def _deliver(tmpfd: int, newfd: int, msgfd: int, head: bytes) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)  # checked: NFS reports write errors here
-        # durable: the file is fsync'd in tmp/; link into new/ is the delivery, then fsync new/
+        # durable: the file is fsync'd in tmp/; link into new/ is the delivery, then new/
+        # is fsync'd unless the queue's filesystem orders it (module docstring)
         os.link(name, name, src_dir_fd=tmpfd, dst_dir_fd=newfd, follow_symlinks=False)
     except BaseException:
         try:
@@ -95,5 +105,6 @@ def _deliver(tmpfd: int, newfd: int, msgfd: int, head: bytes) -> str:
         os.unlink(name, dir_fd=tmpfd)
     except OSError:
         pass  # a leftover in tmp/ is harmless: readers clean tmp/ after 36 hours
-    os.fsync(newfd)
+    if os.fstat(newfd).st_dev != queue_dev:
+        os.fsync(newfd)
     return name

@@ -111,8 +111,9 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
-def serve(sock: socket.socket, root: str, uid: int) -> int:
-    """Deliver requests until end of file; the exit code of the worker."""
+def serve(sock: socket.socket, root: str, uid: int, queue_dev: int) -> int:
+    """Deliver requests until end of file; the exit code of the worker. queue_dev: the
+    queue's st_dev, looked up by qpy-lspawn (the user may not reach the queue)."""
     while True:
         data, fds = _receive(sock)
         if not data and not fds:
@@ -125,7 +126,7 @@ def serve(sock: socket.socket, root: str, uid: int) -> int:
             d = qlocal.Delivery(root=root, user=f[0].decode("utf-8", "replace"), uid=uid,
                                 home=os.fsdecode(f[1]), local=f[2], domain=f[3], dash=f[4],
                                 ext=f[5], sender=f[6], msgfd=fds[0], defaultdelivery=f[7],
-                                envnoathost=f[8], timeout=int(f[9]))
+                                envnoathost=f[8], timeout=int(f[9]), queue_dev=queue_dev)
             code, text = qlocal.deliver(d)
         except Exception as e:  # a bug or a bad request: report it, then a fresh fork
             sock.send(encode_result(seq, EXIT_RETIRE, (
