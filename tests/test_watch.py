@@ -15,16 +15,22 @@ def queued_events_limit() -> int:
         return int(f.read())
 
 
-def test_event_wakes_the_watcher():
+def test_rename_into_the_directory_wakes_the_watcher():
+    """Queue files arrive by rename (drop files, todo/ID): that is the one event watched.
+    A file merely created in place wakes nobody; the periodic rescan finds it."""
     d = qpytest.test_dir("watch")
     w = Watcher([d], rescan_seconds=3600)
     assert w.rescan_due()                       # a full listing is due at start
     assert not w.rescan_due()
-    with open(os.path.join(d, "x"), "w") as f:
+    with open(os.path.join(d, "tmp.x"), "w") as f:
         f.write("x")
     t0 = time.monotonic()
+    w.wait(1.0)
+    assert time.monotonic() - t0 >= 0.9         # created and written: no wake-up
+    os.rename(os.path.join(d, "tmp.x"), os.path.join(d, "x"))
+    t0 = time.monotonic()
     w.wait(30)
-    assert time.monotonic() - t0 < 20           # woken by the event, not by the timeout
+    assert time.monotonic() - t0 < 20           # woken by the rename, not by the timeout
     w.close()
 
 
@@ -43,9 +49,12 @@ def test_queue_overflow_forces_a_rescan():
     d = qpytest.test_dir("watch")
     w = Watcher([d], rescan_seconds=3600)
     assert w.rescan_due()
+    src = qpytest.test_dir("watch")
     for i in range(limit + 100):                # nobody reads events meanwhile: they are lost
-        os.close(os.open(os.path.join(d, "f%d" % i), os.O_CREAT | os.O_WRONLY, 0o600))
+        os.close(os.open(os.path.join(src, "f%d" % i), os.O_CREAT | os.O_WRONLY, 0o600))
+        os.rename(os.path.join(src, "f%d" % i), os.path.join(d, "f%d" % i))
     w.wait(30)
     assert w.rescan_due(), "an overflow must make the caller list the directory"
     w.close()
     qpytest.remove_tree(d)
+    qpytest.remove_tree(src)

@@ -29,7 +29,10 @@ class Watcher:
         self._hint = False
         if pyinotify is not None:
             self._wm = pyinotify.WatchManager()
-            mask = pyinotify.IN_CLOSE_WRITE | pyinotify.IN_MOVED_TO | pyinotify.IN_CREATE
+            # every file that matters arrives by rename (drop files, todo/ID): one event
+            # per file, where create and close-write added two more, each of them built,
+            # formatted and dispatched by pyinotify in Python (~30 us apiece)
+            mask = pyinotify.IN_MOVED_TO
             self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=self._event)
             for d in directories:
                 self._wm.add_watch(d, mask, quiet=False)

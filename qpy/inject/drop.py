@@ -30,7 +30,7 @@ import zlib
 
 from qpy.common import dropfile, envelope
 from qpy.common.durable import write_all
-from qpy.common.queue import Paths
+from qpy.common.queue import drop_dir
 
 DROP_MODE = 0o640          # group qpyq (setgid drop/) reads it; others nothing
 BUFFER_BYTES = 64 * 1024
@@ -62,7 +62,7 @@ class Drop:
         self._crc = 0          # CRC-32 of what was written so far
         self._buf: list[bytes] = []
         self._buffered = 0
-        self._dir = Paths(root).drop
+        self._dir = drop_dir(root)
         self._tmp = "%s%d.%d.%s" % (dropfile.TMP_PREFIX, time.time_ns(), os.getpid(),
                                      os.urandom(4).hex())
         # drop/ is not readable by the injecting user (nobody may list it): an O_PATH

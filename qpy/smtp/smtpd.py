@@ -493,9 +493,9 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> int:
-    """Run one session on rfd/wfd (a forked qpy-tcpserver child or qpy-smtpd itself)."""
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    """Run one session on rfd/wfd (a forked qpy-tcpserver child or qpy-smtpd itself).
+    The caller has set SIGTERM to end the session (SystemExit) and SIGPIPE to SIG_IGN:
+    main() here, once per worker in qpy-tcpserver (not per session: it costs)."""
     from qpy.smtp.secure import SecureSession  # here: secure.py builds on this module
     # STARTTLS, implicit TLS and AUTH (qpy.smtp.secure); plain SMTP without a cert.
     session = SecureSession(cfg, env, Channel(rfd, wfd, cfg.timeout))
@@ -509,6 +509,8 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
 def main() -> int:
     root = root_from()
     preamble(PROGRAM, root, "qpyd", os.environ.get("TCPREMOTEIP", ""))
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         cfg = Config(root)
     except Exception as e:

@@ -462,7 +462,8 @@ class Server:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGTERM, _stop)     # smtpd.serve relies on these two
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
             for fd in self.wakeup:
                 os.close(fd)
             self.sel.close()
