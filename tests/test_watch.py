@@ -31,6 +31,14 @@ def test_rename_into_the_directory_wakes_the_watcher():
     t0 = time.monotonic()
     w.wait(30)
     assert time.monotonic() - t0 < 20           # woken by the rename, not by the timeout
+    assert w.names() == ["x"] and w.names() == []   # the name, once: no listing needed
+    for n in ("a", "b"):
+        with open(os.path.join(d, "tmp." + n), "w") as f:
+            f.write(n)
+        os.rename(os.path.join(d, "tmp." + n), os.path.join(d, n))
+    w.wait(30)
+    w.wait(0.2)                                 # events may come in one read or two
+    assert w.names() == ["a", "b"]
     w.close()
 
 
@@ -55,6 +63,7 @@ def test_queue_overflow_forces_a_rescan():
         os.rename(os.path.join(src, "f%d" % i), os.path.join(d, "f%d" % i))
     w.wait(30)
     assert w.rescan_due(), "an overflow must make the caller list the directory"
+    assert len(w.names()) < limit + 100         # names lost with the events: the rescan
     w.close()
     qpytest.remove_tree(d)
     qpytest.remove_tree(src)

@@ -1,9 +1,11 @@
 """watch — new files in a directory, by inotify hints plus full rescans.
 
-Events are hints only: `wait()` returns when something may have changed, and
-`rescan_due()` says when the caller must list the whole directory anyway (at
-start, after IN_Q_OVERFLOW, and every RESCAN_SECONDS), so an event the kernel
-lost can delay a file by at most that long and never strand it.
+Events are hints only: `wait()` returns when something may have changed,
+`names()` gives the names that were renamed into the watched directories since
+the last call (so that a caller need not list a big directory to find one new
+file), and `rescan_due()` says when the caller must list the whole directory
+anyway (at start, after IN_Q_OVERFLOW, and every RESCAN_SECONDS), so an event
+the kernel lost can delay a file by at most that long and never strand it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import select
 import time
 
 RESCAN_SECONDS = 60.0
+MAX_NAMES = 100_000         # names kept between two calls of names(); past it, a rescan
 
 try:
     import pyinotify
@@ -27,6 +30,7 @@ class Watcher:
         self._notifier = None
         self._fd = -1
         self._hint = False
+        self._names: list[str] = []
         if pyinotify is not None:
             self._wm = pyinotify.WatchManager()
             # every file that matters arrives by rename (drop files, todo/ID): one event
@@ -41,7 +45,17 @@ class Watcher:
     def _event(self, event) -> None:
         if event.mask & pyinotify.IN_Q_OVERFLOW:
             self._next_rescan = 0.0
+            self._names.clear()         # the rescan finds them all
+        elif event.name and len(self._names) < MAX_NAMES:
+            self._names.append(event.name)
+        else:
+            self._next_rescan = 0.0     # too many to keep: list the directory instead
         self._hint = True
+
+    def names(self) -> list[str]:
+        """The names renamed into the watched directories since the last call."""
+        names, self._names = self._names, []
+        return names
 
     def rescan_due(self) -> bool:
         """True (once) when a full listing is due; the caller must list then."""

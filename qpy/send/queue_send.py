@@ -197,7 +197,6 @@ class QueueSend:
         self.bad_todo: set[str] = set()
         self.flags: set[int] = set()
         self.next_rm = 0.0
-        self.hinted = True
         self.term_deadline = 0.0
         self.socks: dict[str, socket.socket | None] = {LOCAL: self._sock(LOCAL_FD),
                                                        REMOTE: self._sock(REMOTE_FD)}
@@ -281,12 +280,16 @@ class QueueSend:
             log("alert: unable to opendir todo: %s" % e.strerror)
             return
         for name in sorted(names):
-            if is_id(name) and name not in self.todo_known and name not in self.bad_todo:
-                m = self.msgs.get(name)
-                if m is not None and m.backed_by_todo:
-                    continue        # taken in already: todo/ID is its durable record
-                self.todo_known.add(name)
-                self.todo.append(name)
+            self.note_todo(name)
+
+    def note_todo(self, name: str) -> None:
+        """Queue todo/NAME for preprocessing, unless it is not new."""
+        if is_id(name) and name not in self.todo_known and name not in self.bad_todo:
+            m = self.msgs.get(name)
+            if m is not None and m.backed_by_todo:
+                return          # taken in already: todo/ID is its durable record
+            self.todo_known.add(name)
+            self.todo.append(name)
 
     def _qp(self, msgid: str) -> int | None:
         """The qp of mess/ID's Received: line (0 when unknown); None: no mess/ID."""
@@ -674,9 +677,12 @@ class QueueSend:
                 if now >= self.next_rm:
                     self.next_rm = now + RM_CHECK_SECONDS
                     self.check_rm()
-                if watcher.rescan_due() or (self.hinted and not self.todo):
-                    self.hinted = False
+                if watcher.rescan_due():
                     self.scan_todo()
+                # new todo/ID by name from inotify: no listing of todo/, which holds
+                # every message in its first pass (hundreds under load)
+                for name in watcher.names():
+                    self.note_todo(name)
                 for _ in range(min(TODO_BATCH, len(self.todo))):
                     self.preprocess(self.todo.popleft())
                 self.retry_failed(now)
@@ -684,8 +690,6 @@ class QueueSend:
             timeout = self._timeout(now)
             flush()     # this pass's log lines, in one write, before we sleep
             ready = watcher.wait(timeout, tuple(fds))
-            # the watcher's hint: something may have arrived in todo/
-            self.hinted = self.hinted or getattr(watcher, "_hint", True)
             for fd in ready:
                 if fd == wakeup_r:
                     self._drain_wakeup(wakeup_r)
