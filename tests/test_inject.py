@@ -20,7 +20,7 @@ import qpytest
 from qpytest import needs_root, wait_for
 
 from qpy.common import dropfile, envelope
-from qpy.common.queue import todo_decode
+from qpy.common.queue import todo_decode, todo_encode
 
 
 def queue_inject(qroot, message: bytes, env_bytes: bytes, user: str | None = None,
@@ -449,7 +449,9 @@ def test_pickup_journal_lingers_then_empties_and_old_records_are_harmless(qroot)
     assert wait_for(lambda: drop_empty(qroot) and len(todo_ready(qroot)) == 1, 30)
     with open(journal, "rb") as f:
         records = f.read().split(b"\n")[:-1]
-    assert len(records) == 1 and records[0].split(b" ")[1].decode() in todo_ready(qroot)
+    # the record, then the "C" written once the batch's syncfs (or fsync) returned
+    assert len(records) == 2 and records[1] == b"C"
+    assert records[0].split(b" ")[1].decode() in todo_ready(qroot)
     assert wait_for(lambda: os.path.getsize(journal) == 0, 10), "journal never emptied"
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -457,7 +459,7 @@ def test_pickup_journal_lingers_then_empties_and_old_records_are_harmless(qroot)
     # record whose drop file and ids are long gone; a new drop file waits meanwhile
     (msgid,) = todo_ready(qroot)
     with open(journal, "ab") as f:
-        f.write(records[0] + b"\n" + b"1.2.3 99999\n")
+        f.write(records[0] + b"\nC\n" + b"1.2.3 99999\nC\n")
     r = queue_inject(qroot, b"Subject: k\n\nbody\n",
                      envelope.encode(b"s@x.example", [b"d@test.example"]))
     assert r.returncode == 0
@@ -466,6 +468,58 @@ def test_pickup_journal_lingers_then_empties_and_old_records_are_harmless(qroot)
     assert msgid in todo_ready(qroot) and p.poll() is None
     qroot.stop_all()
     assert sorted(os.listdir(qroot.paths.mess)) == sorted(todo_ready(qroot))
+
+
+@needs_root
+def test_pickup_recovery_finishes_committed_batches_and_undoes_the_rest(qroot):
+    """Journals a crash can leave. (1) a batch with its "C" (its syncfs had returned)
+    then one without (perhaps never durable): the first is finished, the second undone
+    and its drop file admitted again. (2) a batch without "C" but with its todo/ID
+    renamed (the rename comes after the commit point: a power cut took the "C"): it
+    is finished, its drop file removed, nothing admitted twice."""
+    qpyq = pwd.getpwnam("qpyq")
+    env = envelope.encode(b"a@b.example", [b"c@test.example"])
+    journal = os.path.join(qroot.paths.queue, "pickup", "journal")
+
+    def put(path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, qpyq.pw_uid, qpyq.pw_gid)
+        os.chmod(path, 0o640)
+
+    def leave(tag: str, msg_id: str, renamed: bool) -> bytes:
+        """A drop file and the queue files pickup wrote for it; its journal record."""
+        msg = b"Subject: %s\n\nbody %s\n" % (tag.encode(), tag.encode())
+        drop = "9%s.1.1" % msg_id
+        put(os.path.join(qroot.paths.drop, drop), dropfile.build(1, msg, env))
+        put(os.path.join(qroot.paths.mess, msg_id),
+            b"Received: (qpy 1 invoked by uid 0); now\n" + msg)
+        put(os.path.join(qroot.paths.todo, ("" if renamed else ".tmp.") + msg_id),
+            todo_encode(int(time.time()), 0, 100, env))
+        return b"%s %s\n" % (drop.encode(), msg_id.encode())
+
+    def bodies() -> list[bytes]:
+        return sorted(m.split(b"\n\n", 1)[1] for m in queued_messages(qroot).values())
+
+    put(journal, leave("a", "1000001", False) + b"C\n" + leave("b", "1000002", False))
+    p = start_pickup(qroot)
+    assert wait_for(lambda: drop_empty(qroot) and len(todo_ready(qroot)) == 2, 30), (
+        os.listdir(qroot.paths.drop), os.listdir(qroot.paths.todo), pickup_log(qroot))
+    assert p.poll() is None
+    qroot.stop_all()
+    ready = set(todo_ready(qroot))
+    assert "1000001" in ready and "1000002" not in ready    # b: a new id, a new copy
+    assert sorted(queued_messages(qroot)) == sorted(ready)
+    assert bodies() == [b"body a\n", b"body b\n"]
+    assert not [n for n in os.listdir(qroot.paths.todo) if n.startswith(".tmp.")]
+
+    put(journal, leave("c", "1000003", True))
+    p = start_pickup(qroot)
+    assert wait_for(lambda: drop_empty(qroot), 30), pickup_log(qroot)
+    assert p.poll() is None
+    qroot.stop_all()
+    assert "1000003" in todo_ready(qroot) and len(todo_ready(qroot)) == 3
+    assert bodies() == [b"body a\n", b"body b\n", b"body c\n"]   # c once
 
 
 # --- full disk ------------------------------------------------------------------------

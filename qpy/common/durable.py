@@ -59,12 +59,14 @@ def write_file(directory: str, name: str, data: bytes, mode: int = FILE_MODE,
         os.close(dfd)
 
 
-def append_line(path: str, line: bytes) -> None:
-    """Append one record and fsync it: the record counts only once this returns."""
+def append_line(path: str, line: bytes, sync: bool = True) -> None:
+    """Append one record and fsync it: the record counts only once this returns.
+    sync=False: the caller makes it durable otherwise (a syncfs of its filesystem)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     try:
         write_all(fd, line)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -16,30 +16,37 @@ WRITES
     drop files to queue/quarantine/.
 
 HOW A BATCH IS ADMITTED (crash safety)
-    1. for each drop file: todo/.tmp.ID, then mess/ID, written; then made
-       durable with one syncfs(2) of the queue's filesystem, which returns
-       only once every dirty file and directory of that filesystem is on disk
-       (one call where fsyncs of every file and of mess/ and todo/ would take
-       four per message). It is used only where it reports write errors
-       (Linux 5.8 and later) and when mess/ and todo/ share one filesystem;
-       elsewhere each file and both directories are fsync'd. When syncfs
-       fails, the batch is not committed: its temporaries are removed, the
-       drop files stay, and from then on every file is fsync'd. (syncfs also
-       writes other programs' dirty data on that filesystem; a queue on a busy
-       shared filesystem is better on its own one.)  Nothing is visible to
-       queue-send yet.
-    2. one journal record per drop file, "NAME ID", appended and fsync'd: the
-       commit point. A crash before it leaves only invisible temporaries, which
-       the next start removes; the drop file is admitted again.
+    1. for each drop file: todo/.tmp.ID, then mess/ID, written (nothing is
+       visible to queue-send yet); then one journal record per drop file,
+       "NAME ID", appended to queue/pickup/journal without an fsync.
+    2. one syncfs(2) of the queue's filesystem, which returns only once every
+       dirty file and directory of that filesystem is on disk: the temporaries,
+       both directories and the journal records, in one call where per-file
+       fsyncs would take five per message. Its return is the commit point; a
+       "C" record appended after it (not fsync'd) marks it in the journal.
+       syncfs is used only where it reports write errors (Linux 5.8 and later)
+       and when mess/ and todo/ share one filesystem; elsewhere each file and
+       both directories are fsync'd, then the records and their "C" appended
+       and fsync'd. When syncfs fails, the batch is not committed: its
+       temporaries are removed, the drop files stay, and from then on every file
+       is fsync'd. (syncfs also writes other programs' dirty data on that
+       filesystem; a queue on a busy shared filesystem is better on its own one.)
     3. todo/.tmp.ID renamed to todo/ID: queue-send sees them. todo/ is not
        fsync'd here: a rename lost in a crash is redone from the journal.
     4. the drop files are unlinked.
-    At start, every journal record is finished (steps 3 and 4), so a message
-    is never lost and never admitted twice. Once no drop file has come for
-    JOURNAL_LINGER seconds (or the journal holds JOURNAL_MAX_RECORDS), todo/
-    and drop/ are fsync'd and the journal emptied: finishing a record twice is
-    harmless (drop names hold the inode, a nanosecond clock and the pid, and
-    are never reused), so the records may wait for a quiet moment.
+    At start (recover()), a batch whose "C" is in the journal, or one of whose
+    todo/ID exists, is finished (steps 3 and 4); any other batch is undone (its
+    temporaries removed, its drop files admitted again). A power cut can lose
+    the unsynced "C", but the renames and unlinks that follow it become durable
+    only after it on the filesystems qpy supports for its queue (ext4, xfs,
+    btrfs keep metadata changes in order), so a batch whose drop files are gone
+    always has its "C" or its todo/ID (or was delivered and removed already):
+    no message is lost, and a kill -9 admits none twice. Once no drop
+    file has come for JOURNAL_LINGER seconds (or the journal holds
+    JOURNAL_MAX_RECORDS), todo/ and drop/ are fsync'd and the journal emptied:
+    finishing a batch twice is harmless (drop names hold the inode, a
+    nanosecond clock and the pid, and are never reused), so the records may
+    wait for a quiet moment.
 
 SECURITY
     The injecting user owns the drop file and may rewrite it at any time, so
@@ -82,6 +89,7 @@ RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
 JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
 JOURNAL_LINGER = 2.0              # seconds without new drop files before it is emptied
 TODO_TMP = ".tmp."
+COMMIT = b"C\n"                    # journal: the records before it reached their commit point
 
 _stop = False
 _reload = False
@@ -315,19 +323,23 @@ class Pickup:
                 admitted.append((name, *r))
         if not admitted:
             return ok
+        records = b"".join(b"%s %s\n" % (n.encode(), i.encode()) for n, i, _, _ in admitted)
+        self.journal_records += len(admitted)
         if batched:
-            # durable: one syncfs for every mess/ID, todo/.tmp.ID and both directories
+            # durable: one syncfs for every mess/ID, todo/.tmp.ID, both directories and
+            # the journal records; its return is the commit point, marked by a "C"
+            # record written after it (see recover())
+            durable.append_line(self.journal, records, sync=False)
             if not self._syncfs_queue():
                 for _, msg_id, _, _ in admitted:    # not committed: the drops stay
                     self._unlink(self.paths.mess, msg_id)
                     self._unlink(self.paths.todo, TODO_TMP + msg_id)
                 return False
+            durable.append_line(self.journal, COMMIT, sync=False)
         else:
             durable.fsync_dir(self.paths.mess)
             durable.fsync_dir(self.paths.todo)
-        records = b"".join(b"%s %s\n" % (n.encode(), i.encode()) for n, i, _, _ in admitted)
-        durable.append_line(self.journal, records)          # the commit point
-        self.journal_records += len(admitted)
+            durable.append_line(self.journal, records + COMMIT)  # the commit point
         for _, msg_id, _, _ in admitted:
             os.rename(os.path.join(self.paths.todo, TODO_TMP + msg_id),
                       os.path.join(self.paths.todo, msg_id))
@@ -372,22 +384,45 @@ class Pickup:
         self.journal_records = 0
 
     def recover(self) -> None:
-        """Finish every batch the journal committed; drop uncommitted temporaries."""
+        """Finish every batch that reached its commit point; undo the others.
+
+        A batch reached it when its "C" record is there (written only after the
+        batch's syncfs or fsyncs returned; a power cut may lose an unsynced "C" but
+        never make one appear) or when one of its todo/ID exists (the renames come
+        after the "C"). Then its renames are finished and its drop files removed.
+        Any other record may have been written before that point: its temporaries
+        go, and its drop file is admitted again (at worst a second copy, never a
+        lost one). Whether a drop file is gone proves nothing: its owner may
+        remove it."""
         with open(self.journal, "rb") as f:
             data = f.read()
-        committed = set()
+        batches: list[list[tuple[str, str]]] = [[]]
+        marked: set[int] = set()            # indexes of batches with their "C"
         for line in data.split(b"\n"):
+            if line == COMMIT[:-1]:
+                marked.add(len(batches) - 1)
+                batches.append([])
+                continue
             fields = line.split(b" ")
-            if len(fields) != 2:
-                continue                       # a torn last record was never committed
-            name, msg_id = fields[0].decode("ascii", "replace"), fields[1].decode("ascii")
-            committed.add(msg_id)
-            tmp = os.path.join(self.paths.todo, TODO_TMP + msg_id)
-            if os.path.exists(tmp):
-                os.rename(tmp, os.path.join(self.paths.todo, msg_id))
-            if dropfile.is_final_name(name):
-                self._unlink(self.paths.drop, name)
-            self.journal_records += 1
+            if len(fields) != 2 or not fields[1].isdigit():
+                continue                       # a torn last record was never written
+            batches[-1].append((fields[0].decode("ascii", "replace"),
+                                fields[1].decode("ascii")))
+        committed = set()
+        for n, batch in enumerate(batches):
+            self.journal_records += len(batch)
+            if not (n in marked or any(
+                    os.path.lexists(os.path.join(self.paths.todo, i)) for _, i in batch)):
+                for _, msg_id in batch:        # perhaps never durable: admitted again
+                    self._unlink(self.paths.mess, msg_id)
+                continue
+            for name, msg_id in batch:
+                committed.add(msg_id)
+                tmp = os.path.join(self.paths.todo, TODO_TMP + msg_id)
+                if os.path.exists(tmp):
+                    os.rename(tmp, os.path.join(self.paths.todo, msg_id))
+                if dropfile.is_final_name(name):
+                    self._unlink(self.paths.drop, name)
         for name in os.listdir(self.paths.todo):
             if name.startswith(TODO_TMP) and name[len(TODO_TMP):] not in committed:
                 self._unlink(self.paths.mess, name[len(TODO_TMP):])
