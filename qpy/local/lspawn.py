@@ -38,10 +38,14 @@ WHAT IT DOES
 
     The recipient's supplementary groups are looked up here, in the parent
     (os.getgrouplist, once per user), and kept for GROUPS_TTL seconds, until
-    /etc/group changes, or until SIGHUP, whichever comes first: the child does no
-    name-service work at all (libnss would be loaded and initialised again in
-    every child). A user added to a group through a non-file source (LDAP,
-    sssd) gets the new group within GROUPS_TTL seconds or at once on SIGHUP.
+    /etc/group or /etc/passwd changes, or until SIGHUP, whichever comes first:
+    the worker does no name-service work at all. A user added to a group through
+    a non-file source (LDAP, sssd) gets the new group within GROUPS_TTL seconds
+    or at once on SIGHUP. The owner of a local part (users.lookup: a parse of
+    users/assign and of /etc/passwd, a stat of the home) is kept likewise for
+    OWNERS_TTL seconds, until /etc/passwd or users/assign changes, or SIGHUP; a
+    home removed meanwhile makes the worker's own check of the home defer the
+    delivery until then.
 
     End of file on fd 0 or SIGTERM: no new requests; retire the idle workers,
     wait for the deliveries in flight (their results are still sent while the
@@ -73,7 +77,9 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from qpy.common import address, children, control, privilege, spawn, users
 from qpy.common.log import clean, log
@@ -90,7 +96,10 @@ STOP_WAIT = 60          # seconds SIGTERM waits for deliveries in flight
 PR_SET_CHILD_SUBREAPER = 36
 GROUPS_TTL = 60.0       # seconds a user's supplementary groups are kept
 GROUP_FILE = "/etc/group"
+PASSWD_FILE = "/etc/passwd"
+OWNERS_TTL = 60.0       # seconds an address's owner (users.lookup) is kept
 EXIT_TEMP = 111
+T = TypeVar("T")
 
 
 @dataclass
@@ -133,7 +142,10 @@ class LSpawn:
             self.queue_dev = os.stat(Paths(root).queue).st_dev
         except OSError:
             self.queue_dev = -1     # unknown: every Maildir delivery fsyncs new/
-        self.groups = GroupCache()
+        # supplementary groups by (user, gid); owners by local part (users.lookup)
+        self.groups = StampedCache([GROUP_FILE, PASSWD_FILE], GROUPS_TTL)
+        self.owners = StampedCache([PASSWD_FILE, os.path.join(Paths(root).users, "assign")],
+                                   OWNERS_TTL)
         self._settings()
 
     def _queue_uid(self) -> int:
@@ -193,7 +205,7 @@ class LSpawn:
         if not local:
             return b"K", b"empty local part: trash address"
         try:
-            who = users.lookup(self.root, local)
+            who = self.owners.get(local, lambda: users.lookup(self.root, local))
         except users.UsersError as e:
             return b"Z", f"Unable to find the owner of this address: {e}. (#4.3.0)".encode()
         if who.uid == 0:
@@ -201,7 +213,8 @@ class LSpawn:
         if self.oneuser and who.uid != os.getuid():
             return b"Z", b"One-user mode: cannot deliver as another uid. (#4.3.0)"
         try:
-            groups = self.groups.get(who.user, who.gid) if os.getuid() == 0 else []
+            groups = self.groups.get((who.user, who.gid), lambda: _groups(who.user, who.gid)) \
+                if os.getuid() == 0 else []
         except OSError:
             return b"Z", b"Unable to look up the groups of the recipient. (#4.3.0)"
         key = (who.user, who.uid, who.gid, tuple(groups))
@@ -470,6 +483,7 @@ class LSpawn:
                 elif sig == signal.SIGHUP:
                     self._settings()
                     self.groups.clear()
+                    self.owners.clear()
                     self.retire_idle(0.0)   # new settings and groups: fresh workers
             self.reap()
             self.kill_overdue()
@@ -509,35 +523,47 @@ def become_subreaper() -> None:
         pass
 
 
-class GroupCache:
-    """Supplementary groups by (user, gid), looked up in lspawn rather than in each child."""
+class StampedCache:
+    """Values worked out here once rather than per delivery (name-service lookups parse
+    /etc/passwd and /etc/group on every call), each kept `ttl` seconds, and all
+    dropped at once when one of `files` changes (inode, size, mtime) or on clear()."""
 
-    def __init__(self) -> None:
-        self.entries: dict[tuple[str, int], tuple[float, list[int]]] = {}
-        self.stamp: tuple[int, int] | None = None
+    def __init__(self, files: list[str], ttl: float) -> None:
+        self.files = files
+        self.ttl = ttl
+        self.entries: dict[object, tuple[float, object]] = {}
+        self.stamp: list[tuple[int, int, int] | None] = []
 
     def clear(self) -> None:
         self.entries.clear()
 
-    def get(self, user: str, gid: int) -> list[int]:
-        try:
-            st = os.stat(GROUP_FILE)
-            stamp = (st.st_ino, st.st_mtime_ns)
-        except OSError:
-            stamp = None
-        if stamp != self.stamp:        # /etc/group changed: nothing cached holds
+    def get(self, key: object, compute: Callable[[], T]) -> T:
+        stamp = [_stamp(f) for f in self.files]
+        if stamp != self.stamp:        # a file changed: nothing cached holds
             self.entries.clear()
             self.stamp = stamp
         now = time.monotonic()
-        hit = self.entries.get((user, gid))
-        if hit is not None and now - hit[0] < GROUPS_TTL:
-            return hit[1]
-        # a users/assign name missing from passwd gets its own gid only, as before
-        groups = os.getgrouplist(user, gid) if _in_passwd(user) else [gid]
+        hit = self.entries.get(key)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]  # type: ignore[return-value]
+        value = compute()              # an exception is not cached
         if len(self.entries) > MAX_WORKERS:
             self.entries.clear()
-        self.entries[(user, gid)] = (now, groups)
-        return groups
+        self.entries[key] = (now, value)
+        return value
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _groups(user: str, gid: int) -> list[int]:
+    # a users/assign name missing from passwd gets its own gid only, as before
+    return os.getgrouplist(user, gid) if _in_passwd(user) else [gid]
 
 
 def _in_passwd(name: str) -> bool:
