@@ -476,7 +476,8 @@ def test_pickup_recovery_finishes_committed_batches_and_undoes_the_rest(qroot):
     then one without (perhaps never durable): the first is finished, the second undone
     and its drop file admitted again. (2) a batch without "C" but with its todo/ID
     renamed (the rename comes after the commit point: a power cut took the "C"): it
-    is finished, its drop file removed, nothing admitted twice."""
+    is finished, its drop file removed, nothing admitted twice. (3) a batch voided by
+    "X" (its syncfs failed) before a committed one: its drop file is admitted again."""
     qpyq = pwd.getpwnam("qpyq")
     env = envelope.encode(b"a@b.example", [b"c@test.example"])
     journal = os.path.join(qroot.paths.queue, "pickup", "journal")
@@ -520,6 +521,19 @@ def test_pickup_recovery_finishes_committed_batches_and_undoes_the_rest(qroot):
     qroot.stop_all()
     assert "1000003" in todo_ready(qroot) and len(todo_ready(qroot)) == 3
     assert bodies() == [b"body a\n", b"body b\n", b"body c\n"]   # c once
+
+    # (3) a batch whose syncfs failed (its temporaries gone, its drop file waiting),
+    # voided by "X", then a committed batch: the first drop file must survive
+    record = leave("d", "1000004", False)
+    os.unlink(os.path.join(qroot.paths.mess, "1000004"))
+    os.unlink(os.path.join(qroot.paths.todo, ".tmp.1000004"))
+    put(journal, record + b"X\n" + leave("e", "1000005", False) + b"C\n")
+    p = start_pickup(qroot)
+    assert wait_for(lambda: drop_empty(qroot) and len(todo_ready(qroot)) == 5, 30), (
+        os.listdir(qroot.paths.drop), pickup_log(qroot))
+    qroot.stop_all()
+    assert "1000005" in todo_ready(qroot) and "1000004" not in todo_ready(qroot)
+    assert bodies() == [b"body %s\n" % t for t in (b"a", b"b", b"c", b"d", b"e")]
 
 
 # --- full disk ------------------------------------------------------------------------

@@ -28,8 +28,9 @@ HOW A BATCH IS ADMITTED (crash safety)
        and when mess/ and todo/ share one filesystem; elsewhere each file and
        both directories are fsync'd, then the records and their "C" appended
        and fsync'd. When syncfs fails, the batch is not committed: its
-       temporaries are removed, the drop files stay, and from then on every file
-       is fsync'd. (syncfs also writes other programs' dirty data on that
+       temporaries are removed, the drop files stay, an "X" record after its
+       records (written before the next batch's) voids them, and from then on
+       every file is fsync'd. (syncfs also writes other programs' dirty data on that
        filesystem; a queue on a busy shared filesystem is better on its own one.)
     3. todo/.tmp.ID renamed to todo/ID: queue-send sees them. todo/ is not
        fsync'd here: a rename lost in a crash is redone from the journal.
@@ -90,6 +91,7 @@ JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
 JOURNAL_LINGER = 2.0              # seconds without new drop files before it is emptied
 TODO_TMP = ".tmp."
 COMMIT = b"C\n"                    # journal: the records before it reached their commit point
+VOID = b"X\n"                      # journal: the records before it were never committed
 
 _stop = False
 _reload = False
@@ -139,6 +141,7 @@ class Pickup:
         self.last_id = 0
         self.journal_records = 0
         self.last_admit = 0.0
+        self.void_owed = False            # records of a failed batch wait for their "X"
         self.stuck: set[str] = set()      # entries pickup can neither admit nor move
         self.who = self._who_table()
         self.syncfs = _load_syncfs()
@@ -323,6 +326,18 @@ class Pickup:
                 admitted.append((name, *r))
         if not admitted:
             return ok
+        if self.void_owed:
+            # the records of a batch whose syncfs failed are still in the journal: mark
+            # them void first, or this batch's "C" would cover them as well
+            try:
+                durable.append_line(self.journal, VOID, sync=False)
+            except OSError as e:
+                log("warning: cannot write the journal: %s" % e.strerror)
+                for _, msg_id, _, _ in admitted:
+                    self._unlink(self.paths.mess, msg_id)
+                    self._unlink(self.paths.todo, TODO_TMP + msg_id)
+                return False
+            self.void_owed = False
         records = b"".join(b"%s %s\n" % (n.encode(), i.encode()) for n, i, _, _ in admitted)
         self.journal_records += len(admitted)
         if batched:
@@ -334,6 +349,7 @@ class Pickup:
                 for _, msg_id, _, _ in admitted:    # not committed: the drops stay
                     self._unlink(self.paths.mess, msg_id)
                     self._unlink(self.paths.todo, TODO_TMP + msg_id)
+                self.void_owed = True               # its records: void before the next
                 return False
             durable.append_line(self.journal, COMMIT, sync=False)
         else:
@@ -382,6 +398,7 @@ class Pickup:
         finally:
             os.close(fd)
         self.journal_records = 0
+        self.void_owed = False
 
     def recover(self) -> None:
         """Finish every batch that reached its commit point; undo the others.
@@ -392,8 +409,9 @@ class Pickup:
         after the "C"). Then its renames are finished and its drop files removed.
         Any other record may have been written before that point: its temporaries
         go, and its drop file is admitted again (at worst a second copy, never a
-        lost one). Whether a drop file is gone proves nothing: its owner may
-        remove it."""
+        lost one), as is every batch followed by "X" (its syncfs failed; pickup
+        went on and admits its drop files again). Whether a drop file is gone
+        proves nothing: its owner may remove it."""
         with open(self.journal, "rb") as f:
             data = f.read()
         batches: list[list[tuple[str, str]]] = [[]]
@@ -401,6 +419,9 @@ class Pickup:
         for line in data.split(b"\n"):
             if line == COMMIT[:-1]:
                 marked.add(len(batches) - 1)
+                batches.append([])
+                continue
+            if line == VOID[:-1]:               # a batch whose syncfs failed: undone
                 batches.append([])
                 continue
             fields = line.split(b" ")
