@@ -87,11 +87,11 @@ from qpy.common.queue import Paths, root_from
 from qpy.local import local as qlocal
 from qpy.local import worker
 
-GRACE = 30              # seconds past timeoutlocal before the parent kills a child
+GRACE = 30              # seconds past timeoutlocal before the parent kills a worker
 MAX_WORKERS = 2000      # a hard cap; queue-send's concurrencylocal is far lower
 MAX_DELIVERIES = 500    # a worker is retired after this many (bounds any slow leak)
 WORKER_IDLE = 5.0       # seconds an idle worker is kept for the next delivery
-MAX_REPORT = 4000       # bytes of a child's report kept
+MAX_REPORT = 4000       # bytes of a worker's report kept
 STOP_WAIT = 60          # seconds SIGTERM waits for deliveries in flight
 PR_SET_CHILD_SUBREAPER = 36
 GROUPS_TTL = 60.0       # seconds a user's supplementary groups are kept
@@ -500,7 +500,7 @@ class LSpawn:
 
 
 def kill_session(sid: int) -> None:
-    """SIGKILL every process left in session `sid` (a delivery child's session)."""
+    """SIGKILL every process left in session `sid` (a delivery worker's session)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
