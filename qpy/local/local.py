@@ -232,10 +232,14 @@ class Local:
     def file(self, kind: str, path: bytes) -> None:
         head = self.rpline + self.dtline
         try:
-            if kind == "maildir" and self.from_default:
-                make_maildir(path)
             if kind == "maildir":
-                maildir.deliver(path, self.d.msgfd, head, self.d.queue_dev)
+                try:
+                    maildir.deliver(path, self.d.msgfd, head, self.d.queue_dev)
+                except FileNotFoundError:
+                    if not self.from_default:
+                        raise
+                    make_maildir(path)      # a new user's first mail: then once more
+                    maildir.deliver(path, self.d.msgfd, head, self.d.queue_dev)
             else:
                 mbox.deliver(path, self.d.msgfd, self.ufline, head)
         except OSError as e:

@@ -34,10 +34,16 @@ MAX_TRIES = 10
 FILE_MODE = 0o600
 
 _count = itertools.count()
+_hostname: str | None = None
 
 
 def _host() -> str:
-    return socket.gethostname()[:64].replace("/", "\\057").replace(":", "\\072")
+    """The host part of new names, looked up once per process (a delivery worker lives
+    for seconds to minutes; uname per delivery bought nothing)."""
+    global _hostname
+    if _hostname is None:
+        _hostname = socket.gethostname()[:64].replace("/", "\\057").replace(":", "\\072")
+    return _hostname
 
 
 def unique_name() -> str:
