@@ -739,6 +739,35 @@ def test_lspawn_title_and_workers_hold_only_their_socket(ls, homes):
     assert got == d and results[0][0] == b"K"
 
 
+@pytest.mark.parametrize("garbage", [b"A2 0 forged: another delivery's number", b"hello",
+                                     b"A1 0", b"A1 1000 text", b"A" + b"9" * 30 + b" 0 x"])
+def test_worker_garbage_is_a_deferral_and_retires_the_worker(ls, homes, garbage):
+    """A worker runs as the user, so lspawn parses its answers as untrusted input: an
+    answer that does not parse or names another delivery defers that delivery (Z),
+    retires the worker, and is never taken for a success."""
+    alice, _ = homes
+    put(alice, ".qmail", '|while [ ! -e "$HOME/go" ]; do sleep 0.05; done\n')
+    d = ls.send([addr(alice)])                 # lspawn's first delivery: number 1
+    busy = qpytest.wait_for(lambda: [p for p in psutil.Process(ls.proc.pid).children()
+                                     if p.uids().real == alice.pw_uid], 10)
+    assert busy and len(busy) == 1
+    with qpytest.fd_of(busy[0].pid, 0) as fake:
+        fake.send(garbage)
+    got, results = ls.recv()
+    assert got == d and results[0][0] == b"Z" and b"mangled" in results[0][1], results
+    put(alice, "go", "")
+    assert qpytest.wait_for(lambda: not busy[0].is_running() or
+                            busy[0].status() == psutil.STATUS_ZOMBIE, 10)
+    ls.sock.settimeout(1)
+    with pytest.raises(TimeoutError):           # the real answer came too late: dropped
+        ls.sock.recv(100)
+    ls.sock.settimeout(None)
+    os.unlink(os.path.join(alice.pw_dir, ".qmail"))
+    maildir(alice, make=True)
+    status, text = ls.deliver(addr(alice))      # a fresh worker takes the next one
+    assert status == b"K", text
+
+
 def test_sigterm_waits_for_delivery_in_flight(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", '|touch "$HOME/started"; sleep 1\n./Maildir/\n')

@@ -877,20 +877,6 @@ def test_worker_killed_mid_delivery(stack, raw):
     assert rs.proc.poll() is None
 
 
-def worker_socket(pid: int) -> socket.socket:
-    """A copy of a worker's fd 0 (its end of the pair with qpy-rspawn), with pidfd_getfd."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        fd = libc.syscall(438, pidfd, 0, 0)     # SYS_pidfd_getfd
-    finally:
-        os.close(pidfd)
-    if fd < 0:
-        pytest.skip("pidfd_getfd: %s" % os.strerror(ctypes.get_errno()))
-    return socket.socket(fileno=fd)
-
-
 @pytest.mark.parametrize("garbage", [b"S2\0Dsomeone else's delivery\0", b"S1\0K\0K\0",
                                      b"S1\0Xbad status\0", b"hello", b"I\x01\x02",
                                      b"I" + b"a" * 600, b"S1\0K" + b"x" * 2000 + b"\0"])
@@ -911,7 +897,7 @@ def test_worker_garbage_settles_nothing_else(stack, raw, aiopeer, garbage):
         w1 = wait_for(lambda: [w for w in workers(rs2)
                                if w.cmdline()[0] == "qpy-remote a.test"], 10)
         assert w1
-        with worker_socket(w1[0].pid) as fake:
+        with qpytest.fd_of(w1[0].pid, 0) as fake:
             fake.send(garbage)
         d, res = rs2.result()
         assert d == 1 and res[0][0] == b"Z" and b"mangled" in res[0][1], res

@@ -29,7 +29,6 @@ class Watcher:
         self._wm = None
         self._notifier = None
         self._fd = -1
-        self._hint = False
         self._names: list[str] = []
         if pyinotify is not None:
             self._wm = pyinotify.WatchManager()
@@ -50,7 +49,6 @@ class Watcher:
             self._names.append(event.name)
         else:
             self._next_rescan = 0.0     # too many to keep: list the directory instead
-        self._hint = True
 
     def names(self) -> list[str]:
         """The names renamed into the watched directories since the last call."""
@@ -75,7 +73,6 @@ class Watcher:
         """Sleep until a hint, a readable extra fd, a due rescan or timeout.
 
         Returns the extra fds that are readable."""
-        self._hint = False
         until_rescan = max(0.0, self._next_rescan - time.monotonic())
         timeout = min(timeout, until_rescan)
         fds = list(extra_fds) + ([self._fd] if self._fd >= 0 else [])

@@ -122,7 +122,6 @@ class Worker:
     seq: int = 0
     deadline: float = 0.0       # of the delivery in flight
     idle_since: float = 0.0
-    status: int | None = None   # wait status once reaped
     killed: bool = False        # we sent SIGKILL (timeout)
 
 
@@ -270,7 +269,7 @@ class LSpawn:
             theirs.close()
             return None
         if pid == 0:
-            self.child(who, groups, theirs.fileno())  # never returns
+            self.child(who, groups, ours, theirs)  # never returns
         theirs.close()
         w = Worker(pid, key, ours)
         self.workers[pid] = w
@@ -278,14 +277,18 @@ class LSpawn:
         return w
 
     # ---- the child ------------------------------------------------------------------
-    def child(self, who: users.Recipient, groups: list[int], sockfd: int) -> None:
+    def child(self, who: users.Recipient, groups: list[int], ours: socket.socket,
+              theirs: socket.socket) -> None:
         code = EXIT_TEMP
         try:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
                 signal.signal(sig, signal.SIG_DFL)
             os.setsid()
-            os.dup2(sockfd, 0)  # also closes the request socket in this process
+            # no Python object may close an fd number the worker reuses for a message
+            for s in [ours, self.sock] + [o.sock for o in self.workers.values()]:
+                s.detach()
+            os.dup2(theirs.detach(), 0)  # also closes the request socket in this process
             null = os.open(os.devnull, os.O_RDWR)
             os.dup2(null, 1)
             os.dup2(null, 2)
@@ -320,22 +323,30 @@ class LSpawn:
             log(f"warning: qpy-lspawn: unasked answer from qpy-local {w.pid}: retired")
             self.retire(w)
             return
-        try:
-            seq, code, text = worker.decode_result(data)
-            if seq != w.seq:
-                raise worker.WorkerError("answer to another delivery")
-        except worker.WorkerError as e:
-            log(f"warning: qpy-lspawn: qpy-local {w.pid}: {e}: retired")
+        code = self._take_answer(w, data)
+        if code is None:
+            log(f"warning: qpy-lspawn: qpy-local {w.pid}: mangled answer: retired")
             self._report(w, b"Z", b"qpy-local sent a mangled report. (#4.3.0)")
             self.retire(w)
             return
-        letter = {0: b"K", 100: b"D"}.get(code, b"Z")
-        self._report(w, letter, text[:MAX_REPORT].strip().replace(b"\n", b" "))
         if code == worker.EXIT_RETIRE or w.served >= MAX_DELIVERIES or self.stopping:
             self.retire(w)
         else:
             w.idle_since = time.monotonic()
             self.idle.setdefault(w.key, []).append(w)
+
+    def _take_answer(self, w: Worker, data: bytes) -> int | None:
+        """Report w's delivery from its answer; its code, or None when the answer does
+        not parse or names another delivery (nothing is reported then)."""
+        try:
+            seq, code, text = worker.decode_result(data)
+        except worker.WorkerError:
+            return None
+        if seq != w.seq:
+            return None
+        self._report(w, {0: b"K", 100: b"D"}.get(code, b"Z"),
+                     text[:MAX_REPORT].strip().replace(b"\n", b" "))
+        return code
 
     def _report(self, w: Worker, letter: bytes, text: bytes) -> None:
         job, w.job = w.job, None
@@ -371,13 +382,7 @@ class LSpawn:
         except OSError:
             return
         if data:
-            try:
-                seq, code, text = worker.decode_result(data)
-            except worker.WorkerError:
-                return
-            if seq == w.seq:
-                self._report(w, {0: b"K", 100: b"D"}.get(code, b"Z"),
-                             text[:MAX_REPORT].strip().replace(b"\n", b" "))
+            self._take_answer(w, data)     # a mangled one: reap() reports the delivery
 
     def retire_idle(self, older_than: float, most: int | None = None) -> None:
         """Retire idle workers unused for older_than seconds (at most `most` of them)."""
@@ -393,10 +398,7 @@ class LSpawn:
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
-            w.status = status
-            if w.sock.fileno() >= 0:
-                self.readable_last(w)
-            self.retire(w)
+            self.retire(w)      # takes an answer it sent before it exited
             if w.job is not None:
                 if w.killed:
                     text = b"Delivery timed out; killed."
