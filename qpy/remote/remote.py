@@ -255,8 +255,7 @@ class ConnCache:
             return None
         self.held = None
         if time.monotonic() >= deadline or (verify and not h.verified):
-            _quit(h.conn)
-            h.conn.close()
+            _end(h.conn)
             return None
         return h
 
@@ -265,8 +264,7 @@ class ConnCache:
         self.close()
         c.last = time.monotonic()
         if c.uses >= CONN_MAX_USES or c.last - c.opened >= CONN_MAX_AGE:
-            _quit(c.conn)
-            c.conn.close()
+            _end(c.conn)
             return
         self.held = c
 
@@ -279,8 +277,7 @@ class ConnCache:
         """QUIT and close the held connection, if any."""
         h, self.held = self.held, None
         if h:
-            _quit(h.conn)
-            h.conn.close()
+            _end(h.conn)
 
     def drop(self) -> None:
         """Close the held connection without a word: the peer closed it or spoke unasked."""
@@ -440,8 +437,9 @@ class Job:
             self.cache.keep(c)
             return
         if clean:
-            _quit(c.conn)
-        c.conn.close()
+            _end(c.conn)
+        else:
+            c.conn.close()
 
     def session(self, t: Target, tls: bool) -> tuple[bytes, str] | str | None:
         """Deliver through one target. None: the job is settled; else why we move on."""
@@ -635,12 +633,15 @@ def _no_verify_context() -> ssl.SSLContext:
     return ctx
 
 
-def _quit(conn: Conn) -> None:
+def _end(conn: Conn) -> None:
+    """QUIT (its answer waited for QUIT_WAIT seconds at most), then close: the end of a
+    connection in good order."""
     try:
         conn.sock.settimeout(QUIT_WAIT)
         conn.command(b"QUIT")
     except PeerError:
         pass
+    conn.close()
 
 
 def deliver(ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, host: str = "",
