@@ -24,8 +24,22 @@ fi
 python=/usr/bin/python3
 
 # Debian packages: the interpreter and venv, and the real peers the tests talk to.
-debs="python3 python3-venv swaks ucspi-tcp daemontools postfix dnsmasq-base mutt
-      strace openssl systemd procps iproute2 dovecot-core"
+debs="
+    python3
+    python3-venv
+    swaks
+    ucspi-tcp
+    daemontools
+    postfix
+    dnsmasq-base
+    mutt
+    strace
+    openssl
+    systemd
+    procps
+    iproute2
+    dovecot-core
+"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""
     for p in $debs; do
