@@ -49,9 +49,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "setup: installing Debian packages:$missing"
         export DEBIAN_FRONTEND=noninteractive
         echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-        apt-get update -qq
+        apt-get update -qq -o DPkg::Lock::Timeout=900
         # shellcheck disable=SC2086
-        apt-get install -y -qq $missing >/dev/null
+        apt-get install -y -qq -o DPkg::Lock::Timeout=900 $missing >/dev/null
     fi
 fi
 
