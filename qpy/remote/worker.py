@@ -10,7 +10,7 @@ WHAT IT DOES
     Waits on fd 0, a SOCK_SEQPACKET socket to qpy-rspawn, for one request at a
     time: qpy.common.spawn's request datagram with the message fd (SCM_RIGHTS),
     as queue-send sent it. It runs the delivery in-process
-    (qpy.remote.remote.deliver) with its connection cache, titled
+    (qpy.remote.transaction.deliver) with its connection cache, titled
     `qpy-remote DOMAIN`, and answers with two datagrams:
 
         b"I" DOMAIN     the domain of the SMTP connection it now holds, at most
@@ -20,7 +20,7 @@ WHAT IT DOES
 
     Then it waits again, titled `qpy-remote idle`, in select() on its socket and
     on the held connection, with a timeout at the connection's end of life
-    (qpy.remote.remote.ConnCache: CONN_IDLE seconds unused, CONN_MAX_AGE seconds
+    (qpy.remote.conncache.ConnCache: CONN_IDLE seconds unused, CONN_MAX_AGE seconds
     old). An expired connection gets QUIT and is closed; one that the server
     closes, or speaks on unasked (a 421 before it hangs up), is closed at once;
     either way the worker then sends b"I" so that qpy-rspawn stops counting on
@@ -61,7 +61,8 @@ from qpy.common import spawn
 from qpy.common.control import Control
 from qpy.common.log import clean
 from qpy.common.privilege import set_title
-from qpy.remote import remote
+from qpy.remote.conncache import ConnCache
+from qpy.remote.transaction import deliver
 
 MAX_DOMAIN = 512            # bytes of a domain in b"I"; a longer one is reported as none
 IDLE_TITLE = "qpy-remote idle"
@@ -90,7 +91,7 @@ def decode_idle(data: bytes) -> bytes:
     return data[1:]
 
 
-def wait_for_request(sock: socket.socket, cache: remote.ConnCache) -> None:
+def wait_for_request(sock: socket.socket, cache: ConnCache) -> None:
     """Until something is waiting on `sock`; meanwhile end the held connection in time."""
     while True:
         held = cache.fileno()
@@ -113,7 +114,7 @@ def wait_for_request(sock: socket.socket, cache: remote.ConnCache) -> None:
 
 def serve(sock: socket.socket, ctl: Control) -> int:
     """Deliver requests until end of file on `sock`; the worker's exit code."""
-    cache = remote.ConnCache()
+    cache = ConnCache()
     try:
         while True:
             set_title(IDLE_TITLE)
@@ -127,7 +128,7 @@ def serve(sock: socket.socket, ctl: Control) -> int:
             delivery, sender, rcpts, fd = req
             try:
                 set_title("qpy-remote %s" % clean(rcpts[0].rpartition(b"@")[2], 100))
-                results = remote.deliver(ctl, sender, rcpts, fd, cache=cache)
+                results = deliver(ctl, sender, rcpts, fd, cache=cache)
             finally:
                 os.close(fd)
             sock.send(encode_idle(cache.domain()))

@@ -1,0 +1,297 @@
+"""transaction — one message to the recipients of one domain: targets, sessions,
+MAIL/RCPT/DATA, results.
+
+Used by qpy-remote and qpy-rspawn's workers (as `qpyr`); no program of its own.
+The rules (8-bit data, PIPELINING, 421, connection reuse) are in qpy-remote's
+man page; deliver() is the entry point.
+"""
+
+from __future__ import annotations
+
+import time
+
+from qpy.common import address
+from qpy.common.control import Control
+from qpy.remote import session
+from qpy.remote.conncache import Cached, ConnCache
+from qpy.remote.encode import chunks, scan, smtp_data
+from qpy.remote.route import RouteError, Router, Target
+from qpy.remote.session import Refused, tls_note
+from qpy.remote.wire import Conn, PeerError, Reply, TLSHandshakeFailed, end, why
+
+RSET_WAIT = 20.0            # seconds for the RSET that proves a cached connection alive
+
+K, Z, D = b"K", b"Z", b"D"
+
+
+class Closed(Exception):
+    """The peer said 421: what is left has been deferred; drop the connection."""
+
+
+class Stale(Exception):
+    """A cached connection that does not serve (421, a refused RSET): go on afresh."""
+
+
+class Job:
+    """One message to the recipients of one domain; results fill in as we go."""
+
+    def __init__(self, ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, domain: str,
+                 cache: ConnCache | None = None):
+        self.ctl = ctl
+        self.cache = cache
+        self.reusing = False        # a transaction on a cached connection is running
+        self.sender = sender
+        self.rcpts = rcpts
+        self.fd = fd
+        self.domain = domain
+        self.results: list[tuple[bytes, bytes] | None] = [None] * len(rcpts)
+        self.size, head8, body8 = scan(fd)
+        self.utf8 = head8 or address.is_utf8(sender) or any(address.is_utf8(r) for r in rcpts)
+        self.eight = body8 or head8
+        self.verify = session.tls_required(ctl, domain)
+        self.level = "verify" if self.verify else "may"
+
+    def open(self) -> list[int]:
+        return [i for i, r in enumerate(self.results) if r is None]
+
+    def settle(self, status: bytes, text: str, which: list[int] | None = None) -> None:
+        for i in self.open() if which is None else which:
+            if self.results[i] is None:
+                self.results[i] = (status, text.encode())
+
+    def run(self) -> None:
+        if self.cache is not None:
+            cached = self.cache.take(self.domain, self.level)
+            if cached is not None and self.reuse(cached):
+                return
+        try:
+            targets = Router(self.ctl).targets(self.domain)
+        except RouteError as e:
+            self.settle(e.status, e.text)
+            return
+        last, temp = "", False
+        for t in targets:
+            outcome = self.session(t, tls=True)
+            if outcome is None:
+                return
+            if outcome == "plain":
+                outcome = self.session(t, tls=False)
+                if outcome is None:
+                    return
+            status, last = outcome
+            temp = temp or status == Z
+        if not temp and last:
+            self.settle(D, last)
+        self.settle(Z, last or "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)")
+
+    def reuse(self, c: Cached) -> bool:
+        """The transaction on a cached connection; False when it is stale: go on afresh.
+
+        RSET first (answered within RSET_WAIT seconds with 250, or the connection
+        is stale). A broken connection or a 421 before the answer to the message's
+        final dot leaves the recipients still open for a fresh connection; only a
+        connection that breaks after the dot settles them (Possible duplicate!).
+        """
+        conn = c.conn
+        self.reusing = True
+        try:
+            conn.sock.settimeout(min(RSET_WAIT, conn.timeout))
+            r = conn.command(b"RSET")
+            conn.sock.settimeout(conn.timeout)
+            if r.code != 250:
+                raise Stale("RSET answered %d" % r.code)
+            c.uses += 1
+            clean = self.transaction(conn, c.target.address, c.ext)
+        except (PeerError, Stale):
+            conn.close()
+            return not self.open()
+        except BaseException:       # e.g. the message cannot be read: deliver() reports it
+            conn.close()
+            raise
+        finally:
+            self.reusing = False
+        self.release(c, clean)
+        return True
+
+    def release(self, c: Cached, clean: bool) -> None:
+        """After a transaction: keep the connection for the next job, or end it."""
+        if clean and self.cache is not None and c.conn.between_commands():
+            self.cache.keep(c)
+            return
+        if clean:
+            end(c.conn)
+        else:
+            c.conn.close()
+
+    def session(self, t: Target, tls: bool) -> tuple[bytes, str] | str | None:
+        """Deliver through one target. None: the job is settled; else why we move on
+        ("plain": try this target again without TLS)."""
+        opened = time.monotonic()
+        try:
+            conn = session.connect(self.ctl, t)
+        except Refused as e:
+            return e.status, e.text
+        ours = True             # until release() takes the connection over
+        try:
+            ext = session.start(self.ctl, conn, t, tls, self.verify)
+            clean = self.transaction(conn, t.address, ext)
+            ours = False
+            self.release(Cached(conn, self.domain, t, ext, self.level, opened), clean)
+            return None
+        except Refused as e:
+            if not e.final:
+                return e.status, e.text
+            self.settle(e.status, e.text)
+            return None
+        except Closed:
+            return None
+        except TLSHandshakeFailed as e:
+            if tls and not self.verify:
+                return "plain"
+            self.settle(Z, "Connected to %s but connection died: %s. (#4.4.2)" % (t.address, e))
+            return None
+        except PeerError as e:
+            self.settle(Z, "Connected to %s but connection died: %s.%s (#4.4.2)"
+                        % (t.address, e, tls_note(conn)))
+            return None
+        finally:
+            if ours:
+                conn.close()
+
+    def _check_421(self, r: Reply, ip: str, conn: Conn) -> None:
+        """421 at any point: defer every recipient still open, and stop.
+
+        On a cached connection: stop, and leave the recipients to a fresh one.
+        """
+        if r.code == 421:
+            if self.reusing:
+                raise Stale("421")
+            self.settle(Z, "%s closes the session (421).%s Remote host said: %s"
+                        % (ip, tls_note(conn), r.said()))
+            raise Closed()
+
+    def transaction(self, conn: Conn, ip: str, ext: dict[str, str]) -> bool:
+        """MAIL, RCPT, DATA. True: the connection is clean (between commands) after it."""
+        tls = tls_note(conn)
+        limit = ext.get("SIZE", "")
+        if limit.isdigit() and 0 < int(limit) < self.size:
+            self.settle(D, "%s takes messages up to %s bytes; this one has %d. (#5.3.4)"
+                        % (ip, limit, self.size))
+            return True
+        params = b""
+        if "SIZE" in ext:
+            params += b" SIZE=%d" % self.size
+        if self.utf8:
+            if "SMTPUTF8" not in ext:
+                self.settle(D, "This message needs SMTPUTF8 (a UTF-8 address or header), which"
+                            " %s does not offer; qpy does not downgrade. (#5.6.7)" % ip)
+                return True
+            params += b" SMTPUTF8"
+        if self.eight:
+            if "8BITMIME" not in ext and "SMTPUTF8" not in ext:
+                self.settle(D, "This message has 8-bit data and %s does not offer 8BITMIME;"
+                            " qpy does not convert messages. (#5.6.3)" % ip)
+                return True
+            params += b" BODY=8BITMIME"
+        todo = self.open()
+        mail = b"MAIL FROM:<%s>%s\r\n" % (self.sender, params)
+        rcpts = [b"RCPT TO:<%s>\r\n" % self.rcpts[i] for i in todo]
+        piped = "PIPELINING" in ext
+        if piped:
+            conn.send(mail + b"".join(rcpts) + b"DATA\r\n")
+            r = conn.reply()
+        else:
+            r = conn.command(mail[:-2])
+        if r.code // 100 != 2:
+            self._check_421(r, ip, conn)
+            self.settle(D if r.code // 100 == 5 else Z,
+                        "Connected to %s but sender was rejected.%s Remote host said: %s"
+                        % (ip, tls, r.said()))
+            if piped:                       # the RCPT and DATA replies are still coming
+                for _ in rcpts:
+                    conn.reply()
+                return conn.reply().code != 354     # 354: it waits for data; not clean
+            return True
+        accepted = []
+        for i, cmd in zip(todo, rcpts, strict=True):
+            r = conn.reply() if piped else conn.command(cmd[:-2])
+            if r.code // 100 == 2:
+                accepted.append(i)
+                continue
+            self._check_421(r, ip, conn)
+            self.settle(D if r.code // 100 == 5 else Z,
+                        "%s does not like recipient.%s Remote host said: %s"
+                        % (ip, tls, r.said()), [i])
+        if not accepted and not piped:
+            return True
+        r = conn.reply() if piped else conn.command(b"DATA")
+        if not accepted:
+            if r.code == 354:               # a server that wants data for nobody: give it none
+                conn.send(b".\r\n")
+                conn.reply()
+            return True
+        if r.code != 354:
+            self._check_421(r, ip, conn)
+            self.settle(D if r.code // 100 == 5 else Z, "%s failed on DATA command.%s"
+                        " Remote host said: %s" % (ip, tls, r.said()), accepted)
+            return True
+        held = b""
+        for block in smtp_data(chunks(self.fd)):  # the short ending goes with the last block
+            if len(block) <= 5:
+                held += block
+                continue
+            if held:
+                conn.send(held)
+            held = block
+        conn.send(held)
+        try:
+            r = conn.reply()
+        except PeerError as e:
+            self.settle(Z, "Connected to %s but connection died after the message: %s."
+                        " Possible duplicate!%s (#4.4.2)" % (ip, e, tls), accepted)
+            return False
+        if r.code // 100 == 2:
+            self.settle(K, "%s accepted message.%s Remote host said: %s"
+                        % (ip, tls, r.said()), accepted)
+        else:
+            self._check_421(r, ip, conn)
+            self.settle(D if r.code // 100 == 5 else Z, "%s failed after I sent the message.%s"
+                        " Remote host said: %s" % (ip, tls, r.said()), accepted)
+        return True
+
+
+def deliver(ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, host: str = "",
+            cache: ConnCache | None = None) -> list[tuple[bytes, bytes]]:
+    """Deliver the message on `fd`; (status, text) per recipient, in order.
+
+    Recipients are routed by their domain, or all by `host` when it is given.
+    With a `cache`, a connection it holds for a domain is tried first, and the
+    last clean connection is left in it; without, every session ends with QUIT.
+    """
+    rcpts = list(rcpts)
+    results: list[tuple[bytes, bytes] | None] = [None] * len(rcpts)
+    try:
+        sender = address.parse_mailbox(sender, utf8=True) if sender else b""
+    except address.AddressError as e:
+        return [(D, b"Bad sender address: %s. (#5.1.7)" % str(e).encode())] * len(rcpts)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rcpts):
+        try:
+            r = address.parse_mailbox(r, utf8=True)
+        except address.AddressError as e:
+            results[i] = (D, b"Bad recipient address: %s. (#5.1.3)" % str(e).encode())
+            continue
+        rcpts[i] = r
+        dom = host or address.domain_part(r).decode("utf-8", "replace")
+        groups.setdefault(dom, []).append(i)
+    if cache is not None:
+        cache.retain(set(groups))
+    for dom, idx in groups.items():
+        job = Job(ctl, sender, [rcpts[i] for i in idx], fd, dom, cache)
+        try:
+            job.run()
+        except (PeerError, OSError) as e:      # e.g. the message fd cannot be read
+            job.settle(Z, "Unable to deliver: %s. (#4.3.0)" % why(e))
+        for i, res in zip(idx, job.results, strict=True):
+            results[i] = res or (Z, b"No result. (#4.3.0)")
+    return [r or (Z, b"No result. (#4.3.0)") for r in results]
