@@ -35,7 +35,7 @@ HOW A BATCH IS ADMITTED (crash safety)
     3. todo/.tmp.ID renamed to todo/ID: queue-send sees them. todo/ is not
        fsync'd here: a rename lost in a crash is redone from the journal.
     4. the drop files are unlinked.
-    At start (recover()), a batch whose "C" is in the journal, or one of whose
+    At start (qpy.queue.journal's recover()), a batch whose "C" is in the journal, or one of whose
     todo/ID exists, is finished (steps 3 and 4); any other batch is undone (its
     temporaries removed, its drop files admitted again). A power cut can lose
     the unsynced "C", but the renames and unlinks that follow it become durable
@@ -56,6 +56,18 @@ SECURITY
     file with one link, lengths that add up to its size, an envelope that
     passes the strict parser, a size within limits. A file that fails goes to
     quarantine/ with a log line; pickup goes on.
+
+    Its memory stays bounded whatever the drop files claim: each length in the
+    header is checked against its limit before anything is read for it (the
+    message against the size limit, the envelope against 6,400,000 bytes,
+    qpy.common.envelope.MAX_ENVELOPE), the message is copied in pieces of 1 MiB,
+    and a drop file over 64 KiB with less than half of its size allocated on
+    disk (st_blocks) is refused as "sparse file": its copy in mess/ would take
+    real disk its writer never used (no injector writes one). A file that makes
+    pickup fail in a way no check foresaw is quarantined ("cannot admit"); an
+    error outside one file (the journal, a rename) leaves the batch's drop files
+    in drop/ for the next pass. Pickup runs under a memory limit of 256 MiB
+    (RLIMIT_AS) in the tests, with every such file.
 
 EXIT CODES
     0 after SIGTERM; 111 when the queue cannot be used.
@@ -78,20 +90,20 @@ from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user
 from qpy.common.queue import Paths, root_from, todo_encode
 from qpy.common.watch import Watcher
+from qpy.queue.journal import COMMIT, TODO_TMP, Journal, unlink_quietly
 
 BATCH_MAX = 64                    # drop files admitted under one journal fsync
 SYNCFS_MIN_BATCH = 1              # from this many files on, one syncfs replaces their fsyncs
 MAX_MESSAGE_BYTES = 1 << 30       # hard cap when databytes is unset
 HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
 STALE_TMP_SECONDS = 36 * 3600     # qmail's limit for a half-written file
-COPY_BYTES = 1 << 20
+COPY_BYTES = 1 << 20              # the message is copied in pieces of this size
+SPARSE_SLACK = 64 * 1024          # a larger drop file with under half its size on disk
+                                  # has holes: refused
 IDLE_WAIT = 5.0
 RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
 JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
 JOURNAL_LINGER = 2.0              # seconds without new drop files before it is emptied
-TODO_TMP = ".tmp."
-COMMIT = b"C\n"                    # journal: the records before it reached their commit point
-VOID = b"X\n"                      # journal: the records before it were never committed
 
 _stop = False
 _reload = False
@@ -137,11 +149,9 @@ class Pickup:
         self.root = root
         self.paths = Paths(root)
         self.control = Control(root)
-        self.journal = os.path.join(self.paths.pickup, "journal")
+        self.journal = Journal(self.paths)
         self.last_id = 0
-        self.journal_records = 0
         self.last_admit = 0.0
-        self.void_owed = False            # records of a failed batch wait for their "X"
         self.stuck: set[str] = set()      # entries pickup can neither admit nor move
         self.who = self._who_table()
         self.syncfs = _load_syncfs()
@@ -186,6 +196,11 @@ class Pickup:
         except Rejected as e:
             self.quarantine(name, dfd, str(e))
             return None
+        except OSError:
+            raise                # the queue refused a write: admit_batch retries
+        except Exception as e:   # a file no check foresaw must not stop pickup
+            self.quarantine(name, dfd, "cannot admit: %s" % type(e).__name__)
+            return None
         finally:
             os.close(fd)
 
@@ -197,10 +212,17 @@ class Pickup:
             raise Rejected("has %d links" % st.st_nlink)
         if st.st_size > self.limit() + dropfile.HEADER_LEN + envelope.MAX_ENVELOPE:
             raise Rejected("too large (%d bytes)" % st.st_size)
+        if st.st_size > SPARSE_SLACK and st.st_blocks * 512 < st.st_size // 2:
+            # holes: its copy in mess/ would take real disk its writer never used
+            raise Rejected("sparse file (%d bytes, %d allocated)"
+                           % (st.st_size, st.st_blocks * 512))
         try:
+            # every length is checked against its limit before a byte is read for it
             h = dropfile.parse_header(os.pread(fd, dropfile.HEADER_LEN, 0), st.st_size)
             if h.msglen > self.limit():
                 raise Rejected("message too large (%d bytes)" % h.msglen)
+            if h.envlen > envelope.MAX_ENVELOPE:
+                raise Rejected("envelope too large (%d bytes)" % h.envlen)
             env = os.pread(fd, h.envlen, h.length + h.msglen)
             if len(env) != h.envlen:
                 raise Rejected("envelope truncated")
@@ -234,8 +256,8 @@ class Pickup:
             finally:
                 os.close(mfd)
         except BaseException:
-            self._unlink(self.paths.mess, msg_id)
-            self._unlink(self.paths.todo, TODO_TMP + msg_id)
+            unlink_quietly(self.paths.mess, msg_id)
+            unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
             raise
         return msg_id, st.st_uid, size
 
@@ -257,7 +279,7 @@ class Pickup:
                     os.fsync(fd)
             except BaseException:
                 os.close(fd)
-                self._unlink(self.paths.todo, TODO_TMP + msg_id)
+                unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
                 raise
             os.close(fd)
             return msg_id
@@ -267,7 +289,10 @@ class Pickup:
         """Copy count bytes from offset; the CRC-32 of exactly the bytes copied."""
         crc = 0
         while count > 0:
-            data = os.pread(src, min(count, COPY_BYTES), offset)
+            try:
+                data = os.pread(src, min(count, COPY_BYTES), offset)
+            except OSError as e:     # the drop file's fault, not the queue's
+                raise Rejected("cannot read: %s" % e.strerror)
             if not data:
                 raise Rejected("file shrank while being read")
             crc = zlib.crc32(data, crc)
@@ -275,13 +300,6 @@ class Pickup:
             offset += len(data)
             count -= len(data)
         return crc
-
-    @staticmethod
-    def _unlink(directory: str, name: str) -> None:
-        try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass
 
     def quarantine(self, name: str, dfd: int, reason: str) -> None:
         target = "%s.%d" % (name, time.time_ns())
@@ -326,41 +344,17 @@ class Pickup:
                 admitted.append((name, *r))
         if not admitted:
             return ok
-        if self.void_owed:
-            # the records of a batch whose syncfs failed are still in the journal: mark
-            # them void first, or this batch's "C" would cover them as well
-            try:
-                durable.append_line(self.journal, VOID, sync=False)
-            except OSError as e:
-                log("warning: cannot write the journal: %s" % e.strerror)
-                for _, msg_id, _, _ in admitted:
-                    self._unlink(self.paths.mess, msg_id)
-                    self._unlink(self.paths.todo, TODO_TMP + msg_id)
-                return False
-            self.void_owed = False
-        records = b"".join(b"%s %s\n" % (n.encode(), i.encode()) for n, i, _, _ in admitted)
-        self.journal_records += len(admitted)
-        if batched:
-            # durable: one syncfs for every mess/ID, todo/.tmp.ID, both directories and
-            # the journal records; its return is the commit point, marked by a "C"
-            # record written after it (see recover())
-            durable.append_line(self.journal, records, sync=False)
-            if not self._syncfs_queue():
-                for _, msg_id, _, _ in admitted:    # not committed: the drops stay
-                    self._unlink(self.paths.mess, msg_id)
-                    self._unlink(self.paths.todo, TODO_TMP + msg_id)
-                self.void_owed = True               # its records: void before the next
-                return False
-            durable.append_line(self.journal, COMMIT, sync=False)
-        else:
-            durable.fsync_dir(self.paths.mess)
-            durable.fsync_dir(self.paths.todo)
-            durable.append_line(self.journal, records + COMMIT)  # the commit point
-        for _, msg_id, _, _ in admitted:
-            os.rename(os.path.join(self.paths.todo, TODO_TMP + msg_id),
-                      os.path.join(self.paths.todo, msg_id))
-        # no fsync of todo/ here: the journal record redoes a lost rename at start, and
-        # empty_journal() fsyncs todo/ before it lets the records go
+        try:
+            committed = self._commit(admitted, batched)
+        except BaseException:
+            # records may be in the journal without their "C": void them, and drop
+            # the temporaries not yet renamed (their drop files stay and come again)
+            self.journal.void_owed = True
+            self._undo(admitted)
+            raise
+        if not committed:
+            self._undo(admitted)
+            return False
         self.last_admit = time.monotonic()
         for name, msg_id, uid, size in admitted:
             try:
@@ -369,6 +363,35 @@ class Pickup:
                 pass
             log("pickup msg %s: drop %s uid %d bytes %d" % (msg_id, name, uid, size))
         return ok
+
+    def _commit(self, admitted: list[tuple[str, str, int, int]], batched: bool) -> bool:
+        """Journal records, commit point, renames to todo/ID; False if not committed."""
+        records = b"".join(b"%s %s\n" % (n.encode(), i.encode()) for n, i, _, _ in admitted)
+        if batched:
+            # durable: one syncfs for every mess/ID, todo/.tmp.ID, both directories and
+            # the journal records; its return is the commit point, marked by a "C"
+            # record written after it (see qpy.queue.journal)
+            self.journal.add(records, len(admitted), sync=False)
+            if not self._syncfs_queue():
+                self.journal.void_owed = True       # its records: void before the next
+                return False
+            self.journal.append(COMMIT, sync=False)
+        else:
+            durable.fsync_dir(self.paths.mess)
+            durable.fsync_dir(self.paths.todo)
+            self.journal.add(records + COMMIT, len(admitted), sync=True)  # the commit point
+        for _, msg_id, _, _ in admitted:
+            os.rename(os.path.join(self.paths.todo, TODO_TMP + msg_id),
+                      os.path.join(self.paths.todo, msg_id))
+        # no fsync of todo/ here: the journal record redoes a lost rename at start, and
+        # Journal.empty() fsyncs todo/ before it lets the records go
+        return True
+
+    def _undo(self, admitted: list[tuple[str, str, int, int]]) -> None:
+        for _, msg_id, _, _ in admitted:
+            if not os.path.lexists(os.path.join(self.paths.todo, msg_id)):
+                unlink_quietly(self.paths.mess, msg_id)
+                unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
 
     def _syncfs_queue(self) -> bool:
         """syncfs(2) of the queue's filesystem; on failure, fsync each file from now on."""
@@ -384,73 +407,6 @@ class Pickup:
             % os.strerror(err))
         self.syncfs = None
         return False
-
-    def empty_journal(self) -> None:
-        """Once the drop files' removals are durable, the journal can go."""
-        if self.journal_records == 0:
-            return
-        durable.fsync_dir(self.paths.todo)      # the renames to todo/ID
-        durable.fsync_dir(self.paths.drop)      # the removals of the drop files
-        fd = os.open(self.journal, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            os.ftruncate(fd, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.journal_records = 0
-        self.void_owed = False
-
-    def recover(self) -> None:
-        """Finish every batch that reached its commit point; undo the others.
-
-        A batch reached it when its "C" record is there (written only after the
-        batch's syncfs or fsyncs returned; a power cut may lose an unsynced "C" but
-        never make one appear) or when one of its todo/ID exists (the renames come
-        after the "C"). Then its renames are finished and its drop files removed.
-        Any other record may have been written before that point: its temporaries
-        go, and its drop file is admitted again (at worst a second copy, never a
-        lost one), as is every batch followed by "X" (its syncfs failed; pickup
-        went on and admits its drop files again). Whether a drop file is gone
-        proves nothing: its owner may remove it."""
-        with open(self.journal, "rb") as f:
-            data = f.read()
-        batches: list[list[tuple[str, str]]] = [[]]
-        marked: set[int] = set()            # indexes of batches with their "C"
-        for line in data.split(b"\n"):
-            if line == COMMIT[:-1]:
-                marked.add(len(batches) - 1)
-                batches.append([])
-                continue
-            if line == VOID[:-1]:               # a batch whose syncfs failed: undone
-                batches.append([])
-                continue
-            fields = line.split(b" ")
-            if len(fields) != 2 or not fields[1].isdigit():
-                continue                       # a torn last record was never written
-            batches[-1].append((fields[0].decode("ascii", "replace"),
-                                fields[1].decode("ascii")))
-        committed = set()
-        for n, batch in enumerate(batches):
-            self.journal_records += len(batch)
-            if not (n in marked or any(
-                    os.path.lexists(os.path.join(self.paths.todo, i)) for _, i in batch)):
-                for _, msg_id in batch:        # perhaps never durable: admitted again
-                    self._unlink(self.paths.mess, msg_id)
-                continue
-            for name, msg_id in batch:
-                committed.add(msg_id)
-                tmp = os.path.join(self.paths.todo, TODO_TMP + msg_id)
-                if os.path.exists(tmp):
-                    os.rename(tmp, os.path.join(self.paths.todo, msg_id))
-                if dropfile.is_final_name(name):
-                    self._unlink(self.paths.drop, name)
-        for name in os.listdir(self.paths.todo):
-            if name.startswith(TODO_TMP) and name[len(TODO_TMP):] not in committed:
-                self._unlink(self.paths.mess, name[len(TODO_TMP):])
-                self._unlink(self.paths.todo, name)
-        durable.fsync_dir(self.paths.todo)
-        durable.fsync_dir(self.paths.mess)
-        self.empty_journal()
 
     def scan(self, dfd: int) -> list[str]:
         """Names ready for admission; quarantines names pickup cannot know."""
@@ -468,7 +424,7 @@ class Pickup:
                 except OSError:
                     continue
                 if age > STALE_TMP_SECONDS:   # its writer died long ago: never acknowledged
-                    self._unlink(self.paths.drop, name)
+                    unlink_quietly(self.paths.drop, name)
             else:
                 self.quarantine(name, dfd, "not a drop file name")
         ready.sort()
@@ -476,13 +432,13 @@ class Pickup:
 
     def run(self) -> int:
         global _reload
-        lock = os.open(self.journal, os.O_RDONLY | os.O_NOFOLLOW)
+        lock = os.open(self.journal.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log("fatal: qpy-pickup: another qpy-pickup runs on %s" % self.root)
             return 111
-        self.recover()
+        self.journal.recover()
         watcher = Watcher([self.paths.drop])
         dfd = os.open(self.paths.drop, os.O_RDONLY | os.O_DIRECTORY)
         log("qpy-pickup: started on %s" % self.root)
@@ -493,7 +449,7 @@ class Pickup:
                 self.control.reload()
             if not pending:
                 # inotify only wakes us early; every wake lists the whole directory
-                watcher.wait(JOURNAL_LINGER if self.journal_records else IDLE_WAIT)
+                watcher.wait(JOURNAL_LINGER if self.journal.records else IDLE_WAIT)
                 # scan() lists the whole directory on every wake, so this is the due
                 # rescan too; not taking it leaves wait() with a zero timeout (a busy loop)
                 watcher.rescan_due()
@@ -502,15 +458,20 @@ class Pickup:
                 # idle: the records go once no drop file came for JOURNAL_LINGER seconds
                 # (their three fsyncs would cost more than the admission of one message)
                 if time.monotonic() - self.last_admit >= JOURNAL_LINGER:
-                    self.empty_journal()
+                    self.journal.empty()
                 continue
             batch, pending = pending[:BATCH_MAX], pending[BATCH_MAX:]
-            if not self.admit_batch(batch, dfd):
+            try:
+                admitted = self.admit_batch(batch, dfd)
+            except Exception as e:   # pickup goes on: the batch's drop files stay
+                log("warning: batch not admitted: %s: %s" % (type(e).__name__, e))
+                admitted = False
+            if not admitted:
                 pending = []
                 time.sleep(RETRY_WAIT)
-            if self.journal_records >= JOURNAL_MAX_RECORDS:
-                self.empty_journal()
-        self.empty_journal()
+            if self.journal.records >= JOURNAL_MAX_RECORDS:
+                self.journal.empty()
+        self.journal.empty()
         log("qpy-pickup: exiting")
         return 0
 

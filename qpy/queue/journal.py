@@ -1,0 +1,114 @@
+"""journal — qpy-pickup's record of the batches it admits, and its recovery at start.
+
+queue/pickup/journal holds, per batch, one record "NAME ID\\n" per drop file, then
+"C\\n" once the batch reached its commit point (its syncfs or fsyncs returned), or
+"X\\n" when its syncfs failed and the batch was undone (its drop files stay and are
+admitted again). Only qpy-pickup (qpyq) reads and writes it; its flock on the
+journal keeps a second pickup out.
+
+RECOVERY (recover(), at start)
+    A batch reached its commit point when its "C" record is there (written only
+    after the batch's syncfs or fsyncs returned; a power cut may lose an unsynced
+    "C" but never make one appear) or when one of its todo/ID exists (the renames
+    come after the "C"). Then its renames are finished and its drop files removed.
+    Any other record may have been written before that point: its temporaries go,
+    and its drop file is admitted again (at worst a second copy, never a lost one),
+    as is every batch followed by "X". Whether a drop file is gone proves nothing:
+    its owner may remove it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from qpy.common import dropfile, durable
+from qpy.common.queue import Paths
+
+TODO_TMP = ".tmp."
+COMMIT = b"C\n"                    # the records before it reached their commit point
+VOID = b"X\n"                      # the records before it were never committed
+
+
+def unlink_quietly(directory: str, name: str) -> None:
+    try:
+        os.unlink(os.path.join(directory, name))
+    except OSError:
+        pass
+
+
+class Journal:
+    def __init__(self, paths: Paths):
+        self.paths = paths
+        self.path = os.path.join(paths.pickup, "journal")
+        self.records = 0                  # records written since it was last emptied
+        self.void_owed = False            # records of a failed batch wait for their "X"
+
+    def append(self, data: bytes, sync: bool) -> None:
+        durable.append_line(self.path, data, sync=sync)
+
+    def add(self, records: bytes, count: int, sync: bool) -> None:
+        """Records of a batch; its "X" first when a failed batch's records precede."""
+        if self.void_owed:
+            # without it this batch's "C" would cover the failed batch's records too
+            self.append(VOID, sync=False)
+            self.void_owed = False
+        self.records += count
+        self.append(records, sync)
+
+    def empty(self) -> None:
+        """Once the drop files' removals are durable, the journal can go."""
+        if self.records == 0:
+            return
+        durable.fsync_dir(self.paths.todo)      # the renames to todo/ID
+        durable.fsync_dir(self.paths.drop)      # the removals of the drop files
+        fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.records = 0
+        self.void_owed = False
+
+    def recover(self) -> None:
+        """Finish every batch that reached its commit point; undo the others."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        batches: list[list[tuple[str, str]]] = [[]]
+        marked: set[int] = set()            # indexes of batches with their "C"
+        for line in data.split(b"\n"):
+            if line == COMMIT[:-1]:
+                marked.add(len(batches) - 1)
+                batches.append([])
+                continue
+            if line == VOID[:-1]:               # a batch whose syncfs failed: undone
+                batches.append([])
+                continue
+            fields = line.split(b" ")
+            if len(fields) != 2 or not fields[1].isdigit():
+                continue                       # a torn last record was never written
+            batches[-1].append((fields[0].decode("ascii", "replace"),
+                                fields[1].decode("ascii")))
+        committed = set()
+        paths = self.paths
+        for n, batch in enumerate(batches):
+            self.records += len(batch)
+            if not (n in marked or any(
+                    os.path.lexists(os.path.join(paths.todo, i)) for _, i in batch)):
+                for _, msg_id in batch:        # perhaps never durable: admitted again
+                    unlink_quietly(paths.mess, msg_id)
+                continue
+            for name, msg_id in batch:
+                committed.add(msg_id)
+                tmp = os.path.join(paths.todo, TODO_TMP + msg_id)
+                if os.path.exists(tmp):
+                    os.rename(tmp, os.path.join(paths.todo, msg_id))
+                if dropfile.is_final_name(name):
+                    unlink_quietly(paths.drop, name)
+        for name in os.listdir(paths.todo):
+            if name.startswith(TODO_TMP) and name[len(TODO_TMP):] not in committed:
+                unlink_quietly(paths.mess, name[len(TODO_TMP):])
+                unlink_quietly(paths.todo, name)
+        durable.fsync_dir(paths.todo)
+        durable.fsync_dir(paths.mess)
+        self.empty()
