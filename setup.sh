@@ -91,6 +91,17 @@ cp -R "$here/supervise" "$prefix/share/supervise.new"
 rm -rf "$prefix/share/queue-layout" "$prefix/share/supervise"
 mv "$prefix/share/queue-layout.new" "$prefix/share/queue-layout"
 mv "$prefix/share/supervise.new" "$prefix/share/supervise"
+# Manual pages: each program's docstring and docs/man/, rendered under the prefix; as
+# root also linked into /usr/local/share/man so that `man qpy-smtpd` finds them.
+"$venvpy" "$here/docs/mkman.py" "$prefix/share/man" \
+    "$(sed -n 's/^version = //p' "$here/setup.cfg")"
+if [ "$(id -u)" = 0 ]; then
+    for page in "$prefix"/share/man/man*/*; do
+        sec=$(basename "$(dirname "$page")")
+        mkdir -p "/usr/local/share/man/$sec"
+        ln -sf "$page" "/usr/local/share/man/$sec/$(basename "$page")"
+    done
+fi
 chmod -R a+rX "$prefix"
 
 case "$cmd" in

@@ -3,29 +3,32 @@
 SYNOPSIS
     qpy-logsum [ROOT] [FILE...]
 
-Reads the log files given (a ROOT directory given first is skipped: the root is
-accepted like every admin tool's, the log is what counts), or standard input when
-none. Each line is one of:
+DESCRIPTION
+    Reads the log files given (a ROOT directory given first is skipped: the root is
+    accepted like every admin tool's, the log is what counts), or standard input when
+    none. Each line is one of:
 
-    @4000000067a1b2c30a1b2c3d TEXT         multilog t (tai64n stamp)
-    2024-11-29 18:20:00.123456 NAME: TEXT  qpy-start's merged log (ISO time, UTC)
+        @4000000067a1b2c30a1b2c3d TEXT         multilog t (tai64n stamp)
+        2024-11-29 18:20:00.123456 NAME: TEXT  qpy-start's merged log (ISO time, UTC)
 
-and TEXT is a qmail-log event (qpy.common.log): `info msg N: bytes B from <S> ...`,
-`starting delivery D: msg N to local|remote A`, `delivery D: success|deferral|failure:
-...`, `bounce msg N`, `remove msg N by qpy-qrm`, `end msg N`. Lines it does not know
-are counted as `other lines` and otherwise ignored; a line longer than MAX_LINE is cut.
+    and TEXT is a qmail-log event (qpy.common.log): `info msg N: bytes B from <S> ...`,
+    `starting delivery D: msg N to local|remote A`, `delivery D: success|deferral|failure:
+    ...`, `bounce msg N`, `remove msg N by qpy-qrm`, `end msg N`. Lines it does not know
+    are counted as `other lines` and otherwise ignored; a line longer than MAX_LINE is cut.
 
-For each UTC day, and then for all days together, it prints:
+    For each UTC day, and then for all days together, it prints:
 
-    messages, bytes (from `info msg`), recipients (distinct message/address pairs a
-    delivery was started for), delivery attempts, success, deferral, failure,
-    bounces, removed, ended; ddelay (arrival to successful delivery) average and its
-    distribution (the share of successful deliveries done within 1 s, 10 s, 1 min,
-    10 min, 1 h, 1 d, later) and percentiles; xdelay (one attempt's duration) average.
+        messages, bytes (from `info msg`), recipients (distinct message/address pairs a
+        delivery was started for), delivery attempts, success, deferral, failure,
+        bounces, removed, ended; ddelay (arrival to successful delivery) average and its
+        distribution (the share of successful deliveries done within 1 s, 10 s, 1 min,
+        10 min, 1 h, 1 d, later) and percentiles; xdelay (one attempt's duration) average.
 
-UID: anyone who can read the log; writes nothing.
+RUNS AS
+    anyone who can read the log; writes nothing.
 
-EXIT: 0 summarised; 111 a file cannot be read.
+EXIT CODES
+    0 summarised; 111 a file cannot be read.
 """
 
 from __future__ import annotations

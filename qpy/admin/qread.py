@@ -3,26 +3,29 @@
 SYNOPSIS
     qpy-qread [ROOT]
 
-One block per message, oldest first:
+DESCRIPTION
+    One block per message, oldest first:
 
-    ID  DATE  SIZE bytes  from <SENDER>
-      STATE  local|remote  <ADDRESS>[  next TIME: last error]
+        ID  DATE  SIZE bytes  from <SENDER>
+          STATE  local|remote  <ADDRESS>[  next TIME: last error]
 
-STATE is `waiting` (not tried yet), `deferred` (followed by the next try and the
-last error), `done`, or `bounced` (with the failure text). The recipients come from
-`queue/state/ID` (qpy.common.state, written by qpy-queue-send). A message without
-state/ID shows its envelope from `queue/todo/ID` with every recipient `waiting` and
-the channel `new`: either queue-send has not read it yet, or it is in its first
-delivery pass (queue-send keeps that pass's results in memory and writes state/ID
-only when one must be durable, so its first attempts, and a success that ends the
-message, never show here). A committed drop file not yet picked up is shown with id
-`drop:NAME`. DATE is the arrival time in UTC. Text from the queue is made printable
-before it is shown.
+    STATE is `waiting` (not tried yet), `deferred` (followed by the next try and the
+    last error), `done`, or `bounced` (with the failure text). The recipients come from
+    `queue/state/ID` (qpy.common.state, written by qpy-queue-send). A message without
+    state/ID shows its envelope from `queue/todo/ID` with every recipient `waiting` and
+    the channel `new`: either queue-send has not read it yet, or it is in its first
+    delivery pass (queue-send keeps that pass's results in memory and writes state/ID
+    only when one must be durable, so its first attempts, and a success that ends the
+    message, never show here). A committed drop file not yet picked up is shown with id
+    `drop:NAME`. DATE is the arrival time in UTC. Text from the queue is made printable
+    before it is shown.
 
-UID: root or qpys (state/ is qpys-only, mess/ and todo/ are group qpys); keeps the
-caller's uid and writes nothing.
+RUNS AS
+    root or qpys (state/ is qpys-only, mess/ and todo/ are group qpys); keeps the
+    caller's uid and writes nothing.
 
-EXIT: 0 listed; 111 the queue cannot be read.
+EXIT CODES
+    0 listed; 111 the queue cannot be read.
 """
 
 from __future__ import annotations

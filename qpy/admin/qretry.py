@@ -3,13 +3,16 @@
 SYNOPSIS
     qpy-qretry [ROOT]
 
-Sends SIGALRM to this root's qpy-queue-send (pid in `queue/run/queue-send.pid`,
-checked against the process title so a stale pid file signals nobody else).
-qpy-queue-send then reschedules every deferred recipient for now.
+DESCRIPTION
+    Sends SIGALRM to this root's qpy-queue-send (pid in `queue/run/queue-send.pid`,
+    checked against the process title so a stale pid file signals nobody else).
+    qpy-queue-send then reschedules every deferred recipient for now.
 
-UID: root (or the one-user owner): signalling qpys's process needs it.
+RUNS AS
+    root (or the one-user owner): signalling qpys's process needs it.
 
-EXIT: 0 signalled; 111 qpy-queue-send not running or not signalled.
+EXIT CODES
+    0 signalled; 111 qpy-queue-send not running or not signalled.
 """
 
 from __future__ import annotations

@@ -3,21 +3,24 @@
 SYNOPSIS
     qpy-qrm [ROOT] ID...
 
-For each ID (as `new msg ID` in the log and `qpy-qread` show it) writes an empty
-file `queue/rm/ID` (durably), then sends SIGALRM to this root's qpy-queue-send
-(pid in `queue/run/queue-send.pid`). qpy-queue-send drops the message with no
-bounce, has qpy-clean remove its files, and logs `remove msg ID by qpy-qrm`. Never
-touches `mess/`, `todo/` or `state/` itself: only the queue core removes mail,
-so an in-flight delivery is never cut from under it. When qpy-queue-send is not
-running the request waits in `queue/rm/` for its next start.
+DESCRIPTION
+    For each ID (as `new msg ID` in the log and `qpy-qread` show it) writes an empty
+    file `queue/rm/ID` (durably), then sends SIGALRM to this root's qpy-queue-send
+    (pid in `queue/run/queue-send.pid`). qpy-queue-send drops the message with no
+    bounce, has qpy-clean remove its files, and logs `remove msg ID by qpy-qrm`. Never
+    touches `mess/`, `todo/` or `state/` itself: only the queue core removes mail,
+    so an in-flight delivery is never cut from under it. When qpy-queue-send is not
+    running the request waits in `queue/rm/` for its next start.
 
-ROOT: the first argument when it is not a message id, else $QPY_ROOT, else /var/qpy.
+    ROOT: the first argument when it is not a message id, else $QPY_ROOT, else /var/qpy.
 
-UID: root (queue/rm/ is qpys's); keeps the caller's uid.
+RUNS AS
+    root (queue/rm/ is qpys's); keeps the caller's uid.
 
-EXIT: 0 every request written and queue-send signalled; 100 an ID is malformed or
-not in the queue; 111 a request could not be written, or queue-send not signalled
-(the request stays and is acted on at its next start).
+EXIT CODES
+    0 every request written and queue-send signalled; 100 an ID is malformed or
+    not in the queue; 111 a request could not be written, or queue-send not signalled
+    (the request stays and is acted on at its next start).
 """
 
 from __future__ import annotations

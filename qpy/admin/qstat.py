@@ -3,21 +3,24 @@
 SYNOPSIS
     qpy-qstat [ROOT]
 
-Prints exactly two lines:
+DESCRIPTION
+    Prints exactly two lines:
 
-    messages in queue: N
-    messages in queue but not yet preprocessed: M
+        messages in queue: N
+        messages in queue but not yet preprocessed: M
 
-N counts `queue/mess/`, M counts `queue/todo/`; committed files still waiting in
-`queue/drop/` count in both. qpy-queue-send keeps todo/ID through a message's first
-delivery pass (until a result must be recorded in state/ID), so M also counts
-messages in that pass. ROOT is the first argument, else $QPY_ROOT, else
-/var/qpy.
+    N counts `queue/mess/`, M counts `queue/todo/`; committed files still waiting in
+    `queue/drop/` count in both. qpy-queue-send keeps todo/ID through a message's first
+    delivery pass (until a result must be recorded in state/ID), so M also counts
+    messages in that pass. ROOT is the first argument, else $QPY_ROOT, else
+    /var/qpy.
 
-UID: any user that can list `queue/mess`, `queue/todo` and `queue/drop` (root, or
-qpyq); it keeps the caller's uid and writes nothing.
+RUNS AS
+    any user that can list `queue/mess`, `queue/todo` and `queue/drop` (root, or
+    qpyq); it keeps the caller's uid and writes nothing.
 
-EXIT: 0 printed; 111 the queue cannot be read.
+EXIT CODES
+    0 printed; 111 the queue cannot be read.
 """
 
 from __future__ import annotations

@@ -3,18 +3,21 @@
 SYNOPSIS
     qpy-showctl [ROOT]
 
-For every setting qpy knows (qpy.common.control.DEFAULTS) and every other file
-found in ROOT/control/, prints one line `name: value` (a list prints its entries
-indented below `name: N entries`). A value taken from qmail's default is marked
-`(default)`; a file that exists but cannot be used (unreadable, too large, a NUL
-byte, not UTF-8, not a number where a number belongs, a directory) is marked
-`(malformed: reason)` and its default is shown, as the programs would use it.
-Files that look like keys or certificates (`*.pem`, `*.key`, names with `key`,
-`secret` or `passw`) are never printed, only their size.
+DESCRIPTION
+    For every setting qpy knows (qpy.common.control.DEFAULTS) and every other file
+    found in ROOT/control/, prints one line `name: value` (a list prints its entries
+    indented below `name: N entries`). A value taken from qmail's default is marked
+    `(default)`; a file that exists but cannot be used (unreadable, too large, a NUL
+    byte, not UTF-8, not a number where a number belongs, a directory) is marked
+    `(malformed: reason)` and its default is shown, as the programs would use it.
+    Files that look like keys or certificates (`*.pem`, `*.key`, names with `key`,
+    `secret` or `passw`) are never printed, only their size.
 
-UID: any user that can read ROOT/control; it keeps the caller's uid, writes nothing.
+RUNS AS
+    any user that can read ROOT/control; it keeps the caller's uid, writes nothing.
 
-EXIT: 0 every file usable; 1 at least one file malformed; 111 control/ unreadable.
+EXIT CODES
+    0 every file usable; 1 at least one file malformed; 111 control/ unreadable.
 """
 
 from __future__ import annotations

@@ -3,29 +3,32 @@
 SYNOPSIS
     qpy-status [ROOT] [--svdir DIR]...
 
-Finds this root's qpy processes (psutil) by their title, whose first word is the
-program name (design §8): those named in pid files under `queue/run/`, those whose
-title, working directory, an open file or a Unix socket names ROOT, and all their descendants. For
-each it prints the pid, the uid it runs under against the uid the design gives that
-program, its resident memory and its open file count. Then, per service:
+DESCRIPTION
+    Finds this root's qpy processes (psutil) by their title, whose first word is the
+    program name (design §8): those named in pid files under `queue/run/`, those whose
+    title, working directory, an open file or a Unix socket names ROOT, and all their descendants. For
+    each it prints the pid, the uid it runs under against the uid the design gives that
+    program, its resident memory and its open file count. Then, per service:
 
-    send    qpy-queue-send, qpy-clean, qpy-lspawn, qpy-rspawn
-    pickup  qpy-pickup
-    smtpd   qpy-tcpserver (or ucspi-tcp's tcpserver running qpy-smtpd), expected
-            when control/smtplisten exists (as qpy-start starts it)
-    authd   qpy-authd, expected only when AUTH is configured (ROOT/auth/passwd
-            holds a user)
+        send    qpy-queue-send, qpy-clean, qpy-lspawn, qpy-rspawn
+        pickup  qpy-pickup
+        smtpd   qpy-tcpserver (or ucspi-tcp's tcpserver running qpy-smtpd), expected
+                when control/smtplisten exists (as qpy-start starts it)
+        authd   qpy-authd, expected only when AUTH is configured (ROOT/auth/passwd
+                holds a user)
 
-`up` or `DOWN`. A service under daemontools (a directory `qpy-NAME` in a --svdir
-DIR, or in /etc/service or /service with a run script naming ROOT) that supervise
-reports down (`svstat`: stopped on purpose with `svc -d`) is DOWN whatever runs.
-Last the queue: messages, not yet preprocessed, the oldest message's age.
+    `up` or `DOWN`. A service under daemontools (a directory `qpy-NAME` in a --svdir
+    DIR, or in /etc/service or /service with a run script naming ROOT) that supervise
+    reports down (`svstat`: stopped on purpose with `svc -d`) is DOWN whatever runs.
+    Last the queue: messages, not yet preprocessed, the oldest message's age.
 
-UID: root (psutil needs it to see other users' processes and their open files);
-keeps its uid, writes nothing.
+RUNS AS
+    root (psutil needs it to see other users' processes and their open files);
+    keeps its uid, writes nothing.
 
-EXIT: 0 every expected service up under the right uids; 2 a service down or a
-process under a wrong uid (a monitoring "critical"); 111 cannot look.
+EXIT CODES
+    0 every expected service up under the right uids; 2 a service down or a
+    process under a wrong uid (a monitoring "critical"); 111 cannot look.
 """
 
 from __future__ import annotations
