@@ -22,7 +22,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-HEADING = re.compile(r"^[A-Z][A-Z0-9 ,/'()-]*[A-Z)]$")
+# A heading: capitals at the left margin, perhaps with a note in brackets after them,
+# as in "EXIT CODES (qmail-queue(8))".
+HEADING = re.compile(r"^[A-Z][A-Z0-9 ,/'-]*[A-Z](?: \(.*\))?$")
 # Commands a user or script calls go in section 1, as Postfix files sendmail(1);
 # daemons and admin tools in section 8.
 SECTION1 = {"qpy-sendmail", "qpy-inject"}

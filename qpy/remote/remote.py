@@ -20,8 +20,12 @@ READS
 WRITES
     stdout: qmail-remote's report, one `\\0`-terminated record per recipient
     (`r` accepted, `h` permanent, `s` temporary refusal, with text) then one
-    for the message (`K` delivered, `Z` temporary, `D` permanent). Exit 0;
-    111 when the arguments or the root are unusable.
+    for the message (`K` delivered, `Z` temporary, `D` permanent).
+
+EXIT CODES
+    0 a report was written (whatever it says: the report, not the exit code,
+    carries each recipient's result, as qmail-remote's does); 111 the
+    arguments or the root are unusable.
 
 PROTOCOL
     Targets come from qpy.remote.route. A connection failure, or a greeting
