@@ -6,9 +6,10 @@ SYNOPSIS
 DESCRIPTION
     Finds this root's qpy processes (psutil) by their title, whose first word is the
     program name (design §8): those named in pid files under `queue/run/`, those whose
-    title, working directory, an open file or a Unix socket names ROOT, and all their descendants. For
-    each it prints the pid, the uid it runs under against the uid the design gives that
-    program, its resident memory and its open file count. Then, per service:
+    title, working directory, an open file or a Unix socket names ROOT, and all their
+    descendants. For each it prints the pid, the uid it runs under against the uid
+    the design gives that program, its resident memory and its open file count.
+    Then, per service:
 
         send    qpy-queue-send, qpy-clean, qpy-lspawn, qpy-rspawn
         pickup  qpy-pickup
