@@ -5,13 +5,14 @@ SYNOPSIS
 
 DESCRIPTION
     For every setting qpy knows (qpy.common.control.DEFAULTS) and every other file
-    found in ROOT/control/, prints one line `name: value` (a list prints its entries
-    indented below `name: N entries`). A value taken from qmail's default is marked
-    `(default)`; a file that exists but cannot be used (unreadable, too large, a NUL
-    byte, not UTF-8, not a number where a number belongs, a directory) is marked
-    `(malformed: reason)` and its default is shown, as the programs would use it.
-    Files that look like keys or certificates (`*.pem`, `*.key`, names with `key`,
-    `secret` or `passw`) are never printed, only their size.
+    found in ROOT/control/, prints one line `name: value` (a list with one entry on
+    that line, `(none)` for an empty list, several entries indented below `name: N
+    entries`). A value taken from qmail's default is marked `(default)`; a file that
+    exists but cannot be used (unreadable, too large, a NUL byte, not UTF-8, not a
+    number where a number belongs, a directory) is marked `(malformed: reason)` and
+    its default is shown, as the programs would use it. Files that look like keys or
+    certificates (`*.pem`, `*.key`, names with `key`, `secret` or `passw`) are never
+    printed, only their size.
 
 RUNS AS
     any user that can read ROOT/control; it keeps the caller's uid, writes nothing.
@@ -57,7 +58,12 @@ def render(ctl: Control, name: str) -> tuple[list[str], bool]:
     value, source = ctl.explain(name)
     marker = "" if source == "file" else " (%s)" % source
     if isinstance(value, list):
-        head = "%s: %d entr%s%s" % (shown, len(value), "y" if len(value) == 1 else "ies", marker)
+        # The value itself, as the programs see it: one entry on the name's line,
+        # several one a line below it, none said so.
+        if len(value) <= 1:
+            shownval = clean(value[0]) if value else "(none)"
+            return ["%s: %s%s" % (shown, shownval, marker)], source.startswith("malformed")
+        head = "%s: %d entries%s" % (shown, len(value), marker)
         return [head] + ["  " + clean(v) for v in value], source.startswith("malformed")
     return ["%s: %s%s" % (shown, _show(value), marker)], source.startswith("malformed")
 
