@@ -52,9 +52,9 @@ ASSIGN_TEXT = b"""\
 # users/assign, as qmail-users(5): one entry a line, then a line with a single dot.
 #   =local:user:uid:gid:home:dash:ext:      mail for exactly `local`
 #   +prefix:user:uid:gid:home:dash:pre:     mail for every local part starting `prefix`
-# Addresses not listed here go to the user named by the local part up to its first
-# dash (the passwd database), and the rest to the alias user. Run qpy-newrcpt after
-# a change.
+# Addresses not listed here go to the user named by the longest part of the local
+# part that ends at its end or before a dash (the passwd database), and the rest to
+# the alias user. Run qpy-newrcpt after a change.
 .
 """
 

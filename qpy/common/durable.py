@@ -2,7 +2,10 @@
 
 Write to a temporary name, fsync the file, rename it to its final name, fsync the
 directory (through a descriptor opened before the rename, so a directory swapped
-underneath cannot take the fsync). Every write that matters goes through here.
+underneath cannot take the fsync). Small files (control, state heads, the aliases
+table, requests) go through here; the per-message paths that need fewer syncs
+(drop files, pickup's batches, Maildir) make their own argument where they write,
+each marked `# durable:`.
 """
 
 from __future__ import annotations
