@@ -51,6 +51,8 @@ ROWS = [
     ("w1s16.cpu", "", "CPU ms/msg, all processes", "low", None),
     ("w2.inject", "W2 sendmail in a shell loop", "injected msg/s", "high", None),
     ("w2.deliver", "", "delivered msg/s", "high", (">=", 1.0)),
+    ("w2.ms", "", "ms per sendmail call", "low", None),
+    ("w2.floor", "", "ms per bare `python3 -IS -c pass` (qpy's floor)", "low", None),
     ("w3.deliver", "W3 relay to smtp-sink, 16 sessions", "queue empty, msg/s", "high",
      (">=", 1.0)),
     ("w4.p50", "W4 latency, 250 to Maildir/new", "p50 ms", "low", None),
@@ -187,7 +189,13 @@ class Bench:
                      "cpu_ms": "w1s16.cpu"})
         if self.wanted("W2"):
             self.ab("W2", rounds, lambda s: lambda: wl.w2(s, pw, nd, n["w2"]),
-                    {"inject": "w2.inject", "deliver": "w2.deliver"})
+                    {"inject": "w2.inject", "deliver": "w2.deliver", "ms_per_call": "w2.ms"})
+            if any(isinstance(s, systems.Qpy) for s in self.systems):
+                for r in range(rounds):
+                    res = wl.interpreter_floor(systems.PYTHON, n["w2"])
+                    self.record("w2.floor", "qpy", res["ms"])
+                    log("W2 floor round %d: %s ms per interpreter start" % (r + 1,
+                                                                            fmt(res["ms"])))
         if self.wanted("W3") and n["w3"]:
             self.ab("W3", rounds, lambda s: lambda: wl.w3(s, n["w3"], SESSIONS),
                     {"deliver": "w3.deliver"})

@@ -29,6 +29,7 @@ import psutil
 BASE = os.environ.get("QPY_BENCH_BASE", "/var/tmp/qpybench")
 USER = os.environ.get("QPY_BENCH_USER", "qbench")
 PREFIX = os.environ.get("QPY_PREFIX", "/opt/qpy")
+PYTHON = os.path.join(PREFIX, "venv", "bin", "python3")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 

@@ -173,7 +173,21 @@ def w2(sysm, pw, newdir: str, n: int) -> dict:
         watch.close()
     if t2 is None:
         raise RunFailed("W2: %d of %d delivered in time" % (watch.count, n))
-    return {"inject": n / (t1 - t0), "deliver": n / (t2 - t0)}
+    return {"inject": n / (t1 - t0), "deliver": n / (t2 - t0),
+            "ms_per_call": 1000 * (t1 - t0) / n}
+
+
+def interpreter_floor(python: str, n: int) -> dict:
+    """n x `python -IS -c pass` in the same shell loop as W2: the start that any Python
+    front end pays before its first line runs (issue 18's floor for qpy-sendmail)."""
+    script = 'i=0; while [ $i -lt "$N" ]; do "$PY" -IS -c pass || exit 1; i=$((i+1)); done'
+    t0 = time.monotonic()
+    r = subprocess.run(["sh", "-c", script], env=dict(os.environ, N=str(n), PY=python),
+                       capture_output=True, text=True)
+    t1 = time.monotonic()
+    if r.returncode != 0:
+        raise RunFailed("interpreter floor: exit %d: %s" % (r.returncode, r.stderr[-300:]))
+    return {"ms": 1000 * (t1 - t0) / n}
 
 
 def sink_count(path: str) -> int:
