@@ -27,12 +27,22 @@ LISTENS
 
 SECURITY
     qpyd never sees a hash; the most a compromised qpyd can do is guess, and
-    guessing is slow here: every refusal is delayed FAIL_DELAY seconds; checks
-    for one client address (IPv6: its /64) are done one at a time; after
-    LOCK_AFTER failures within FAIL_WINDOW the address is locked (answer L,
-    no check at all) for LOCK_SECONDS; and past GLOBAL_FAILS failures per
-    minute from all addresses together every check answers T until the
-    minute has passed, so cycling client addresses does not help either.
+    guessing is slow here, and the penalties fall on the guesser, never on
+    everyone:
+      per client address (IPv4: the address; IPv6: its /64): every refusal is
+      delayed FAIL_DELAY (1 s); checks for one address are done one at a
+      time; after LOCK_AFTER (5) failures within FAIL_WINDOW (900 s) the
+      address is locked (answer L, no check at all) for LOCK_SECONDS (900 s).
+      per account (the user name asked for, known or not): once it has
+      ACCOUNT_FREE (10) failures within ACCOUNT_WINDOW (900 s), from any
+      addresses, every check for it waits ACCOUNT_DELAY (0.25 s), doubled for
+      each further ACCOUNT_FREE failures, at most ACCOUNT_DELAY_MAX (3 s), as
+      Dovecot's auth penalty grows: cycling client addresses slows down.
+    There is no global refusal: the right password from an address without
+    failures is accepted within ACCOUNT_DELAY_MAX plus one check, whatever
+    other clients do. The waits hold no connection slot. Memory is bounded:
+    at most MAX_TRACKED (10,000) addresses and as many accounts are
+    remembered, the least recently failed forgotten first.
     Unknown users cost the same scrypt work as known ones.
 
 LOG
@@ -48,6 +58,7 @@ import asyncio
 import base64
 import collections
 import ipaddress
+import math
 import os
 import shlex
 import signal
@@ -67,9 +78,12 @@ FAIL_DELAY = 1.0            # seconds before a refusal is answered
 LOCK_AFTER = 5              # failures per address within FAIL_WINDOW that lock it
 FAIL_WINDOW = 900.0
 LOCK_SECONDS = 900.0
-GLOBAL_FAILS = 60           # failures per minute, all addresses together
-MAX_TRACKED = 10000         # client addresses remembered (oldest forgotten first)
-MAX_CONNECTIONS = 64
+ACCOUNT_FREE = 10           # failures per account within ACCOUNT_WINDOW before a delay
+ACCOUNT_WINDOW = 900.0
+ACCOUNT_DELAY = 0.25        # seconds, doubled for each further ACCOUNT_FREE failures
+ACCOUNT_DELAY_MAX = 3.0     # a legitimate user never waits longer for the account
+MAX_TRACKED = 10000         # addresses and accounts remembered (oldest forgotten first)
+MAX_CONNECTIONS = 64        # checks run at once (the waits are not counted)
 REQUEST_TIMEOUT = 10.0
 CHECKPASSWORD_TIMEOUT = 10.0
 DOVECOT_TIMEOUT = 10.0      # per line from Dovecot's auth socket
@@ -93,13 +107,13 @@ def client_key(ip: str) -> str:
 
 
 class Limiter:
-    """Failure counts per client key, the lockout, and the global failure rate."""
+    """Failure counts per client key and per account, the lockout, the account delay."""
 
     def __init__(self) -> None:
         self.fails: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
-        self.recent: collections.deque[float] = collections.deque()
+        self.accounts: collections.OrderedDict[bytes, collections.deque[float]] = \
+            collections.OrderedDict()
         self.locks: dict[str, asyncio.Lock] = {}
-        self.inflight = 0          # checks under way count against the global budget
 
     def _window(self, key: str, now: float) -> list[float]:
         times = [t for t in self.fails.get(key, []) if now - t < max(FAIL_WINDOW, LOCK_SECONDS)]
@@ -114,17 +128,28 @@ class Limiter:
         in_window = [t for t in times if times[-1] - t < FAIL_WINDOW]
         return len(in_window) >= LOCK_AFTER and now - times[-1] < LOCK_SECONDS
 
-    def busy(self, now: float) -> bool:
-        while self.recent and now - self.recent[0] >= 60.0:
-            self.recent.popleft()
-        return len(self.recent) + self.inflight >= GLOBAL_FAILS
+    def account_delay(self, user: bytes, now: float) -> float:
+        """Seconds every check for this account waits, from its recent failures."""
+        times = self.accounts.get(user)
+        while times and now - times[0] >= ACCOUNT_WINDOW:
+            times.popleft()
+        if not times:
+            self.accounts.pop(user, None)
+            return 0.0
+        steps = len(times) // ACCOUNT_FREE
+        return 0.0 if steps == 0 else min(ACCOUNT_DELAY * 2 ** (steps - 1), ACCOUNT_DELAY_MAX)
 
-    def failed(self, key: str, now: float) -> None:
-        self.recent.append(now)
+    def failed(self, key: str, user: bytes, now: float) -> None:
         self.fails.setdefault(key, []).append(now)
         self.fails.move_to_end(key)
         while len(self.fails) > MAX_TRACKED:
             self.fails.popitem(last=False)
+        # enough failure times to reach ACCOUNT_DELAY_MAX; older ones change nothing
+        cap = ACCOUNT_FREE * (2 + int(math.log2(ACCOUNT_DELAY_MAX / ACCOUNT_DELAY)))
+        self.accounts.setdefault(user, collections.deque(maxlen=cap)).append(now)
+        self.accounts.move_to_end(user)
+        while len(self.accounts) > MAX_TRACKED:
+            self.accounts.popitem(last=False)
 
     def succeeded(self, key: str) -> None:
         self.fails.pop(key, None)
@@ -285,8 +310,7 @@ class Server:
             if uid != self.allowed_uid:
                 log("%s: refused connection from uid %d pid %d" % (PROGRAM, uid, pid))
                 return
-            async with self.slots:
-                answer = await asyncio.wait_for(self.answer(reader), REQUEST_TIMEOUT * 3)
+            answer = await asyncio.wait_for(self.answer(reader), REQUEST_TIMEOUT * 3)
             writer.write(answer + b"\n")
             await writer.drain()
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
@@ -315,19 +339,16 @@ class Server:
             if self.limiter.locked(key, now):
                 log("auth locked %s" % who)
                 return authdb.LOCKED
-            if self.limiter.busy(now):
-                log("auth tempfail %s: too many failures from all clients" % who)
-                return authdb.TEMP
-            self.limiter.inflight += 1
-            try:
+            delay = self.limiter.account_delay(user, now)
+            if delay:
+                await asyncio.sleep(delay)      # holds no slot: others are checked
+            async with self.slots:              # bounds the checks run at once
                 result = await self.checker.check(user, password, ip)
-            finally:
-                self.limiter.inflight -= 1
             if result == authdb.YES:
                 self.limiter.succeeded(key)
                 log("auth ok %s" % who)
             elif result == authdb.NO:
-                self.limiter.failed(key, time.monotonic())
+                self.limiter.failed(key, user, time.monotonic())
                 log("auth failed %s" % who)
                 await asyncio.sleep(FAIL_DELAY)
             else:
