@@ -1,4 +1,5 @@
-"""Issue 12, attacks by local users: hostile drop files (findings 3 and 9).
+"""Issue 12, attacks by local users: hostile drop files (findings 3 and 9), links
+planted where mail is delivered (finding 6).
 
 Real programs, real files, real uids (as root)."""
 
@@ -7,11 +8,14 @@ from __future__ import annotations
 import os
 import pwd
 import resource
+import stat
 import zlib
 
+import pytest
 import qpytest
 from qpytest import needs_root, wait_for
 from test_inject import pickup_log, queue_inject, queued_messages
+from test_local import addr, homes, ls, put, read  # noqa: F401 (fixtures)
 
 from qpy.common import dropfile, envelope
 
@@ -54,8 +58,9 @@ def _inject_good(qroot, tag: bytes) -> None:
 def test_attack_local_finding3_hostile_drops_under_memory_limit(qroot):
     """Finding 3 (+9): pickup under RLIMIT_AS 256 MiB meets a header claiming a ~1 GiB
     envelope over a sparse file, a sparse message with a right checksum, an envelope
-    over its limit, a truncated file, a FIFO, a symlink and a hard link; it quarantines each, stays up, stays small,
-    and admits every acknowledged message injected around them."""
+    over its limit, a truncated file, a FIFO, a symlink and a hard link; it quarantines
+    each, stays up, stays small, and admits every acknowledged message injected around
+    them."""
     drop = qroot.paths.drop
     _inject_good(qroot, b"before")
     env = envelope.encode(b"a@b.example", [b"c@test.example"])
@@ -104,3 +109,79 @@ def test_attack_local_finding3_hostile_drops_under_memory_limit(qroot):
         assert reason in text, (reason, text)
     with open(victim, "rb") as f:
         assert f.read() == good
+
+
+# --- finding 6: links planted where mail is delivered ------------------------------
+
+@pytest.fixture
+def sticky_spool():
+    """A shared sticky directory (as /var/mail), with fs.protected_symlinks off while
+    the test runs where it can be set (the kernel then follows any planted link)."""
+    knob = "/proc/sys/fs/protected_symlinks"
+    with open(knob) as f:
+        old = f.read().strip()
+    try:
+        with open(knob, "w") as f:
+            f.write("0")
+    except OSError:
+        pass                   # in a container: the test still holds, the kernel helps
+    d = qpytest.test_dir("spool")
+    os.chmod(d, 0o1777)
+    try:
+        yield d
+    finally:
+        try:
+            with open(knob, "w") as f:
+                f.write(old)
+        except OSError:
+            pass
+        qpytest.remove_tree(d)
+
+
+def _as(pw, path: str) -> None:
+    os.lchown(path, pw.pw_uid, pw.pw_gid)
+
+
+@needs_root
+def test_attack_local_finding6_planted_links_in_shared_spool(ls, homes, sticky_spool):  # noqa: F811
+    """bob plants, in a sticky spool, a symlink and a hard link to alice's ~/.profile,
+    an mbox of his own, and Maildirs of his own (one behind a symlink): every delivery
+    to them defers with the reason, and nothing reaches the victim file or bob's
+    directories; a fresh mbox is created for alice and appended to."""
+    alice, bob = homes
+    spool = sticky_spool
+    victim = put(alice, ".profile", "PATH=/usr/bin:/bin\n")
+    os.symlink(victim, os.path.join(spool, "sym"))
+    _as(bob, os.path.join(spool, "sym"))
+    os.link(victim, os.path.join(spool, "hard"))
+    with open(os.path.join(spool, "bobs"), "wb"):
+        pass
+    _as(bob, os.path.join(spool, "bobs"))
+    os.chmod(os.path.join(spool, "bobs"), 0o666)
+    bobmd = os.path.join(spool, "bobmd")
+    for sub in ("", "tmp", "new", "cur"):
+        os.mkdir(os.path.join(bobmd, sub))
+        _as(bob, os.path.join(bobmd, sub))
+        os.chmod(os.path.join(bobmd, sub), 0o777)
+    os.symlink(bobmd, os.path.join(spool, "mdlink"))
+    _as(bob, os.path.join(spool, "mdlink"))
+    cases = {"-sym": ("sym", "symbolic link"), "-hard": ("hard", "hard links"),
+             "-bobs": ("bobs", "owned by uid %d" % bob.pw_uid),
+             "-mdlink": ("mdlink/", "symbolic link"),
+             "-bobmd": ("bobmd/", "owned by uid %d" % bob.pw_uid)}
+    for ext, (name, reason) in cases.items():
+        put(alice, ".qmail" + ext, os.path.join(spool, name) + "\n")
+        status, text = ls.deliver(addr(alice, ext))
+        assert status == b"Z" and reason in text, (ext, status, text)
+    assert read(victim) == b"PATH=/usr/bin:/bin\n"
+    assert os.stat(victim).st_nlink == 2
+    assert read(os.path.join(spool, "bobs")) == b""
+    assert os.listdir(os.path.join(bobmd, "new")) == os.listdir(os.path.join(bobmd, "tmp")) \
+        == []
+    # an mbox that does not exist yet is made for alice (O_EXCL), then appended to
+    put(alice, ".qmail-ok", os.path.join(spool, "alice") + "\n")
+    assert ls.deliver(addr(alice, "-ok"))[0] == b"K"
+    assert ls.deliver(addr(alice, "-ok"))[0] == b"K"
+    st = os.stat(os.path.join(spool, "alice"))
+    assert st.st_uid == alice.pw_uid and stat.S_IMODE(st.st_mode) == 0o600
+    assert read(os.path.join(spool, "alice")).count(b"\nFrom ") == 1   # two messages

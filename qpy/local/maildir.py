@@ -10,6 +10,13 @@ the tmp name removed and `new/` fsync'd. Any failure (not a directory, no
 `tmp/`, disk full, quota) removes the tmp file and raises OSError: the caller
 defers (111), so nothing is lost and nothing is half-delivered in `new/`.
 
+A Maildir may be named in a directory other users can write, so its
+directories are checked as mbox files are (qpy.local.mbox): `tmp/` and `new/`
+are opened without following a symbolic link, the Maildir itself through one
+only when that link is the recipient's own, and all three must be owned by the
+recipient; else the delivery is refused with the reason (a temporary failure:
+nothing goes into a directory another user planted and can read).
+
 The fsync of `new/` is skipped when `new/` is on the queue's own filesystem
 (device `queue_dev`): the queue forgets the message only by later unlinks on
 that filesystem, and its journal (ext4, xfs, btrfs: the filesystems qpy
@@ -25,6 +32,7 @@ import errno
 import itertools
 import os
 import socket
+import stat
 import time
 
 from qpy.common.durable import write_all
@@ -66,11 +74,15 @@ def copy_message(src: int, dst: int, head: bytes) -> None:
 def deliver(path: str | bytes, msgfd: int, head: bytes, queue_dev: int = -1) -> str:
     """Deliver into Maildir `path`; returns the new file's name. Raises OSError.
     queue_dev: the queue's st_dev (-1: unknown, always fsync `new/`)."""
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    path = os.fsencode(path).rstrip(b"/") or b"/"   # a trailing / would follow a link
+    if os.path.islink(path) and os.lstat(path).st_uid != os.geteuid():
+        raise OSError(errno.EPERM, "maildir is a symbolic link of uid %d, not of the "
+                      "recipient (refused)" % os.lstat(path).st_uid)
+    dfd = _open_dir(path, None)
     try:
-        tmpfd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+        tmpfd = _open_dir(b"tmp", dfd, os.O_NOFOLLOW)
         try:
-            newfd = os.open("new", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+            newfd = _open_dir(b"new", dfd, os.O_NOFOLLOW)
             try:
                 return _deliver(tmpfd, newfd, msgfd, head, queue_dev)
             finally:
@@ -79,6 +91,25 @@ def deliver(path: str | bytes, msgfd: int, head: bytes, queue_dev: int = -1) -> 
             os.close(tmpfd)
     finally:
         os.close(dfd)
+
+
+def _open_dir(name: bytes, dfd: int | None, flags: int = 0) -> int:
+    """A directory of the Maildir, refused unless the recipient owns it."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | flags, dir_fd=dfd)
+    except OSError as e:
+        # O_DIRECTORY|O_NOFOLLOW on a link fails with ENOTDIR (or ELOOP): say which
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and flags & os.O_NOFOLLOW and \
+                stat.S_ISLNK(os.lstat(name, dir_fd=dfd).st_mode):
+            raise OSError(errno.ELOOP, "maildir %s is a symbolic link (refused)"
+                          % os.fsdecode(name))
+        raise
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        raise OSError(errno.EPERM, "maildir %s is owned by uid %d, not by the recipient "
+                      "(refused)" % (os.fsdecode(name), owner))
+    return fd
 
 
 def _deliver(tmpfd: int, newfd: int, msgfd: int, head: bytes, queue_dev: int) -> str:

@@ -2,9 +2,17 @@
 
     deliver("./Mailbox", msgfd, ufline, head)
 
-Runs as the recipient. Opens the file for append (created 0600 if missing)
-without blocking, so a FIFO or device never hangs a delivery: anything but a
-regular file is refused. Locks with a dot-lock `PATH.lock` (skipped when the
+Runs as the recipient. Opens the file for append without blocking, so a FIFO or
+device never hangs a delivery, and by Postfix local(8)'s rules, for an mbox may
+live in a shared sticky directory (/var/mail) where another user can plant
+names: never through a symbolic link (O_NOFOLLOW, whatever the kernel's
+fs.protected_symlinks says), only a regular file, owned by the recipient, with
+one link (a hard link planted to the recipient's ~/.profile is refused); an
+mbox that is missing is created 0600 with O_EXCL, so a name planted between
+the two opens is checked like any other. A refused mbox is a temporary failure
+(the caller defers with the reason): the recipient or the admin removes the
+planted name and the mail is delivered; a bounce would let the planter make
+the recipient's mail bounce. Locks with a dot-lock `PATH.lock` (skipped when the
 directory is not writable by the user, as in a shared spool) and flock, each
 waited for at most LOCK_WAIT seconds; a dot-lock older than STALE_LOCK seconds
 is broken. Writes the `From ` line, `head` (Return-Path + Delivered-To), the
@@ -105,14 +113,41 @@ def _flock(fd: int) -> None:
             time.sleep(LOCK_POLL)
 
 
+def open_mbox(path: bytes) -> int:
+    """The mbox open for append, by the rules in the module docstring; OSError with
+    the reason when it is refused."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            try:
+                return os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            except FileExistsError:
+                continue        # made meanwhile (perhaps planted): checked as any other
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "mbox is a symbolic link (refused)")
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            why = "mbox is not a regular file"
+        elif st.st_uid != os.geteuid():
+            why = "mbox is owned by uid %d, not by the recipient (refused)" % st.st_uid
+        elif st.st_nlink != 1:
+            why = "mbox has %d hard links (refused)" % st.st_nlink
+        else:
+            return fd
+        os.close(fd)
+        raise OSError(errno.EPERM, why)
+    raise OSError(errno.EAGAIN, "mbox appears and disappears")
+
+
 def deliver(path: str | bytes, msgfd: int, ufline: bytes, head: bytes) -> None:
     path = os.fsencode(path)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY,
-                 FILE_MODE)
+    fd = open_mbox(path)
     lock = None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "mbox is not a regular file")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         lock = _dotlock(path)
         _flock(fd)
