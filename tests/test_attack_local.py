@@ -17,7 +17,7 @@ from qpytest import needs_root, wait_for
 from test_inject import pickup_log, queue_inject, queued_messages
 from test_local import addr, homes, ls, put, read  # noqa: F401 (fixtures)
 
-from qpy.common import dropfile, envelope
+from qpy.common import dropfile, envelope, spawn
 
 MEMORY_LIMIT = 256 << 20
 
@@ -185,3 +185,61 @@ def test_attack_local_finding6_planted_links_in_shared_spool(ls, homes, sticky_s
     st = os.stat(os.path.join(spool, "alice"))
     assert st.st_uid == alice.pw_uid and stat.S_IMODE(st.st_mode) == 0o600
     assert read(os.path.join(spool, "alice")).count(b"\nFrom ") == 1   # two messages
+
+
+# --- finding 11: hop count, the message descriptor --------------------------------
+
+def _maildir_new(pw) -> list[str]:
+    try:
+        return os.listdir(os.path.join(pw.pw_dir, "Maildir", "new"))
+    except FileNotFoundError:
+        return []
+
+
+@needs_root
+def test_attack_local_finding11_more_than_100_hops_bounce_5_4_6(ls, homes):  # noqa: F811
+    """101 Received:/Delivered-To: lines (a forward fan-out, a loop through other hosts):
+    a permanent failure with 5.4.6 (queue-send bounces it), nothing delivered; 100 pass."""
+    alice, _ = homes
+    body = b"Subject: hops\n\nbody\n"
+    trace = [b"Received: from hop%d.example by x; 1 Jan 2026 00:00:00 -0000\n" % i
+             for i in range(60)] + [b"Delivered-To: list%d@elsewhere.example\n" % i
+                                    for i in range(41)]
+    status, text = ls.deliver(addr(alice), message=b"".join(trace) + body)
+    assert status == b"D" and "#5.4.6" in text and "more than 100" in text, (status, text)
+    assert _maildir_new(alice) == []
+    status, text = ls.deliver(addr(alice), message=b"".join(trace[:100]) + body)
+    assert status == b"K", text
+    assert len(_maildir_new(alice)) == 1
+
+
+@needs_root
+def test_attack_local_finding11_message_read_through_given_descriptor(ls, homes):  # noqa: F811
+    """qpy-lspawn reads the message only through the descriptor it was given: one
+    opened O_PATH or write-only (its holder could not read through it) is refused, not
+    reopened with root's access through /proc/self/fd. Two programs delivering one
+    message at once each read all of it (no shared offset)."""
+    alice, bob = homes
+    path = os.path.join(ls.msgdir, "secret")
+    with open(path, "wb") as f:
+        f.write(b"Subject: secret\n\nnot for the holder of the descriptor\n")
+    os.chown(path, ls.qpyq.pw_uid, ls.qpyq.pw_gid)
+    os.chmod(path, 0o600)
+    for flags in (os.O_PATH, os.O_WRONLY):
+        fd = os.open(path, flags)
+        try:
+            spawn.send_request(ls.sock, 900 + flags, b"s@x.example", [addr(alice)], fd)
+        finally:
+            os.close(fd)
+        got, results = ls.recv()
+        assert got == 900 + flags
+        assert results[0][0] == b"Z" and b"not open for reading" in results[0][1], results
+    assert _maildir_new(alice) == []
+    big = b"Subject: big\n\n" + b"".join(b"line %07d\n" % i for i in range(200_000))
+    for pw in (alice, bob):
+        put(pw, ".qmail", '|sleep 0.3; cat > "$HOME/got"\n')
+    d = ls.send([addr(alice), addr(bob)], message=big)
+    got, results = ls.recv()
+    assert got == d and [r[0] for r in results] == [b"K", b"K"], results
+    for pw in (alice, bob):
+        assert read(os.path.join(pw.pw_dir, "got")) == big

@@ -16,13 +16,18 @@ WHAT IT DOES
         DTLINE  Delivered-To: LOCAL@DOMAIN
         RPLINE  Return-Path: <SENDER>
         UFLINE  From SENDER DATE      (mbox only)
-    refuse a message whose header already holds DTLINE (a loop: permanent);
+    refuse a message whose header already holds DTLINE, or more than MAX_HOPS
+    (100) Received: and Delivered-To: lines (a loop or a forward fan-out:
+    permanent, #5.4.6, so queue-send bounces it; counted here, where the header
+    is read for DTLINE anyway and where a forward re-enters the queue without
+    passing qpy-smtpd, which counts the same lines of mail from the network);
     pick the .qmail file (qpy.local.dotqmail) or, when the user's own address
     has none or it is empty, DEFAULTDELIVERY (control/defaultdelivery, default
     ./Maildir/), then run its lines in order:
         Maildir/mbox   RPLINE + DTLINE + message (qpy.local.maildir, qpy.local.mbox)
         |command       /bin/sh -c command, in HOMEDIR, stdin the message from its
-                       start, qmail's environment (below), output captured
+                       start (a sealed copy in memory with its own offset),
+                       qmail's environment (below), output captured
                        (MAX_OUTPUT bytes, for the log and the bounce), killed with
                        its process group after the `timeoutlocal` control
                        (default TIMEOUT seconds). Exit 0: next line; 99: success,
@@ -45,6 +50,7 @@ EXIT CODES
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
@@ -64,6 +70,7 @@ TIMEOUT = 3600                     # default for control/timeoutlocal (seconds)
 MAX_OUTPUT = 4000                  # bytes of a program's output kept for the report
 MAX_HEADER_SCAN = 16 * 1024 * 1024 # the loop check reads at most this much header
 MAX_FORWARDS = dotqmail.MAX_INSTRUCTIONS
+MAX_HOPS = 100                     # Received:/Delivered-To: lines; more: a loop (5.4.6)
 CHUNK = 64 * 1024
 PATH = "/usr/local/bin:/usr/bin:/bin"
 PERMANENT_PROGRAM_CODES = (64, 65, 70, 76, 77, 78, 100, 112)
@@ -115,20 +122,51 @@ def _ext_parts(ext: bytes) -> list[bytes]:
     return out
 
 
-def _loops(msgfd: int, dtline: bytes) -> bool:
-    """True when the message header already holds exactly our Delivered-To line."""
-    with open(os.dup(msgfd), "rb", buffering=CHUNK) as f:
-        f.seek(0)
-        scanned = 0
-        for line in f:
-            if line in (b"\n", b"\r\n"):
-                return False
-            if line == dtline:
-                return True
-            scanned += len(line)
-            if scanned > MAX_HEADER_SCAN:
-                return False
-    return False
+def _loops(msgfd: int, dtline: bytes) -> str | None:
+    """Why the message is looping, or None: its header holds exactly our Delivered-To
+    line, or more than MAX_HOPS Received:/Delivered-To: lines (a forward fan-out or a
+    loop through other hosts that the exact check misses). Read by offset (pread):
+    the descriptor's offset may be shared."""
+    hops, off, carry = 0, 0, b""
+    while off <= MAX_HEADER_SCAN:
+        chunk = os.pread(msgfd, CHUNK, off)
+        off += len(chunk)
+        lines = (carry + chunk).split(b"\n")
+        carry = lines.pop() if chunk else b""
+        for line in lines:
+            if line in (b"", b"\r"):
+                return None                      # the end of the header
+            if line + b"\n" == dtline:
+                return "This message is looping: it already has my Delivered-To line. (#5.4.6)"
+            if line[:13].lower().startswith((b"received:", b"delivered-to:")):
+                hops += 1
+                if hops > MAX_HOPS:
+                    return ("This message is looping: it has more than %d Received: and "
+                            "Delivered-To: lines. (#5.4.6)" % MAX_HOPS)
+        if not chunk or len(carry) > MAX_HEADER_SCAN:
+            return None
+    return None
+
+
+def private_copy(msgfd: int) -> int:
+    """A sealed, read-only copy of the message with its own offset, for a program's
+    stdin: the descriptor qpy-lspawn passed may be shared by deliveries running at
+    once (the same open file description), and a program reads by offset."""
+    fd = os.memfd_create("qpy-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        off, size = 0, os.fstat(msgfd).st_size
+        while off < size:
+            n = os.sendfile(fd, msgfd, off, size - off)
+            if n == 0:
+                break
+            off += n
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def make_maildir(path: bytes) -> None:
@@ -175,16 +213,21 @@ class Local:
 
     def program(self, cmd: bytes, env: dict[bytes, bytes]) -> int:
         """Run one |command; returns its exit code (crash and timeout -> 111)."""
-        os.lseek(self.d.msgfd, 0, os.SEEK_SET)
+        try:
+            stdin = private_copy(self.d.msgfd)
+        except OSError as e:
+            raise temp(f"Unable to copy the message for a program: {e.strerror}. (#4.3.0)")
         r, w = os.pipe()
         try:
-            p = subprocess.Popen([b"/bin/sh", b"-c", cmd], stdin=self.d.msgfd, stdout=w,
+            p = subprocess.Popen([b"/bin/sh", b"-c", cmd], stdin=stdin, stdout=w,
                                  stderr=w, cwd=self.d.home, env=env, close_fds=True,
                                  process_group=0)  # own group, same session as us
         except OSError as e:
             os.close(r)
             os.close(w)
             raise temp(f"Unable to run /bin/sh: {e.strerror}. (#4.3.0)")
+        finally:
+            os.close(stdin)
         os.close(w)
         self.programs += 1
         kept, timed_out = self._collect(p, r)
@@ -298,8 +341,9 @@ class Local:
             raise temp("Uh-oh: home directory is writable by group or others. (#4.7.0)")
         if st.st_mode & stat.S_ISVTX:
             raise temp("Home directory is sticky: user is editing his .qmail file. (#4.2.1)")
-        if _loops(d.msgfd, self.dtline):
-            raise perm("This message is looping: it already has my Delivered-To line. (#5.4.6)")
+        looping = _loops(d.msgfd, self.dtline)
+        if looping:
+            raise perm(looping)
         homefd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         try:
             found = dotqmail.find(homefd, d.dash, d.ext, d.uid)

@@ -13,9 +13,11 @@ WHAT IT DOES
     recipient it finds the owner (qpy.common.users.lookup: users/assign, the
     passwd database, the alias user qpyalias; never root) and hands the delivery
     to a worker (qpy.local.worker) that runs as that owner, with the message
-    reopened as its own file description. A worker is a child forked from this
-    process: it starts a new session, keeps only its socket (fd 0; fd 1 and 2
-    are /dev/null), drops to the user's groups, gid and uid
+    descriptor as queue-send passed it (never reopened: through /proc/self/fd
+    that would be with root's access; one not open for reading is refused).
+    A worker is a child forked from this process: it starts a new session,
+    keeps only its socket (fd 0; fd 1 and 2 are /dev/null), drops to the
+    user's groups, gid and uid
     (qpy.common.privilege.become, which proves root cannot be regained), names
     itself `qpy-local USER` and runs deliveries in-process (qpy.local.local: no
     new interpreter per delivery), one at a time, answering each with
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import fcntl
 import os
 import pwd
 import selectors
@@ -194,6 +197,10 @@ class LSpawn:
             return b"qpy-lspawn unable to read message (#4.3.0)"
         if not stat.S_ISREG(st.st_mode) or (self.queue_uid >= 0 and st.st_uid != self.queue_uid):
             return b"Sorry, message has wrong type or owner. (#4.3.5)"
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & os.O_PATH or flags & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR):
+            # read only through the descriptor as given: its holder's access, not ours
+            return b"Sorry, message descriptor is not open for reading. (#4.3.5)"
         return None
 
     def start(self, job: Job, index: int, sender: bytes, rcpt: bytes) -> tuple[bytes, bytes] | None:
@@ -219,27 +226,22 @@ class LSpawn:
         key = (who.user, who.uid, who.gid, tuple(groups))
         fields = [who.user.encode(), os.fsencode(who.home), local, domain, who.dash, who.ext,
                   sender, self.defaultdelivery, self.envnoathost, b"%d" % self.timeout]
-        try:
-            # the worker's own open file description: no offset shared with another
-            msgfd = os.open(f"/proc/self/fd/{job.msgfd}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return b"Z", b"qpy-lspawn unable to reopen the message. (#4.3.0)"
-        try:
-            for _ in range(2):  # an idle worker may have died just now: then a new one
-                w = self._worker(key, who, groups)
-                if w is None:
-                    return b"Z", b"qpy-lspawn unable to start a delivery process. (#4.3.0)"
-                self.seq += 1
-                try:
-                    w.sock.sendmsg([worker.encode_request(self.seq, fields)], [
-                        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [msgfd]))])
-                    break
-                except OSError:
-                    self.retire(w)  # its exit is reaped; it had no delivery of ours
-            else:
-                return b"Z", b"qpy-lspawn unable to reach a delivery process. (#4.3.0)"
-        finally:
-            os.close(msgfd)
+        # the descriptor queue-send passed, never reopened (through /proc that would be
+        # with root's access): workers read it by offset (pread), programs get a copy
+        msgfd = job.msgfd
+        for _ in range(2):  # an idle worker may have died just now: then a new one
+            w = self._worker(key, who, groups)
+            if w is None:
+                return b"Z", b"qpy-lspawn unable to start a delivery process. (#4.3.0)"
+            self.seq += 1
+            try:
+                w.sock.sendmsg([worker.encode_request(self.seq, fields)], [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [msgfd]))])
+                break
+            except OSError:
+                self.retire(w)  # its exit is reaped; it had no delivery of ours
+        else:
+            return b"Z", b"qpy-lspawn unable to reach a delivery process. (#4.3.0)"
         w.job, w.index, w.seq = job, index, self.seq
         w.deadline = time.monotonic() + self.timeout + GRACE
         w.served += 1

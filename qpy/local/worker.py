@@ -27,8 +27,11 @@ WHAT IT DOES
 
 SECURITY
     The worker holds only its socket and, during a delivery, that delivery's
-    message fd (its own open file description: qpy-lspawn reopens the message
-    per delivery, so no two deliveries share a file offset). Every delivery
+    message fd: the descriptor queue-send passed to qpy-lspawn, never reopened,
+    so the worker reads with its sender's access, not root's. Deliveries of one
+    message running at once share its file offset, so the worker reads it only
+    by offset (pread), and a program gets a sealed copy with its own
+    (qpy.local.local.private_copy). Every delivery
     starts from "/" and qpy-local's own checks (home owned by the user, not
     writable by group or others) run again each time. The worker is not
     dumpable (it changed uid), so the user's own processes cannot ptrace it;
