@@ -24,6 +24,17 @@ WRITES
     --check compares ROOT with the layout and prints every difference (missing,
     wrong type, owner, group, mode), one a line; exit 1 if there is any.
 
+SECURITY
+    Run as root on a live root, it works inside directories other users own
+    (queue/ is qpyq's, alias/ qpyalias's, auth/ qpyauth's), where they could
+    plant a symbolic link in place of a directory or a file. So every path
+    under ROOT is reached from an open descriptor of ROOT, one component at a
+    time with O_NOFOLLOW; directories are made with mkdir at a descriptor and
+    files under a temporary name with O_EXCL, linked into place (link never
+    replaces a name); owner and mode are set on the open descriptor. A symbolic
+    link (or anything else) where a directory is expected stops the install
+    with the path named (exit 111): nothing is created through it.
+
 EXIT CODES
     0 done (or no difference); 1 differences found; 2 usage; 111 failure.
 """
@@ -31,6 +42,7 @@ EXIT CODES
 from __future__ import annotations
 
 import argparse
+import errno
 import grp
 import os
 import pwd
@@ -117,18 +129,20 @@ class Ids:
         return grp.getgrnam(name).gr_gid
 
 
-def apply_layout(root: str, entries: list[Entry], ids: Ids) -> None:
+def apply_layout(root_fd: int, entries: list[Entry], ids: Ids) -> None:
     for e in entries:
-        path = os.path.normpath(os.path.join(root, e.path))
-        if os.path.lexists(path):
-            continue                      # never change what exists
-        if e.kind == "d":
-            os.mkdir(path, 0o700)
-        else:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            os.close(fd)
-        os.chown(path, ids.uid(e.owner), ids.gid(e.group), follow_symlinks=False)
-        os.chmod(path, e.mode)            # after chown: chown clears setgid bits
+        parent, name = os.path.split(os.path.normpath(e.path))
+        if name in ("", "."):
+            continue                      # the root itself: made by install()
+        pfd = open_under(root_fd, parent)
+        try:
+            uid, gid = ids.uid(e.owner), ids.gid(e.group)
+            if e.kind == "d":
+                make_dir(pfd, name, e.mode, uid, gid)
+            else:
+                make_file(pfd, name, b"", e.mode, uid, gid)
+        finally:
+            os.close(pfd)
 
 
 def check_layout(root: str, entries: list[Entry], ids: Ids) -> list[str]:
@@ -162,36 +176,113 @@ def check_layout(root: str, entries: list[Entry], ids: Ids) -> list[str]:
     return problems
 
 
-def write_missing(directory: str, name: str, data: bytes, mode: int, uid: int = -1,
-                  gid: int = -1) -> None:
-    path = os.path.join(directory, name)
-    if os.path.lexists(path):
-        return
-    durable.write_file(directory, name, data, mode)
-    if uid != -1:
-        os.chown(path, uid, gid, follow_symlinks=False)
+# Run as root on a live root, qpy-install works inside directories other users own
+# (queue/ is qpyq's, alias/ qpyalias's): they could plant a symbolic link where it
+# expects a directory or a file. So it works relative to opened directories, never
+# follows a link (O_NOFOLLOW at every step), creates with O_EXCL and sets owner and
+# mode on the open descriptor.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
-def write_defaults(root: str, me: str, smtp: str | None, ids: Ids) -> None:
-    ctl = os.path.join(root, "control")
+def open_under(dfd: int, rel: str) -> int:
+    """Directory `rel` under the open directory dfd, one component at a time."""
+    fd = os.dup(dfd)
+    for part in rel.split("/"):
+        if part in ("", "."):
+            continue
+        try:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise OSError(e.errno, "%s: not a directory (a symbolic link is never "
+                              "followed)" % rel)
+            raise
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def make_dir(dfd: int, name: str, mode: int, uid: int, gid: int) -> None:
+    """Create directory name in dfd unless something has that name."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=dfd)
+    except FileExistsError:
+        return                            # never change what exists
+    fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():   # swapped for another's meanwhile
+            raise OSError(errno.EEXIST, "%s: replaced while being made" % name)
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)               # after chown: chown clears setgid bits
+    finally:
+        os.close(fd)
+
+
+def make_file(dfd: int, name: str, data: bytes, mode: int, uid: int = -1,
+              gid: int = -1) -> None:
+    """Create file name in dfd with data unless something has that name."""
+    try:
+        os.lstat(name, dir_fd=dfd)
+        return                            # never change what exists
+    except FileNotFoundError:
+        pass
+    tmp = ".tmp.%s.%d" % (name, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                 dir_fd=dfd)
+    try:
+        try:
+            durable.write_all(fd, data)
+            if uid != -1:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # durable: the file was fsync'd; link() never replaces a name that appeared
+        # meanwhile (rename would), then the directory is fsync'd
+        os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    finally:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+    os.fsync(dfd)
+
+
+def write_defaults(root_fd: int, me: str, smtp: str | None, ids: Ids) -> None:
     line = (me + "\n").encode("ascii")
-    for name in ("me", "locals", "rcpthosts"):
-        write_missing(ctl, name, line, CONTROL_MODE)
-    write_missing(ctl, "defaultdelivery", b"./Maildir/\n", CONTROL_MODE)
-    write_missing(ctl, "smtprules", SMTPRULES_TEXT, CONTROL_MODE)
-    if smtp:
-        write_missing(ctl, "smtplisten", (smtp + "\n").encode("ascii"), CONTROL_MODE)
-    write_missing(os.path.join(root, "users"), "assign", ASSIGN_TEXT, 0o644)
-    alias = os.path.join(root, "alias")
+    ctl = open_under(root_fd, "control")
+    try:
+        for name in ("me", "locals", "rcpthosts"):
+            make_file(ctl, name, line, CONTROL_MODE)
+        make_file(ctl, "defaultdelivery", b"./Maildir/\n", CONTROL_MODE)
+        make_file(ctl, "smtprules", SMTPRULES_TEXT, CONTROL_MODE)
+        if smtp:
+            make_file(ctl, "smtplisten", (smtp + "\n").encode("ascii"), CONTROL_MODE)
+    finally:
+        os.close(ctl)
+    users = open_under(root_fd, "users")
+    try:
+        make_file(users, "assign", ASSIGN_TEXT, 0o644)
+    finally:
+        os.close(users)
     auid, agid = ids.uid("qpyalias"), ids.gid("qpyalias")
-    for name in ALIAS_QMAIL:
-        write_missing(alias, ".qmail-" + name, b"./Maildir/\n", 0o600, auid, agid)
-    maildir = os.path.join(alias, "Maildir")
-    for sub in ("", "tmp", "new", "cur"):
-        p = os.path.join(maildir, sub)
-        if not os.path.lexists(p):
-            os.mkdir(p, 0o700)
-            os.chown(p, auid, agid, follow_symlinks=False)
+    alias = open_under(root_fd, "alias")
+    try:
+        for name in ALIAS_QMAIL:
+            make_file(alias, ".qmail-" + name, b"./Maildir/\n", 0o600, auid, agid)
+        make_dir(alias, "Maildir", 0o700, auid, agid)
+        maildir = open_under(root_fd, "alias/Maildir")
+        try:
+            for sub in ("tmp", "new", "cur"):
+                make_dir(maildir, sub, 0o700, auid, agid)
+        finally:
+            os.close(maildir)
+    finally:
+        os.close(alias)
 
 
 def install(root: str, me: str, smtp: str | None) -> int:
@@ -202,11 +293,15 @@ def install(root: str, me: str, smtp: str | None) -> int:
     os.makedirs(os.path.dirname(root) or "/", exist_ok=True)
     if not os.path.isdir(root):
         os.mkdir(root, 0o755)
-    if oneuser:
-        write_missing(root, "oneuser", (oneuser + "\n").encode("ascii"), 0o644)
     ids = Ids(oneuser)
-    apply_layout(root, read_layout(), ids)
-    write_defaults(root, me, smtp, ids)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if oneuser:
+            make_file(root_fd, "oneuser", (oneuser + "\n").encode("ascii"), 0o644)
+        apply_layout(root_fd, read_layout(), ids)
+        write_defaults(root_fd, me, smtp, ids)
+    finally:
+        os.close(root_fd)
     newrcpt = program("qpy-newrcpt")
     if os.path.exists(newrcpt):
         r = subprocess.run([newrcpt, root], env={"PATH": "/usr/bin:/bin", "QPY_ROOT": root})
