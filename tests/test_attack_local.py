@@ -243,3 +243,30 @@ def test_attack_local_finding11_message_read_through_given_descriptor(ls, homes)
     assert got == d and [r[0] for r in results] == [b"K", b"K"], results
     for pw in (alice, bob):
         assert read(os.path.join(pw.pw_dir, "got")) == big
+
+
+@needs_root
+def test_attack_local_finding11_install_follows_no_link(qroot):
+    """qpyalias plants alias/Maildir -> a root directory; qpyq plants queue/run -> another.
+    qpy-install run again as root stops (111), naming the path, and creates nothing in
+    either victim directory."""
+    base = os.path.dirname(qroot.path)
+    alias_md = os.path.join(qroot.path, "alias", "Maildir")
+    for victim, planted, owner in ((os.path.join(base, "victim1"), alias_md, "qpyalias"),
+                                   (os.path.join(base, "victim2"),
+                                    os.path.join(qroot.path, "queue", "run"), "qpyq")):
+        os.mkdir(victim, 0o755)
+        os.rename(planted, planted + ".old")
+        os.symlink(victim, planted)
+        pw = pwd.getpwnam(owner)
+        os.lchown(planted, pw.pw_uid, pw.pw_gid)
+        r = qroot.run("qpy-install", qroot.path)
+        assert r.returncode == 111, (r.stdout, r.stderr)
+        rel = os.path.relpath(planted, qroot.path)
+        assert rel.encode() in r.stderr and b"symbolic link" in r.stderr, r.stderr
+        assert os.listdir(victim) == []
+        os.unlink(planted)
+        os.rename(planted + ".old", planted)
+    r = qroot.run("qpy-install", qroot.path)
+    assert r.returncode == 0, r.stderr
+    assert qroot.run("qpy-install", "--check", qroot.path).returncode == 0
