@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qpy.common import address, dropfile, envelope
+from qpy.common.queue import todo_decode, todo_encode
 
 local = st.from_regex(r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]{1,20}(\.[a-zA-Z0-9_-]{1,10}){0,2}",
                       fullmatch=True)
@@ -126,3 +127,23 @@ def test_parse_path_never_crashes_and_output_is_clean(data):
             continue
         assert all(c >= 0x20 and c != 0x7F for c in out)
         assert len(out) <= address.MAX_PATH
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**32), st.integers(0, 2**40),
+       st.integers(0, 2**31), mailbox, st.lists(mailbox, min_size=1, max_size=5))
+def test_todo_record_carries_the_qp(when, uid, size, qp, sender, rcpts):
+    env = envelope.encode(sender, rcpts)
+    t = todo_decode(todo_encode(when, uid, size, env, qp))
+    assert (t.arrival, t.uid, t.size, t.env, t.qp) == (when, uid, size, env, qp)
+
+
+def test_todo_record_without_qp_still_read():
+    """A todo/ID written before the qp joined its header (queue-send reads it after an
+    upgrade): qp 0, as the Received: line's qp was 0 when unknown."""
+    env = envelope.encode(b"a@x.example", [b"b@y.example"])
+    t = todo_decode(b"QPYTODO1 1700000000 0 42\n" + env)
+    assert (t.arrival, t.uid, t.size, t.env, t.qp) == (1700000000, 0, 42, env, 0)
+    for bad in (b"QPYTODO1 1 2\n", b"QPYTODO1 1 2 3 4 5\n", b"QPYTODO1 1 2 x 4\n",
+                b"QPYTODO2 1 2 3 4\n", b"QPYTODO1 1 2 3"):
+        with pytest.raises(ValueError):
+            todo_decode(bad + env)

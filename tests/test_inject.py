@@ -163,7 +163,8 @@ def test_sendmail_adds_headers_and_keeps_body(qroot):
     assert b"\nFrom: Ann Smith <" in head and b"\nDate: " in head and b"\nMessage-ID: <" in head
     (todo,) = todo_ready(qroot)
     with open(os.path.join(qroot.paths.todo, todo), "rb") as f:
-        _, uid, size, env = todo_decode(f.read())
+        t = todo_decode(f.read())
+        size, env = t.size, t.env
     assert envelope.decode(env) == (b"sender@x.example", [b"rcpt@test.example"])
     assert size == len(m)
 
@@ -179,7 +180,7 @@ def test_sendmail_t_takes_recipients_and_removes_bcc(qroot):
     assert b"Bcc" not in m and b"hidden" not in m and b"also@five" not in m
     (todo,) = todo_ready(qroot)
     with open(os.path.join(qroot.paths.todo, todo), "rb") as f:
-        env = todo_decode(f.read())[3]
+        env = todo_decode(f.read()).env
     assert sorted(envelope.decode(env)[1]) == [b"a@one.example", b"also@five.example",
                                                b"b@two.example", b"c@three.example",
                                                b"hidden@four.example"]
@@ -216,7 +217,7 @@ def test_inject_qmail_style(qroot):
     assert b"From: Carol C <carol@c.example>" in m
     (todo,) = todo_ready(qroot)
     with open(os.path.join(qroot.paths.todo, todo), "rb") as f:
-        env = todo_decode(f.read())[3]
+        env = todo_decode(f.read()).env
     assert envelope.decode(env) == (b"carol@c.example", [b"bob@b.example"])
 
 

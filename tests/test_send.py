@@ -572,14 +572,15 @@ def test_bounce_of_a_big_message_returns_its_header_only(qroot):
 
 
 # --- state/ID only for a message that outlives its first pass (issue 7) -----------
-def _write_queue_files(qroot, msgid: str, body: bytes | None, rcpts: list[bytes]) -> None:
+def _write_queue_files(qroot, msgid: str, body: bytes | None, rcpts: list[bytes],
+                       qp: int = 9) -> None:
     """mess/ID (unless body is None) and todo/ID by hand, with pickup's owners and modes."""
     from qpy.common import envelope
     from qpy.common.queue import todo_encode
     p = qroot.paths
     qpyq, qpys = pwd.getpwnam("qpyq"), pwd.getpwnam("qpys")
     todo = todo_encode(int(time.time()), 0, len(body or b""),
-                       envelope.encode(b"qtsa@%s" % ME.encode(), rcpts))
+                       envelope.encode(b"qtsa@%s" % ME.encode(), rcpts), qp)
     files = [(os.path.join(p.todo, msgid), todo)]
     if body is not None:
         files.append((os.path.join(p.mess, msgid), body))
@@ -699,7 +700,7 @@ def _queue_send(qroot, monkeypatch):
 
 def _in_flight(qs, msgid: str, indexes: list[int]) -> int:
     """Pretend the local spawner took a delivery of these recipients: its number."""
-    from qpy.send.queue_send import LOCAL, Delivery
+    from qpy.send.deliver import LOCAL, Delivery
     qs.dnum += 1
     qs.deliveries[qs.dnum] = Delivery(msgid, LOCAL, indexes, False)
     qs.msgs[msgid].inflight.update(indexes)
@@ -741,6 +742,8 @@ def test_queue_send_records_only_what_outlives_the_first_pass(qroot, monkeypatch
     log = capfd.readouterr().err
     assert "todo/%s has no mess/%s: finished before a crash; removing it" % (gone, gone) in log
     assert "end msg %s" % one in log and "new msg %s" % gone not in log
+    # the qp comes from the todo record (9), not from mess/ID's Received: line (7)
+    assert "info msg %s: bytes %d from <qtsa@%s> qp 9 uid 0" % (one, len(body), ME) in log
 
 
 def test_queue_send_removes_a_todo_backed_message_without_state(qroot, monkeypatch):

@@ -85,12 +85,12 @@ def block_from_todo(paths: Paths, msgid: str) -> list[str] | None:
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_TODO_BYTES)
     try:
-        when, _uid, size, env = todo_decode(data)
-        sender, rcpts = envelope.decode(env)
+        todo = todo_decode(data)
+        sender, rcpts = envelope.decode(todo.env)
     except (ValueError, envelope.EnvelopeError) as e:
         return ["%s  (unreadable todo file: %s)" % (msgid, clean(str(e)))]
-    out = ["%s  %s  %d bytes  from %s" % (msgid, date(when), _size(paths, msgid) or size,
-                                          _addr(sender))]
+    size = _size(paths, msgid) or todo.size
+    out = ["%s  %s  %d bytes  from %s" % (msgid, date(todo.arrival), size, _addr(sender))]
     out += ["  %-8s  %-6s  %s" % ("waiting", "new", _addr(r)) for r in rcpts]
     return out
 

@@ -70,16 +70,33 @@ def drop_dir(root: str) -> str:
     return os.path.join(root, "queue", "drop")
 
 
-def todo_encode(when: int, uid: int, size: int, env: bytes) -> bytes:
-    return b"%s %d %d %d\n" % (TODO_MAGIC, when, uid, size) + env
+class Todo:
+    """A decoded todo/ID (a plain class: sendmail imports this module, and typing's
+    NamedTuple or dataclasses would add to every injection's start-up)."""
+
+    __slots__ = ("arrival", "uid", "size", "env", "qp")
+
+    def __init__(self, arrival: int, uid: int, size: int, env: bytes, qp: int):
+        self.arrival = arrival      # seconds since the epoch
+        self.uid = uid              # the injecting uid
+        self.size = size            # bytes of mess/ID
+        self.env = env              # the envelope (qpy.common.envelope)
+        self.qp = qp                # the injecting process (pickup's Received: line); 0: unknown
 
 
-def todo_decode(data: bytes) -> tuple[int, int, int, bytes]:
-    """(arrival time, injecting uid, message size, envelope bytes)."""
-    nl = data.find(b"\n", 0, 100)
+def todo_encode(when: int, uid: int, size: int, env: bytes, qp: int = 0) -> bytes:
+    """`QPYTODO1 TIME UID SIZE QP` LF, then the envelope."""
+    return b"%s %d %d %d %d\n" % (TODO_MAGIC, when, uid, size, qp) + env
+
+
+def todo_decode(data: bytes) -> Todo:
+    """A todo record; one written before QP joined the header has qp 0."""
+    nl = data.find(b"\n", 0, 120)
     if nl == -1:
         raise ValueError("todo file has no header")
     fields = data[:nl].split(b" ")
-    if len(fields) != 4 or fields[0] != TODO_MAGIC or not all(f.isdigit() for f in fields[1:]):
+    if len(fields) not in (4, 5) or fields[0] != TODO_MAGIC \
+            or not all(f.isdigit() and len(f) <= 20 for f in fields[1:]):
         raise ValueError("bad todo header")
-    return int(fields[1]), int(fields[2]), int(fields[3]), data[nl + 1:]
+    qp = int(fields[4]) if len(fields) == 5 else 0
+    return Todo(int(fields[1]), int(fields[2]), int(fields[3]), data[nl + 1:], qp)

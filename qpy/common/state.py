@@ -64,6 +64,13 @@ STATE_MODE = 0o600
 LOCAL = "local"
 REMOTE = "remote"
 
+# a recipient's state words (what qpy-qread shows, too)
+WAITING = "waiting"         # not tried yet
+DEFERRED = "deferred"       # failed for now; tried again at next_try
+DONE = "done"               # delivered
+BOUNCED = "bounced"         # failed for good (bounce_owed until its bounce is injected)
+PENDING = (WAITING, DEFERRED)   # still to be tried
+
 
 class StateError(ValueError):
     """The head of a state file is missing or malformed."""
@@ -74,7 +81,7 @@ class RecipientState:
     address: bytes                  # as the sender gave it (what a bounce names)
     channel: str                    # LOCAL or REMOTE
     delivery_address: bytes         # after virtualdomains rewriting (what lspawn gets)
-    state: str = "waiting"          # waiting, deferred, done, bounced
+    state: str = WAITING            # WAITING, DEFERRED, DONE or BOUNCED
     next_try: int = 0               # seconds since the epoch; 0: now
     error: str = ""                 # the last failure text
     bounce_owed: bool = False       # failed for good, bounce not yet injected
@@ -92,7 +99,7 @@ class MessageState:
 
     def finished(self) -> bool:
         """Every recipient done or bounced with the bounce injected."""
-        return all(r.state == "done" or (r.state == "bounced" and not r.bounce_owed)
+        return all(r.state == DONE or (r.state == BOUNCED and not r.bounce_owed)
                    for r in self.recipients)
 
 
@@ -153,16 +160,16 @@ def decode(data: bytes) -> MessageState:
             continue  # an unreadable record counts as never written
         kind = f[0]
         if kind == b"K":
-            r.state, r.bounce_owed, r.error = "done", False, ""
-        elif r.state == "done":
+            r.state, r.bounce_owed, r.error = DONE, False, ""
+        elif r.state == DONE:
             continue  # done stays done, whatever follows
         elif kind == b"Z" and len(f) == 4 and f[2].isdigit():
-            r.state, r.next_try, r.error = "deferred", int(f[2]), f[3].decode("ascii", "replace")
+            r.state, r.next_try, r.error = DEFERRED, int(f[2]), f[3].decode("ascii", "replace")
         elif kind == b"D" and len(f) >= 3:
-            r.state, r.bounce_owed = "bounced", True
+            r.state, r.bounce_owed = BOUNCED, True
             r.error = b"\t".join(f[2:]).decode("ascii", "replace")
         elif kind == b"B":
-            r.state, r.bounce_owed = "bounced", False
+            r.state, r.bounce_owed = BOUNCED, False
     return ms
 
 

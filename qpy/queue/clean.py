@@ -8,7 +8,8 @@ RUNS AS
     read mess files but cannot remove them, so it asks here.
 
 READS
-    fd 0: requests, one a line: `ID` LF (a message id as qpy.common.queue.is_id).
+    fd 0: requests, one a line: `ID` LF (a message id as qpy.common.queue.is_id);
+    the protocol is qpy.common.cleanreq, which qpy-queue-send also imports.
 
 WRITES
     fd 1: one reply line per request, in order: `+` (removed, or was already gone),
@@ -36,12 +37,12 @@ import os
 import signal
 import sys
 
+from qpy.common import cleanreq
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, is_id, root_from
 
 PROGRAM = "qpy-clean"
-MAX_REQUEST = 64          # an id is at most 20 digits; a longer line is refused
 
 
 def _remove(directory: str, name: str) -> str | None:
@@ -59,44 +60,21 @@ def handle(paths: Paths, request: bytes) -> bytes:
     try:
         name = request.decode("ascii")
     except UnicodeDecodeError:
-        return b"x"
+        return cleanreq.REFUSED
     if not is_id(name):
-        return b"x"
+        return cleanreq.REFUSED
     for d in (paths.mess, paths.todo):    # mess first: see WRITES
         err = _remove(d, name)
         if err:
-            return b"!" + clean(err).encode()
-    return b"+"
+            return cleanreq.FAILED + clean(err).encode()
+    return cleanreq.OK
 
 
-def serve(paths: Paths, rfd: int, wfd: int) -> int:
-    buf = b""
-    while True:
-        nl = buf.find(b"\n")
-        if nl == -1:
-            if len(buf) > MAX_REQUEST:
-                # an endless line: refuse it once, then skip to its end
-                os.write(wfd, b"x\n")
-                buf = b""
-                while True:
-                    data = os.read(rfd, 4096)
-                    if not data:
-                        return 0
-                    nl = data.find(b"\n")
-                    if nl != -1:
-                        buf = data[nl + 1:]
-                        break
-                continue
-            data = os.read(rfd, 4096)
-            if not data:
-                return 0
-            buf += data
-            continue
-        line, buf = buf[:nl], buf[nl + 1:]
-        reply = handle(paths, line[:MAX_REQUEST + 1])
-        if reply == b"x":
-            log("%s: warning: refused request %r" % (PROGRAM, clean(line, 60)))
-        os.write(wfd, reply + b"\n")
+def _serve_one(paths: Paths, line: bytes) -> bytes:
+    reply = handle(paths, line)
+    if reply == cleanreq.REFUSED:
+        log("%s: warning: refused request %r" % (PROGRAM, clean(line, 60)))
+    return reply
 
 
 def main() -> int:
@@ -110,7 +88,7 @@ def main() -> int:
         log("%s: alert: cannot start: %s: %s" % (PROGRAM, paths.queue, e.strerror))
         return 111
     try:
-        return serve(paths, 0, 1)
+        return cleanreq.serve(0, 1, lambda line: _serve_one(paths, line))
     except BrokenPipeError:
         return 0
     except KeyboardInterrupt:

@@ -236,7 +236,7 @@ class Pickup:
         received = b"Received: (qpy %d invoked %s); %s\n" % (
             h.pid, who.encode(), rfc822_date(now).encode())
         size = len(received) + h.msglen
-        todo = todo_encode(int(now), st.st_uid, size, envelope.encode(sender, rcpts))
+        todo = todo_encode(int(now), st.st_uid, size, envelope.encode(sender, rcpts), h.pid)
         # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
         # recover() removes together with mess/ID, so no orphan mess file is possible.
         msg_id = self._reserve(todo, sync)

@@ -1,0 +1,195 @@
+"""deliver — qpy-queue-send's deliveries: requests out to the spawners, results in.
+
+A due recipient goes to its channel's spawner (qpy.common.spawn) with mess/ID
+passed as an fd; remote recipients of one message and domain go in one request
+(at most spawn.MAX_RCPTS). Each result is recorded as qpy-queue-send's WRITES
+says: a K for a todo-backed message stays in memory unless others remain, a
+deferral or failure is an fsync'd record in state/ID (persist first). A lost or
+failing spawner connection raises Lost: qpy-queue-send exits 111 and qpy-start
+restarts the group; an unreported delivery is simply tried again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass
+
+from qpy.common import address, spawn
+from qpy.common.log import clean, log
+from qpy.common.state import BOUNCED, DEFERRED, DONE, LOCAL, REMOTE
+from qpy.send.intake import Msg
+from qpy.send.schedule import EXPIRED, NO_REMOTE, due, dying, next_try
+
+
+class Lost(Exception):
+    """A spawner or qpy-clean went away: exit so that qpy-start restarts the group."""
+
+
+@dataclass
+class Delivery:
+    msgid: str
+    channel: str
+    indexes: list[int]
+    dying: bool
+
+
+class Deliveries:
+    """Starting deliveries and taking their results, a part of QueueSend: it
+    supplies the messages and persist() (qpy.send.intake.Intake), settle()
+    (qpy.send.finish.Finishing), the limits (conc, lifetime) and term_deadline."""
+
+    msgs: dict[str, Msg]
+    heaps: dict[str, list[tuple[int, str, int]]]
+    conc: dict[str, int]
+    lifetime: int
+    term_deadline: float
+
+    def init_deliveries(self, socks: dict[str, socket.socket | None]) -> None:
+        self.socks = socks
+        self.busy = {LOCAL: 0, REMOTE: 0}
+        self.deliveries: dict[int, Delivery] = {}
+        self.dnum = 0
+
+    def status(self) -> None:
+        log("status: local %d/%d remote %d/%d%s" % (
+            self.busy[LOCAL], self.conc[LOCAL], self.busy[REMOTE], self.conc[REMOTE],
+            " exitasap" if self.term_deadline else ""))
+
+    def start_deliveries(self, now: int) -> None:
+        for channel in (LOCAL, REMOTE):
+            heap = self.heaps[channel]
+            while heap and heap[0][0] <= now and self.busy[channel] < self.conc[channel]:
+                _, msgid, i = heapq.heappop(heap)
+                m = self.msgs.get(msgid)
+                if m is None or m.removing or i in m.inflight:
+                    continue
+                if not due(m.st.recipients[i], now):
+                    continue
+                self.start(m, channel, i, now)
+
+    def start(self, m: Msg, channel: str, i: int, now: int) -> None:
+        st = m.st
+        last = dying(st.arrival, now, self.lifetime)
+        indexes = [i]
+        if channel == REMOTE:   # one request per message and domain
+            dom = address.domain_part(st.recipients[i].delivery_address).lower()
+            for j, r in enumerate(st.recipients):
+                if len(indexes) >= spawn.MAX_RCPTS:
+                    break
+                if j != i and r.channel == REMOTE and j not in m.inflight \
+                        and due(r, now) and address.domain_part(r.delivery_address).lower() == dom:
+                    indexes.append(j)
+        sock = self.socks[channel]
+        if sock is None:
+            text = NO_REMOTE
+            if last:
+                self.fail(m, indexes, text + " " + EXPIRED)
+            else:
+                nxt = next_try(st.arrival, now, channel, self.lifetime)
+                for j in indexes:
+                    self.defer(m, j, nxt, text)
+            self.settle(m)
+            return
+        try:
+            fd = os.open(os.path.join(self.paths.mess, st.id), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            nxt = next_try(st.arrival, now, channel, self.lifetime)
+            for j in indexes:
+                self.defer(m, j, nxt, "unable to open the queued message: %s (#4.3.0)"
+                           % e.strerror)
+            return
+        self.dnum += 1
+        d = self.dnum
+        rcpts = [st.recipients[j].delivery_address for j in indexes]
+        try:
+            spawn.send_request(sock, d, st.sender, rcpts, fd)
+        except OSError as e:
+            raise Lost("unable to write to the %s spawner: %s" % (channel, e.strerror))
+        finally:
+            os.close(fd)
+        self.deliveries[d] = Delivery(st.id, channel, indexes, last)
+        m.inflight.update(indexes)
+        self.busy[channel] += 1
+        log("starting delivery %d: msg %s to %s %s" % (
+            d, st.id, channel, ",".join(clean(a) for a in rcpts)))
+        self.status()
+
+    def defer(self, m: Msg, i: int, nxt: int, text: str | bytes) -> None:
+        r = m.st.recipients[i]
+        self.persist(m)
+        m.sf.deferred(i, nxt, text)     # fsync'd
+        r.state, r.next_try, r.error = DEFERRED, nxt, clean(text)
+        heapq.heappush(self.heaps[r.channel], (nxt, m.st.id, i))
+
+    def fail(self, m: Msg, indexes: list[int], text: str | bytes) -> None:
+        self.persist(m)
+        for i in indexes:
+            r = m.st.recipients[i]
+            m.sf.failed(i, text)        # fsync'd
+            r.state, r.bounce_owed, r.error = BOUNCED, True, clean(text, 1000)
+
+    def read_results(self, channel: str) -> None:
+        sock = self.socks[channel]
+        assert sock is not None
+        while True:
+            ready, _, _ = select.select([sock], [], [], 0)
+            if not ready:
+                return
+            try:
+                res = spawn.recv_result(sock)
+            except spawn.SpawnError as e:
+                log("warning: %s spawner sent a mangled result: %s" % (channel, e))
+                continue
+            except OSError as e:
+                raise Lost("unable to read from the %s spawner: %s" % (channel, e.strerror))
+            if res is None:
+                raise Lost("lost %s spawn connection" % channel)
+            self.result(*res)
+
+    def result(self, d: int, results: list[tuple[bytes, bytes]]) -> None:
+        dl = self.deliveries.pop(d, None)
+        if dl is None:
+            log("warning: internal error: delivery report out of range (%d)" % d)
+            return
+        m = self.msgs[dl.msgid]
+        self.busy[dl.channel] -= 1
+        m.inflight.difference_update(dl.indexes)
+        now = int(time.time())
+        nxt = next_try(m.st.arrival, now, dl.channel, self.lifetime)
+        if len(results) != len(dl.indexes):
+            log("delivery %d: report mangled, will defer" % d)
+            results = [(b"Z", b"report mangled")] * len(dl.indexes)
+        for i, (status, text) in zip(dl.indexes, results, strict=True):
+            r = m.st.recipients[i]
+            what = clean(text)
+            if len(dl.indexes) > 1:
+                what = "%s: %s" % (clean(r.delivery_address), what)
+            if m.removing:
+                log("delivery %d: %s" % (d, "success: " + what if status == b"K"
+                                         else "ignored for removed msg: " + what))
+                continue
+            if status == b"K":
+                if not m.backed_by_todo:
+                    m.sf.done(i)    # fsync'd: from here on the recipient stays done
+                r.state, r.error = DONE, ""     # todo-backed: in memory (see below)
+                log("delivery %d: success: %s" % (d, what))
+            elif status == b"Z" and not dl.dying:
+                self.defer(m, i, nxt, text)
+                log("delivery %d: deferral: %s" % (d, what))
+            else:
+                if status == b"Z":
+                    text = text + b"/" + EXPIRED.encode()
+                    what = what + "/" + EXPIRED
+                self.fail(m, [i], text)
+                log("delivery %d: failure: %s" % (d, what))
+        # Still todo-backed: every result was a K, held in memory. A K that finished
+        # the message needs no record (settle has qpy-clean remove it); otherwise other
+        # recipients are left, and a crash must not deliver these ones again.
+        if m.backed_by_todo and not m.removing and not m.st.finished():
+            self.persist(m)
+        self.status()
+        self.settle(m)

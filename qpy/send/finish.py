@@ -1,0 +1,154 @@
+"""finish — the end of a message in qpy-queue-send: bounces, clean-up, qpy-qrm.
+
+A message settles when none of its deliveries is in flight: the failures it owes
+a bounce for are bounced (one bounce per message and failure batch, once no
+recipient is still untried), and a message with nothing left is finished:
+qpy-clean removes mess/ID and todo/ID (qpy.common.cleanreq), then state/ID goes.
+A bounce or clean-up that fails is tried again after RETRY_LATER seconds or on
+SIGALRM. A message named in `queue/rm/` (qpy-qrm) is finished as soon as its
+deliveries in flight are in, without bounces.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from qpy.common import cleanreq
+from qpy.common.log import clean, log
+from qpy.common.queue import Paths, is_id
+from qpy.common.state import WAITING, MessageState
+from qpy.inject.drop import InjectError, inject
+from qpy.send import bounce
+from qpy.send.intake import Msg, unlink
+from qpy.send.schedule import RETRY_LATER
+
+CLEAN_W, CLEAN_R = 5, 6
+
+
+class Finishing:
+    """Settling and finishing messages, a part of QueueSend: it supplies the
+    messages and persist() (qpy.send.intake.Intake) and the bounce addresses (its
+    control files)."""
+
+    root: str
+    paths: Paths
+    rmdir: str
+    msgs: dict[str, Msg]
+    todo_known: set[str]
+    bouncehost: str
+    bouncefrom: str
+    doublebounce: bytes
+
+    def init_finishing(self) -> None:
+        self.retrying: set[str] = set()     # messages whose bounce or clean-up failed
+
+    def settle(self, m: Msg, now: float | None = None) -> None:
+        """Bounce what is owed, and finish the message when nothing is left to do."""
+        if m.inflight:
+            return
+        now = time.time() if now is None else now
+        if now < m.retry_at:
+            return
+        st = m.st
+        if m.removing:
+            self.finish(m, "remove msg %s by qpy-qrm" % st.id, now)
+            return
+        owed = [i for i, r in enumerate(st.recipients) if r.bounce_owed]
+        if owed and not any(r.state == WAITING for r in st.recipients):
+            if not self.send_bounce(m, owed):
+                self.later(m, now)
+                return
+        if st.finished():
+            self.finish(m, "", now)
+
+    def send_bounce(self, m: Msg, owed: list[int]) -> bool:
+        st = m.st
+        failures = [(st.recipients[i].address, st.recipients[i].error) for i in owed]
+        if st.sender == b"":
+            if all(st.recipients[i].address.lower() == self.doublebounce.lower()
+                   for i in owed):
+                log("triple bounce: discarding bounce/%s" % st.id)
+                self.persist(m)
+                m.sf.bounced(owed)      # fsync'd
+                _mark_bounced(st, owed)
+                return True
+            to, double = self.doublebounce, True
+        else:
+            to, double = st.sender, False
+        try:
+            original, whole = bounce.read_original(os.path.join(self.paths.mess, st.id))
+        except OSError:
+            original, whole = b"", False
+        text = bounce.build(self.bouncehost, self.bouncefrom, to, failures, original, whole,
+                            st.arrival, double)
+        try:
+            inject(self.root, text, b"", [to])
+        except (InjectError, OSError) as e:
+            log("warning: trouble injecting bounce message, will try later: %s"
+                % clean(str(e)))
+            return False
+        self.persist(m)
+        m.sf.bounced(owed)  # fsync'd; a crash just before it sends the bounce twice
+        _mark_bounced(st, owed)
+        log("bounce msg %s qp %d" % (st.id, os.getpid()))
+        return True
+
+    def later(self, m: Msg, now: float) -> None:
+        """A bounce or clean-up failed: try again after RETRY_LATER (or on SIGALRM)."""
+        m.retry_at = now + RETRY_LATER
+        self.retrying.add(m.st.id)
+
+    def retry_failed(self, now: float) -> None:
+        for msgid in [i for i in self.retrying if self.msgs[i].retry_at <= now]:
+            self.retrying.discard(msgid)
+            m = self.msgs[msgid]
+            m.retry_at = 0.0
+            self.settle(m)
+
+    def finish(self, m: Msg, why: str, now: float) -> None:
+        msgid = m.st.id
+        reply = self.clean_request(msgid)
+        if reply != cleanreq.OK:
+            log("warning: qpy-clean unable to clean up msg %s: %s" % (msgid, clean(reply)))
+            if not m.removing:
+                self.persist(m)     # its K's wait for the next try on disk, not in memory
+            self.later(m, now)
+            return
+        if not m.backed_by_todo:
+            m.sf.remove()       # a crash before this: the next start finishes it again
+        if why:
+            log(why)
+            unlink(os.path.join(self.rmdir, msgid))
+        log("end msg %s" % msgid)
+        del self.msgs[msgid]
+        self.retrying.discard(msgid)
+
+    def clean_request(self, msgid: str) -> bytes:
+        """qpy-clean's reply for msgid; raises cleanreq.CleanLost."""
+        return cleanreq.ask(CLEAN_W, CLEAN_R, msgid)
+
+    def check_rm(self) -> None:
+        """Take qpy-qrm's requests from queue/rm/."""
+        try:
+            names = os.listdir(self.rmdir)
+        except OSError:
+            return
+        for name in names:
+            if not is_id(name):
+                continue
+            m = self.msgs.get(name)
+            if m is not None:
+                if not m.removing:
+                    m.removing = True
+                    m.retry_at = 0.0
+                    self.retrying.discard(name)
+                    self.settle(m)
+            elif name not in self.todo_known and \
+                    not os.path.lexists(os.path.join(self.paths.todo, name)):
+                unlink(os.path.join(self.rmdir, name))   # nothing left to remove
+
+
+def _mark_bounced(st: MessageState, owed: list[int]) -> None:
+    for i in owed:
+        st.recipients[i].bounce_owed = False
