@@ -17,6 +17,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+import psutil
 import qpytest
 
 
@@ -268,7 +269,16 @@ class PrivatePostfix:
     `nobody`; `postfix -c DIR stop` in stop().
     """
 
-    def __init__(self, host: str, port: int, domain: str):
+    def __init__(self, host: str, port: int, domain: str, chain: str | None = None,
+                 submission: int | None = None, smtps: int | None = None,
+                 plainauth: int | None = None, users: dict[str, str] | None = None,
+                 ccert_ca: str | None = None, login_only: tuple[int, ...] = ()):
+        """chain: key and certificate (one PEM) for TLS on every port. submission
+        (STARTTLS required), smtps (TLS from the start) and plainauth (AUTH without
+        TLS): ports where only clients that AUTH as one of `users` (Dovecot as the
+        SASL server) may send. ccert_ca: ask clients for a certificate, trusted
+        when from this CA (Postfix then names it in its Received line). login_only:
+        ports that offer AUTH LOGIN and no other mechanism."""
         self.top = qpytest.test_dir("postfix")
         self.conf = os.path.join(self.top, "etc")
         self.queue = os.path.join(self.top, "spool")
@@ -307,6 +317,14 @@ class PrivatePostfix:
             "alias_database": "",
             "local_header_rewrite_clients": "",     # no header changes: byte-exact check
         }
+        if chain:
+            main.update({"smtpd_tls_chain_files": chain, "smtpd_tls_security_level": "may",
+                         "smtpd_tls_received_header": "yes", "smtpd_tls_loglevel": "1"})
+        if ccert_ca:
+            main.update({"smtpd_tls_CAfile": ccert_ca, "smtpd_tls_ask_ccert": "yes"})
+        if users is not None:
+            main.update({"smtpd_sasl_type": "dovecot", "smtpd_sasl_path": "private/auth",
+                         "smtpd_sasl_authenticated_header": "yes", "smtpd_tls_auth_only": "yes"})
         with open(os.path.join(self.conf, "main.cf"), "w") as f:
             f.writelines("%s = %s\n" % kv for kv in main.items())
         master = open("/usr/share/postfix/master.cf.dist").read() \
@@ -314,6 +332,16 @@ class PrivatePostfix:
             else open("/etc/postfix/master.cf").read()
         lines = [ln for ln in master.splitlines() if not ln.startswith("smtp      inet")]
         lines.insert(0, "%s:%d inet n - n - - smtpd" % (host, port))
+        sasl = " -o smtpd_sasl_auth_enable=yes -o smtpd_relay_restrictions=" \
+               "permit_sasl_authenticated,reject"
+        for p, opts in ((submission, " -o smtpd_tls_security_level=encrypt"),
+                        (smtps, " -o smtpd_tls_wrappermode=yes"),
+                        (plainauth, " -o smtpd_tls_security_level=none"
+                                    " -o smtpd_tls_auth_only=no")):
+            if p:
+                if p in login_only:
+                    opts += " -o smtpd_sasl_mechanism_filter=login"
+                lines.insert(0, "%s:%d inet n - n - - smtpd%s%s" % (host, p, sasl, opts))
         with open(os.path.join(self.conf, "master.cf"), "w") as f:
             f.write("\n".join(lines) + "\n")
         self.host, self.port = host, port
@@ -322,7 +350,19 @@ class PrivatePostfix:
                            capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             raise RuntimeError("postfix start: %s %s" % (r.stdout, r.stderr))
-        _wait_port(host, port)
+        self.dovecot = None
+        if users is not None:
+            self.dovecot = Dovecot(self.top, os.path.join(self.queue, "private", "auth"), users)
+        for p in (port, submission, smtps, plainauth):
+            if p:
+                _wait_port(host, p)
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.top, "maillog"), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     def messages(self) -> list[bytes]:
         new = os.path.join(self.mail, "inbox", "new")
@@ -335,13 +375,89 @@ class PrivatePostfix:
         return out
 
     def stop(self) -> None:
+        if self.dovecot is not None:
+            self.dovecot.stop()
         subprocess.run(["postfix", "-c", self.conf, "stop"], capture_output=True, timeout=60)
         pidfile = os.path.join(self.queue, "pid", "master.pid")
         try:
-            import psutil
+
             p = psutil.Process(int(open(pidfile).read().strip()))
             if p.name() == "master" and p.is_running():   # stop did not work: it is ours
                 p.send_signal(signal.SIGKILL)
         except (OSError, ValueError, psutil.Error):
             pass
         qpytest.remove_tree(self.top)
+
+
+class Dovecot:
+    """Dovecot as a SASL server only (no mail protocols), for a PrivatePostfix: its auth
+    socket at `socket_path` (postfix may connect), passwords from a passwd-file. No
+    delay after a failed AUTH and no penalty for the address it came from: a test of
+    a wrong password must not slow the next test down."""
+
+    def __init__(self, top: str, socket_path: str, users: dict[str, str]):
+        self.dir = os.path.join(top, "dovecot")
+        for sub in ("run", "state"):
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        passwd = os.path.join(self.dir, "passwd")
+        with open(passwd, "w") as f:
+            f.writelines("%s:{PLAIN}%s\n" % kv for kv in users.items())
+        self.conf = os.path.join(self.dir, "dovecot.conf")
+        name = "qpytest" + os.path.basename(top).replace("-", "").replace("_", "")[-10:]
+        with open(self.conf, "w") as f:
+            f.write(DOVECOT_CONF.format(dir=self.dir, name=name, passwd=passwd,
+                                        socket=socket_path))
+        errors = os.path.join(self.dir, "start.err")
+        with open(errors, "w") as err:      # its daemon keeps what it was given: no pipe
+            r = subprocess.run(["dovecot", "-c", self.conf], stdout=subprocess.DEVNULL,
+                               stderr=err, timeout=60)
+        if r.returncode != 0:
+            with open(errors) as err:
+                raise RuntimeError("dovecot: %s" % err.read())
+        qpytest.wait_for(lambda: os.path.exists(socket_path), 20)
+
+    def stop(self) -> None:
+        try:
+            with open(os.path.join(self.dir, "run", "master.pid")) as f:
+                pid = int(f.read().strip())
+
+            p = psutil.Process(pid)
+            if p.name() == "dovecot":       # ours: started from our own config
+                p.terminate()
+                p.wait(10)
+        except (OSError, ValueError, psutil.Error):
+            pass
+
+
+DOVECOT_CONF = """\
+base_dir = {dir}/run
+state_dir = {dir}/state
+instance_name = {name}
+protocols = none
+listen = 127.0.0.1
+log_path = {dir}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {passwd}
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/nonexistent
+}}
+service auth {{
+  unix_listener {socket} {{
+    mode = 0660
+    user = postfix
+    group = postfix
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+"""

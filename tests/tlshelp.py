@@ -164,3 +164,51 @@ def elapsed(fn) -> tuple[object, float]:
     t = time.monotonic()
     v = fn()
     return v, time.monotonic() - t
+
+
+class TestCA:
+    """A certificate authority of the test's own, made with openssl (EC keys: fast).
+
+    issue() gives a certificate for names (subjectAltName DNS entries, or IP ones for
+    addresses) signed by this CA; cafile is the CA's certificate, to be trusted.
+    """
+
+    __test__ = False        # not a pytest class
+
+    def __init__(self, directory: str, name: str = "qpy test CA"):
+        self.dir = directory
+        self.n = 0
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-days", "30", "-subj", "/CN=" + name, "-keyout", "ca.key",
+                "-out", "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+        self.cafile = os.path.join(directory, "ca.pem")
+
+    def issue(self, *names: str) -> tuple[str, str]:
+        """(certfile, keyfile) for `names`; the first is also the CN."""
+        self.n += 1
+        stem = "leaf%d" % self.n
+        sans = ",".join(("IP:" if n.replace(".", "").isdigit() or ":" in n else "DNS:") + n
+                        for n in names)
+        with open(os.path.join(self.dir, stem + ".ext"), "w") as f:
+            f.write("subjectAltName=%s\nbasicConstraints=CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature,keyAgreement\n"
+                    "extendedKeyUsage=serverAuth,clientAuth\n"
+                    "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" % sans)
+        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-subj", "/CN=" + names[0], "-keyout", stem + ".key",
+                "-out", stem + ".csr", cwd=self.dir)
+        openssl("x509", "-req", "-in", stem + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-set_serial", str(1000 + self.n), "-days", "30", "-extfile", stem + ".ext",
+                "-out", stem + ".pem", cwd=self.dir)
+        return os.path.join(self.dir, stem + ".pem"), os.path.join(self.dir, stem + ".key")
+
+    def chain(self, *names: str) -> str:
+        """One PEM file with the key then the certificate (Postfix's chain files)."""
+        cert, key = self.issue(*names)
+        path = cert[:-4] + ".chain.pem"
+        with open(path, "wb") as out:
+            for p in (key, cert):
+                with open(p, "rb") as f:
+                    out.write(f.read())
+        return path

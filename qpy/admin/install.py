@@ -22,7 +22,9 @@ WRITES
     recipient table, and --supervise writes filled-in service files.
 
     --check compares ROOT with the layout and prints every difference (missing,
-    wrong type, owner, group, mode), one a line; exit 1 if there is any.
+    wrong type, owner, group, mode), one a line; exit 1 if there is any. It also
+    checks the secret control files when they exist: control/smtpauth (SMTP
+    AUTH passwords for qpy-remote) must be a plain file of qpyr's, mode 0400.
 
 SECURITY
     Run as root on a live root, it works inside directories other users own
@@ -173,6 +175,29 @@ def check_layout(root: str, entries: list[Entry], ids: Ids) -> list[str]:
         mode = stat.S_IMODE(st.st_mode)
         if mode != e.mode:
             problems.append("%s: mode %04o, want %04o" % (path, mode, e.mode))
+    return problems
+
+
+SECRETS = (("control/smtpauth", "qpyr", 0o400),)
+
+
+def check_secrets(root: str, ids: Ids) -> list[str]:
+    """The optional files that hold secrets: owner and mode, when they exist."""
+    problems = []
+    for rel, owner, mode in SECRETS:
+        path = os.path.join(root, rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append("%s: wrong type (want plain file)" % path)
+            continue
+        if st.st_uid != ids.uid(owner):
+            problems.append("%s: owner uid %d, want %s (%d)" % (path, st.st_uid, owner,
+                                                                 ids.uid(owner)))
+        if stat.S_IMODE(st.st_mode) != mode:
+            problems.append("%s: mode %04o, want %04o" % (path, stat.S_IMODE(st.st_mode), mode))
     return problems
 
 
@@ -333,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     root = os.path.abspath(args.root)
     try:
         if args.check:
-            problems = check_layout(root, read_layout(), Ids(oneuser_of(root)))
+            ids = Ids(oneuser_of(root))
+            problems = check_layout(root, read_layout(), ids) + check_secrets(root, ids)
             for p in problems:
                 print(p)
             return 1 if problems else 0

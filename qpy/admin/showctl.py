@@ -11,8 +11,9 @@ DESCRIPTION
     exists but cannot be used (unreadable, too large, a NUL byte, not UTF-8, not a
     number where a number belongs, a directory) is marked `(malformed: reason)` and
     its default is shown, as the programs would use it. Files that look like keys or
-    certificates (`*.pem`, `*.key`, names with `key`, `secret` or `passw`) are never
-    printed, only their size.
+    certificates (`*.pem`, `*.key`, names with `key`, `secret` or `passw`) and
+    control/smtpauth (qpy-remote's AUTH passwords) are never printed, only their
+    size.
 
 RUNS AS
     any user that can read ROOT/control; it keeps the caller's uid, writes nothing.
@@ -33,7 +34,7 @@ from qpy.common.queue import root_from
 
 EXIT_MALFORMED = 1
 EXIT_TEMP = 111
-SECRET_WORDS = ("key", "secret", "passw", ".pem")
+SECRET_WORDS = ("key", "secret", "passw", ".pem", "smtpauth")
 
 
 def _secret(name: str) -> bool:

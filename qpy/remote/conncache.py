@@ -8,9 +8,11 @@ its own. What reuse means for a delivery is in qpy-remote's man page
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qpy.remote.route import Target
+from qpy.remote.tlspolicy import Plan
 from qpy.remote.wire import Conn, end
 
 CONN_IDLE = 2.0             # seconds a cached connection may sit unused (Postfix's default)
@@ -25,7 +27,7 @@ class Cached:
     domain: str             # the job's routing key: the recipients' domain, or `host`
     target: Target          # where it goes
     ext: dict[str, str]     # the EHLO keywords (after STARTTLS when it was used)
-    level: str              # the TLS policy it was opened under (qpy.remote.tlspolicy)
+    plan: Plan              # what it was opened under (qpy.remote.tlspolicy)
     opened: float           # time.monotonic() at connect
     uses: int = 1           # transactions run on it
     last: float = 0.0       # time.monotonic() when its last transaction ended
@@ -55,14 +57,14 @@ class ConnCache:
         h = self.held
         return min(h.last + CONN_IDLE, h.opened + CONN_MAX_AGE) if h else None
 
-    def take(self, domain: str, level: str) -> Cached | None:
-        """The held connection when it goes to `domain`, was opened under the TLS
-        policy `level` and is still fit for use."""
+    def take(self, domain: str, fits: Callable[[Cached], bool]) -> Cached | None:
+        """The held connection when it goes to `domain`, `fits` (the job's TLS and
+        AUTH plan is the one it was opened under) and is still fit for use."""
         h, deadline = self.held, self.deadline()
         if h is None or deadline is None or h.domain != domain:
             return None
         self.held = None
-        if time.monotonic() >= deadline or h.level != level:
+        if time.monotonic() >= deadline or not fits(h):
             end(h.conn)
             return None
         return h

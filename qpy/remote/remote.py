@@ -15,7 +15,21 @@ READS
     the message (stdin, or the fd handed over by qpy-rspawn; never a path in
     `queue/mess/`, which qpyr cannot open), `QPY_ROOT`, `control/`: me,
     helohost, locals, ipme, smtproutes, resolvers, timeoutconnect,
-    timeoutremote, tlsverify.
+    timeoutremote, tlsverify, tlspolicy, tlscafile, tlsclientcert, smtpauth.
+
+CONTROL FILES (defaults in brackets; docs/outbound.md has examples)
+    smtproutes      [none: MX] `domain:relay[:port[:mode]]`, mode `smtps`
+                    (implicit TLS; the default on port 465) or `starttls`
+                    (required; the default on port 587). qpy.remote.route.
+    smtpauth        [none: no AUTH] `HOST[:PORT] USER PASSWORD [cleartext-ok]`,
+                    qpyr's, mode 0400, or not used. qpy.remote.smtpauth.
+    tlspolicy       [may] `DOMAIN-OR-HOST LEVEL`, LEVEL one of none, may,
+                    encrypt, verify. qpy.remote.tlspolicy.
+    tlsverify       [none] domains that need `verify` (older form of tlspolicy).
+    tlscafile       [system CAs only] a PEM file of CAs also trusted by `verify`.
+    tlsclientcert   [none] `HOST[:PORT] CERTFILE [KEYFILE]`: a client certificate.
+    timeoutconnect  [60] seconds for the TCP connection.
+    timeoutremote   [1200] seconds for each read or write.
 
 WRITES
     stdout: qmail-remote's report, one `\\0`-terminated record per recipient
@@ -30,15 +44,21 @@ EXIT CODES
 PROTOCOL
     Targets come from qpy.remote.route. A connection failure, or a greeting
     that is not 2xx, moves on to the next target; after that the first
-    server that greets decides. EHLO with helohost (HELO if EHLO is refused);
-    STARTTLS whenever offered (no certificate check, as opportunistic TLS is,
-    except for domains in `control/tlsverify`, which need a verified
-    certificate and a matching name, or the delivery is deferred); a
-    handshake that fails without verification is retried once in plain
-    text. PIPELINING and SIZE when offered. Per-recipient RCPT results; the
-    DATA result applies to the accepted ones; 421 at any point defers all
-    that is left. The message goes with CRLF line ends, dot-stuffed; bare CR
-    and LF become CRLF, a missing final line end is added.
+    server that greets decides. TLS from the first byte for an smtproutes
+    relay in mode `smtps`. EHLO with helohost (HELO if EHLO is refused);
+    STARTTLS as the TLS policy says (qpy.remote.tlspolicy: by default
+    whenever offered, without a certificate check, as opportunistic TLS is);
+    a policy that cannot be met (no STARTTLS, a failed handshake, a
+    certificate that does not verify) moves on to the next target and, when
+    none is left, defers with the reason (#4.7.5): never clear text. Under
+    `may`, a handshake that fails is retried once in plain text. AUTH PLAIN or
+    LOGIN after EHLO when control/smtpauth has credentials for the next hop
+    (only inside TLS unless the line says cleartext-ok); a refused AUTH
+    defers with the server's reply. PIPELINING and SIZE when offered.
+    Per-recipient RCPT results; the DATA result applies to the accepted ones;
+    421 at any point defers all that is left. The message goes with CRLF
+    line ends, dot-stuffed; bare CR and LF become CRLF, a missing final line
+    end is added.
 
     8-bit data: a message with 8-bit bytes only in its body needs 8BITMIME
     (sent with BODY=8BITMIME); one with a non-ASCII envelope address or 8-bit
@@ -64,8 +84,8 @@ PROTOCOL
     domain, and a connection idle CONN_IDLE seconds, CONN_MAX_AGE seconds
     after it was opened, or after CONN_MAX_USES transactions, gets QUIT and
     is closed; one that the server closes or speaks on while idle is closed
-    at once. A connection opened without a verified certificate is never
-    reused for a job that needs one (control/tlsverify).
+    at once. A connection is reused only by a job whose TLS and AUTH plan
+    (level, credentials, client certificate) is the one it was opened under.
 
 SECURITY
     Own small client (qpy.remote.wire), not smtplib: smtplib bounds a reply line (8192 bytes)
@@ -77,7 +97,8 @@ SECURITY
 
 MODULES
     qpy.remote.wire (the connection and its bounded replies), session
-    (connect, greeting, EHLO, STARTTLS), transaction (MAIL/RCPT/DATA and the
+    (connect, greeting, EHLO, STARTTLS, AUTH), tlspolicy (TLS levels and
+    contexts), smtpauth (credentials and AUTH), transaction (MAIL/RCPT/DATA and the
     results), encode (the message as DATA), conncache (the connection kept
     for reuse), route (the targets); this module is the command.
 """

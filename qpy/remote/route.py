@@ -5,11 +5,15 @@ Used by qpy-remote (as `qpyr`); no program of its own.
 ORDER
     1. A recipient domain that is an address literal (`[192.0.2.1]`,
        `[IPv6:2001:db8::1]`) is that address.
-    2. `control/smtproutes` as qmail: `domain:relay[:port]`; the key is tried
-       exactly, then as each `.suffix`, then empty (a smarthost for all). The
-       relay is a name (A/AAAA only, never MX) or `[address]`. An empty relay
-       means "look up MX as usual"; qpy lets it carry a port (`domain::2525`)
-       to reach peers on another port by MX.
+    2. `control/smtproutes` as qmail: `domain:relay[:port[:mode]]`; the key
+       is tried exactly, then as each `.suffix`, then empty (a smarthost for
+       all). The relay is a name (A/AAAA only, never MX) or `[address]`. An
+       empty relay means "look up MX as usual"; qpy lets it carry a port
+       (`domain::2525`) to reach peers on another port by MX. The mode is
+       `smtps` (TLS from the first byte, RFC 8314 implicit TLS) or `starttls`
+       (STARTTLS required: never clear text); without one, port 465 means
+       `smtps`, port 587 `starttls`, any other port what control/tlspolicy
+       says. A line with an unknown mode defers its mail (#4.3.5).
     3. DNS with dnspython, through `control/resolvers` (`IP` or `IP:port`,
        `[IPv6]:port`) when it exists, else the system's resolvers: MX sorted
        by preference, random among equal ones; no MX record at all means the
@@ -33,6 +37,7 @@ THIS HOST
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -60,16 +65,23 @@ class RouteError(Exception):
         self.text = text
 
 
+MODES = ("", "smtps", "starttls")
+
+
 @dataclass
 class Target:
     host: str       # the name we connect to (for TLS verification), or the address
     address: str
     port: int
     pref: int
+    mode: str = ""  # smtproutes' mode: "" (control/tlspolicy decides), smtps, starttls
+    hop: str = ""   # the next hop as smtproutes names it (or the MX name): the key of
+                    # control/smtpauth, control/tlsclientcert and control/tlspolicy
 
 
-def smtproute(routes: list[str], domain: str) -> tuple[str, int] | None:
-    """The (relay, port) smtproutes gives `domain`; relay '' means MX. None: no line."""
+def smtproute(routes: list[str], domain: str) -> tuple[str, int, str] | None:
+    """The (relay, port, mode) smtproutes gives `domain`; relay '' means MX. None: no
+    line."""
     table: dict[str, str] = {}
     for line in routes:
         key, sep, value = line.partition(":")
@@ -82,17 +94,19 @@ def smtproute(routes: list[str], domain: str) -> tuple[str, int] | None:
     return None
 
 
-def _parse_relay(value: str) -> tuple[str, int]:
+def _parse_relay(value: str) -> tuple[str, int, str]:
     if value.startswith("["):
         end = value.find("]")
         relay, rest = value[: end + 1], value[end + 1:]
     else:
         relay, _, rest = value.partition(":")
         rest = ":" + rest if rest else ""
+    port_text, _, mode = rest[1:].partition(":")
     port = SMTP_PORT
-    if rest.startswith(":") and rest[1:].isdigit() and 0 < int(rest[1:]) < 65536:
-        port = int(rest[1:])
-    return relay.strip(), port
+    if rest.startswith(":") and port_text.isdigit() and 0 < int(port_text) < 65536:
+        port = int(port_text)
+    mode = mode.strip().lower() or {465: "smtps", 587: "starttls"}.get(port, "")
+    return relay.strip(), port, mode
 
 
 def literal(text: str) -> str | None:
@@ -196,19 +210,22 @@ class Router:
         domain = domain.lower()
         lit = literal(domain) if domain.startswith("[") else None
         if lit is not None:
-            return self._not_self([Target(lit, lit, SMTP_PORT, 0)], SMTP_PORT)
+            return self._not_self([Target(lit, lit, SMTP_PORT, 0, hop=domain)], SMTP_PORT)
         route = smtproute(self.ctl.lines("smtproutes"), domain)
-        port = SMTP_PORT
+        port, mode = SMTP_PORT, ""
         if route is not None:
-            relay, port = route
+            relay, port, mode = route
+            if mode not in MODES:
+                raise RouteError(b"Z", "Sorry, control/smtproutes names an unknown mode %r"
+                                 " for %s. (#4.3.5)" % (mode[:40], domain))
             if relay:
-                return self._relay(relay, port)
-        return self._mx(domain, port)
+                return self._relay(relay, port, mode)
+        return [dataclasses.replace(t, mode=mode) for t in self._mx(domain, port)]
 
-    def _relay(self, relay: str, port: int) -> list[Target]:
+    def _relay(self, relay: str, port: int, mode: str) -> list[Target]:
         lit = literal(relay)
         if lit is not None:
-            return [Target(lit, lit, port, 0)]
+            return [Target(lit, lit, port, 0, mode, relay.lower())]
         try:
             addrs = self.addresses(relay)
         except RouteError as e:
@@ -216,7 +233,7 @@ class Router:
         if not addrs:
             raise RouteError(b"Z", "Sorry, no address for smtproutes relay %s. (#4.4.3) %s"
                              % (relay, " ".join(self.soft)))
-        return [Target(relay, a, port, 0) for a in addrs]
+        return [Target(relay, a, port, 0, mode, relay.lower()) for a in addrs]
 
     def _mx(self, domain: str, port: int) -> list[Target]:
         records = self._query(domain, "MX")
@@ -242,7 +259,7 @@ class Router:
                 if e.status == b"Z":
                     self.soft.append(e.text)
                 continue
-            targets += [Target(host, a, port, pref) for a in addrs]
+            targets += [Target(host, a, port, pref, hop=host) for a in addrs]
         out = self._not_self(targets, port, local_pref)
         if not out:
             if self.soft and local_pref is None:

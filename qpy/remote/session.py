@@ -1,5 +1,5 @@
-"""session — from a target to a connection ready for MAIL: connect, greeting, EHLO,
-STARTTLS.
+"""session — from a target to a connection ready for MAIL: connect, implicit TLS,
+greeting, EHLO, STARTTLS, AUTH.
 
 Used by qpy.remote.transaction (as `qpyr`); no program of its own. The rules are
 in qpy-remote's man page (PROTOCOL). What cannot go on is an exception, never a
@@ -10,11 +10,13 @@ job or moves on to the next target), TLSHandshakeFailed, PeerError.
 from __future__ import annotations
 
 import socket
-import ssl
 
 from qpy.common.control import Control
+from qpy.remote import tlspolicy
 from qpy.remote.route import Target
-from qpy.remote.wire import Conn, PeerError, Reply, literal_free, why
+from qpy.remote.smtpauth import AuthFailed, authenticate
+from qpy.remote.tlspolicy import Plan, PolicyError
+from qpy.remote.wire import Conn, PeerError, Reply, TLSHandshakeFailed, literal_free, why
 
 Z, D = b"Z", b"D"
 
@@ -32,21 +34,6 @@ class Refused(Exception):
 
 def tls_note(conn: Conn) -> str:
     return " (TLS %s)" % conn.tls if conn.tls else ""
-
-
-def tls_required(ctl: Control, domain: str) -> bool:
-    for d in ctl.lines("tlsverify"):
-        d = d.lower()
-        if domain == d or (d.startswith(".") and domain.endswith(d)):
-            return True
-    return False
-
-
-def no_verify_context() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def connect(ctl: Control, t: Target) -> Conn:
@@ -81,34 +68,59 @@ def ehlo(conn: Conn, helo: bytes, ip: str) -> dict[str, str]:
                   % (ip, r.said()), final=True)
 
 
-def start(ctl: Control, conn: Conn, t: Target, tls: bool, verify: bool) -> dict[str, str]:
-    """Greeting, EHLO, STARTTLS (when `tls` and offered): the EHLO keywords."""
+def _handshake(ctl: Control, conn: Conn, t: Target, p: Plan) -> None:
+    """TLS on `conn` as the plan says; PolicyError when the context cannot be made."""
+    ctx = tlspolicy.context(ctl, p)
+    name = t.host if p.level == "verify" or literal_free(t.host) else None
+    conn.starttls(ctx, name)
+    conn.verified = p.level == "verify"
+
+
+def start(ctl: Control, conn: Conn, t: Target, p: Plan, tls: bool = True) -> dict[str, str]:
+    """Implicit TLS (smtps), greeting, EHLO, STARTTLS, AUTH as the plan says: the EHLO
+    keywords. `tls` False: the retry in clear text after a failed handshake (`may`)."""
     ip = t.address
+    need = p.level in tlspolicy.TLS_LEVELS
     try:
-        greet = conn.reply()
-    except PeerError as e:
-        raise Refused(Z, "Connected to %s but greeting failed: %s. (#4.4.2)" % (ip, e))
-    if greet.code // 100 != 2:
-        raise Refused(D if greet.code // 100 == 5 else Z,
-                      "Connected to %s but greeting failed. Remote host said: %s"
-                      % (ip, greet.said()))
-    helo = (ctl.line("helohost") or ctl.line("me")).encode("ascii", "replace")
-    ext = ehlo(conn, helo, ip)
-    if tls and "STARTTLS" in ext:
-        r = conn.command(b"STARTTLS")
-        if r.code == 220:
-            ctx = ssl.create_default_context() if verify else no_verify_context()
+        if t.mode == "smtps":
             try:
-                conn.starttls(ctx, t.host if literal_free(t.host) else None)
-            except PeerError as e:
-                if verify:
-                    raise Refused(Z, "TLS to %s required by control/tlsverify failed: %s."
-                                  " (#4.7.5)" % (ip, e))
-                raise
-            conn.verified = verify
-            ext = ehlo(conn, helo, ip)
-        check_421(r, ip, conn)
-    if verify and not conn.tls:
-        raise Refused(Z, "%s does not offer STARTTLS, required by control/tlsverify. (#4.7.5)"
-                      % ip)
+                _handshake(ctl, conn, t, p)
+            except TLSHandshakeFailed as e:
+                raise Refused(Z, "TLS to %s port %d (smtps, %s) failed: %s. (#4.7.5)"
+                              % (ip, t.port, p.level, e))
+        try:
+            greet = conn.reply()
+        except PeerError as e:
+            raise Refused(Z, "Connected to %s but greeting failed: %s. (#4.4.2)" % (ip, e))
+        if greet.code // 100 != 2:
+            raise Refused(D if greet.code // 100 == 5 else Z,
+                          "Connected to %s but greeting failed. Remote host said: %s"
+                          % (ip, greet.said()))
+        helo = (ctl.line("helohost") or ctl.line("me")).encode("ascii", "replace")
+        ext = ehlo(conn, helo, ip)
+        if not conn.tls and tls and p.level != "none" and "STARTTLS" in ext:
+            r = conn.command(b"STARTTLS")
+            if r.code == 220:
+                try:
+                    _handshake(ctl, conn, t, p)
+                except TLSHandshakeFailed as e:
+                    if need:
+                        raise Refused(Z, "TLS to %s, required (%s) by %s, failed: %s. (#4.7.5)"
+                                      % (ip, p.level, p.why, e))
+                    raise       # `may`: the caller retries in clear text
+                ext = ehlo(conn, helo, ip)
+            check_421(r, ip, conn)
+        if need and not conn.tls:
+            raise Refused(Z, "%s does not offer STARTTLS, required (%s) by %s. (#4.7.5)"
+                          % (ip, p.level, p.why))
+    except PolicyError as e:
+        raise Refused(Z, str(e))
+    if p.creds is not None:
+        if not conn.tls and not p.creds.cleartext_ok:
+            raise Refused(Z, "No TLS to %s: the control/smtpauth credentials are not sent in"
+                          " clear text. (#4.7.5)" % ip)
+        try:
+            authenticate(conn, ext, p.creds, ip)
+        except AuthFailed as e:
+            raise Refused(Z, str(e))
     return ext

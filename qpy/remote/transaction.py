@@ -12,11 +12,13 @@ import time
 
 from qpy.common import address
 from qpy.common.control import Control
-from qpy.remote import session
+from qpy.remote import session, smtpauth, tlspolicy
 from qpy.remote.conncache import Cached, ConnCache
 from qpy.remote.encode import chunks, scan, smtp_data
 from qpy.remote.route import RouteError, Router, Target
 from qpy.remote.session import Refused, tls_note
+from qpy.remote.smtpauth import AuthFailed
+from qpy.remote.tlspolicy import Plan, PolicyError
 from qpy.remote.wire import Conn, PeerError, Reply, TLSHandshakeFailed, end, why
 
 RSET_WAIT = 20.0            # seconds for the RSET that proves a cached connection alive
@@ -48,8 +50,7 @@ class Job:
         self.size, head8, body8 = scan(fd)
         self.utf8 = head8 or address.is_utf8(sender) or any(address.is_utf8(r) for r in rcpts)
         self.eight = body8 or head8
-        self.verify = session.tls_required(ctl, domain)
-        self.level = "verify" if self.verify else "may"
+        self._auth: smtpauth.Table | None = None
 
     def open(self) -> list[int]:
         return [i for i, r in enumerate(self.results) if r is None]
@@ -59,9 +60,26 @@ class Job:
             if self.results[i] is None:
                 self.results[i] = (status, text.encode())
 
+    def plan(self, t: Target) -> Plan:
+        """What a connection to `t` must do (qpy.remote.tlspolicy), or Refused."""
+        if self._auth is None:
+            self._auth = smtpauth.Table(self.ctl.dir)
+        try:
+            creds = self._auth.lookup(t.hop or t.host, t.port)
+            return tlspolicy.plan(self.ctl, self.domain, t, creds)
+        except (AuthFailed, PolicyError) as e:
+            raise Refused(Z, str(e))
+
+    def _fits(self, c: Cached) -> bool:
+        """A cached connection serves this job only under the same plan."""
+        try:
+            return self.plan(c.target) == c.plan
+        except Refused:
+            return False
+
     def run(self) -> None:
         if self.cache is not None:
-            cached = self.cache.take(self.domain, self.level)
+            cached = self.cache.take(self.domain, self._fits)
             if cached is not None and self.reuse(cached):
                 return
         try:
@@ -128,15 +146,16 @@ class Job:
         ("plain": try this target again without TLS)."""
         opened = time.monotonic()
         try:
+            p = self.plan(t)
             conn = session.connect(self.ctl, t)
         except Refused as e:
             return e.status, e.text
         ours = True             # until release() takes the connection over
         try:
-            ext = session.start(self.ctl, conn, t, tls, self.verify)
+            ext = session.start(self.ctl, conn, t, p, tls)
             clean = self.transaction(conn, t.address, ext)
             ours = False
-            self.release(Cached(conn, self.domain, t, ext, self.level, opened), clean)
+            self.release(Cached(conn, self.domain, t, ext, p, opened), clean)
             return None
         except Refused as e:
             if not e.final:
@@ -145,8 +164,8 @@ class Job:
             return None
         except Closed:
             return None
-        except TLSHandshakeFailed as e:
-            if tls and not self.verify:
+        except TLSHandshakeFailed as e:     # start() lets only `may` ones through
+            if tls and p.level == "may":
                 return "plain"
             self.settle(Z, "Connected to %s but connection died: %s. (#4.4.2)" % (t.address, e))
             return None

@@ -1,0 +1,200 @@
+"""Mail out to the real internet: an authenticated smarthost (real Postfix with Dovecot
+as its SASL server, on its submission and smtps ports), TLS policies against aiosmtpd
+and scripted peers, with certificates from a test CA made with openssl.
+
+qpy-rspawn is driven as in test_remote (a request with the message fd, the result read
+back); one case runs the whole queue to see a failed AUTH in the log and in qpy-qread.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import signal
+
+import pytest
+import qpytest
+import test_remote
+from remote_peers import PrivatePostfix, basic_session
+from test_remote import MSG, PEER, Rspawn
+from test_send import Qpy, sendmail
+from tlshelp import TestCA
+
+# test_remote's fixtures: a DNS server, a free port, peers, and qpy-rspawn on a root
+dnssrv, port, raw, stack = test_remote.dnssrv, test_remote.port, test_remote.raw, \
+    test_remote.stack
+
+pytestmark = [qpytest.needs_root,
+              pytest.mark.skipif(not os.path.exists("/usr/sbin/postfix")
+                                 or not os.path.exists("/usr/sbin/dovecot"),
+                                 reason="postfix and dovecot needed")]
+
+RELAY = "smtp.relay.test"
+USER, PASSWORD = "relayuser", "s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def ca():
+    d = qpytest.test_dir("ca")
+    yield TestCA(d)
+    qpytest.remove_tree(d)
+
+
+class Smarthost:
+    """A private Postfix for a.test on PEER: port 25 open to loopback, and submission
+    (STARTTLS required), smtps (TLS from the start, AUTH LOGIN only) and plainauth
+    (AUTH without TLS) that relay only for USER."""
+
+    def __init__(self, ca: TestCA):
+        self.smtp, self.submission, self.smtps, self.plain = (
+            qpytest.free_port(PEER) for _ in range(4))
+        self.pf = PrivatePostfix(PEER, self.smtp, "a.test", chain=ca.chain(RELAY),
+                                 submission=self.submission, smtps=self.smtps,
+                                 plainauth=self.plain, users={USER: PASSWORD},
+                                 ccert_ca=ca.cafile, login_only=(self.smtps,))
+        self.seen: set[str] = set()
+
+    def new(self) -> list[bytes]:
+        """The messages delivered since the last call (Maildir names do not sort by
+        time within a second: by name, not by count)."""
+        d = os.path.join(self.pf.mail, "inbox", "new")
+        names = sorted(set(os.listdir(d)) - self.seen) if os.path.isdir(d) else []
+        self.seen.update(names)
+        out = []
+        for name in names:
+            with open(os.path.join(d, name), "rb") as f:
+                out.append(f.read())
+        return out
+
+
+@pytest.fixture(scope="module")
+def smarthost(ca):
+    s = Smarthost(ca)
+    yield s
+    s.pf.stop()
+
+
+def qpyr_file(qroot, name: str, text: str, mode: int = 0o400) -> str:
+    path = os.path.join(qroot.paths.control, name)
+    with open(path, "w") as f:
+        f.write(text)
+    pw = pwd.getpwnam("qpyr")
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, mode)
+    return path
+
+
+def route_to_relay(qroot, dnssrv, port: int, mode: str = "") -> None:
+    dnssrv.add(RELAY, "A", PEER)
+    qroot.control("smtproutes", ":%s:%d%s" % (RELAY, port, ":" + mode if mode else ""))
+
+
+def one(rs: Rspawn, rcpt: bytes = b"x@a.test") -> tuple[bytes, bytes]:
+    res = rs.deliver([rcpt])
+    return res[0]
+
+
+# --- the smarthost ------------------------------------------------------------------------
+
+def test_smarthost_587_starttls_verified_auth_plain(stack, smarthost, ca):
+    qroot, dnssrv, _, rs = stack
+    route_to_relay(qroot, dnssrv, smarthost.submission, "starttls")
+    qpyr_file(qroot, "smtpauth", "# the provider\n%s %s %s\n" % (RELAY, USER, PASSWORD))
+    qroot.control("tlspolicy", "%s verify" % RELAY)
+    qroot.control("tlscafile", ca.cafile)
+    status, text = one(rs)
+    assert status == b"K", text
+    assert b"(TLS TLSv1." in text
+    got = qpytest.wait_for(smarthost.new, 30)
+    assert got and got[0].endswith(MSG)
+    head = got[0][: got[0].index(MSG)]
+    assert b"(Authenticated sender: %s)" % USER.encode() in head
+    assert re.search(r"sasl_method=PLAIN, sasl_username=%s" % USER, smarthost.pf.log())
+
+
+def test_smarthost_465_smtps_auth_login_and_client_cert(stack, smarthost, ca):
+    qroot, dnssrv, _, rs = stack
+    # mode smtps from the smtproutes line; the port is not 465 here
+    route_to_relay(qroot, dnssrv, smarthost.smtps, "smtps")
+    qpyr_file(qroot, "smtpauth", "%s:%d %s %s\n%s nobody wrong\n"
+              % (RELAY, smarthost.smtps, USER, PASSWORD, RELAY))
+    cert, key = ca.issue("client.qpy.test")
+    for p in (cert, key):
+        os.chown(p, pwd.getpwnam("qpyr").pw_uid, -1)
+        os.chmod(p, 0o400)
+    qroot.control("tlsclientcert", "%s %s %s" % (RELAY, cert, key))
+    status, text = one(rs)
+    assert status == b"K", text
+    got = qpytest.wait_for(smarthost.new, 30)
+    assert got and got[0].endswith(MSG)
+    head = got[0][: got[0].index(MSG)].decode()
+    assert "(Authenticated sender: %s)" % USER in head       # HOST:PORT beat HOST
+    assert 'Client CN "client.qpy.test", Issuer "qpy test CA" (verified OK)' in head, head
+    assert re.search(r"sasl_method=LOGIN, sasl_username=%s" % USER, smarthost.pf.log())
+
+
+def test_smarthost_wrong_password_defers_with_reply_in_log_and_qread(qroot, dnssrv,
+                                                                     smarthost, ca):
+    qroot.control("resolvers", "127.0.0.1:%d" % dnssrv.port)
+    route_to_relay(qroot, dnssrv, smarthost.submission)
+    qpyr_file(qroot, "smtpauth", "%s %s not-the-password\n" % (RELAY, USER))
+    qroot.control("tlspolicy", "%s verify" % RELAY)
+    qroot.control("tlscafile", ca.cafile)
+    q = Qpy(qroot)
+    try:
+        sendmail(qroot, "someone@test.example", "x@a.test")
+        q.wait_log(r"delivery \d+: deferral: .*rejected AUTH PLAIN as relayuser\."
+                   r" Remote host said: 535 5\.7\.8")
+        r = qroot.run("qpy-qread", qroot.path)
+        assert re.search(r"deferred\s+remote\s+<x@a.test>.*rejected AUTH PLAIN.*535 5\.7\.8",
+                         r.stdout.decode()), r.stdout
+        assert "not-the-password" not in q.log()
+        assert smarthost.new() == []
+    finally:
+        assert q.stop() == 0
+
+
+def test_smtpauth_readable_by_others_not_used(stack, smarthost, ca):
+    qroot, dnssrv, _, rs = stack
+    route_to_relay(qroot, dnssrv, smarthost.submission)
+    path = qpyr_file(qroot, "smtpauth", "%s %s %s\n" % (RELAY, USER, PASSWORD), mode=0o440)
+    status, text = one(rs)
+    assert status == b"Z" and b"control/smtpauth is not used: mode 0440" in text, text
+    rs.stop()
+    assert b"alert: control/smtpauth not used: mode 0440" in rs.proc.stderr.read()
+    r = qroot.run("qpy-install", "--check", qroot.path)
+    assert r.returncode == 1 and b"control/smtpauth: mode 0440, want 0400" in r.stdout, r.stdout
+    os.chmod(path, 0o400)
+    r = qroot.run("qpy-install", "--check", qroot.path)
+    assert r.returncode == 0, r.stdout
+    assert smarthost.new() == []
+
+
+def test_credentials_never_in_clear_unless_cleartext_ok(stack, raw, smarthost):
+    qroot, dnssrv, port, rs = stack
+    ehlo = b"250-peer\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING\r\n"
+    peer = raw(lambda c: basic_session(c, ehlo=ehlo))
+    route_to_relay(qroot, dnssrv, port)
+    qpyr_file(qroot, "smtpauth", "%s %s %s\n" % (RELAY, USER, PASSWORD))
+    status, text = one(rs)
+    assert status == b"Z" and b"does not offer STARTTLS, required (encrypt) by control/smtpauth"\
+        in text, text
+    assert peer.connections == 1 and b"AUTH" not in peer.transcripts[0]
+    assert b"MAIL" not in peer.transcripts[0]
+    # cleartext-ok: Postfix's AUTH-without-TLS port takes it
+    route_to_relay(qroot, dnssrv, smarthost.plain)
+    qpyr_file(qroot, "smtpauth", "%s %s %s cleartext-ok\n" % (RELAY, USER, PASSWORD))
+    rs.proc.send_signal(signal.SIGHUP)
+    status, text = one(rs)
+    assert status == b"K" and b"TLS" not in text, text
+    got = qpytest.wait_for(smarthost.new, 30)
+    assert got and b"(Authenticated sender: %s)" % USER.encode() in got[0]
+
+
+def test_unauthenticated_submission_refused_by_postfix(stack, smarthost, ca):
+    """The smarthost really demands AUTH: without control/smtpauth, no relay."""
+    qroot, dnssrv, _, rs = stack
+    route_to_relay(qroot, dnssrv, smarthost.submission)
+    status, text = one(rs)
+    assert status == b"D" and b"Access denied" in text, text
