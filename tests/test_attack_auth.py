@@ -1,4 +1,5 @@
-"""Issue 12, finding 4: one attacker must not lock AUTH for everyone.
+"""Issue 12, finding 4: one attacker must not lock AUTH for everyone; finding 11: the
+first qpy-passwd starts qpy-authd without a restart.
 
 Failures come from 300 client addresses in 127.0.0.0/8 (the client socket bound to
 127.x.y.z) through a real qpy-tcpserver and qpy-smtpd (implicit TLS) to a real
@@ -8,10 +9,14 @@ an attacking address is slowed, then locked."""
 from __future__ import annotations
 
 import base64
+import os
+import re
 import smtplib
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import qpytest
 import tlshelp
@@ -70,3 +75,62 @@ def test_attack_auth_finding4_failures_from_300_addresses_lock_out_no_one(mta):
         assert code == 535 and took >= FAIL_DELAY
     code, _ = auth_plain(mta.smtps, sources[0], "bob", "battery staple")
     assert code == 421
+
+
+def _authd_of(parent: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(parent).children(recursive=True)
+                if p.name() == "qpy-authd"]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _check_alice(qroot) -> bool:
+    """The right password through the socket, asked as qpyd asks (test_auth's helper)."""
+    import test_auth
+    return test_auth.ask(qroot, [("alice", "correct horse", "192.0.2.1")])[0][0] == "Y"
+
+
+@qpytest.needs_root
+def test_attack_auth_finding11_first_passwd_starts_authd_without_restart(qroot):
+    """qpy-start runs without AUTH configured; the first qpy-passwd makes it start
+    qpy-authd within seconds, the same qpy-start (no restart), and qpy-status agrees."""
+    start = qroot.start("qpy-start", qroot.path, stdout=subprocess.DEVNULL)
+    try:
+        assert qpytest.wait_for(lambda: os.path.exists(
+            os.path.join(qroot.paths.run, "pickup.pid")), 30)
+        assert _authd_of(start.pid) == []
+        t = time.monotonic()
+        tlshelp.set_password(qroot, "alice", "correct horse")
+        assert qpytest.wait_for(lambda: _authd_of(start.pid), 10), "authd not started"
+        assert qpytest.wait_for(lambda: os.path.exists(
+            os.path.join(qroot.paths.run, "auth", "socket")), 10)
+        assert time.monotonic() - t < 10 and start.poll() is None
+        assert _check_alice(qroot)
+        status = qroot.run("qpy-status", qroot.path).stdout.decode()
+        assert "service authd: up" in status, status
+    finally:
+        start.terminate()
+        start.wait(timeout=90)
+
+
+@qpytest.needs_root
+@pytest.mark.skipif(not os.path.exists("/usr/bin/svscan"), reason="no daemontools")
+def test_attack_auth_finding11_daemontools_status_agrees_with_svstat():
+    """Under daemontools the qpy-authd service is up (svstat) before AUTH is configured;
+    after the first qpy-passwd qpy-authd runs and qpy-status says up, as svstat does."""
+    from test_supervise import Host, Scan
+    host = Host("sva")
+    scan = Scan(host, ("authd",))
+    try:
+        assert qpytest.wait_for(lambda: ": up " in scan.svstat("authd"), 30)
+        tlshelp.set_password(host.qroot, "alice", "correct horse")
+        r = qpytest.wait_for(lambda: (lambda r: r if "service authd: up" in r else None)(
+            host.status("--svdir", scan.dir).stdout.decode()), 20)
+        assert r is not None, host.status("--svdir", scan.dir).stdout.decode()
+        assert re.search(r"^  qpy-authd .* ok ", r, re.M), r
+        assert ": up " in scan.svstat("authd")
+        assert _check_alice(host.qroot)
+    finally:
+        scan.stop()
+        host.cleanup()

@@ -21,7 +21,9 @@ SERVICES (design §8; --only NAME starts just one)
     pickup  qpy-pickup
     smtpd   qpy-tcpserver, only when control/smtplisten exists
     authd   qpy-authd, only when auth/passwd holds a user or control/checkpassword
-            or control/dovecotauth exists
+            or control/dovecotauth exists; looked at every second while authd
+            is not running, so the first qpy-passwd on a running system (or a
+            new control/checkpassword) starts it within seconds, no restart
 
 LOG
     every child's stderr is read here and printed to stdout, one line each, as
@@ -368,6 +370,10 @@ class Starter:
                             pass
                     svc.stopping = now      # and wait for the kill to be reaped
                 if svc.restart_at and now >= svc.restart_at and not self.terminating:
+                    self.start(svc)
+                elif svc.name == "authd" and not (svc.children or svc.restart_at
+                                                  or self.terminating) and self.wanted("authd"):
+                    say("authd: configured now")    # the first qpy-passwd: no restart
                     self.start(svc)
             timeout = 1.0
             fds = [wakeup] + [c.logfd for c in live]
