@@ -12,12 +12,13 @@ import os
 import pwd
 import re
 import signal
+import ssl
 
 import pytest
 import qpytest
 import test_remote
 from remote_peers import PrivatePostfix, basic_session
-from test_remote import MSG, PEER, Rspawn
+from test_remote import MSG, PEER, Rspawn, wire
 from test_send import Qpy, sendmail
 from tlshelp import TestCA
 
@@ -198,3 +199,147 @@ def test_unauthenticated_submission_refused_by_postfix(stack, smarthost, ca):
     route_to_relay(qroot, dnssrv, smarthost.submission)
     status, text = one(rs)
     assert status == b"D" and b"Access denied" in text, text
+
+
+# --- control/tlspolicy ----------------------------------------------------------------------
+
+class TLSRecorder:
+    """aiosmtpd handler: each message with whether it came inside TLS."""
+
+    def __init__(self):
+        self.messages: list[tuple[bytes, bool]] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.content, session.ssl is not None))
+        return "250 2.0.0 stored"
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+@pytest.fixture
+def aiotls(port):
+    """aiosmtpd on PEER:port, with STARTTLS when given a server context."""
+    from aiosmtpd.controller import Controller
+    started = []
+
+    def start(ctx: ssl.SSLContext | None = None) -> TLSRecorder:
+        while started:                  # one peer at a time on the port
+            started.pop().stop()
+        h = TLSRecorder()
+        c = Controller(h, hostname=PEER, port=port, tls_context=ctx)
+        c.start()
+        started.append(c)
+        return h
+    yield start
+    for c in started:
+        c.stop()
+
+
+def hup(rs: Rspawn) -> None:
+    """Retire the workers, which keep the control files they read; not before the
+    first request, which proves qpy-rspawn has its signal handlers."""
+    if rs.next > 1:
+        rs.proc.send_signal(signal.SIGHUP)
+
+
+def policy(qroot, rs: Rspawn, *lines: str) -> None:
+    qroot.control("tlspolicy", "\n".join(lines))
+    hup(rs)
+
+
+def test_tlspolicy_none_ignores_offered_starttls(stack, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    h = aiotls(server_context(*ca.issue("mx.a.test")))
+    status, text = one(rs)
+    assert status == b"K" and b"(TLS TLSv1." in text, text     # may: TLS when offered
+    policy(qroot, rs, "a.test none")
+    status, text = one(rs)
+    assert status == b"K" and b"TLS" not in text, text
+    assert [tls for _, tls in h.messages] == [True, False]
+    assert all(m == wire(MSG) for m, _ in h.messages)
+
+
+def test_tlspolicy_encrypt_without_starttls_defers(stack, aiotls):
+    qroot, dnssrv, port, rs = stack
+    policy(qroot, rs, "a.test encrypt")
+    h = aiotls(None)
+    status, text = one(rs)
+    assert status == b"Z", text
+    assert b"does not offer STARTTLS, required (encrypt) by control/tlspolicy (a.test)." \
+        b" (#4.7.5)" in text, text
+    assert h.messages == []
+
+
+def test_tlspolicy_encrypt_failed_handshake_never_retried_in_clear(stack, raw):
+    qroot, dnssrv, port, rs = stack
+    policy(qroot, rs, "a.test encrypt")
+
+    def script(c):
+        c.send(b"220 hi\r\n")
+        c.expect(b"EHLO", b"250-peer\r\n250 STARTTLS\r\n")
+        c.expect(b"STARTTLS", b"220 go ahead\r\n")
+        c.send(b"this is not TLS\r\n")
+        c.line()
+    peer = raw(script)
+    status, text = one(rs)
+    assert status == b"Z" and b"required (encrypt) by control/tlspolicy (a.test), failed" \
+        in text, text
+    assert peer.connections == 1 and b"MAIL" not in peer.transcripts[0]
+
+
+def test_tlspolicy_encrypt_takes_any_certificate(stack, aiotls):
+    qroot, dnssrv, port, rs = stack
+    policy(qroot, rs, ".test encrypt")                       # a suffix matches below it
+    d = qpytest.test_dir("selfsigned")
+    try:
+        own = TestCA(d, "somebody else")                     # not trusted by anyone here
+        h = aiotls(server_context(*own.issue("wrong.name.example")))
+        status, text = one(rs)
+        assert status == b"K" and b"(TLS TLSv1." in text, text
+        assert [tls for _, tls in h.messages] == [True]
+    finally:
+        qpytest.remove_tree(d)
+
+
+def test_tlspolicy_verify_name_and_ca(stack, aiotls, ca):
+    """verify: a certificate for the MX name from a CA in tlscafile; a wrong name or an
+    unknown CA defers, and nothing is sent."""
+    qroot, dnssrv, port, rs = stack
+    policy(qroot, rs, "mx.a.test verify")                   # by the MX host name
+    h = aiotls(server_context(*ca.issue("mx.a.test")))
+    status, text = one(rs)                                   # the CA is not trusted
+    assert status == b"Z" and b"required (verify) by control/tlspolicy (mx.a.test)" in text
+    assert b"certificate verify failed" in text, text
+    assert h.messages == []
+    qroot.control("tlscafile", ca.cafile)
+    hup(rs)
+    h = aiotls(server_context(*ca.issue("wrong.a.test", "a.test")))
+    status, text = one(rs)
+    assert status == b"Z" and b"certificate verify failed" in text, text
+    assert b"mismatch" in text.lower(), text
+    assert h.messages == []
+    h = aiotls(server_context(*ca.issue("mx.a.test")))
+    status, text = one(rs)
+    assert status == b"K" and b"(TLS TLSv1." in text, text
+    assert h.messages == [(wire(MSG), True)]
+
+
+def test_tlspolicy_domain_before_host_and_unknown_level(stack, aiotls):
+    qroot, dnssrv, port, rs = stack
+    h = aiotls(None)
+    policy(qroot, rs, "mx.a.test encrypt", "a.test may")    # the recipient's domain first
+    status, text = one(rs)
+    assert status == b"K", text
+    policy(qroot, rs, "mx.a.test encrypt", "b.test may")
+    status, text = one(rs)
+    assert status == b"Z" and b"required (encrypt) by control/tlspolicy (mx.a.test)" in text
+    policy(qroot, rs, "a.test sometimes")
+    status, text = one(rs)
+    assert status == b"Z" and b"unknown level 'sometimes' for a.test" in text, text
+    assert len(h.messages) == 1
+    rs.stop()
+    assert b"control/tlspolicy: unknown level 'sometimes'" in rs.proc.stderr.read()
