@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import resource
 import stat
+import subprocess
 import zlib
 
 import pytest
@@ -270,3 +272,30 @@ def test_attack_local_finding11_install_follows_no_link(qroot):
     r = qroot.run("qpy-install", qroot.path)
     assert r.returncode == 0, r.stderr
     assert qroot.run("qpy-install", "--check", qroot.path).returncode == 0
+
+
+@needs_root
+def test_attack_local_finding11_newrcpt_skips_a_home_it_cannot_stat(qroot):
+    """A home qpy-newrcpt cannot stat (a link loop here, as a hung NFS home would be)
+    costs a warning line, not the whole table: the other users are in it, and the
+    unsure user's addresses are accepted (lspawn defers them, never a 550). The loop
+    exists only in a private mount namespace, so other tests' roots never see it."""
+    base = qpytest.test_dir("nrhome")
+    try:
+        qpytest.make_user("nrgood", home=os.path.join(base, "good"))
+        hidden = os.path.join(base, "hidden")
+        qpytest.make_user("nrloop", home=os.path.join(hidden, "home"))
+        script = ('mount -t tmpfs tmpfs "$1" && ln -s home "$1/home" && exec "$2" "$3"')
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                            "sh", hidden, qroot.bin("qpy-newrcpt"), qroot.path],
+                           env=qroot.env(), capture_output=True, timeout=120)
+        if b"unshare" in r.stderr and b"mount" not in r.stderr and r.returncode != 0:
+            pytest.skip("no mount namespace here: %r" % r.stderr)
+        assert r.returncode == 0, r.stderr
+        assert re.search(rb"warning: cannot stat home of qtnrloop: .*accepted", r.stderr), \
+            r.stderr
+        with open(os.path.join(qroot.path, "users", "recipients"), "rb") as f:
+            table = f.read().split(b"\n")
+        assert b"=qtnrgood" in table and b"=qtnrloop" in table and b"+qtnrloop-" in table
+    finally:
+        qpytest.remove_tree(base)

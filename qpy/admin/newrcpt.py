@@ -22,6 +22,12 @@ WRITES
         =LOCAL          an existing local part (lower case)
         +PREFIX         every local part that starts with PREFIX
 
+    A home it cannot stat (other than a missing one: an NFS server down, a
+    link loop) does not fail the table: a warning line names it, and all of that
+    user's addresses (USER and USER-anything) are accepted at RCPT, since
+    qpy-lspawn defers their delivery until the home can be looked at again;
+    a flaky home never turns into a 550.
+
 SECURITY
     Local parts with a control character or a newline are left out (they could
     not be one line of the table; qpy-smtpd refuses such addresses anyway).
@@ -58,6 +64,9 @@ def _ok(local: bytes) -> bool:
 def build(root: str) -> bytes:
     """The table's bytes for this root."""
     valid = valid_locals(root)
+    for why in valid.unsure:
+        log("%s: warning: %s; all of that user's addresses are accepted, their "
+            "delivery deferred until it can be" % (PROGRAM, clean(why)))
     lines = [MAGIC]
     lines += sorted(b"=" + e for e in valid.exact if e and _ok(e))
     lines += sorted({b"+" + p for p in valid.prefixes if _ok(p)})

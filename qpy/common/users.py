@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import pwd
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qpy.common.queue import Paths
 
@@ -74,6 +74,7 @@ class ValidLocals:
     """
     exact: set[bytes]
     prefixes: list[bytes]
+    unsure: list[str] = field(default_factory=list)   # homes that could not be looked at
 
     def __contains__(self, local: bytes) -> bool:
         low = local.lower()
@@ -232,14 +233,26 @@ def valid_locals(root: str) -> ValidLocals:
     assign `=` keys and `+` prefixes; each mail user's name, and its extensions
     as its `.qmail-EXT` / `.qmail-…-default` files allow; the alias user's
     `.qmail-NAME` files (a `.qmail-default` there makes every local part valid).
-    Run as root so that every home can be listed.
+    Run as root so that every home can be listed. A home that cannot be stat'd
+    (other than missing) is named in `unsure`, and its user's addresses all count
+    as valid.
     """
     assign = read_assign(root)
     out = ValidLocals(set(assign.exact), list(assign.prefixes))
     if not Paths(root).oneuser():
         for pw in pwd.getpwall():
             name = pw.pw_name.encode("ascii", "replace")
-            if _mail_user(name) is not None:
+            try:
+                mail_user = _mail_user(name)
+            except UsersError as e:
+                # a home that cannot be stat'd now (NFS): delivery would defer, so all
+                # of the user's addresses stay valid (accepted, then deferred; never a
+                # 550 for a flaky home); the rest of the table is built as usual
+                out.unsure.append(str(e))
+                out.exact.add(name)
+                out.prefixes.append(name + BREAK)
+                continue
+            if mail_user is not None:
                 out.exact.add(name)
                 _dotqmail_locals(pw.pw_dir, name + b"-", out)
     _dotqmail_locals(Paths(root).alias, b"", out)
