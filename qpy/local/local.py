@@ -24,7 +24,10 @@ WHAT IT DOES
     pick the .qmail file (qpy.local.dotqmail) or, when the user's own address
     has none or it is empty, DEFAULTDELIVERY (control/defaultdelivery, default
     ./Maildir/), then run its lines in order:
-        Maildir/mbox   RPLINE + DTLINE + message (qpy.local.maildir, qpy.local.mbox)
+        Maildir/mbox   RPLINE + DTLINE + message (qpy.local.maildir, qpy.local.mbox);
+                       never through a symbolic link or into a file or directory
+                       of another owner, nor an mbox with a second hard link
+                       (Postfix local(8)'s rules: a temporary failure, #4.2.1)
         |command       /bin/sh -c command, in HOMEDIR, stdin the message from its
                        start (a sealed copy in memory with its own offset),
                        qmail's environment (below), output captured
@@ -50,7 +53,6 @@ EXIT CODES
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import signal
@@ -65,12 +67,11 @@ from qpy.common.queue import root_from
 from qpy.inject import drop
 from qpy.local import dotqmail, maildir, mbox
 from qpy.local.dotqmail import EXIT_OK, EXIT_PERM, EXIT_TEMP, Failure, perm, temp
+from qpy.local.message import looping, private_copy
 
 TIMEOUT = 3600                     # default for control/timeoutlocal (seconds)
 MAX_OUTPUT = 4000                  # bytes of a program's output kept for the report
-MAX_HEADER_SCAN = 16 * 1024 * 1024 # the loop check reads at most this much header
 MAX_FORWARDS = dotqmail.MAX_INSTRUCTIONS
-MAX_HOPS = 100                     # Received:/Delivered-To: lines; more: a loop (5.4.6)
 CHUNK = 64 * 1024
 PATH = "/usr/local/bin:/usr/bin:/bin"
 PERMANENT_PROGRAM_CODES = (64, 65, 70, 76, 77, 78, 100, 112)
@@ -120,53 +121,6 @@ def _ext_parts(ext: bytes) -> list[bytes]:
         e = e[i + 1:] if i >= 0 else b""
         out.append(e)
     return out
-
-
-def _loops(msgfd: int, dtline: bytes) -> str | None:
-    """Why the message is looping, or None: its header holds exactly our Delivered-To
-    line, or more than MAX_HOPS Received:/Delivered-To: lines (a forward fan-out or a
-    loop through other hosts that the exact check misses). Read by offset (pread):
-    the descriptor's offset may be shared."""
-    hops, off, carry = 0, 0, b""
-    while off <= MAX_HEADER_SCAN:
-        chunk = os.pread(msgfd, CHUNK, off)
-        off += len(chunk)
-        lines = (carry + chunk).split(b"\n")
-        carry = lines.pop() if chunk else b""
-        for line in lines:
-            if line in (b"", b"\r"):
-                return None                      # the end of the header
-            if line + b"\n" == dtline:
-                return "This message is looping: it already has my Delivered-To line. (#5.4.6)"
-            if line[:13].lower().startswith((b"received:", b"delivered-to:")):
-                hops += 1
-                if hops > MAX_HOPS:
-                    return ("This message is looping: it has more than %d Received: and "
-                            "Delivered-To: lines. (#5.4.6)" % MAX_HOPS)
-        if not chunk or len(carry) > MAX_HEADER_SCAN:
-            return None
-    return None
-
-
-def private_copy(msgfd: int) -> int:
-    """A sealed, read-only copy of the message with its own offset, for a program's
-    stdin: the descriptor qpy-lspawn passed may be shared by deliveries running at
-    once (the same open file description), and a program reads by offset."""
-    fd = os.memfd_create("qpy-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        off, size = 0, os.fstat(msgfd).st_size
-        while off < size:
-            n = os.sendfile(fd, msgfd, off, size - off)
-            if n == 0:
-                break
-            off += n
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW
-                    | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def make_maildir(path: bytes) -> None:
@@ -341,9 +295,9 @@ class Local:
             raise temp("Uh-oh: home directory is writable by group or others. (#4.7.0)")
         if st.st_mode & stat.S_ISVTX:
             raise temp("Home directory is sticky: user is editing his .qmail file. (#4.2.1)")
-        looping = _loops(d.msgfd, self.dtline)
-        if looping:
-            raise perm(looping)
+        why = looping(d.msgfd, self.dtline)
+        if why:
+            raise perm(why)
         homefd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         try:
             found = dotqmail.find(homefd, d.dash, d.ext, d.uid)

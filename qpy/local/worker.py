@@ -31,7 +31,7 @@ SECURITY
     so the worker reads with its sender's access, not root's. Deliveries of one
     message running at once share its file offset, so the worker reads it only
     by offset (pread), and a program gets a sealed copy with its own
-    (qpy.local.local.private_copy). Every delivery
+    (qpy.local.message.private_copy). Every delivery
     starts from "/" and qpy-local's own checks (home owned by the user, not
     writable by group or others) run again each time. The worker is not
     dumpable (it changed uid), so the user's own processes cannot ptrace it;
