@@ -159,9 +159,11 @@ def test_sendmail_adds_headers_and_keeps_body(qroot):
     m = only_message(qroot)
     head, _, got = m.partition(b"\n\n")
     assert got == body
-    assert re.search(rb"^Received: \(qpy \d+ invoked by uid \d+\); \d+ \w{3} \d{4} ", head, re.M)
+    (todo_id,) = todo_ready(qroot)
+    assert re.search(rb"^Received: \(qpy \d+ invoked by uid \d+\) id %s; \d+ \w{3} \d{4} "
+                     % todo_id.encode(), head, re.M), head
     assert b"\nFrom: Ann Smith <" in head and b"\nDate: " in head and b"\nMessage-ID: <" in head
-    (todo,) = todo_ready(qroot)
+    todo = todo_id
     with open(os.path.join(qroot.paths.todo, todo), "rb") as f:
         t = todo_decode(f.read())
         size, env = t.size, t.env
@@ -261,7 +263,7 @@ def test_200_messages_from_three_users(qroot):
         i = int(re.search(rb"^X-Seq: (\d+)$", data, re.M).group(1))
         seen[i] = data
         uid = pwd.getpwnam(users[i % 3]).pw_uid
-        assert data.startswith(b"Received: (qpy ") and b" invoked by uid %d); " % uid in \
+        assert data.startswith(b"Received: (qpy ") and b" invoked by uid %d) id " % uid in \
             data.split(b"\n", 1)[0]
         assert data.split(b"\n\n", 1)[1] == BODIES[i % len(BODIES)]
     assert sorted(seen) == list(range(200))

@@ -12,7 +12,12 @@ Layout (owners and modes are data in `queue-layout/layout`):
     queue/pickup/       pickup's journal of admitted drop files         (qpyq)
 
 A message id is a decimal number, unique in the queue and stable for the
-message's life: pickup's clock in microseconds, bumped past any id in use.
+message's life, and the same string in `250 ... queued as ID`, in the
+Received: lines and in every log line: the injector's clock in microseconds
+then its pid in ID_PID_DIGITS digits (make_id), chosen when the drop file is
+created and given to it as its final name. Pickup keeps that id unless it is
+malformed, taken, or its time is not near the drop file's ctime (a local
+user chooses drop names); then pickup assigns one of its own and logs both.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import os
 
 DEFAULT_ROOT = "/var/qpy"
-MAX_ID_LEN = 20
+MAX_ID_LEN = 24
+ID_PID_DIGITS = 7          # Linux pids stay below 2**22
 
 # todo/ID: one header line, then the envelope (qpy.common.envelope).
 TODO_MAGIC = b"QPYTODO1"
@@ -37,6 +43,46 @@ def is_id(name: str) -> bool:
     """True for a well-formed message id (and so a safe queue file name)."""
     return 0 < len(name) <= MAX_ID_LEN and name.isascii() and name.isdigit() \
         and name[0] != "0"
+
+
+def make_id(usec: int, pid: int) -> str:
+    """The id for a message injected at `usec` (microseconds) by process `pid`."""
+    return "%d%07d" % (usec, pid % 10 ** ID_PID_DIGITS)
+
+
+def id_usec(name: str) -> int | None:
+    """The injection time (microseconds) of an id made by make_id, else None."""
+    if not is_id(name) or len(name) < 16 + ID_PID_DIGITS:
+        return None
+    return int(name[:-ID_PID_DIGITS])
+
+
+class DropIds:
+    """Pickup's rule for taking a drop file's name as the message's id: made by
+    make_id, its time near the file's ctime (set by the rename that gave the name:
+    no user chooses it), and not admitted before (the last RECENT ids are kept;
+    an id older than the newest one forgotten is not taken)."""
+
+    MAX_AGE = 7200          # seconds an id may be older than its file (a slow DATA)
+    RECENT = 100_000
+
+    def __init__(self) -> None:
+        self.recent: dict[str, None] = {}     # insertion-ordered: the oldest first
+        self.floor = 0
+
+    def wanted(self, name: str, ctime: float) -> str | None:
+        usec = id_usec(name)
+        if usec is None or not ctime - self.MAX_AGE <= usec / 1e6 <= ctime + 2 \
+                or usec <= self.floor or name in self.recent:
+            return None
+        return name
+
+    def remember(self, msg_id: str) -> None:
+        self.recent[msg_id] = None
+        if len(self.recent) > self.RECENT:
+            old = next(iter(self.recent))
+            del self.recent[old]
+            self.floor = max(self.floor, id_usec(old) or 0)
 
 
 class Paths:

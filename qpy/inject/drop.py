@@ -30,7 +30,7 @@ import zlib
 
 from qpy.common import dropfile, envelope
 from qpy.common.durable import write_all
-from qpy.common.queue import drop_dir
+from qpy.common.queue import drop_dir, make_id
 
 DROP_MODE = 0o640          # group qpyq (setgid drop/) reads it; others nothing
 BUFFER_BYTES = 64 * 1024
@@ -38,6 +38,17 @@ BUFFER_BYTES = 64 * 1024
 EXIT_REFUSED = 31          # qmail-queue: message refused (too big)
 EXIT_WRITE = 53            # write error (disk full)
 EXIT_QUEUE = 62            # trouble making files in the queue
+
+
+_last_usec = 0
+
+
+def new_id() -> str:
+    """A fresh message id (qpy.common.queue.make_id), increasing within this process
+    even if the clock steps back."""
+    global _last_usec
+    _last_usec = max(time.time_ns() // 1000, _last_usec + 1)
+    return make_id(_last_usec, os.getpid())
 
 
 class InjectError(Exception):
@@ -54,17 +65,19 @@ def _io_error(e: OSError, what: str) -> InjectError:
 
 
 class Drop:
-    """One drop file being written: write() the message, then commit() it."""
+    """One drop file being written: write() the message, then commit() it.
+    `id` is the message's id from the start (for a Received: line written first);
+    commit() names the file by it."""
 
     def __init__(self, root: str, databytes: int = 0):
+        self.id = new_id()
         self.databytes = databytes
         self.size = 0
         self._crc = 0          # CRC-32 of what was written so far
         self._buf: list[bytes] = []
         self._buffered = 0
         self._dir = drop_dir(root)
-        self._tmp = "%s%d.%d.%s" % (dropfile.TMP_PREFIX, time.time_ns(), os.getpid(),
-                                     os.urandom(4).hex())
+        self._tmp = "%s%s.%s" % (dropfile.TMP_PREFIX, self.id, os.urandom(4).hex())
         # drop/ is not readable by the injecting user (nobody may list it): an O_PATH
         # descriptor is enough for openat/renameat, and the directory is never fsync'd
         try:
@@ -106,7 +119,8 @@ class Drop:
             raise _io_error(e, "write")
 
     def commit(self, sender: bytes, recipients: list[bytes]) -> str:
-        """Append the envelope, fix the header, make it durable; returns the final name."""
+        """Append the envelope, fix the header, make it durable; returns the id (the
+        final name; a fresh one only if another user's file took this one)."""
         env = envelope.encode(sender, recipients)
         try:
             envelope.decode(env)  # the queue never holds an envelope pickup would refuse
@@ -118,9 +132,15 @@ class Drop:
             write_all(self._fd, env)
             crc = zlib.crc32(env, self._crc)
             os.pwrite(self._fd, dropfile.header(os.getpid(), self.size, len(env), crc), 0)
-            ino = os.fstat(self._fd).st_ino
-            final = "%d.%d.%d" % (ino, time.time_ns(), os.getpid())
-            os.rename(self._tmp, final, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
+            for _ in range(3):
+                try:
+                    os.rename(self._tmp, self.id, src_dir_fd=self._dfd,
+                              dst_dir_fd=self._dfd)
+                    break
+                except PermissionError:   # sticky drop/: another user's file has the name
+                    self.id = new_id()
+            else:
+                raise InjectError(EXIT_QUEUE, "create: the drop names are taken")
             self._tmp = ""
             # durable: rename, then one fsync of the file commits its bytes and the
             # rename together (the module docstring says why; pickup checks the CRC)
@@ -129,7 +149,7 @@ class Drop:
             raise _io_error(e, "write")
         finally:
             self.abort()
-        return final
+        return self.id
 
     def abort(self) -> None:
         """Forget the drop file (a no-op after commit)."""
@@ -149,7 +169,7 @@ class Drop:
 
 def inject(root: str, message: bytes, sender: bytes, recipients: list[bytes],
            databytes: int = 0) -> str:
-    """Queue a whole message; returns the drop name or raises InjectError."""
+    """Queue a whole message; returns its id or raises InjectError."""
     d = Drop(root, databytes)
     try:
         d.write(message)

@@ -88,7 +88,7 @@ from qpy.common import dropfile, durable, envelope
 from qpy.common.control import Control
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user
-from qpy.common.queue import Paths, root_from, todo_encode
+from qpy.common.queue import DropIds, Paths, make_id, root_from, todo_encode
 from qpy.common.watch import Watcher
 from qpy.queue.journal import COMMIT, TODO_TMP, Journal, unlink_quietly
 
@@ -151,6 +151,7 @@ class Pickup:
         self.control = Control(root)
         self.journal = Journal(self.paths)
         self.last_id = 0
+        self.ids = DropIds()
         self.last_admit = 0.0
         self.stuck: set[str] = set()      # entries pickup can neither admit nor move
         self.who = self._who_table()
@@ -177,8 +178,9 @@ class Pickup:
 
     # --- ids ------------------------------------------------------------
     def new_id(self) -> str:
+        """A fresh id, as an injector's (make_id) but with pickup's pid."""
         self.last_id = max(self.last_id + 1, time.time_ns() // 1000)
-        return str(self.last_id)
+        return make_id(self.last_id, os.getpid())
 
     # --- one drop file --------------------------------------------------
     def admit_one(self, name: str, dfd: int, sync: bool = True) -> tuple[str, int, int] | None:
@@ -232,14 +234,19 @@ class Pickup:
         except OSError as e:
             raise Rejected("cannot read: %s" % e.strerror)
         now = time.time()
-        who = self.who.get(st.st_uid, "by uid %d" % st.st_uid)
-        received = b"Received: (qpy %d invoked %s); %s\n" % (
-            h.pid, who.encode(), rfc822_date(now).encode())
-        size = len(received) + h.msglen
-        todo = todo_encode(int(now), st.st_uid, size, envelope.encode(sender, rcpts), h.pid)
+        who = self.who.get(st.st_uid, "by uid %d" % st.st_uid).encode()
+
+        def queue_files(msg_id: str) -> tuple[bytes, bytes]:
+            received = b"Received: (qpy %d invoked %s) id %s; %s\n" % (
+                h.pid, who, msg_id.encode(), rfc822_date(now).encode())
+            size = len(received) + h.msglen
+            return received, todo_encode(int(now), st.st_uid, size,
+                                         envelope.encode(sender, rcpts), h.pid)
         # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
         # recover() removes together with mess/ID, so no orphan mess file is possible.
-        msg_id = self._reserve(todo, sync)
+        msg_id, received, todo = self._reserve(queue_files, sync,
+                                               self.ids.wanted(name, st.st_ctime))
+        size = len(received) + h.msglen
         try:
             mfd = os.open(os.path.join(self.paths.mess, msg_id),
                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
@@ -261,11 +268,13 @@ class Pickup:
             raise
         return msg_id, st.st_uid, size
 
-    def _reserve(self, todo: bytes, sync: bool) -> str:
-        """Pick a free id and write todo/.tmp.ID (fsync'd unless the batch's syncfs will
-        do it); pickup runs alone (flock)."""
+    def _reserve(self, queue_files, sync: bool, wanted: str | None
+                 ) -> tuple[str, bytes, bytes]:
+        """Take the wanted id if it is free, else a fresh one; write todo/.tmp.ID
+        (fsync'd unless the batch's syncfs will do it); pickup runs alone (flock).
+        (id, Received: line, todo bytes)."""
         while True:
-            msg_id = self.new_id()
+            msg_id, wanted = wanted or self.new_id(), None
             if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
                 continue
             try:
@@ -273,6 +282,7 @@ class Pickup:
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             except FileExistsError:
                 continue
+            received, todo = queue_files(msg_id)
             try:
                 durable.write_all(fd, todo)
                 if sync:
@@ -282,7 +292,7 @@ class Pickup:
                 unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
                 raise
             os.close(fd)
-            return msg_id
+            return msg_id, received, todo
 
     @staticmethod
     def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
@@ -361,7 +371,9 @@ class Pickup:
                 os.unlink(name, dir_fd=dfd)
             except FileNotFoundError:
                 pass
-            log("pickup msg %s: drop %s uid %d bytes %d" % (msg_id, name, uid, size))
+            self.ids.remember(msg_id)      # committed: never taken from a drop name again
+            log("pickup msg %s: uid %d bytes %d%s" % (
+                msg_id, uid, size, "" if name == msg_id else " (drop %s)" % clean(name)))
         return ok
 
     def _commit(self, admitted: list[tuple[str, str, int, int]], batched: bool) -> bool:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import traceback
 from collections.abc import Callable, Mapping
 
@@ -425,9 +424,9 @@ class Session:
         drop = self.drop
         assert drop is not None
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
-        ident = "%x.%x" % (time.time_ns() // 1000, os.getpid())
+        # the message's id from the start: the same in this line, the 250 and the logs
         drop.write(received_line(self.helo or b"unknown", self.remote_host, self.remote_ip,
-                                 self.cfg.me, self.protocol(), ident,
+                                 self.cfg.me, self.protocol(), drop.id,
                                  rfc5322_date()))
         size = 0
         failure: InjectError | None = None
