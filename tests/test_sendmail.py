@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 
-import pytest
-import qpytest
 import smtphelp
-from qpytest import needs_root, wait_for
+from qpytest import wait_for
 from test_inject import drop_empty, pickup_log, start_pickup
 
 from qpy.common.queue import id_usec, is_id, make_id
