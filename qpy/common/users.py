@@ -36,6 +36,7 @@ import pwd
 import stat
 from dataclasses import dataclass, field
 
+from qpy.common import aliases
 from qpy.common.queue import Paths
 
 ALIAS_USER = "qpyalias"
@@ -232,7 +233,8 @@ def valid_locals(root: str) -> ValidLocals:
 
     assign `=` keys and `+` prefixes; each mail user's name, and its extensions
     as its `.qmail-EXT` / `.qmail-…-default` files allow; the alias user's
-    `.qmail-NAME` files (a `.qmail-default` there makes every local part valid).
+    `.qmail-NAME` files (a `.qmail-default` there makes every local part valid);
+    the names in the aliases table (qpy.common.aliases).
     Run as root so that every home can be listed. A home that cannot be stat'd
     (other than missing) is named in `unsure`, and its user's addresses all count
     as valid.
@@ -256,4 +258,10 @@ def valid_locals(root: str) -> ValidLocals:
                 out.exact.add(name)
                 _dotqmail_locals(pw.pw_dir, name + b"-", out)
     _dotqmail_locals(Paths(root).alias, b"", out)
+    table = aliases.Table(root)      # /etc/aliases, compiled by newaliases
+    try:
+        table.get(b"")
+    except (OSError, aliases.AliasError) as e:
+        raise UsersError(f"cannot read {aliases.TABLE}: {e}")
+    out.exact.update(table.entries)
     return out

@@ -21,6 +21,13 @@ EXIT_PERM = 100
 EXIT_TEMP = 111
 MAX_MESSAGE_BYTES = 1 << 30
 
+# Why a front end gives up, and the exit code for it: qmail-inject's two codes, or
+# sysexits(3) for sendmail, whose callers (cron, PHP, mailers) look at them.
+QMAIL_EXITS = {"usage": EXIT_PERM, "data": EXIT_PERM, "nouser": EXIT_PERM,
+               "unavailable": EXIT_PERM, "io": EXIT_TEMP, "temp": EXIT_TEMP}
+SYSEXITS = {"usage": 64, "data": 65, "nouser": 67, "unavailable": 69, "io": 74,
+            "temp": 75}
+
 
 class UsageError(ValueError):
     pass
@@ -58,8 +65,9 @@ def options(args: list[str], with_value: tuple[str, ...]) -> tuple[list[tuple[st
 
 
 class Front:
-    def __init__(self, program: str):
+    def __init__(self, program: str, exits: dict[str, int] = QMAIL_EXITS):
         self.program = program
+        self.exits = exits
         self.root = root_from()
         self.control = Control(self.root)
 
@@ -98,25 +106,29 @@ class Front:
             if sender:
                 sender = self.qualify(sender)
         except (address.AddressError, headers.HeaderError) as e:
-            return self.fail(EXIT_PERM, "bad address: %s" % e)
+            return self.fail(self.exits["data"], "bad address: %s" % e)
         if not rcpts:
-            return self.fail(EXIT_PERM, "no recipients")
+            return self.fail(self.exits["usage"], "no recipients")
         try:
             inject(self.root, message, sender, rcpts, self.control.integer("databytes"))
         except InjectError as e:
-            return self.fail(EXIT_PERM if 11 <= e.code <= 40 else EXIT_TEMP,
-                             "cannot queue the message: %s (#%d)" % (e, e.code))
+            why = "temp"
+            if e.code == 31:                      # over databytes: the message itself
+                why = "data"
+            elif 11 <= e.code <= 40:
+                why = "unavailable"
+            return self.fail(self.exits[why], "cannot queue the message: %s (#%d)"
+                             % (e, e.code))
         return 0
-
 
     def read_message(self, dot_ends: bool) -> bytes | int:
         """The message on stdin, or the exit code to leave with."""
         try:
             return read_stdin(dot_ends)
         except OverflowError as e:
-            return self.fail(EXIT_PERM, str(e))
+            return self.fail(self.exits["data"], str(e))
         except OSError as e:
-            return self.fail(EXIT_TEMP, "cannot read the message: %s" % e.strerror)
+            return self.fail(self.exits["io"], "cannot read the message: %s" % e.strerror)
 
 
 def read_stdin(dot_ends: bool) -> bytes:

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from qpy.common import address, control, privilege
 from qpy.common.queue import root_from
 from qpy.inject import drop
-from qpy.local import dotqmail, maildir, mbox
+from qpy.local import alias, dotqmail, maildir, mbox
 from qpy.local.dotqmail import EXIT_OK, EXIT_PERM, EXIT_TEMP, Failure, perm, temp
 from qpy.local.message import looping, private_copy
 
@@ -298,24 +298,14 @@ class Local:
         why = looping(d.msgfd, self.dtline)
         if why:
             raise perm(why)
-        homefd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            found = dotqmail.find(homefd, d.dash, d.ext, d.uid)
-            if found is None and d.dash:
-                raise perm("Sorry, no mailbox here by that name. (#5.1.1)")
-            data = found.data if found else b""
-            forward_only = bool(found and found.forward_only)
-            if not data.strip():
-                data, forward_only = d.defaultdelivery, False
-                self.from_default = True
-            default = found.default if found else None
-            if d.sender not in (b"", b"#@[]"):
-                owner = b".qmail" + d.dash + dotqmail.safe_ext(d.ext) + b"-owner"
-                if dotqmail.exists(homefd, owner):
-                    self.newsender = d.local + b"-owner@" + d.domain
-        finally:
-            os.close(homefd)
-        lines = dotqmail.parse(data)
+        aliased = alias.entry(d.root, d.home, d.ext) if d.dash else None
+        if aliased is not None:
+            lines, self.from_default = alias.instructions(aliased, d.ext, d.defaultdelivery)
+            forward_only, default = False, None
+            if d.sender not in (b"", b"#@[]") and alias.owner(d.root, d.ext):
+                self.newsender = b"owner-" + d.ext + b"@" + d.domain
+        else:
+            lines, forward_only, default = self._dotqmail()
         if print_only:
             return "".join(f"{k} {a.decode(errors='replace')}\n" for k, a in lines)
         env = self.env(default)
@@ -342,6 +332,29 @@ class Local:
         text = f"did {self.files}+{self.forwarded}+{self.programs}"
         extra = self.report()
         return text + (" " + extra if extra else "")
+
+    def _dotqmail(self) -> tuple[list[tuple[str, bytes]], bool, bytes | None]:
+        """The .qmail file's lines (or the default delivery's), whether it allows
+        forwards only, and DEFAULT for a -default file."""
+        d = self.d
+        homefd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            found = dotqmail.find(homefd, d.dash, d.ext, d.uid)
+            if found is None and d.dash:
+                raise perm("Sorry, no mailbox here by that name. (#5.1.1)")
+            data = found.data if found else b""
+            forward_only = bool(found and found.forward_only)
+            if not data.strip():
+                data, forward_only = d.defaultdelivery, False
+                self.from_default = True
+            default = found.default if found else None
+            if d.sender not in (b"", b"#@[]"):
+                owner = b".qmail" + d.dash + dotqmail.safe_ext(d.ext) + b"-owner"
+                if dotqmail.exists(homefd, owner):
+                    self.newsender = d.local + b"-owner@" + d.domain
+        finally:
+            os.close(homefd)
+        return dotqmail.parse(data), forward_only, default
 
     def report(self) -> str:
         return b" ".join(o.strip() for o in self.output if o.strip()).decode(

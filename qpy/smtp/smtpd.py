@@ -3,12 +3,17 @@
 SYNOPSIS
     qpy-smtpd                         (fd 0 and 1 are the connection)
     tcpserver -u UID -g GID 0 25 /opt/qpy/bin/qpy-smtpd      (ucspi-tcp)
+    qpy-smtpd --as-caller             (qpy-sendmail -bs: stdin/stdout, as the caller)
 
     qpy-tcpserver runs the same Session in its pre-forked workers, without a
     new interpreter or a fork per connection.
 
 RUNS AS
-    qpyd (started as root, it drops to qpyd before reading a byte).
+    qpyd (started as root, it drops to qpyd before reading a byte). With
+    --as-caller (only from qpy-sendmail -bs; refused when PROTO or TCPREMOTEIP
+    is set, i.e. on a network connection) it keeps the caller's uid, injects as
+    the caller and accepts every local recipient (the caller may not read
+    users/recipients; the queue bounces what has no owner, as sendmail does).
 
 READS
     the client on fd 0; QPY_ROOT; the ucspi-tcp environment (TCPREMOTEIP,
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 
@@ -507,7 +513,14 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
 
 def main() -> int:
     root = root_from()
-    preamble(PROGRAM, root, "qpyd", os.environ.get("TCPREMOTEIP", ""))
+    caller = sys.argv[1:] == ["--as-caller"]
+    if caller and ("PROTO" in os.environ or "TCPREMOTEIP" in os.environ):
+        sys.stderr.write("%s: --as-caller is for sendmail -bs, not a network connection\n"
+                         % PROGRAM)
+        return 111
+    # --as-caller (qpy-sendmail -bs): the session runs as whoever started it and
+    # injects as that user through queue/drop/, as `sendmail -bm` would
+    preamble(PROGRAM, root, None if caller else "qpyd", os.environ.get("TCPREMOTEIP", ""))
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
@@ -519,4 +532,7 @@ def main() -> int:
         except OSError:
             pass
         return 0
+    if caller:
+        cfg.acceptunknown = True    # the caller may not read users/recipients; the
+        #                             queue bounces what has no owner, as for sendmail
     return serve(cfg, os.environ)
