@@ -178,7 +178,6 @@ class Pickup:
 
     # --- ids ------------------------------------------------------------
     def new_id(self) -> str:
-        """A fresh id, as an injector's (make_id) but with pickup's pid."""
         self.last_id = max(self.last_id + 1, time.time_ns() // 1000)
         return make_id(self.last_id, os.getpid())
 
@@ -235,18 +234,19 @@ class Pickup:
             raise Rejected("cannot read: %s" % e.strerror)
         now = time.time()
         who = self.who.get(st.st_uid, "by uid %d" % st.st_uid).encode()
-
-        def queue_files(msg_id: str) -> tuple[bytes, bytes]:
+        # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
+        # recover() removes together with mess/ID, so no orphan mess file is possible.
+        msg_id = self.ids.wanted(name, st.st_ctime)   # the injector's id, if it may be
+        while True:
+            msg_id = msg_id or self.new_id()
             received = b"Received: (qpy %d invoked %s) id %s; %s\n" % (
                 h.pid, who, msg_id.encode(), rfc822_date(now).encode())
             size = len(received) + h.msglen
-            return received, todo_encode(int(now), st.st_uid, size,
-                                         envelope.encode(sender, rcpts), h.pid)
-        # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
-        # recover() removes together with mess/ID, so no orphan mess file is possible.
-        msg_id, received, todo = self._reserve(queue_files, sync,
-                                               self.ids.wanted(name, st.st_ctime))
-        size = len(received) + h.msglen
+            if self._reserve(msg_id, todo_encode(int(now), st.st_uid, size,
+                                                 envelope.encode(sender, rcpts), h.pid),
+                             sync):
+                break
+            msg_id = None
         try:
             mfd = os.open(os.path.join(self.paths.mess, msg_id),
                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
@@ -268,31 +268,26 @@ class Pickup:
             raise
         return msg_id, st.st_uid, size
 
-    def _reserve(self, queue_files, sync: bool, wanted: str | None
-                 ) -> tuple[str, bytes, bytes]:
-        """Take the wanted id if it is free, else a fresh one; write todo/.tmp.ID
-        (fsync'd unless the batch's syncfs will do it); pickup runs alone (flock).
-        (id, Received: line, todo bytes)."""
-        while True:
-            msg_id, wanted = wanted or self.new_id(), None
-            if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
-                continue
-            try:
-                fd = os.open(os.path.join(self.paths.todo, TODO_TMP + msg_id),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-            except FileExistsError:
-                continue
-            received, todo = queue_files(msg_id)
-            try:
-                durable.write_all(fd, todo)
-                if sync:
-                    os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
-                raise
+    def _reserve(self, msg_id: str, todo: bytes, sync: bool) -> bool:
+        """Write todo/.tmp.ID unless the id is taken (fsync'd unless the batch's syncfs
+        will do it); pickup runs alone (flock)."""
+        if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
+            return False
+        try:
+            fd = os.open(os.path.join(self.paths.todo, TODO_TMP + msg_id),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        except FileExistsError:
+            return False
+        try:
+            durable.write_all(fd, todo)
+            if sync:
+                os.fsync(fd)
+        except BaseException:
             os.close(fd)
-            return msg_id, received, todo
+            unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
+            raise
+        os.close(fd)
+        return True
 
     @staticmethod
     def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
