@@ -200,14 +200,14 @@ def test_sendmail_dot_ends_message_without_i(qroot):
                                   "a\rb@c.example"])
 def test_sendmail_refuses_bad_addresses(qroot, rcpt):
     r = qroot.run("qpy-sendmail", "-i", rcpt, input=b"Subject: x\n\nx\n")
-    assert r.returncode == 100
+    assert r.returncode == 65       # EX_DATAERR (sysexits: what sendmail's callers read)
     assert b"bad address" in r.stderr
     assert os.listdir(qroot.paths.drop) == []
 
 
 def test_sendmail_without_recipients_fails(qroot):
     r = qroot.run("qpy-sendmail", "-i", input=b"Subject: x\n\nx\n")
-    assert r.returncode == 100 and b"no recipients" in r.stderr
+    assert r.returncode == 64 and b"no recipients" in r.stderr     # EX_USAGE
 
 
 def test_inject_qmail_style(qroot):
@@ -226,7 +226,7 @@ def test_inject_qmail_style(qroot):
 def test_temporary_failure_when_queue_missing(qroot):
     r = qroot.run("qpy-sendmail", "-i", "a@b.example", input=b"x\n",
                   env={"QPY_ROOT": qroot.path + "/nonexistent"})
-    assert r.returncode == 111
+    assert r.returncode == 75       # EX_TEMPFAIL
 
 
 # --- real uids --------------------------------------------------------------------

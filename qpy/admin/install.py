@@ -3,6 +3,8 @@
 SYNOPSIS
     qpy-install ROOT [--me HOST] [--smtp ADDR:PORT] [--supervise DIR]
     qpy-install --check ROOT
+    qpy-install ROOT --system-mta [--system-prefix DIR]
+    qpy-install --remove-system-mta [--system-prefix DIR]
 
 RUNS AS
     root: creates the system users and groups qpyd qpyq qpys qpyr qpyl qpyalias
@@ -20,6 +22,13 @@ WRITES
     Only what is missing is created: on a live root nothing that exists changes
     and queued mail is never touched. Then qpy-newrcpt ROOT builds the
     recipient table, and --supervise writes filled-in service files.
+
+    --system-mta (after the above) installs /usr/sbin/sendmail, /usr/lib/sendmail,
+    /usr/bin/mailq and /usr/bin/newaliases (under --system-prefix DIR, default /)
+    as launchers bound to ROOT, moving aside what is there (NAME.qpy-saved);
+    on Debian it refuses (exit 1) while a package such as postfix or exim4 owns
+    those paths, and says how to remove it. --remove-system-mta puts back what
+    was moved aside (qpy.admin.systemmta; docs/system-mta.md).
 
     --check compares ROOT with the layout and prints every difference (missing,
     wrong type, owner, group, mode), one a line; exit 1 if there is any. It also
@@ -348,13 +357,21 @@ def oneuser_of(root: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qpy-install")
-    ap.add_argument("root")
+    ap.add_argument("root", nargs="?")
     ap.add_argument("--me", default=None)
     ap.add_argument("--smtp", default=None, help="ADDR:PORT for control/smtplisten")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--supervise", default=None, metavar="DIR")
+    ap.add_argument("--system-mta", action="store_true")
+    ap.add_argument("--remove-system-mta", action="store_true")
+    ap.add_argument("--system-prefix", default="/", metavar="DIR")
     args = ap.parse_args(argv)
     os.umask(0o022)
+    if args.remove_system_mta:
+        from qpy.admin import systemmta
+        return systemmta.remove(os.path.abspath(args.system_prefix))
+    if not args.root:
+        ap.error("ROOT is needed")
     root = os.path.abspath(args.root)
     try:
         if args.check:
@@ -368,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         if rc == 0 and args.supervise:
             from qpy.admin import supervise
             supervise.write_services(root, os.path.abspath(args.supervise), BINDIR)
+        if rc == 0 and args.system_mta:
+            from qpy.admin import systemmta
+            rc = systemmta.install(root, os.path.realpath(BINDIR),
+                                   os.path.abspath(args.system_prefix))
         return rc
     except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as e:
         sys.stderr.write("qpy-install: %s\n" % e)

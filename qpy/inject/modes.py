@@ -97,7 +97,7 @@ def newaliases(root: str, source: str) -> int:
 
 def verify(root: str, operands: list[bytes]) -> int:
     """-bv: say for each address where it would go; nothing is sent."""
-    from qpy.common import users       # dataclasses: fine here, not on the -bm path
+    from qpy.common import users  # dataclasses: fine here, not on the -bm path
     if not operands:
         return _fail("usage", "-bv needs addresses")
     ctl = Control(root)

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("qpy-sendmail: %s\n" % e)
         return SYSEXITS["usage"]
     if cmd.mode != "m":
-        from qpy.inject import modes       # not on the per-message path: it costs imports
+        from qpy.inject import modes  # not on the per-message path: it costs imports
         return modes.run(cmd)
     front = Front("qpy-sendmail", SYSEXITS)
     message = front.read_message(cmd.dot_ends)

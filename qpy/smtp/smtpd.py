@@ -85,7 +85,7 @@ def _domains(values: list[str]) -> set[bytes]:
 class Config:
     """The control files one session needs, read once (in qpy-tcpserver: before fork)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, acceptunknown: bool = False):
         c = Control(root)
         self.root = root
         self.me = c.line("me")
@@ -102,7 +102,7 @@ class Config:
         self.databytes = c.integer("databytes")
         self.timeout = max(1, c.integer("timeoutsmtpd"))
         self.maxrcpt = max(1, c.integer("maxrcpt"))
-        self.acceptunknown = c.flag("acceptunknown")
+        self.acceptunknown = acceptunknown or c.flag("acceptunknown")
         self.recipients = RecipientTable(root)
         self.refresh()
 
@@ -524,7 +524,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        cfg = Config(root)
+        # --as-caller: the caller may not read users/recipients; the queue bounces
+        # what has no owner, as it does for sendmail
+        cfg = Config(root, acceptunknown=caller)
     except Exception as e:
         log("%s: cannot read control files: %s" % (PROGRAM, clean(str(e))))
         try:
@@ -532,7 +534,4 @@ def main() -> int:
         except OSError:
             pass
         return 0
-    if caller:
-        cfg.acceptunknown = True    # the caller may not read users/recipients; the
-        #                             queue bounces what has no owner, as for sendmail
     return serve(cfg, os.environ)
