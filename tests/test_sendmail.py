@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 
+import pytest
+import qpytest
 import smtphelp
-from qpytest import wait_for
+from qpytest import needs_root, wait_for
 from test_inject import drop_empty, pickup_log, start_pickup
 
 from qpy.common.queue import id_usec, is_id, make_id
@@ -82,3 +85,293 @@ def test_pickup_refuses_ids_a_user_chose_badly(qroot):
     assert wait_for(lambda: drop_empty(qroot), 30)
     assert len(os.listdir(qroot.paths.mess)) == 5
     assert "(drop %s)" % fine in pickup_log(qroot)
+
+
+# --- the command line ----------------------------------------------------------------
+
+def _drops(qroot):
+    return smtphelp.drops(qroot)
+
+
+@pytest.mark.parametrize("args,kept", [
+    (["-it", "x@y.example"], True),          # -i clustered with -t: the dot line stays
+    (["-ti", "x@y.example"], True),
+    (["-oi", "x@y.example"], True),
+    (["-i", "-odb", "-oem", "-Am", "-N", "never", "-B8BITMIME", "-R", "hdrs", "-V", "e1",
+      "-L", "lbl", "-v", "-FCron Daemon", "-f", "a@b.example", "--", "x@y.example"], True),
+    (["x@y.example"], False),                # sendmail's default: the dot line ends it
+    (["-odi", "-oem", "x@y.example"], False),
+])
+def test_clustered_and_ignored_flags(qroot, args, kept):
+    msg = b"To: x@y.example\nSubject: s\n\nbefore\n.\nafter\n"
+    r = qroot.run("qpy-sendmail", *args, input=msg)
+    assert r.returncode == 0, r.stderr
+    (got,) = _drops(qroot)
+    assert got[0].endswith(b"after\n") == kept, got[0]
+    assert got[2] == [b"x@y.example"]           # -t found the same address: once
+
+
+def test_ti_without_arguments_takes_to_and_f_sets_sender(qroot):
+    r = qroot.run("qpy-sendmail", "-ti", "-fcron@test.example", "-FCronDaemon",
+                  input=b"To: a@one.example\nBcc: b@two.example\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    ((msg, sender, rcpts),) = _drops(qroot)
+    assert sender == b"cron@test.example" and sorted(rcpts) == [b"a@one.example",
+                                                                b"b@two.example"]
+    assert b"Bcc" not in msg and b"From: CronDaemon <" in msg
+
+
+@pytest.mark.parametrize("args,words", [
+    (["-Z"], "unknown option -Z"), (["-tZ"], "unknown option -Z"), (["-f"], "needs a value"),
+    (["-bd"], "qpy-start"), (["-bD"], "qpy-start"), (["-bt"], "-bv"), (["-bh"], "qpy-qread"),
+    (["-bH"], "qpy-qread"), (["-bx"], "unknown mode"),
+])
+def test_bad_options_and_modes_exit_64_with_one_line(qroot, args, words):
+    r = qroot.run("qpy-sendmail", "x@y.example", *args, input=b"x\n")
+    assert r.returncode == 64, r
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+    assert os.listdir(qroot.paths.drop) == []
+
+
+def test_bv_says_local_alias_remote_and_unknown(qroot):
+    src = os.path.join(os.path.dirname(qroot.path), "aliases")
+    with open(src, "w") as f:
+        f.write("# a comment\nPostmaster: root\nlist: a@x.example,\n  b@y.example\n")
+    r = qroot.run("qpy-sendmail", "-bi", "-oA" + src)
+    assert r.returncode == 0, r.stderr
+    r = qroot.run("qpy-sendmail", "-bv", "postmaster", "LIST@test.example", "a@far.example")
+    assert r.returncode == 0, r
+    out = r.stdout.decode()
+    assert "postmaster... deliverable: alias to root" in out
+    assert "LIST@test.example... deliverable: alias to a@x.example, b@y.example" in out
+    assert "a@far.example... deliverable: remote" in out
+    r = qroot.run("qpy-sendmail", "-bv", "nosuchname@test.example")
+    assert r.returncode == 67 and "undeliverable" in r.stdout.decode(), r
+
+
+def test_newaliases_compiles_debian_default_and_refuses_broken_files(qroot):
+    """/etc/aliases as Debian ships it compiles; a loop or a malformed line exits 65
+    and leaves the table as it was; -I and the newaliases name do the same."""
+    table = os.path.join(qroot.path, "users", "aliases")
+    r = qroot.run("qpy-sendmail", "-bi", "-oA/etc/aliases")
+    assert r.returncode == 0, r.stderr
+    with open(table, "rb") as f:
+        good = f.read()
+    assert b"postmaster\0&root\n" in good
+    assert os.stat(table).st_mode & 0o777 == 0o644
+    src = os.path.join(os.path.dirname(qroot.path), "aliases")
+    for text, words in (("a: b\nb: a\n", "alias loop: a -> b -> a"),
+                        ("a: \"|unclosed\n", "unbalanced quote"),
+                        ("no colon here\n", "line 1"),
+                        ("x: :include:relative\n", "absolute")):
+        with open(src, "w") as f:
+            f.write(text)
+        r = qroot.run("qpy-sendmail", "-I", "-oA" + src)
+        assert r.returncode == 65 and words in r.stderr.decode(), (text, r)
+        with open(table, "rb") as f:
+            assert f.read() == good
+
+
+# --- end to end: aliases, -bs, mailq, one-user mode, and the real callers --------------
+
+def _new(maildir: str) -> list[bytes]:
+    d = os.path.join(maildir, "new")
+    out = []
+    for n in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        with open(os.path.join(d, n), "rb") as f:
+            out.append(f.read())
+    return out
+
+
+@pytest.fixture
+def mta(qroot):
+    """A started root with an admin user, aliases routing root and postmaster to it,
+    and the --system-mta launchers installed in a scratch prefix."""
+    import signal
+    base = os.path.dirname(qroot.path)
+    admin = qpytest.make_user("qtsmadmin", os.path.join(base, "home-admin"))
+    out = os.path.join(base, "out")
+    os.mkdir(out)
+    if qpytest.IS_ROOT:
+        import pwd
+        al = pwd.getpwnam("qpyalias")
+        os.chown(out, al.pw_uid, al.pw_gid)
+    with open(os.path.join(base, "aliases"), "w") as f:
+        f.write("# as Debian's, then the admin's lines\n"
+                "postmaster:    root\n"
+                "root: %s\n"
+                "pipe: \"|id -un > %s/pipe.out; cat >> %s/pipe.out\"\n"
+                "file: %s/file.mbox\n"
+                "list: %s,\n  :include:%s/list.inc\n"
+                "owner-list: postmaster\n"
+                % (admin.pw_name, out, out, out, admin.pw_name, out))
+    with open(os.path.join(out, "list.inc"), "w") as f:
+        f.write("# members\nfile\n")
+    os.chmod(os.path.join(out, "list.inc"), 0o644)
+    r = qroot.run("qpy-sendmail", "-bi", "-oA" + os.path.join(base, "aliases"))
+    assert r.returncode == 0, r.stderr
+    prefix = os.path.join(base, "sys")
+    r = subprocess.run([qroot.bin("qpy-install"), qroot.path, "--system-mta",
+                        "--system-prefix", prefix], capture_output=True)
+    assert r.returncode == 0, r
+    p = qroot.start("qpy-start", qroot.path, stdout=open(os.path.join(base, "start.log"),
+                                                          "ab"))
+    assert wait_for(lambda: os.path.exists(os.path.join(qroot.paths.run,
+                                                        "queue-send.pid")), 30)
+    qroot.admin, qroot.out, qroot.prefix = admin, out, prefix
+    qroot.sendmail = os.path.join(prefix, "usr", "sbin", "sendmail")
+    qroot.maildir = os.path.join(admin.pw_dir, "Maildir")
+    yield qroot
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+
+
+@needs_root
+def test_aliases_route_postmaster_and_root_and_run_as_the_alias_user(mta):
+    env = {"PATH": "/usr/bin:/bin"}
+    for rcpt in ("postmaster", "root", "pipe", "list"):
+        r = subprocess.run([mta.sendmail, "-f", "carol@remote.example", rcpt + "@test.example"],
+                           input=b"Subject: to %s\n\nhello\n" % rcpt.encode(), env=env,
+                           capture_output=True)
+        assert r.returncode == 0, r
+    assert wait_for(lambda: len(_new(mta.maildir)) == 3, 60), _new(mta.maildir)
+    got = _new(mta.maildir)
+    assert any(b"Delivered-To: postmaster@test.example" in m and
+               b"Delivered-To: root@test.example" in m for m in got)
+    pipe = os.path.join(mta.out, "pipe.out")
+    assert wait_for(lambda: os.path.exists(pipe) and b"hello" in open(pipe, "rb").read(), 60)
+    assert open(pipe, "rb").read().startswith(b"qpyalias\n")     # never root
+    mbox = os.path.join(mta.out, "file.mbox")
+    assert wait_for(lambda: os.path.exists(mbox), 60)
+    data = open(mbox, "rb").read()
+    assert b"Subject: to list" in data and os.stat(mbox).st_uid == \
+        __import__("pwd").getpwnam("qpyalias").pw_uid
+    # the list's copies went out with owner-list as the envelope sender
+    assert any(m.startswith(b"Return-Path: <owner-list@test.example>") and
+               b"Subject: to list" in m for m in got), got
+
+
+@needs_root
+def test_newaliases_after_editing_and_a_loop_through_forwards_bounces(mta):
+    src = os.path.join(os.path.dirname(mta.path), "aliases")
+    with open(src, "a") as f:
+        f.write("helpdesk: %s\n" % mta.admin.pw_name)
+    newaliases = os.path.join(mta.prefix, "usr", "bin", "newaliases")
+    r = subprocess.run([newaliases, "-oA" + src], capture_output=True)
+    assert r.returncode == 0 and b"aliases" in r.stdout, r
+    r = subprocess.run([mta.sendmail, "-i", "helpdesk"], input=b"Subject: hd\n\nx\n",
+                       capture_output=True)
+    assert r.returncode == 0, r
+    assert wait_for(lambda: any(b"Subject: hd" in m for m in _new(mta.maildir)), 60)
+
+
+@needs_root
+def test_bs_driven_by_swaks_pipe_as_a_plain_user(mta):
+    user = qpytest.make_user("qtsmuser")
+    cmd = "setpriv --reuid %d --regid %d --init-groups -- %s -bs" % (
+        user.pw_uid, user.pw_gid, mta.sendmail)
+    r = subprocess.run(["swaks", "--pipe", cmd, "--to", "root@test.example", "--from",
+                        "qtsmuser@test.example", "--header", "Subject: via swaks"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r
+    m = re.search(rb"250 2\.0\.0 Ok: queued as (\d+)", r.stdout)
+    assert m, r.stdout
+    assert wait_for(lambda: any(b"Subject: via swaks" in x and m.group(1) in x
+                                for x in _new(mta.maildir)), 60)
+    got = [x for x in _new(mta.maildir) if b"Subject: via swaks" in x][0]
+    assert b"invoked by uid %d) id %s;" % (user.pw_uid, m.group(1)) in got
+
+
+@needs_root
+def test_mailq_lists_a_deferred_message_and_q_retries(mta):
+    port = qpytest.free_port()              # nothing listens there: a deferral
+    mta.control("smtproutes", "far.example:127.0.0.1:%d" % port)
+    import signal
+    os.kill(mta.procs[0].pid, signal.SIGHUP)
+    r = subprocess.run([mta.sendmail, "-oi", "someone@far.example"],
+                       input=b"Subject: later\n\nx\n", capture_output=True)
+    assert r.returncode == 0, r
+    mailq = os.path.join(mta.prefix, "usr", "bin", "mailq")
+    assert wait_for(lambda: "deferred" in subprocess.run(
+        [mailq], capture_output=True, text=True).stdout, 60)
+    out = subprocess.run([mailq], capture_output=True, text=True).stdout
+    assert out.startswith("messages in queue: 1\n") and "someone@far.example" in out, out
+    assert subprocess.run([mta.sendmail, "-q"], capture_output=True).returncode == 0
+
+
+def _git_patch(base: str) -> str:
+    repo = os.path.join(base, "repo")
+    env = {"PATH": "/usr/bin:/bin", "HOME": base, "GIT_AUTHOR_NAME": "Dev",
+           "GIT_AUTHOR_EMAIL": "dev@test.example", "GIT_COMMITTER_NAME": "Dev",
+           "GIT_COMMITTER_EMAIL": "dev@test.example"}
+    subprocess.run(["git", "init", "-q", repo], check=True, env=env)
+    with open(os.path.join(repo, "f"), "w") as f:
+        f.write("x\n")
+    subprocess.run(["git", "-C", repo, "add", "f"], check=True, env=env)
+    subprocess.run(["git", "-C", repo, "commit", "-qm", "git send-email patch"], check=True,
+                   env=env)
+    subprocess.run(["git", "-C", repo, "format-patch", "-1", "-o", base], check=True, env=env,
+                   capture_output=True)
+    return [os.path.join(base, n) for n in os.listdir(base) if n.endswith(".patch")][0]
+
+
+# Each caller with the command line it uses (from its source or documentation); the
+# marker is what must arrive in the admin's Maildir.
+CALLERS = {
+    # Debian's cron (do_command.c, with Debian's -FCronDaemon): MAILCMD flags then the user
+    "cron": lambda m: ([m.sendmail, "-FCronDaemon", "-i", "-B8BITMIME", "-oem",
+                        m.admin.pw_name],
+                       b"From: root (Cron Daemon)\nTo: %s\nSubject: Cron <root@h> job\n"
+                       b"Content-Type: text/plain; charset=UTF-8\n\ncron output\n.\nmore\n"
+                       % m.admin.pw_name.encode(), b"more\n"),
+    # PHP's mail(): popen(sendmail_path), php.ini's default "sendmail -t -i"
+    "php": lambda m: (["php", "-n", "-d", "sendmail_path=%s -t -i" % m.sendmail, "-r",
+                       "exit(mail('%s@test.example', 'php subject', \"php body\\n.\\n\") ? 0 : 1);"
+                       % m.admin.pw_name], b"", b"Subject: php subject"),
+    # logwatch: "sendmail -t" with the recipients in To: and Bcc:
+    "logwatch": lambda m: ([m.sendmail, "-t"],
+                           b"To: nobody@far.example\nBcc: %s@test.example\nFrom: logwatch\n"
+                           b"Subject: Logwatch for h\n\nlogwatch report\n"
+                           % m.admin.pw_name.encode(), b"logwatch report"),
+    # bsd-mailx with `set sendmail=` in its MAILRC: runs sendmail -i ... recipients
+    "bsd-mailx": lambda m: (["bsd-mailx", "-s", "mailx subject", m.admin.pw_name],
+                            b"mailx body\n", b"Subject: mailx subject"),
+    # s-nail with mta= (its sendmail variable): runs the mta with -i and recipients
+    "s-nail": lambda m: (["s-nail", "-:/", "-S", "mta=" + m.sendmail, "-s", "s-nail subject",
+                          m.admin.pw_name + "@test.example"], b"s-nail body\n",
+                         b"Subject: s-nail subject"),
+    # mutt: its default $sendmail is "/usr/sbin/sendmail -oem -oi"
+    "mutt": lambda m: (["mutt", "-n", "-F", "/dev/null", "-e",
+                        "set sendmail='%s -oem -oi'; set from=dev@test.example; "
+                        "set use_from=yes" % m.sendmail,
+                        "-s", "mutt subject", m.admin.pw_name + "@test.example"],
+                       b"mutt body\n", b"Subject: mutt subject"),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("caller", sorted(CALLERS) + ["git-send-email"])
+def test_real_callers(mta, caller):
+    base = os.path.dirname(mta.path)
+    env = {"PATH": "/usr/bin:/bin", "HOME": base, "LANG": "C"}
+    if caller == "git-send-email":
+        patch = _git_patch(base)
+        env.update(GIT_COMMITTER_NAME="Dev", GIT_COMMITTER_EMAIL="dev@test.example",
+                   GIT_AUTHOR_NAME="Dev", GIT_AUTHOR_EMAIL="dev@test.example")
+        # git send-email --smtp-server=PATH runs "PATH -i RECIPIENTS"
+        args, data, marker = (["git", "send-email", "--smtp-server=" + mta.sendmail,
+                               "--to=%s@test.example" % mta.admin.pw_name,
+                               "--from=dev@test.example", "--confirm=never", "--quiet",
+                               patch], b"", b"git send-email patch")
+    else:
+        args, data, marker = CALLERS[caller](mta)
+    if caller == "bsd-mailx":
+        rc = os.path.join(base, "mailrc")
+        with open(rc, "w") as f:
+            f.write("set sendmail=%s\n" % mta.sendmail)
+        env["MAILRC"] = rc
+    r = subprocess.run(args, input=data, env=env, capture_output=True, timeout=60)
+    assert r.returncode == 0, r
+    assert wait_for(lambda: any(marker in m for m in _new(mta.maildir)), 60), \
+        (caller, _new(mta.maildir))

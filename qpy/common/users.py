@@ -21,8 +21,9 @@ The rules are qmail's (qmail-users(5), qmail-getpw(8)):
    dash "-" and ext = the whole local part. Root never receives mail: `root` is
    not a mail user, so it goes to the alias user as `.qmail-root`.
 
-In a one-user root the passwd database is not consulted (the single user cannot
-deliver as anyone else); assign entries and the alias user still work.
+In a one-user root the passwd database is consulted for the single user's own
+name only (mail to yourself reaches your Maildir; no one else can be delivered
+to as their uid); assign entries and the alias user still work.
 
 This module never delivers; qpy-lspawn (as root) and qpy-newrcpt use it. Errors
 that a retry may cure (an unreadable or malformed assign file, a missing alias
@@ -197,10 +198,11 @@ def lookup(root: str, local: bytes) -> Recipient:
     if best is not None:
         user, uid, gid, home, dash, pre = assign.prefixes[best]
         return Recipient(user, uid, gid, home, dash, pre + local[len(best):])
-    if not Paths(root).oneuser():
+    one = Paths(root).oneuser()
+    if one is None or low == one.encode() or low.startswith(one.encode() + BREAK):
         cut = len(low)
         while cut > 0:
-            pw = _mail_user(low[:cut])
+            pw = _mail_user(low[:cut]) if one is None or low[:cut] == one.encode() else None
             if pw is not None:
                 if cut == len(low):
                     return Recipient(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, b"", b"")
@@ -241,7 +243,11 @@ def valid_locals(root: str) -> ValidLocals:
     """
     assign = read_assign(root)
     out = ValidLocals(set(assign.exact), list(assign.prefixes))
-    if not Paths(root).oneuser():
+    one = Paths(root).oneuser()
+    if one and _mail_user(one.encode()) is not None:
+        out.exact.add(one.encode())
+        _dotqmail_locals(pwd.getpwnam(one).pw_dir, one.encode() + b"-", out)
+    if not one:
         for pw in pwd.getpwall():
             name = pw.pw_name.encode("ascii", "replace")
             try:

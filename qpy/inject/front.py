@@ -102,7 +102,8 @@ class Front:
             message, found = headers.complete(
                 message, from_addr, full_name,
                 self.control.line("idhost").encode("ascii", "replace"), take_recipients)
-            rcpts = [self.qualify(r) for r in recipients + found]
+            # -t and arguments may name one address twice: it gets one copy
+            rcpts = list(dict.fromkeys(self.qualify(r) for r in recipients + found))
             if sender:
                 sender = self.qualify(sender)
         except (address.AddressError, headers.HeaderError) as e:
