@@ -39,6 +39,10 @@ debs="
     procps
     iproute2
     dovecot-core
+    php-cli
+    git-email
+    bsd-mailx
+    s-nail
 "
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 
 import pytest
 import qpytest
@@ -334,6 +335,14 @@ CALLERS = {
                            b"To: nobody@far.example\nBcc: %s@test.example\nFrom: logwatch\n"
                            b"Subject: Logwatch for h\n\nlogwatch report\n"
                            % m.admin.pw_name.encode(), b"logwatch report"),
+    # mdadm --monitor's alert (Monitor.c): popen("/usr/lib/sendmail -t"), To: in the header
+    "mdadm-style": lambda m: ([os.path.join(m.prefix, "usr", "lib", "sendmail"), "-t"],
+                              b"From: mdadm monitoring <root>\nTo: root\n"
+                              b"Subject: Fail event on /dev/md0:h\n\nmdadm event\n",
+                              b"mdadm event"),
+    # smartd's warning: its mail script runs `mail -s SUBJECT root` (bsd-mailx here)
+    "smartd-style": lambda m: (["bsd-mailx", "-s", "SMART error detected on host: h",
+                                "root"], b"smartd warning\n", b"smartd warning"),
     # bsd-mailx with `set sendmail=` in its MAILRC: runs sendmail -i ... recipients
     "bsd-mailx": lambda m: (["bsd-mailx", "-s", "mailx subject", m.admin.pw_name],
                             b"mailx body\n", b"Subject: mailx subject"),
@@ -366,7 +375,7 @@ def test_real_callers(mta, caller):
                                patch], b"", b"git send-email patch")
     else:
         args, data, marker = CALLERS[caller](mta)
-    if caller == "bsd-mailx":
+    if caller in ("bsd-mailx", "smartd-style"):
         rc = os.path.join(base, "mailrc")
         with open(rc, "w") as f:
             f.write("set sendmail=%s\n" % mta.sendmail)
@@ -375,3 +384,98 @@ def test_real_callers(mta, caller):
     assert r.returncode == 0, r
     assert wait_for(lambda: any(marker in m for m in _new(mta.maildir)), 60), \
         (caller, _new(mta.maildir))
+
+
+@needs_root
+def test_one_user_mode_mail_to_yourself(tmp_path):
+    """A plain user's own root (qpy-install run as that user): `qpy-sendmail -i $USER`
+    lands in that user's Maildir; nothing bounces."""
+    import pwd
+    import signal
+    base = qpytest.test_dir("solo")
+    user = qpytest.make_user("qtsmsolo", os.path.join(base, "home"))
+    os.chown(base, user.pw_uid, user.pw_gid)
+    root = os.path.join(base, "qpy")
+    as_user = ["setpriv", "--reuid", str(user.pw_uid), "--regid", str(user.pw_gid),
+               "--init-groups", "--"]
+    env = {"PATH": "/usr/bin:/bin", "QPY_ROOT": root, "USER": user.pw_name,
+           "LOGNAME": user.pw_name, "HOME": user.pw_dir}
+    try:
+        r = subprocess.run(as_user + [qpytest.bin_path("qpy-install"), root, "--me",
+                                      "solo.example"], env=env, capture_output=True)
+        assert r.returncode == 0 and b"one-user mode" in r.stdout, r
+        log = open(os.path.join(base, "start.log"), "ab")
+        p = subprocess.Popen(as_user + [qpytest.bin_path("qpy-start"), root], env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+        try:
+            r = subprocess.run(as_user + [qpytest.bin_path("qpy-sendmail"), "-i",
+                                          user.pw_name], input=b"Subject: to me\n\nhi\n",
+                               env=env, capture_output=True)
+            assert r.returncode == 0, r
+            maildir = os.path.join(user.pw_dir, "Maildir")
+            assert wait_for(lambda: any(b"Subject: to me" in m for m in _new(maildir)), 60), \
+                open(os.path.join(base, "start.log"), "rb").read()[-3000:]
+            (m,) = _new(maildir)
+            assert b"Delivered-To: %s@solo.example" % user.pw_name.encode() in m
+            assert os.stat(os.path.join(maildir, "new")).st_uid == user.pw_uid
+            time.sleep(1)
+            assert b"bounce" not in open(os.path.join(base, "start.log"), "rb").read()
+            assert pwd.getpwuid(os.stat(maildir).st_uid).pw_name == user.pw_name
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+    finally:
+        qpytest.remove_tree(base)
+
+
+def test_system_mta_launchers_move_aside_and_restore(qroot):
+    """--system-mta into a scratch prefix: four launchers bound to the root (not links),
+    what was there saved and put back by --remove-system-mta; a second run keeps the
+    first saved file."""
+    prefix = os.path.join(os.path.dirname(qroot.path), "sys")
+    os.makedirs(os.path.join(prefix, "usr", "sbin"))
+    os.makedirs(os.path.join(prefix, "usr", "lib"))
+    old = os.path.join(prefix, "usr", "sbin", "sendmail")
+    with open(old, "w") as f:
+        f.write("#!/bin/sh\necho the old MTA\n")
+    os.symlink("../sbin/sendmail", os.path.join(prefix, "usr", "lib", "sendmail"))
+    for _ in range(2):
+        r = subprocess.run([qroot.bin("qpy-install"), qroot.path, "--system-mta",
+                            "--system-prefix", prefix], capture_output=True)
+        assert r.returncode == 0, r
+    for rel in ("usr/sbin/sendmail", "usr/lib/sendmail", "usr/bin/mailq", "usr/bin/newaliases"):
+        path = os.path.join(prefix, rel)
+        assert not os.path.islink(path) and os.access(path, os.X_OK)
+        assert ("QPY_ROOT='%s'" % qroot.path) in open(path).read()
+    with open(old + ".qpy-saved") as f:
+        assert "the old MTA" in f.read()
+    # the launcher works from a caller with no QPY_ROOT at all
+    r = subprocess.run([old, "-i", "x@y.example"], input=b"Subject: l\n\nx\n",
+                       env={"PATH": "/usr/bin:/bin"}, capture_output=True)
+    assert r.returncode == 0 and len(os.listdir(qroot.paths.drop)) == 1, r
+    r = subprocess.run([os.path.join(prefix, "usr/bin/mailq")], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and r.stdout.startswith("messages in queue: 1\n"), r
+    r = subprocess.run([qroot.bin("qpy-install"), "--remove-system-mta", "--system-prefix",
+                        prefix], capture_output=True)
+    assert r.returncode == 0, r
+    assert "the old MTA" in open(old).read()
+    assert os.readlink(os.path.join(prefix, "usr", "lib", "sendmail")) == "../sbin/sendmail"
+    assert not os.path.exists(os.path.join(prefix, "usr", "bin", "mailq"))
+
+
+@needs_root
+def test_system_mta_refuses_while_a_debian_package_owns_sendmail(qroot):
+    """For real, on /: postfix (installed for the tests) owns /usr/sbin/sendmail, so
+    qpy-install changes nothing, names it and says how to remove it."""
+    if subprocess.run(["dpkg", "-S", "/usr/sbin/sendmail"], capture_output=True).returncode:
+        pytest.skip("no Debian package owns /usr/sbin/sendmail here")
+    before = {p: os.lstat(p) for p in ("/usr/sbin/sendmail", "/usr/bin/mailq")}
+    r = subprocess.run([qroot.bin("qpy-install"), qroot.path, "--system-mta"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1, r
+    assert "belongs to the Debian package" in r.stderr and "apt-get remove" in r.stderr, r
+    for p, st in before.items():
+        now = os.lstat(p)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+        assert not os.path.exists(p + ".qpy-saved")

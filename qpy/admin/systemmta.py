@@ -41,6 +41,10 @@ def launcher(root: str, bindir: str, flags: str) -> bytes:
 
 
 def _ours(path: str) -> bool:
+    """Whether path is a launcher we wrote (a symlink never is: /usr/lib/sendmail is
+    often one to /usr/sbin/sendmail, which may already be ours)."""
+    if os.path.islink(path):
+        return False
     try:
         with open(path, "rb") as f:
             return MARK.encode() in f.read(4096)
