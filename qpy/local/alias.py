@@ -49,6 +49,20 @@ def owner(root: str, ext: bytes) -> bool:
     return bool(table and table.entries.get(b"owner-" + ext.lower()))
 
 
+def lines(d) -> tuple[list[tuple[str, bytes]], bool, bytes] | None:
+    """For qpy-local's Delivery d of the alias user: the entry's instructions, whether
+    the default delivery is among them, and the envelope sender for forwards; None
+    when the table has no entry (or d is not the alias user's)."""
+    items = entry(d.root, d.home, d.ext)
+    if items is None:
+        return None
+    out, used_default = instructions(items, d.ext, d.defaultdelivery)
+    newsender = d.sender
+    if d.sender not in (b"", b"#@[]") and owner(d.root, d.ext):
+        newsender = b"owner-" + d.ext + b"@" + d.domain
+    return out, used_default, newsender
+
+
 def instructions(items: list[bytes], ext: bytes, defaultdelivery: bytes,
                  depth: int = 0) -> tuple[list[tuple[str, bytes]], bool]:
     """qpy-local's (kind, argument) lines for an entry's items, and whether the

@@ -21,9 +21,10 @@ WHAT IT DOES
     permanent, #5.4.6, so queue-send bounces it; counted here, where the header
     is read for DTLINE anyway and where a forward re-enters the queue without
     passing qpy-smtpd, which counts the same lines of mail from the network);
-    pick the .qmail file (qpy.local.dotqmail) or, when the user's own address
-    has none or it is empty, DEFAULTDELIVERY (control/defaultdelivery, default
-    ./Maildir/), then run its lines in order:
+    pick the alias user's /etc/aliases entry (qpy.local.alias), else the .qmail
+    file (qpy.local.dotqmail) or, when the user's own address has none or it is
+    empty, DEFAULTDELIVERY (control/defaultdelivery, default ./Maildir/), then
+    run its lines in order:
         Maildir/mbox   RPLINE + DTLINE + message (qpy.local.maildir, qpy.local.mbox);
                        never through a symbolic link or into a file or directory
                        of another owner, nor an mbox with a second hard link
@@ -298,14 +299,29 @@ class Local:
         why = looping(d.msgfd, self.dtline)
         if why:
             raise perm(why)
-        aliased = alias.entry(d.root, d.home, d.ext) if d.dash else None
+        aliased = alias.lines(d) if d.dash else None   # /etc/aliases first (alias.py)
         if aliased is not None:
-            lines, self.from_default = alias.instructions(aliased, d.ext, d.defaultdelivery)
-            forward_only, default = False, None
-            if d.sender not in (b"", b"#@[]") and alias.owner(d.root, d.ext):
-                self.newsender = b"owner-" + d.ext + b"@" + d.domain
+            (lines, self.from_default, self.newsender), forward_only, default = \
+                aliased, False, None
         else:
-            lines, forward_only, default = self._dotqmail()
+            homefd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                found = dotqmail.find(homefd, d.dash, d.ext, d.uid)
+                if found is None and d.dash:
+                    raise perm("Sorry, no mailbox here by that name. (#5.1.1)")
+                data = found.data if found else b""
+                forward_only = bool(found and found.forward_only)
+                if not data.strip():
+                    data, forward_only = d.defaultdelivery, False
+                    self.from_default = True
+                default = found.default if found else None
+                if d.sender not in (b"", b"#@[]"):
+                    owner = b".qmail" + d.dash + dotqmail.safe_ext(d.ext) + b"-owner"
+                    if dotqmail.exists(homefd, owner):
+                        self.newsender = d.local + b"-owner@" + d.domain
+            finally:
+                os.close(homefd)
+            lines = dotqmail.parse(data)
         if print_only:
             return "".join(f"{k} {a.decode(errors='replace')}\n" for k, a in lines)
         env = self.env(default)
@@ -332,29 +348,6 @@ class Local:
         text = f"did {self.files}+{self.forwarded}+{self.programs}"
         extra = self.report()
         return text + (" " + extra if extra else "")
-
-    def _dotqmail(self) -> tuple[list[tuple[str, bytes]], bool, bytes | None]:
-        """The .qmail file's lines (or the default delivery's), whether it allows
-        forwards only, and DEFAULT for a -default file."""
-        d = self.d
-        homefd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            found = dotqmail.find(homefd, d.dash, d.ext, d.uid)
-            if found is None and d.dash:
-                raise perm("Sorry, no mailbox here by that name. (#5.1.1)")
-            data = found.data if found else b""
-            forward_only = bool(found and found.forward_only)
-            if not data.strip():
-                data, forward_only = d.defaultdelivery, False
-                self.from_default = True
-            default = found.default if found else None
-            if d.sender not in (b"", b"#@[]"):
-                owner = b".qmail" + d.dash + dotqmail.safe_ext(d.ext) + b"-owner"
-                if dotqmail.exists(homefd, owner):
-                    self.newsender = d.local + b"-owner@" + d.domain
-        finally:
-            os.close(homefd)
-        return dotqmail.parse(data), forward_only, default
 
     def report(self) -> str:
         return b" ".join(o.strip() for o in self.output if o.strip()).decode(
