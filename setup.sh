@@ -43,6 +43,7 @@ debs="
     git-email
     bsd-mailx
     s-nail
+    cron
 "
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""

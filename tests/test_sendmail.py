@@ -479,3 +479,80 @@ def test_system_mta_refuses_while_a_debian_package_owns_sendmail(qroot):
         now = os.lstat(p)
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
         assert not os.path.exists(p + ".qpy-saved")
+
+
+@needs_root
+def test_one_id_from_queued_as_through_the_log_mailq_qrm_and_logsum(mta):
+    """sendmail -bs's `250 ... queued as ID`: the same ID in qpy-start's log lines about
+    the message (pickup, new msg, info msg, starting delivery), in mailq, taken by
+    qpy-qrm, and counted by qpy-logsum from that log."""
+    port = qpytest.free_port()
+    mta.control("smtproutes", "far.example:127.0.0.1:%d" % port)
+    import signal
+    os.kill(mta.procs[0].pid, signal.SIGHUP)
+    r = subprocess.run(["swaks", "--pipe", mta.sendmail + " -bs", "--to",
+                        "someone@far.example", "--from", "a@test.example"],
+                       capture_output=True, timeout=60)
+    m = re.search(rb"250 2\.0\.0 Ok: queued as (\d+)", r.stdout)
+    assert r.returncode == 0 and m, r
+    msg_id = m.group(1).decode()
+    log = os.path.join(os.path.dirname(mta.path), "start.log")
+
+    def text() -> str:
+        return open(log, "rb").read().decode("utf-8", "replace")
+    assert wait_for(lambda: "delivery" in text() and
+                    re.search(r"starting delivery \d+: msg %s to remote" % msg_id, text()), 60)
+    for pattern in (r"pickup msg %s: uid \d+ bytes" % msg_id, r"new msg %s\b" % msg_id,
+                    r"info msg %s: bytes" % msg_id):
+        assert re.search(pattern, text()), (pattern, text()[-3000:])
+    ids = set(re.findall(r"msg (\d+)", text()))
+    assert ids == {msg_id}, ids
+    mailq = subprocess.run([os.path.join(mta.prefix, "usr", "bin", "mailq")],
+                           capture_output=True, text=True).stdout
+    assert msg_id in mailq, mailq
+    r = mta.run("qpy-qrm", mta.path, msg_id)
+    assert r.returncode == 0, r
+    assert wait_for(lambda: "remove msg %s by qpy-qrm" % msg_id in text(), 30), text()[-2000:]
+    r = mta.run("qpy-logsum", log)
+    assert r.returncode == 0 and re.search(rb"removed\D*1\b", r.stdout), r.stdout
+
+
+@needs_root
+def test_real_cron_job_mails_its_output_through_qpy(mta):
+    """Debian's cron itself, in a private mount namespace where /usr/sbin/sendmail is a
+    wrapper that records its arguments and execs qpy's launcher; an @reboot job (run
+    at cron's start because the private /run has no crond.reboot) prints a line; cron
+    mails it to root, which /etc/aliases routes to the admin."""
+    import shutil
+    import signal
+    if not shutil.which("cron"):
+        pytest.skip("Debian's cron is not installed")
+    base = os.path.dirname(mta.path)
+    ns = os.path.join(base, "cronns")
+    for d in ("cron.d", "run", "spool/crontabs"):
+        os.makedirs(os.path.join(ns, d))
+    with open(os.path.join(ns, "cron.d", "qpytest"), "w") as f:
+        f.write("@reboot root echo output of a real cron job\n")
+    os.chmod(os.path.join(ns, "cron.d", "qpytest"), 0o644)
+    open(os.path.join(ns, "crontab"), "w").close()
+    args = os.path.join(ns, "args")
+    wrapper = os.path.join(ns, "sendmail")
+    with open(wrapper, "w") as f:
+        f.write("#!/bin/sh\necho \"$@\" > %s\nexec %s \"$@\"\n" % (args, mta.sendmail))
+    os.chmod(wrapper, 0o755)
+    script = ("mount --bind %(w)s /usr/sbin/sendmail && mount --bind %(ns)s/cron.d /etc/cron.d"
+              " && mount --bind %(ns)s/crontab /etc/crontab && mount --bind %(ns)s/run /run"
+              " && mount --bind %(ns)s/spool /var/spool/cron && exec cron -f"
+              % {"w": wrapper, "ns": ns})
+    p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    try:
+        assert wait_for(lambda: any(b"output of a real cron job" in m
+                                    for m in _new(mta.maildir)), 60), _new(mta.maildir)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(10)
+    assert open(args).read().split() == ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"]
+    (m,) = [m for m in _new(mta.maildir) if b"output of a real cron job" in m]
+    assert b"From: root (Cron Daemon)" in m and b"Delivered-To: root@test.example" in m
