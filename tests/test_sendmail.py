@@ -510,6 +510,11 @@ def test_one_id_from_queued_as_through_the_log_mailq_qrm_and_logsum(mta):
     mailq = subprocess.run([os.path.join(mta.prefix, "usr", "bin", "mailq")],
                            capture_output=True, text=True).stdout
     assert msg_id in mailq, mailq
+    r = mta.run("qpy-qread", mta.path, msg_id)
+    assert r.returncode == 0 and r.stdout.decode().startswith(msg_id + "  "), r
+    assert "someone@far.example" in r.stdout.decode()
+    r = mta.run("qpy-qread", msg_id[:-1] + "9" if msg_id[-1] != "9" else msg_id[:-1] + "8")
+    assert r.returncode == 100 and b"not in the queue" in r.stderr and not r.stdout, r
     r = mta.run("qpy-qrm", mta.path, msg_id)
     assert r.returncode == 0, r
     assert wait_for(lambda: "remove msg %s by qpy-qrm" % msg_id in text(), 30), text()[-2000:]

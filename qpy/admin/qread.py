@@ -1,7 +1,7 @@
 """qpy-qread — each queued message, its sender, and the state of each recipient.
 
 SYNOPSIS
-    qpy-qread [ROOT]
+    qpy-qread [ROOT] [ID...]
 
 DESCRIPTION
     One block per message, oldest first:
@@ -18,14 +18,15 @@ DESCRIPTION
     only when one must be durable, so its first attempts, and a success that ends the
     message, never show here). A committed drop file not yet picked up is shown with id
     `drop:NAME`. DATE is the arrival time in UTC. Text from the queue is made printable
-    before it is shown.
+    before it is shown. With IDs (as `250 ... queued as ID`, the Received: lines and
+    the log show them), only those messages are shown, a drop file named ID too.
 
 RUNS AS
     root or qpys (state/ is qpys-only, mess/ and todo/ are group qpys); keeps the
     caller's uid and writes nothing.
 
 EXIT CODES
-    0 listed; 111 the queue cannot be read.
+    0 listed; 100 an ID given is not in the queue; 111 the queue cannot be read.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from qpy.admin import queueinfo
 from qpy.common import envelope
 from qpy.common.log import clean
 from qpy.common.privilege import preamble
-from qpy.common.queue import Paths, root_from, todo_decode
+from qpy.common.queue import Paths, is_id, root_from, todo_decode
 from qpy.common.state import StateError, read_state
 
+EXIT_PERM = 100
 EXIT_TEMP = 111
 MAX_TODO_BYTES = 64 * 1024 * 1024
 
@@ -95,10 +97,12 @@ def block_from_todo(paths: Paths, msgid: str) -> list[str] | None:
     return out
 
 
-def listing(paths: Paths) -> list[str]:
+def listing(paths: Paths, only: set[str] | None = None) -> list[str]:
     out: list[str] = []
     todo = set(queueinfo.ids(paths.todo))
     for msgid in sorted(set(queueinfo.ids(paths.mess)) | todo, key=int):
+        if only is not None and msgid not in only:
+            continue
         try:
             block = block_from_state(paths, msgid)
         except (StateError, OSError) as e:
@@ -112,19 +116,26 @@ def listing(paths: Paths) -> list[str]:
             block = ["%s  %d bytes  (no envelope yet)" % (msgid, _size(paths, msgid))]
         out += block
     for name in sorted(queueinfo.drop_names(paths)):
-        out.append("drop:%s  (not yet picked up)" % name)
+        if only is None or name in only:
+            out.append("drop:%s  (not yet picked up)" % name)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    root = root_from(args[:1])
+    has_root = bool(args) and not is_id(args[0])
+    root = root_from(args[:1] if has_root else [])
+    only = set(args[1:] if has_root else args) or None
     preamble("qpy-qread", root, None)
     try:
-        lines = listing(Paths(root))
+        lines = listing(Paths(root), only)
     except OSError as e:
         sys.stderr.write("qpy-qread: cannot read the queue: %s\n" % e)
         return EXIT_TEMP
     if lines:
         sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+    shown = {ln.split()[0].removeprefix("drop:") for ln in lines if ln[:1] != " "}
+    missing = sorted((only or set()) - shown)
+    for msgid in missing:
+        sys.stderr.write("qpy-qread: %s: not in the queue\n" % clean(msgid))
+    return EXIT_PERM if missing else 0
