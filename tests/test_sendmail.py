@@ -520,6 +520,13 @@ def test_one_id_from_queued_as_through_the_log_mailq_qrm_and_logsum(mta):
     assert wait_for(lambda: "remove msg %s by qpy-qrm" % msg_id in text(), 30), text()[-2000:]
     r = mta.run("qpy-logsum", log)
     assert r.returncode == 0 and re.search(rb"removed\D*1\b", r.stdout), r.stdout
+    r = mta.run("qpy-logsum", mta.path, "--msg", msg_id, log)
+    hist = r.stdout.decode()
+    assert r.returncode == 0 and "pickup msg %s" % msg_id in hist, r
+    for words in ("new msg %s" % msg_id, "info msg %s" % msg_id, ": deferral: ",
+                  "remove msg %s by qpy-qrm" % msg_id):
+        assert words in hist, (words, hist)
+    assert all(msg_id in ln or re.search(r"delivery \d+: ", ln) for ln in hist.splitlines())
 
 
 @needs_root

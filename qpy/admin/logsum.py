@@ -2,6 +2,7 @@
 
 SYNOPSIS
     qpy-logsum [ROOT] [FILE...]
+    qpy-logsum [ROOT] --msg ID [FILE...]
 
 DESCRIPTION
     Reads the log files given (a ROOT directory given first is skipped: the root is
@@ -23,6 +24,10 @@ DESCRIPTION
         bounces, removed, ended; ddelay (arrival to successful delivery) average and its
         distribution (the share of successful deliveries done within 1 s, 10 s, 1 min,
         10 min, 1 h, 1 d, later) and percentiles; xdelay (one attempt's duration) average.
+
+    With --msg ID it prints instead every line about that message, as they stand:
+    those naming `msg ID` (the id of `250 ... queued as`, of the Received: lines,
+    of qpy-qread and qpy-qrm) and the results of its deliveries (`delivery D:`).
 
 RUNS AS
     anyone who can read the log; writes nothing.
@@ -190,10 +195,30 @@ def summarise(streams: Iterable[Iterable[bytes]]) -> list[str]:
     return out
 
 
+def history(streams: Iterable[Iterable[bytes]], msgid: bytes) -> list[str]:
+    """Every line about message msgid, and the results of its deliveries."""
+    about = re.compile(rb"\bmsg %s\b" % re.escape(msgid))
+    mine: set[bytes] = set()
+    out: list[str] = []
+    for stream in streams:
+        for line in stream:
+            line = line.rstrip(b"\r\n")[:MAX_LINE]
+            start = START.search(line)
+            end = END_DELIVERY.search(line)
+            if about.search(line) or (end and end.group(1) in mine):
+                if start:
+                    mine.add(start.group(1))
+                out.append(line.decode("utf-8", "replace"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and os.path.isdir(args[0]):
         args = args[1:]   # a ROOT first, as every admin tool takes it
+    msgid = None
+    if args[:1] == ["--msg"] and len(args) > 1:
+        msgid, args = args[1].encode("ascii", "replace"), args[2:]
     preamble("qpy-logsum", "", None)
     files = []
     try:
@@ -204,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TEMP
     streams = files or [sys.stdin.buffer]
     try:
-        sys.stdout.write("\n".join(summarise(streams)) + "\n")
+        lines = history(streams, msgid) if msgid else summarise(streams)
+        sys.stdout.write("".join(ln + "\n" for ln in lines))
     finally:
         for f in files:
             f.close()
