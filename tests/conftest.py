@@ -20,3 +20,10 @@ def qroot():
         r.stop_all()
         if not os.environ.get("QPY_KEEP"):
             qpytest.remove_tree(os.path.dirname(r.path))
+
+
+@pytest.fixture(autouse=True)
+def _release_test_users():
+    """Test users held by make_user() are let go when the test ends."""
+    yield
+    qpytest.release_users()

@@ -56,10 +56,45 @@ def _locked(fn):
     return wrapper
 
 
-@_locked
+_held: dict[str, int] = {}      # user name -> fd of the lock this test holds on it
+
+
+def hold_user(login: str) -> None:
+    """Keep other test runs on this machine (other checkouts, other engineers) off the
+    test user `login` until the current test ends (release_users()): a test that gives
+    the user a new home must not see another run move it under its feet."""
+    if login in _held:
+        return
+    os.makedirs(TEST_BASE, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(TEST_BASE, ".user-%s.lock" % login), os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + 180    # two runs taking two users in turn cannot deadlock
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    _held[login] = fd
+
+
+def release_users() -> None:
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
 def make_user(name: str, home: str | None = None) -> pwd.struct_passwd:
-    """A real Unix user `qt<name>` (created once, reused); home made and owned by it."""
+    """A real Unix user `qt<name>` (created once, reused); home made and owned by it.
+    Held for this test alone (hold_user)."""
     login = name if name.startswith("qt") else "qt" + name
+    hold_user(login)
+    return _make_user(login, home)
+
+
+@_locked
+def _make_user(login: str, home: str | None) -> pwd.struct_passwd:
     try:
         pw = pwd.getpwnam(login)
     except KeyError:

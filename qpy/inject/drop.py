@@ -18,22 +18,34 @@ the tail and page 0 on disk before a middle page, so the lengths match the size
 and only zeros mark the hole): pickup recomputes the CRC-32 and quarantines
 such a file instead of admitting it.
 
+With door=True (qpy-smtpd) the message is written into a memfd instead, sealed,
+and handed to qpy-pickup over its door (qpy.common.door): pickup copies it into
+the queue and makes it durable, and `commit()` returns the id
+pickup admitted it under (its own if the proposed one was taken). No drop
+file is made and nothing is fsync'd here. A message past MEMORY_MAX, or one whose
+door is shut (pickup not running), moves to a drop file as above: memory stays
+bounded and mail is still accepted while pickup is down.
+
 Failures raise InjectError carrying qmail-queue's exit code for them.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import time
 import zlib
 
-from qpy.common import dropfile, envelope
+from qpy.common import door, dropfile, envelope
 from qpy.common.durable import write_all
-from qpy.common.queue import drop_dir, make_id
+from qpy.common.queue import drop_dir, is_id, make_id
 
 DROP_MODE = 0o640          # group qpyq (setgid drop/) reads it; others nothing
 BUFFER_BYTES = 64 * 1024
+MEMORY_MAX = 4 << 20       # a larger message goes to drop/: a session's memory stays bounded
+ANSWER_TIMEOUT = 300.0     # pickup answers after its next sync; this bounds a hung pickup
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 EXIT_REFUSED = 31          # qmail-queue: message refused (too big)
 EXIT_WRITE = 53            # write error (disk full)
@@ -69,33 +81,60 @@ class Drop:
     `id` is the message's id from the start (for a Received: line written first);
     commit() names the file by it."""
 
-    def __init__(self, root: str, databytes: int = 0):
+    def __init__(self, root: str, databytes: int = 0, door: bool = False):
         self.id = new_id()
         self.databytes = databytes
         self.size = 0
         self._crc = 0          # CRC-32 of what was written so far
         self._buf: list[bytes] = []
         self._buffered = 0
-        self._dir = drop_dir(root)
-        self._tmp = "%s%s.%s" % (dropfile.TMP_PREFIX, self.id, os.urandom(4).hex())
-        # drop/ is not readable by the injecting user (nobody may list it): an O_PATH
-        # descriptor is enough for openat/renameat, and the directory is never fsync'd
+        self._root = root
+        self._tmp = ""
+        self._dfd = -1
+        self._memory = door
+        if door:
+            self._fd = os.memfd_create("qpy-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        else:
+            self._fd = self._create()
         try:
-            self._dfd = os.open(self._dir, os.O_PATH | os.O_DIRECTORY)
-        except OSError as e:
-            raise _io_error(e, "create")
-        try:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                               DROP_MODE, dir_fd=self._dfd)
-        except OSError as e:
-            os.close(self._dfd)
-            raise _io_error(e, "create")
-        try:
-            os.fchmod(self._fd, DROP_MODE)
             write_all(self._fd, dropfile.header(0, 0, 0, 0))  # filled in by commit()
         except OSError as e:
             self.abort()
             raise _io_error(e, "write")
+
+    def _create(self) -> int:
+        """The drop file under its temporary name; its descriptor."""
+        tmp = "%s%s.%s" % (dropfile.TMP_PREFIX, self.id, os.urandom(4).hex())
+        # drop/ is not readable by the injecting user (nobody may list it): an O_PATH
+        # descriptor is enough for openat/renameat, and the directory is never fsync'd
+        try:
+            self._dfd = os.open(drop_dir(self._root), os.O_PATH | os.O_DIRECTORY)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         DROP_MODE, dir_fd=self._dfd)
+        except OSError as e:
+            raise _io_error(e, "create")
+        self._tmp = tmp
+        try:
+            os.fchmod(fd, DROP_MODE)
+        except OSError as e:
+            os.close(fd)
+            raise _io_error(e, "create")
+        return fd
+
+    def _spill(self) -> None:
+        """Move what the memfd holds into a drop file and go on writing there."""
+        fd = self._create()
+        try:
+            length = os.fstat(self._fd).st_size
+            done = 0
+            while done < length:
+                done += os.sendfile(fd, self._fd, done, length - done)
+            os.lseek(fd, 0, os.SEEK_END)
+        except OSError as e:
+            os.close(fd)
+            raise _io_error(e, "write")
+        os.close(self._fd)
+        self._fd, self._memory = fd, False
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -117,6 +156,8 @@ class Drop:
             write_all(self._fd, data)
         except OSError as e:
             raise _io_error(e, "write")
+        if self._memory and self.size > MEMORY_MAX:
+            self._spill()
 
     def commit(self, sender: bytes, recipients: list[bytes]) -> str:
         """Append the envelope, fix the header, make it durable; returns the id (the
@@ -132,6 +173,14 @@ class Drop:
             write_all(self._fd, env)
             crc = zlib.crc32(env, self._crc)
             os.pwrite(self._fd, dropfile.header(os.getpid(), self.size, len(env), crc), 0)
+            if self._memory:
+                # sealed: pickup checks it, so what it copies is what was checked
+                fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, SEALS)
+                try:
+                    self.id = through_door(self._root, self._fd, self.id)
+                    return self.id
+                except DoorShut:
+                    self._spill()            # nobody at the door: drop/, as ever
             for _ in range(3):
                 try:
                     os.rename(self._tmp, self.id, src_dir_fd=self._dfd,
@@ -152,7 +201,7 @@ class Drop:
         return self.id
 
     def abort(self) -> None:
-        """Forget the drop file (a no-op after commit)."""
+        """Forget the message (a no-op after commit)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -165,6 +214,63 @@ class Drop:
         if self._dfd >= 0:
             os.close(self._dfd)
             self._dfd = -1
+
+
+class DoorShut(Exception):
+    """Nobody listens at pickup's door; the message was not handed over."""
+
+
+_door = None      # the socket to pickup's door, kept for the next message of this process
+
+
+def _close_door() -> None:
+    global _door
+    if _door is not None:
+        _door.close()
+        _door = None
+
+
+def through_door(root: str, fd: int, want: str) -> str:
+    """Hand a sealed message to qpy-pickup, proposing `want` as its id; the id it got,
+    once durable.
+
+    DoorShut when it could not be handed over (the caller writes a drop file
+    instead); InjectError when it was handed over and pickup said no, or did not
+    answer (then it may be queued: the client's retry can make a duplicate, the
+    window every SMTP server has between its commit and its 250)."""
+    global _door
+    import socket  # here, not at the top: the sendmail front ends never need it
+
+    from qpy.common import unixsock
+    for attempt in (1, 2):
+        if _door is None:
+            try:
+                _door = unixsock.connect(door.directory(root), door.LEAF,
+                                         socket.SOCK_SEQPACKET, ANSWER_TIMEOUT)
+            except OSError:
+                raise DoorShut()
+        try:
+            socket.send_fds(_door, [door.REQUEST + b" " + want.encode()], [fd])
+        except OSError:
+            _close_door()        # a connection to a pickup that has since restarted
+            if attempt == 2:
+                raise DoorShut()
+            continue
+        try:
+            answer = _door.recv(door.MAX_DATAGRAM)
+        except OSError as e:
+            _close_door()
+            raise InjectError(EXIT_WRITE, "no answer from the queue: %s" % e)
+        break
+    code, _, text = answer.partition(b" ")
+    if code == door.QUEUED and is_id(text.decode("ascii", "replace")):
+        return text.decode("ascii")
+    reason = text.decode("utf-8", "replace")
+    if code == door.REFUSED:
+        raise InjectError(EXIT_REFUSED, reason)
+    _close_door()
+    raise InjectError(EXIT_WRITE, reason if code == door.TEMPORARY else
+                      "the queue closed without an answer")
 
 
 def inject(root: str, message: bytes, sender: bytes, recipients: list[bytes],

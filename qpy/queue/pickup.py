@@ -7,7 +7,9 @@ RUNS AS
     qpyq (started as root, it drops privileges at once).
 
 READS
-    queue/drop/NAME: files written by qpy.inject.drop, owned by whoever injected.
+    queue/drop/NAME: files written by qpy.inject.drop, owned by whoever injected;
+    messages qpy-smtpd hands in at queue/door/socket (qpy.queue.door: a sealed
+    memfd in the same format, answered with the queue id once it is durable);
     control/databytes.
 
 WRITES
@@ -34,7 +36,13 @@ HOW A BATCH IS ADMITTED (crash safety)
        filesystem; a queue on a busy shared filesystem is better on its own one.)
     3. todo/.tmp.ID renamed to todo/ID: queue-send sees them. todo/ is not
        fsync'd here: a rename lost in a crash is redone from the journal.
-    4. the drop files are unlinked.
+    4. the drop files are unlinked, and each message that came through the door
+       is answered with its id (qpy-smtpd says 250 only then). Messages that
+       arrive at the door while a batch is being written wait for the next one,
+       so one syncfs commits every message that came in meanwhile (group commit).
+       A message from the door has no drop file: its journal record names "-",
+       and a batch undone at start just loses its temporaries (it was never
+       answered, so its client still has it).
     At start (qpy.queue.journal's recover()), a batch whose "C" is in the journal, or one of whose
     todo/ID exists, is finished (steps 3 and 4); any other batch is undone (its
     temporaries removed, its drop files admitted again). A power cut can lose
@@ -79,27 +87,21 @@ import ctypes
 import fcntl
 import os
 import signal
-import stat
 import sys
 import time
-import zlib
 
-from qpy.common import dropfile, durable, envelope
+from qpy.common import door, dropfile, durable
 from qpy.common.control import Control
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user
-from qpy.common.queue import DropIds, Paths, make_id, root_from, todo_encode
+from qpy.common.queue import Paths, root_from
 from qpy.common.watch import Watcher
+from qpy.queue.admit import Admitter, Rejected
+from qpy.queue.door import Door, Request
 from qpy.queue.journal import COMMIT, TODO_TMP, Journal, unlink_quietly
 
 BATCH_MAX = 64                    # drop files admitted under one journal fsync
-SYNCFS_MIN_BATCH = 1              # from this many files on, one syncfs replaces their fsyncs
-MAX_MESSAGE_BYTES = 1 << 30       # hard cap when databytes is unset
-HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
 STALE_TMP_SECONDS = 36 * 3600     # qmail's limit for a half-written file
-COPY_BYTES = 1 << 20              # the message is copied in pieces of this size
-SPARSE_SLACK = 64 * 1024          # a larger drop file with under half its size on disk
-                                  # has holes: refused
 IDLE_WAIT = 5.0
 RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
 JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
@@ -119,13 +121,6 @@ def _on_hup(signum, frame):
     _reload = True
 
 
-def rfc822_date(t: float) -> str:
-    tm = time.gmtime(t)
-    return "%d %s %d %02d:%02d:%02d -0000" % (
-        tm.tm_mday, ("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec").split()[tm.tm_mon - 1],
-        tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec)
-
-
 def _load_syncfs():
     """libc's syncfs, where the kernel reports write errors through it (5.8+)."""
     try:
@@ -140,48 +135,35 @@ def _load_syncfs():
     return f
 
 
-class Rejected(Exception):
-    """The drop file fails a check; it goes to quarantine."""
-
-
 class Pickup:
     def __init__(self, root: str):
         self.root = root
         self.paths = Paths(root)
         self.control = Control(root)
         self.journal = Journal(self.paths)
-        self.last_id = 0
-        self.ids = DropIds()
         self.last_admit = 0.0
         self.stuck: set[str] = set()      # entries pickup can neither admit nor move
-        self.who = self._who_table()
+        self.admitter = Admitter(root, self.paths, self.control)
+        self.door = Door.shut()           # opened by run()
         self.syncfs = _load_syncfs()
         if os.stat(self.paths.mess).st_dev != os.stat(self.paths.todo).st_dev:
             self.syncfs = None            # one syncfs would not cover both
 
-    def _who_table(self) -> dict[int, str]:
+    def _open_door(self) -> Door:
+        """The door for qpy-smtpd; a shut one (drop files only) when it cannot open."""
         import pwd
-        table = {}
-        if self.paths.oneuser():
-            return table
-        for name, words in (("qpyd", "from network"), ("qpyalias", "by alias"),
-                            ("qpys", "for bounce")):
-            try:
-                table[pwd.getpwnam(resolve_user(self.root, name)).pw_uid] = words
-            except KeyError:
-                pass
-        return table
+        allowed = {0, os.getuid()}
+        try:
+            allowed.add(pwd.getpwnam(resolve_user(self.root, "qpyd")).pw_uid)
+        except KeyError:
+            pass
+        try:
+            return Door(self.root, allowed)
+        except OSError as e:
+            log("warning: qpy-pickup: no door for qpy-smtpd (%s): SMTP mail comes by "
+                "drop files" % e.strerror)
+            return Door.shut()
 
-    def limit(self) -> int:
-        databytes = self.control.integer("databytes")
-        return databytes + HEADER_SLACK if databytes else MAX_MESSAGE_BYTES
-
-    # --- ids ------------------------------------------------------------
-    def new_id(self) -> str:
-        self.last_id = max(self.last_id + 1, time.time_ns() // 1000)
-        return make_id(self.last_id, os.getpid())
-
-    # --- one drop file --------------------------------------------------
     def admit_one(self, name: str, dfd: int, sync: bool = True) -> tuple[str, int, int] | None:
         """Write mess/ID and todo/.tmp.ID for one drop file; (id, uid, bytes) or None."""
         try:
@@ -193,7 +175,7 @@ class Pickup:
             self.quarantine(name, dfd, "cannot open: %s" % e.strerror)
             return None
         try:
-            return self._copy(name, fd, sync)
+            return self.admitter.copy(fd, sync, name)
         except Rejected as e:
             self.quarantine(name, dfd, str(e))
             return None
@@ -204,107 +186,6 @@ class Pickup:
             return None
         finally:
             os.close(fd)
-
-    def _copy(self, name: str, fd: int, sync: bool) -> tuple[str, int, int]:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Rejected("not a plain file")
-        if st.st_nlink != 1:
-            raise Rejected("has %d links" % st.st_nlink)
-        if st.st_size > self.limit() + dropfile.HEADER_LEN + envelope.MAX_ENVELOPE:
-            raise Rejected("too large (%d bytes)" % st.st_size)
-        if st.st_size > SPARSE_SLACK and st.st_blocks * 512 < st.st_size // 2:
-            # holes: its copy in mess/ would take real disk its writer never used
-            raise Rejected("sparse file (%d bytes, %d allocated)"
-                           % (st.st_size, st.st_blocks * 512))
-        try:
-            # every length is checked against its limit before a byte is read for it
-            h = dropfile.parse_header(os.pread(fd, dropfile.HEADER_LEN, 0), st.st_size)
-            if h.msglen > self.limit():
-                raise Rejected("message too large (%d bytes)" % h.msglen)
-            if h.envlen > envelope.MAX_ENVELOPE:
-                raise Rejected("envelope too large (%d bytes)" % h.envlen)
-            env = os.pread(fd, h.envlen, h.length + h.msglen)
-            if len(env) != h.envlen:
-                raise Rejected("envelope truncated")
-            sender, rcpts = envelope.decode(env)
-        except (dropfile.DropError, envelope.EnvelopeError) as e:
-            raise Rejected(str(e))
-        except OSError as e:
-            raise Rejected("cannot read: %s" % e.strerror)
-        now = time.time()
-        who = self.who.get(st.st_uid, "by uid %d" % st.st_uid).encode()
-        # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
-        # recover() removes together with mess/ID, so no orphan mess file is possible.
-        msg_id = self.ids.wanted(name, st.st_ctime)   # the injector's id, if it may be
-        while True:
-            msg_id = msg_id or self.new_id()
-            received = b"Received: (qpy %d invoked %s) id %s; %s\n" % (
-                h.pid, who, msg_id.encode(), rfc822_date(now).encode())
-            size = len(received) + h.msglen
-            if self._reserve(msg_id, todo_encode(int(now), st.st_uid, size,
-                                                 envelope.encode(sender, rcpts), h.pid),
-                             sync):
-                break
-            msg_id = None
-        try:
-            mfd = os.open(os.path.join(self.paths.mess, msg_id),
-                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-            try:
-                durable.write_all(mfd, received)
-                crc = self._copy_range(fd, mfd, h.length, h.msglen)
-                if h.crc is not None and zlib.crc32(env, crc) != h.crc:
-                    # torn by a crash before its writer's fsync returned: never
-                    # acknowledged, so its sender still has it
-                    raise Rejected("checksum mismatch (torn by a crash before it was "
-                                   "acknowledged)")
-                if sync:           # else the batch's syncfs makes it durable
-                    os.fsync(mfd)  # its directory entry is fsync'd for the whole batch
-            finally:
-                os.close(mfd)
-        except BaseException:
-            unlink_quietly(self.paths.mess, msg_id)
-            unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
-            raise
-        return msg_id, st.st_uid, size
-
-    def _reserve(self, msg_id: str, todo: bytes, sync: bool) -> bool:
-        """Write todo/.tmp.ID unless the id is taken (fsync'd unless the batch's syncfs
-        will do it); pickup runs alone (flock)."""
-        if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
-            return False
-        try:
-            fd = os.open(os.path.join(self.paths.todo, TODO_TMP + msg_id),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-        except FileExistsError:
-            return False
-        try:
-            durable.write_all(fd, todo)
-            if sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
-            raise
-        os.close(fd)
-        return True
-
-    @staticmethod
-    def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
-        """Copy count bytes from offset; the CRC-32 of exactly the bytes copied."""
-        crc = 0
-        while count > 0:
-            try:
-                data = os.pread(src, min(count, COPY_BYTES), offset)
-            except OSError as e:     # the drop file's fault, not the queue's
-                raise Rejected("cannot read: %s" % e.strerror)
-            if not data:
-                raise Rejected("file shrank while being read")
-            crc = zlib.crc32(data, crc)
-            durable.write_all(dst, data)
-            offset += len(data)
-            count -= len(data)
-        return crc
 
     def quarantine(self, name: str, dfd: int, reason: str) -> None:
         target = "%s.%d" % (name, time.time_ns())
@@ -333,43 +214,73 @@ class Pickup:
         log("quarantine drop %s as %s: %s" % (clean(name), clean(target), clean(reason)))
 
     # --- batches --------------------------------------------------------
-    def admit_batch(self, names: list[str], dfd: int) -> bool:
-        """Admit what it can of names; False when the queue refused a write."""
-        admitted: list[tuple[str, str, int, int]] = []
-        ok = True
-        batched = len(names) >= SYNCFS_MIN_BATCH and self.syncfs is not None
-        for name in names:
-            try:
-                r = self.admit_one(name, dfd, sync=not batched)
-            except OSError as e:
-                log("warning: cannot admit drop %s: %s" % (clean(name), e.strerror))
-                ok = False       # disk full or worse: retry later, nothing lost
-                break
-            if r:
-                admitted.append((name, *r))
-        if not admitted:
-            return ok
+    def admit_door(self, req: Request, sync: bool) -> tuple[str, int, int] | None:
+        """Write mess/ID and todo/.tmp.ID for a message from the door, or refuse it."""
         try:
-            committed = self._commit(admitted, batched)
+            return self.admitter.copy(req.fd, sync, req.want, from_door=True)
+        except Rejected as e:
+            log("door: refused a message from uid %d: %s" % (req.uid, e))
+            self.door.answer(req, door.REFUSED, str(e))
+        except OSError:
+            raise
+        except Exception as e:
+            log("door: cannot admit a message from uid %d: %s" % (req.uid, type(e).__name__))
+            self.door.answer(req, door.REFUSED, "cannot admit: %s" % type(e).__name__)
+        return None
+
+    def admit_batch(self, names: list[str], dfd: int, requests: list[Request] = ()) -> bool:
+        """Admit what it can of names and door requests; False when the queue refused a
+        write. Every request is answered: its id once durable, else why not."""
+        admitted: list[tuple[str, str, int, int]] = []
+        from_door: list[tuple[Request, str]] = []
+        ok = True
+        batched = self.syncfs is not None
+        try:
+            for name in names:
+                r = self.admit_one(name, dfd, sync=not batched)
+                if r:
+                    admitted.append((name, *r))
+            for req in requests:
+                r = self.admit_door(req, sync=not batched)
+                if r:
+                    admitted.append(("-", *r))
+                    from_door.append((req, r[0]))
+        except OSError as e:
+            log("warning: cannot admit: %s" % e.strerror)
+            ok = False           # disk full or worse: retry later, nothing lost
+        try:
+            committed = bool(admitted) and self._commit(admitted, batched)
         except BaseException:
             # records may be in the journal without their "C": void them, and drop
             # the temporaries not yet renamed (their drop files stay and come again)
             self.journal.void_owed = True
             self._undo(admitted)
+            self._answer_rest(requests, "cannot commit the queue")
             raise
-        if not committed:
+        if admitted and not committed:
             self._undo(admitted)
-            return False
-        self.last_admit = time.monotonic()
-        for name, msg_id, uid, size in admitted:
-            try:
-                os.unlink(name, dir_fd=dfd)
-            except FileNotFoundError:
-                pass
-            self.ids.remember(msg_id)      # committed: never taken from a drop name again
-            log("pickup msg %s: uid %d bytes %d%s" % (
-                msg_id, uid, size, "" if name == msg_id else " (drop %s)" % clean(name)))
+            ok = False
+        if committed:
+            self.last_admit = time.monotonic()
+            for name, msg_id, uid, size in admitted:
+                if name != "-":
+                    try:
+                        os.unlink(name, dir_fd=dfd)
+                    except FileNotFoundError:
+                        pass
+                self.admitter.ids.remember(msg_id)   # committed: never taken again
+                log("pickup msg %s: uid %d bytes %d%s" % (
+                    msg_id, uid, size, " (door)" if name == "-" else
+                    "" if name == msg_id else " (drop %s)" % clean(name)))
+            for req, msg_id in from_door:
+                self.door.answer(req, door.QUEUED, msg_id)    # durable since the commit
+        self._answer_rest(requests, "cannot write the queue now")
         return ok
+
+    def _answer_rest(self, requests: list[Request], why: str) -> None:
+        for req in requests:
+            if not req.answered:
+                self.door.answer(req, door.TEMPORARY, why)
 
     def _commit(self, admitted: list[tuple[str, str, int, int]], batched: bool) -> bool:
         """Journal records, commit point, renames to todo/ID; False if not committed."""
@@ -448,36 +359,44 @@ class Pickup:
         self.journal.recover()
         watcher = Watcher([self.paths.drop])
         dfd = os.open(self.paths.drop, os.O_RDONLY | os.O_DIRECTORY)
+        self.door = self._open_door()
         log("qpy-pickup: started on %s" % self.root)
         pending: list[str] = []
+        retry = False                 # a batch failed: list drop/ again after the pause
         while not _stop:
             if _reload:
                 _reload = False
                 self.control.reload()
-            if not pending:
-                # inotify only wakes us early; every wake lists the whole directory
-                watcher.wait(JOURNAL_LINGER if self.journal.records else IDLE_WAIT)
-                # scan() lists the whole directory on every wake, so this is the due
-                # rescan too; not taking it leaves wait() with a zero timeout (a busy loop)
-                watcher.rescan_due()
-                pending = self.scan(dfd)
-            if not pending:
-                # idle: the records go once no drop file came for JOURNAL_LINGER seconds
+            busy = pending or self.door.pending
+            ready = watcher.wait(0 if busy else JOURNAL_LINGER if self.journal.records
+                                 else IDLE_WAIT, self.door.fds())
+            self.door.service(ready)
+            # a hint, a quiet wake or a due rescan lists the whole directory (taking the
+            # rescan here keeps wait() from a zero timeout, a busy loop); a wake by the
+            # door alone does not
+            if watcher.names() or watcher.rescan_due() or retry or not ready:
+                pending, retry = self.scan(dfd), False
+            # the door first: a client waits for each of those answers
+            requests = self.door.take(BATCH_MAX)
+            batch, pending = pending[:BATCH_MAX - len(requests)], \
+                pending[BATCH_MAX - len(requests):]
+            if not batch and not requests:
+                # idle: the records go once no message came for JOURNAL_LINGER seconds
                 # (their three fsyncs would cost more than the admission of one message)
                 if time.monotonic() - self.last_admit >= JOURNAL_LINGER:
                     self.journal.empty()
                 continue
-            batch, pending = pending[:BATCH_MAX], pending[BATCH_MAX:]
             try:
-                admitted = self.admit_batch(batch, dfd)
+                admitted = self.admit_batch(batch, dfd, requests)
             except Exception as e:   # pickup goes on: the batch's drop files stay
                 log("warning: batch not admitted: %s: %s" % (type(e).__name__, e))
                 admitted = False
             if not admitted:
-                pending = []
+                pending, retry = [], True
                 time.sleep(RETRY_WAIT)
             if self.journal.records >= JOURNAL_MAX_RECORDS:
                 self.journal.empty()
+        self.door.close()
         self.journal.empty()
         log("qpy-pickup: exiting")
         return 0

@@ -23,9 +23,12 @@ READS
     acceptunknown; users/recipients (built by qpy-newrcpt).
 
 WRITES
-    replies on fd 1; accepted messages into queue/drop/ through
-    qpy.inject.drop (the one door), durably, before it says 250; one log line
-    per refused command and per session on fd 2.
+    replies on fd 1; accepted messages through qpy.inject.drop (the one door):
+    handed to qpy-pickup at queue/door/socket as a sealed memfd, or written to
+    queue/drop/ when pickup is not there or the message is over 4 MiB; durably
+    in the queue, before it says 250 (`queued as ID` names the queue id when it
+    came through pickup's door); one log line per refused command and per
+    session on fd 2.
 
 SMTP
     RFC 5321 with PIPELINING, 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8.
@@ -406,7 +409,8 @@ class Session:
         if not self.recipients:
             raise CommandError(554, "5.5.1 No valid recipients")
         try:
-            self.drop = Drop(self.cfg.root)
+            # through pickup's door when it is open: written once, by the queue
+            self.drop = Drop(self.cfg.root, door=True)
         except InjectError as e:
             log("%s %s: cannot open the queue: %s" % (PROGRAM, self.remote_ip, e))
             raise CommandError(451, "4.3.0 Cannot queue the message now, try again later")

@@ -1,0 +1,56 @@
+"""unixsock — bind and connect UNIX sockets by a short name, whatever the root's path.
+
+A socket's path is limited to 108 bytes (sun_path). qpy's sockets live under the root
+(`queue/door/socket`, `queue/run/auth/socket`), whose path the admin chooses; so each is
+reached through an O_PATH descriptor of its directory: `/proc/self/fd/N/NAME` is short
+for any root, and the kernel resolves it to the same inode as the long path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class _InDir:
+    def __init__(self, directory: str):
+        self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def name(self, leaf: str) -> str:
+        return "/proc/self/fd/%d/%s" % (self.fd, leaf)
+
+    def __enter__(self) -> _InDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def bind(directory: str, leaf: str, kind: int, mode: int) -> socket.socket:
+    """A socket bound as directory/leaf (a stale socket there is replaced), mode set."""
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        with _InDir(directory) as d:
+            try:
+                os.unlink(leaf, dir_fd=d.fd)
+            except FileNotFoundError:
+                pass
+            sock.bind(d.name(leaf))
+            os.chmod(leaf, mode, dir_fd=d.fd)     # the directory is the binder's own
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect(directory: str, leaf: str, kind: int, timeout: float | None) -> socket.socket:
+    """A socket connected to directory/leaf; OSError when nobody listens there."""
+    sock = socket.socket(socket.AF_UNIX, kind)
+    sock.settimeout(timeout)
+    try:
+        with _InDir(directory) as d:
+            sock.connect(d.name(leaf))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,180 @@
+"""admit — one message from an open descriptor into the queue: mess/ID and todo/.tmp.ID.
+
+qpy-pickup's copy of a drop file (or of a sealed memfd from its door): every check
+is made on the open descriptor, every length against its limit before a byte is read
+for it, the message copied in pieces, and qpy's Received: line put in front. What
+makes the two files durable and visible is the batch's business (qpy-pickup,
+qpy.queue.journal); a crash between here and there leaves only a todo/.tmp.ID and its
+mess/ID, which recovery removes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+import zlib
+
+from qpy.common import dropfile, durable, envelope
+from qpy.common.control import Control
+from qpy.common.privilege import resolve_user
+from qpy.common.queue import DropIds, Paths, make_id, todo_encode
+from qpy.queue.door import sealed
+from qpy.queue.journal import TODO_TMP, unlink_quietly
+
+MAX_MESSAGE_BYTES = 1 << 30       # hard cap when databytes is unset
+HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
+COPY_BYTES = 1 << 20              # the message is copied in pieces of this size
+SPARSE_SLACK = 64 * 1024          # a larger drop file with under half its size on disk
+                                  # has holes: refused
+
+
+def rfc822_date(t: float) -> str:
+    tm = time.gmtime(t)
+    return "%d %s %d %02d:%02d:%02d -0000" % (
+        tm.tm_mday, ("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec").split()[tm.tm_mon - 1],
+        tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec)
+
+
+class Rejected(Exception):
+    """The drop file fails a check; it goes to quarantine."""
+
+
+class Admitter:
+    def __init__(self, root: str, paths: Paths, control: Control):
+        self.paths = paths
+        self.control = control
+        self.last_id = 0
+        self.ids = DropIds()
+        self.who = self._who_table(root)
+
+    def _who_table(self, root: str) -> dict[int, str]:
+        import pwd
+        table = {}
+        if self.paths.oneuser():
+            return table
+        for name, words in (("qpyd", "from network"), ("qpyalias", "by alias"),
+                            ("qpys", "for bounce")):
+            try:
+                table[pwd.getpwnam(resolve_user(root, name)).pw_uid] = words
+            except KeyError:
+                pass
+        return table
+
+    def limit(self) -> int:
+        databytes = self.control.integer("databytes")
+        return databytes + HEADER_SLACK if databytes else MAX_MESSAGE_BYTES
+
+    def new_id(self) -> str:
+        self.last_id = max(self.last_id + 1, time.time_ns() // 1000)
+        return make_id(self.last_id, os.getpid())
+
+    def copy(self, fd: int, sync: bool, want: str | None,
+             from_door: bool = False) -> tuple[str, int, int]:
+        """Write mess/ID and todo/.tmp.ID from a drop file's bytes; (id, uid, size).
+        `want` is the id its injector chose (the drop file's name, or the one proposed
+        at the door); it is kept when qpy.common.queue.DropIds allows, else pickup
+        picks one. Raises Rejected when the bytes fail a check, OSError when the
+        queue does."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejected("not a plain file")
+        if from_door:
+            if not sealed(fd):         # its sender could still change what we check
+                raise Rejected("not sealed")
+        elif st.st_nlink != 1:
+            raise Rejected("has %d links" % st.st_nlink)
+        if st.st_size > self.limit() + dropfile.HEADER_LEN + envelope.MAX_ENVELOPE:
+            raise Rejected("too large (%d bytes)" % st.st_size)
+        if st.st_size > SPARSE_SLACK and st.st_blocks * 512 < st.st_size // 2:
+            # holes: its copy in mess/ would take real disk its writer never used
+            raise Rejected("sparse file (%d bytes, %d allocated)"
+                           % (st.st_size, st.st_blocks * 512))
+        try:
+            # every length is checked against its limit before a byte is read for it
+            h = dropfile.parse_header(os.pread(fd, dropfile.HEADER_LEN, 0), st.st_size)
+            if h.msglen > self.limit():
+                raise Rejected("message too large (%d bytes)" % h.msglen)
+            if h.envlen > envelope.MAX_ENVELOPE:
+                raise Rejected("envelope too large (%d bytes)" % h.envlen)
+            env = os.pread(fd, h.envlen, h.length + h.msglen)
+            if len(env) != h.envlen:
+                raise Rejected("envelope truncated")
+            sender, rcpts = envelope.decode(env)
+        except (dropfile.DropError, envelope.EnvelopeError) as e:
+            raise Rejected(str(e))
+        except OSError as e:
+            raise Rejected("cannot read: %s" % e.strerror)
+        now = time.time()
+        who = self.who.get(st.st_uid, "by uid %d" % st.st_uid).encode()
+        # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
+        # recover() removes together with mess/ID, so no orphan mess file is possible.
+        msg_id = self.ids.wanted(want or "", st.st_ctime)   # the injector's id, if it may be
+        while True:
+            msg_id = msg_id or self.new_id()
+            received = b"Received: (qpy %d invoked %s) id %s; %s\n" % (
+                h.pid, who, msg_id.encode(), rfc822_date(now).encode())
+            size = len(received) + h.msglen
+            if self._reserve(msg_id, todo_encode(int(now), st.st_uid, size,
+                                                 envelope.encode(sender, rcpts), h.pid),
+                             sync):
+                break
+            msg_id = None
+        try:
+            mfd = os.open(os.path.join(self.paths.mess, msg_id),
+                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            try:
+                durable.write_all(mfd, received)
+                crc = self._copy_range(fd, mfd, h.length, h.msglen)
+                if h.crc is not None and zlib.crc32(env, crc) != h.crc:
+                    # torn by a crash before its writer's fsync returned: never
+                    # acknowledged, so its sender still has it
+                    raise Rejected("checksum mismatch (torn by a crash before it was "
+                                   "acknowledged)")
+                if sync:           # else the batch's syncfs makes it durable
+                    os.fsync(mfd)  # its directory entry is fsync'd for the whole batch
+            finally:
+                os.close(mfd)
+        except BaseException:
+            unlink_quietly(self.paths.mess, msg_id)
+            unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
+            raise
+        return msg_id, st.st_uid, size
+
+    def _reserve(self, msg_id: str, todo: bytes, sync: bool) -> bool:
+        """Write todo/.tmp.ID unless the id is taken (fsync'd unless the batch's syncfs
+        will do it); pickup runs alone (flock)."""
+        if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
+            return False
+        try:
+            fd = os.open(os.path.join(self.paths.todo, TODO_TMP + msg_id),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        except FileExistsError:
+            return False
+        try:
+            durable.write_all(fd, todo)
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(self.paths.todo, TODO_TMP + msg_id)
+            raise
+        os.close(fd)
+        return True
+
+    @staticmethod
+    def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+        """Copy count bytes from offset; the CRC-32 of exactly the bytes copied."""
+        crc = 0
+        while count > 0:
+            try:
+                data = os.pread(src, min(count, COPY_BYTES), offset)
+            except OSError as e:     # the drop file's fault, not the queue's
+                raise Rejected("cannot read: %s" % e.strerror)
+            if not data:
+                raise Rejected("file shrank while being read")
+            crc = zlib.crc32(data, crc)
+            durable.write_all(dst, data)
+            offset += len(data)
+            count -= len(data)
+        return crc
