@@ -199,7 +199,10 @@ def test_pickup_killed_while_sessions_hand_in_loses_nothing(qroot):
     try:
         while any(t.is_alive() for t in threads) and kills < 3:
             # each pickup runs 2.5 s before its kill: qpy-start's back-off stays short
-            pid = wait_for(lambda: q.pid("pickup") not in (None, last) and q.pid("pickup"), 30)
+            def fresh(last=last):
+                pid = q.pid("pickup")
+                return pid if pid not in (None, last) else None
+            pid = wait_for(fresh, 30)
             time.sleep(2.5)
             os.kill(pid, signal.SIGKILL)
             kills, last = kills + 1, pid
