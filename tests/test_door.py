@@ -91,11 +91,15 @@ def test_smtp_message_goes_through_the_door_with_one_id(qroot):
     assert m and is_id(m.group(1).decode()), reply
     qid = m.group(1).decode()
     # pickup took it from the door, not from a drop file, under the id the client saw
-    q.wait_log(r"pickup msg %s: door uid %d " % (qid, pwd.getpwnam("qpyd").pw_uid))
+    q.wait_log(r"pickup msg %s: uid %d bytes \d+ \(door\)" % (qid, pwd.getpwnam("qpyd").pw_uid))
     q.wait_log(r"new msg %s" % qid)
     assert wait_for(lambda: maildir(pw), 30), q.log()
-    assert "through the door" in maildir(pw)[0].get_content()
-    assert "invoked from network" in maildir(pw)[0]["Received"]
+    got = maildir(pw)[0]
+    assert "through the door" in got.get_content()
+    # one id everywhere: pickup's Received: line and qpy-smtpd's carry the id of the 250
+    received = got.get_all("Received")
+    assert "invoked from network" in received[0] and "id %s" % qid in received[0], received
+    assert "id %s" % qid in received[1], received
 
 
 def test_door_refuses_strangers_and_lies(qroot):
@@ -167,7 +171,7 @@ def test_big_message_goes_by_drop_file_and_arrives_whole(qroot):
     body = b"\r\n".join(b"%07d " % i + b"y" * 70 for i in range(70_000))   # ~5.4 MB
     reply = send(port, "qtdb@%s" % ME, body, subject="big")
     assert reply.startswith(b"250"), reply
-    q.wait_log(r"pickup msg \d+: drop ")
+    q.wait_log(r"pickup msg \d+: uid \d+ bytes \d+\n")    # by its drop file, not the door
     assert wait_for(lambda: maildir(pw), 60), q.log()
     got = maildir(pw)[0].get_payload(decode=True)
     assert got.replace(b"\r\n", b"\n").strip() == body.replace(b"\r\n", b"\n").strip()

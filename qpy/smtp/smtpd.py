@@ -26,9 +26,9 @@ WRITES
     replies on fd 1; accepted messages through qpy.inject.drop (the one door):
     handed to qpy-pickup at queue/door/socket as a sealed memfd, or written to
     queue/drop/ when pickup is not there or the message is over 4 MiB; durably
-    in the queue, before it says 250 (`queued as ID` names the queue id when it
-    came through pickup's door); one log line per refused command and per
-    session on fd 2.
+    in the queue, before it says 250 (`queued as ID`: the id of its Received:
+    line, which pickup keeps); one log line per refused command and per session
+    on fd 2.
 
 SMTP
     RFC 5321 with PIPELINING, 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8.
