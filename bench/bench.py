@@ -240,6 +240,8 @@ class Bench:
             for s in self.systems:
                 parts.append(profile_qpy.fsync_profile(s, pw, nd, n["fsync"], SESSIONS,
                                                        self.run_one))
+                if isinstance(s, systems.Qpy):
+                    parts.append(profile_qpy.latency_stages(s, pw, nd, n["w4"]))
             self.profile = "\n\n".join(parts)
 
     def table(self) -> str:

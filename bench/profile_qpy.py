@@ -11,6 +11,7 @@ time blocked in fsync or select shows up in the strace figures, not here.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import re
 import shutil
@@ -235,3 +236,87 @@ def _file_kind(path: str) -> str:
     path = re.sub(r"^%s/(qpy|postfix/spool)/" % re.escape(BASE), "", path)
     path = re.sub(r"^.*/(Maildir/)", r"\1", path)
     return re.sub(r"[0-9A-F]{6,}[^/]*|\d{6,}[^/]*", "ID", path)
+
+
+STAGES = (
+    ("pickup msg ID", r"pickup msg (\d+):"),
+    ("new msg ID (queue-send)", r"new msg (\d+)$"),
+    ("starting delivery", r"starting delivery \d+: msg (\d+) to"),
+)
+
+
+def latency_stages(sysm, pw, newdir: str, n: int) -> str:
+    """W4 one message at a time, timed stage by stage: the client's end of data and its
+    250, the qpy-start log's stamps for pickup, queue-send and the start of the delivery
+    (stamped as qpy-start reads each line: within a pipe read of the event), and the
+    file in Maildir/new. Medians in ms, each from the previous stage."""
+    import smtplib
+    rcpt = "%s@%s" % (pw.pw_name, sysm.domain)
+    body = b"Subject: W4 stages\r\n\r\n" + b"y" * 70 + b"\r\n"
+    marks: list[dict[str, float]] = []
+    watch = wl.NewFiles(newdir)
+    start = os.path.getsize(sysm.log)
+    try:
+        with smtplib.SMTP("127.0.0.1", sysm.port, local_hostname="client.example",
+                          timeout=60) as s:
+            s.ehlo()
+            for i in range(n):
+                if s.mail(wl.SENDER)[0] != 250 or s.rcpt(rcpt)[0] != 250:
+                    raise wl.RunFailed("stages: MAIL or RCPT refused")
+                s.putcmd("data")
+                if s.getreply()[0] != 354:
+                    raise wl.RunFailed("stages: DATA refused")
+                s.send(body + b".\r\n")
+                t_dot = time.time()
+                code, text = s.getreply()
+                t_250 = time.time()
+                if code != 250:
+                    raise wl.RunFailed("stages: %d %s" % (code, text))
+                mono = time.monotonic()
+                got = watch.wait(i + 1, mono + 60)
+                if got is None:
+                    raise wl.RunFailed("stages: message %d not delivered" % (i + 1))
+                qid = text.split()[-1].decode()
+                marks.append({"id": qid, "dot": t_dot, "250": t_250,
+                              "new/": t_250 + (got - mono)})
+    finally:
+        watch.close()
+    time.sleep(0.5)
+    with open(sysm.log, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    seen: dict[tuple[str, str], float] = {}
+    for line in lines:
+        parts = line.split(" ", 2)
+        if len(parts) < 3:
+            continue
+        try:
+            when = time.mktime(time.strptime(parts[0] + " " + parts[1].split(".")[0],
+                                             "%Y-%m-%d %H:%M:%S"))
+            when += float("0." + parts[1].split(".")[1])
+        except (ValueError, IndexError):
+            continue
+        for name, rx in STAGES:
+            m = re.search(rx, parts[2])
+            if m:
+                seen.setdefault((name, m.group(1)), when)
+    order = ["dot", "250"] + [name for name, _ in STAGES] + ["new/"]
+    gaps: dict[str, list[float]] = collections.defaultdict(list)
+    for mk in marks:
+        for name, _ in STAGES:
+            if (name, mk["id"]) in seen:
+                mk[name] = seen[(name, mk["id"])]
+        for a, b in itertools.pairwise(order):
+            if a in mk and b in mk:
+                gaps["%s -> %s" % (a, b)].append(1000 * (mk[b] - mk[a]))
+    rows = ["### W4 stage by stage (%d messages, medians, ms)" % n, "",
+            "| stage | median ms | p90 ms |", "|---|---|---|"]
+    for a, b in itertools.pairwise(order):
+        v = sorted(gaps.get("%s -> %s" % (a, b), []))
+        if v:
+            rows.append("| %s → %s | %.2f | %.2f |" % (a, b, v[len(v) // 2],
+                                                     v[int(len(v) * 0.9)]))
+    total = sorted(1000 * (mk["new/"] - mk["250"]) for mk in marks)
+    rows.append("| 250 → new/ in all | %.2f | %.2f |" % (total[len(total) // 2],
+                                                        total[int(len(total) * 0.9)]))
+    return "\n".join(rows)
