@@ -44,6 +44,12 @@ debs="
     bsd-mailx
     s-nail
     cron
+    opendkim
+    opendkim-tools
+    opendmarc
+    rspamd
+    clamav-daemon
+    clamav-milter
 "
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""

@@ -19,6 +19,7 @@ from qpy.common import dropfile, durable, envelope
 from qpy.common.control import Control
 from qpy.common.privilege import resolve_user
 from qpy.common.queue import DropIds, Paths, make_id, todo_encode
+from qpy.queue import nonsmtp
 from qpy.queue.door import sealed
 from qpy.queue.journal import TODO_TMP, unlink_quietly
 
@@ -40,6 +41,9 @@ class Rejected(Exception):
     """The drop file fails a check; it goes to quarantine."""
 
 
+Held = nonsmtp.Held   # not admitted now: filtered local mail waits, or was bounced
+
+
 class Admitter:
     def __init__(self, root: str, paths: Paths, control: Control):
         self.paths = paths
@@ -47,6 +51,7 @@ class Admitter:
         self.last_id = 0
         self.ids = DropIds()
         self.who = self._who_table(root)
+        self.filters = nonsmtp.NonSmtp(root, control, set(self.who))
 
     def _who_table(self, root: str) -> dict[int, str]:
         import pwd
@@ -107,6 +112,12 @@ class Admitter:
             raise Rejected("cannot read: %s" % e.strerror)
         now = time.time()
         who = self.who.get(st.st_uid, "by uid %d" % st.st_uid).encode()
+        # control/nonsmtpmilters: what the filters leave, where they apply (else the drop)
+        try:
+            src, offset, length, crc_want, sender, rcpts = self.filters.admit(
+                want or "", st.st_uid, fd, h, env, sender, rcpts)
+        except nonsmtp.Torn as e:
+            raise Rejected(str(e))
         # todo/.tmp.ID comes first: from here on a crash leaves a temporary that
         # recover() removes together with mess/ID, so no orphan mess file is possible.
         msg_id = self.ids.wanted(want or "", st.st_ctime)   # the injector's id, if it may be
@@ -114,7 +125,7 @@ class Admitter:
             msg_id = msg_id or self.new_id()
             received = b"Received: (qpy %d invoked %s) id %s; %s\n" % (
                 h.pid, who, msg_id.encode(), rfc822_date(now).encode())
-            size = len(received) + h.msglen
+            size = len(received) + length
             if self._reserve(msg_id, todo_encode(int(now), st.st_uid, size,
                                                  envelope.encode(sender, rcpts), h.pid),
                              sync):
@@ -125,8 +136,8 @@ class Admitter:
                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             try:
                 durable.write_all(mfd, received)
-                crc = self._copy_range(fd, mfd, h.length, h.msglen)
-                if h.crc is not None and zlib.crc32(env, crc) != h.crc:
+                crc = self._copy_range(src, mfd, offset, length)
+                if crc_want is not None and zlib.crc32(env, crc) != crc_want:
                     # torn by a crash before its writer's fsync returned: never
                     # acknowledged, so its sender still has it
                     raise Rejected("checksum mismatch (torn by a crash before it was "

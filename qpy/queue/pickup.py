@@ -10,7 +10,7 @@ READS
     queue/drop/NAME: files written by qpy.inject.drop, owned by whoever injected;
     messages qpy-smtpd hands in at queue/door/socket (qpy.queue.door: a sealed
     memfd in the same format, answered with the queue id once it is durable);
-    control/databytes.
+    control/databytes; control/nonsmtpmilters (qpy.queue.nonsmtp, docs/milter.md).
 
 WRITES
     queue/mess/ID (the message with a Received: line), queue/todo/ID (arrival
@@ -96,7 +96,7 @@ from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user
 from qpy.common.queue import Paths, root_from
 from qpy.common.watch import Watcher
-from qpy.queue.admit import Admitter, Rejected
+from qpy.queue.admit import Admitter, Held, Rejected
 from qpy.queue.door import Door, Request
 from qpy.queue.journal import COMMIT, TODO_TMP, Journal, unlink_quietly
 
@@ -178,6 +178,8 @@ class Pickup:
             return self.admitter.copy(fd, sync, name)
         except Rejected as e:
             self.quarantine(name, dfd, str(e))
+            return None
+        except Held:             # control/nonsmtpmilters: waits, or bounced or discarded
             return None
         except OSError:
             raise                # the queue refused a write: admit_batch retries

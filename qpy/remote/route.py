@@ -38,16 +38,15 @@ THIS HOST
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import random
 from dataclasses import dataclass
 
 import dns.exception
-import dns.nameserver
 import dns.resolver
 import psutil
 
 from qpy.common.control import Control
+from qpy.common.resolver import literal, make_resolver
 
 SMTP_PORT = 25
 DNS_TIMEOUT = 10        # seconds per query attempt
@@ -109,45 +108,6 @@ def _parse_relay(value: str) -> tuple[str, int, str]:
     return relay.strip(), port, mode
 
 
-def literal(text: str) -> str | None:
-    """The address of `[1.2.3.4]`, `[IPv6:...]` or a bare IP, else None."""
-    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
-    try:
-        return str(ipaddress.ip_address(inner))
-    except ValueError:
-        return None
-
-
-def make_resolver(lines: list[str] | None) -> dns.resolver.Resolver:
-    """A resolver that asks the servers of control/resolvers, or (None) the system's.
-
-    An existing file without a usable line gives a resolver with no servers, whose
-    every lookup fails temporarily: design §8 says queries go there and nowhere else.
-    """
-    if lines is None:
-        res = dns.resolver.Resolver()
-    else:
-        res = dns.resolver.Resolver(configure=False)
-        servers = []
-        for line in lines:
-            host, port = line, 53
-            if line.startswith("["):
-                host, _, rest = line[1:].partition("]")
-                if rest.startswith(":") and rest[1:].isdigit():
-                    port = int(rest[1:])
-            elif line.count(":") == 1:
-                host, _, p = line.partition(":")
-                port = int(p) if p.isdigit() else 53
-            if literal(host) is not None:
-                servers.append(dns.nameserver.Do53Nameserver(literal(host), port))
-        res.nameservers = servers
-    res.timeout = DNS_TIMEOUT
-    res.lifetime = DNS_LIFETIME
-    return res
-
-
 def this_host_addresses(ipme: list[str]) -> set[str]:
     """The exact addresses on this host's interfaces, plus control/ipme."""
     found = set()
@@ -173,7 +133,8 @@ class Router:
     def res(self) -> dns.resolver.Resolver:
         if self._res is None:       # made when needed: a relay by address needs no DNS
             lines, source = self.ctl.explain("resolvers")
-            self._res = make_resolver(None if source == "default" else lines)  # type: ignore
+            self._res = make_resolver(None if source == "default" else lines,
+                                      DNS_TIMEOUT, DNS_LIFETIME)  # type: ignore
         return self._res
 
     def _query(self, name: str, rdtype: str) -> list:

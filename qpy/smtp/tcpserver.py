@@ -77,8 +77,8 @@ from qpy.common.control import Control
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, set_title
 from qpy.common.queue import root_from
+from qpy.smtp import ratelimit, secure, smtpd
 from qpy.smtp import rules as rulesmod
-from qpy.smtp import secure, smtpd
 
 PROGRAM = "qpy-tcpserver"
 BACKLOG = 1024
@@ -94,6 +94,7 @@ END_WAIT = 0.002            # seconds to wait for a session to end before forkin
 HANDOVER_TRIES = 3          # workers tried for one connection before giving up on it
 EXIT_TEMP = 111
 BUSY_REPLY = b"421 4.3.2 Too many connections, try again later\r\n"
+RATE_REPLY = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 TROUBLE_REPLY = b"421 4.3.0 Temporary problem, try again later\r\n"
 DONE = b"."                 # worker -> parent: the session is over, give me the next
 SESSION_ENV = ("PROTO", "RELAYCLIENT", "QPY_LISTENER")   # set per connection (and TCP*)
@@ -176,6 +177,7 @@ class Server:
         self.cfg = smtpd.Config(self.root)
         secure.load(self.root, PROGRAM)   # the certificate: read once, before any fork
         self.maxsmtpd = max(1, control.integer("maxsmtpd"))
+        ratelimit.shared = ratelimit.RateLimits(control)   # shared with workers forked later
         for lst in self.listeners:
             lst.rules, problems = rulesmod.parse("\n".join(control.lines(lst.rules_name)))
             for p in problems:
@@ -430,6 +432,11 @@ class Server:
             rule = rulesmod.match(lst.rules, ip)
             if rule is not None and not rule.allow:
                 log("%s: deny %s (%s)" % (PROGRAM, ip, lst.profile))
+                return True
+            if ratelimit.shared is not None and ratelimit.shared.over("connections", ip):
+                log("%s: rate limit %s: 421, over %d connections a minute"
+                    % (PROGRAM, ip, ratelimit.shared.limits["connections"]))
+                self._refuse(conn, RATE_REPLY)
                 return True
             if self.nbusy >= self.maxsmtpd:
                 self._collect(0)          # no wait: a flood of 421s must stay cheap
