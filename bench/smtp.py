@@ -1,7 +1,7 @@
 """bench/smtp.py — SMTP accept rate of qpy-tcpserver + qpy-smtpd (issue 4).
 
 SYNOPSIS
-    /opt/qpy/venv/bin/python3 bench/smtp.py [--messages N] [--rounds R] [--size BYTES]
+    /opt/qpy/venv/bin/python3 bench/smtp.py [--messages N] [--rounds R] [--size BYTES] [--milter]
 
 Runs as root (qpy-install with the system users). Lays out a fresh qpy root under
 /var/tmp/qpybench-smtp, starts qpy-tcpserver on a free 127.0.0.1 port with maxsmtpd 100
@@ -10,6 +10,8 @@ both keeping connections open (smtp-source -d: many messages per connection) and
 with a new connection (so a new forked session) per message. A message is counted only when its
 complete, fsync'd drop file is in queue/drop/: the rate is the rate of 250 replies
 after DATA, each durable. Prints a Markdown table of medians over the rounds (min-max).
+With --milter, control/milters names one pass-through filter (bench/passmilter.py, in
+a process of its own): the difference to a run without is what one milter costs.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=2000)
+    ap.add_argument("--milter", action="store_true", help="through one pass-through milter")
     opts = ap.parse_args()
     if os.getuid() != 0:
         sys.stderr.write("bench/smtp.py: needs root\n")
@@ -88,6 +91,14 @@ def main() -> int:
         f.write("127.0.0.1:%d\n" % port)
     with open(os.path.join(root, "control", "maxsmtpd"), "w") as f:
         f.write("100\n")
+    filt = None
+    if opts.milter:
+        mport = free_port()
+        filt = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(
+            os.path.abspath(__file__)), "passmilter.py"), str(mport)])
+        wait_port(mport)
+        with open(os.path.join(root, "control", "milters"), "w") as f:
+            f.write("inet:127.0.0.1:%d\n" % mport)
     log = open(os.path.join(BASE, "tcpserver.log"), "wb")
     server = subprocess.Popen([os.path.join(PREFIX, "bin", "qpy-tcpserver"), root],
                               env={"PATH": "/usr/bin:/bin", "QPY_ROOT": root},
@@ -105,9 +116,13 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=60)
         log.close()
-    print("SMTP accept rate, qpy-tcpserver + qpy-smtpd, %d messages of %d bytes, "
+        if filt is not None:
+            filt.terminate()
+            filt.wait(timeout=10)
+    print("SMTP accept rate, qpy-tcpserver + qpy-smtpd%s, %d messages of %d bytes, "
           "median of %d rounds (min-max); %d CPUs, load %.1f"
-          % (opts.messages, opts.size, opts.rounds, os.cpu_count() or 0, os.getloadavg()[0]))
+          % (" + one pass-through milter" if opts.milter else "", opts.messages, opts.size,
+             opts.rounds, os.cpu_count() or 0, os.getloadavg()[0]))
     print()
     print("| sessions | connections | messages/s |")
     print("|---:|---|---:|")
