@@ -167,11 +167,13 @@ class Milter:
         self.version = VERSION
 
     # -- packets ---------------------------------------------------------------------
-    def _send(self, cmd: bytes, data: bytes = b"") -> None:
+    def _send(self, cmd: bytes, data: bytes = b"", before: bytes = b"") -> None:
+        """One packet (after `before`, its macros) in one write: a macro packet and
+        its command in two would wait for a delayed ACK (40 ms) at every stage."""
         assert self.sock is not None
         try:
             self.sock.settimeout(self.spec.command_timeout)
-            self.sock.sendall(struct.pack(">I", len(data) + 1) + cmd + data)
+            self.sock.sendall(before + struct.pack(">I", len(data) + 1) + cmd + data)
         except OSError as e:
             raise MilterError("cannot send: %s" % (e.strerror or "timeout"))
 
@@ -214,6 +216,8 @@ class Milter:
         except OSError as e:
             sock.close()
             raise MilterError("cannot connect: %s" % (e.strerror or "timeout"))
+        if self.spec.family != socket.AF_UNIX:   # replies must not wait for Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._send(b"O", struct.pack(">III", VERSION, ALL_ACTIONS, OFFERED_STEPS))
         cmd, data = self._recv(self.spec.connect_timeout)
@@ -246,13 +250,15 @@ class Milter:
         return bool(self.steps & HDR_LEADSPC)
 
     # -- stages ----------------------------------------------------------------------
-    def _macros(self, stage: str, macros: dict[bytes, bytes]) -> None:
+    def _macros(self, stage: str, macros: dict[bytes, bytes] | None) -> bytes:
+        """The SMFIC_MACRO packet for a stage (b'' when there is nothing to send)."""
         wanted = self.symlists.get(stage)
-        pairs = [(k, v) for k, v in macros.items() if wanted is None or k in wanted]
-        if pairs:
-            data = b"".join(_cstr(k if len(k) == 1 else b"{" + k + b"}") + _cstr(v)
-                            for k, v in pairs)
-            self._send(b"D", STAGES[stage][0] + data)
+        pairs = [(k, v) for k, v in (macros or {}).items() if wanted is None or k in wanted]
+        if not pairs:
+            return b""
+        data = STAGES[stage][0] + b"".join(
+            _cstr(k if len(k) == 1 else b"{" + k + b"}") + _cstr(v) for k, v in pairs)
+        return struct.pack(">I", len(data) + 1) + b"D" + data
 
     def stage(self, stage: str, data: bytes, macros: dict[bytes, bytes] | None = None,
               timeout: float | None = None) -> tuple[str, bytes]:
@@ -261,9 +267,7 @@ class Milter:
         cmd, skip_step, no_reply = STAGES[stage]
         if self.steps & skip_step:
             return "continue", b""
-        if macros:
-            self._macros(stage, macros)
-        self._send(cmd, data)
+        self._send(cmd, data, self._macros(stage, macros))
         if self.steps & no_reply:
             return "continue", b""
         return self._final(self._recv(timeout or self.spec.command_timeout), stage)
@@ -295,8 +299,7 @@ class Milter:
 
     def eom(self, macros: dict[bytes, bytes]) -> tuple[str, bytes, list[tuple]]:
         """End of message: (action, reply text, modifications in the order sent)."""
-        self._macros("eom", macros)
-        self._send(b"E")
+        self._send(b"E", b"", self._macros("eom", macros))
         mods: list[tuple] = []
         while True:
             cmd, data = self._recv(self.spec.content_timeout)
