@@ -20,23 +20,13 @@ import psutil
 import pytest
 import qpytest
 import tlshelp
-
-FAIL_DELAY = 1.0          # qpy.auth.authd.FAIL_DELAY
-LOCK_AFTER = 5            # qpy.auth.authd.LOCK_AFTER
-ACCOUNT_DELAY_MAX = 3.0   # qpy.auth.authd.ACCOUNT_DELAY_MAX
-
-
-@pytest.fixture
-def mta(qroot):
-    d = qpytest.test_dir("cert")
-    tlshelp.install_cert(qroot, tlshelp.make_cert(d))
-    tlshelp.set_password(qroot, "alice", "correct horse")
-    tlshelp.set_password(qroot, "bob", "battery staple")
-    tlshelp.start_authd(qroot)
-    server = tlshelp.Server(qroot)
-    yield server
-    server.stop()
-    qpytest.remove_tree(d)
+from test_auth import (
+    ACCOUNT_DELAY_MAX,
+    FAIL_DELAY,
+    LOCK_AFTER,
+    ask,
+    mta,  # noqa: F401 (the fixture: qpy-authd and qpy-tcpserver with TLS)
+)
 
 
 def auth_plain(port: int, source: str, user: str, password: str) -> tuple[int, float]:
@@ -54,7 +44,7 @@ def auth_plain(port: int, source: str, user: str, password: str) -> tuple[int, f
 
 
 @qpytest.needs_root
-def test_attack_auth_finding4_failures_from_300_addresses_lock_out_no_one(mta):
+def test_attack_auth_finding4_failures_from_300_addresses_lock_out_no_one(mta):  # noqa: F811
     sources = ["127.1.%d.%d" % (i // 250, i % 250 + 1) for i in range(300)]
     # every tenth guess is for alice, the others for accounts that do not exist
     guesses = [(src, "alice" if i % 10 == 0 else "nobody%d" % (i % 30), "guess%d" % i)
@@ -86,9 +76,8 @@ def _authd_of(parent: int) -> list[psutil.Process]:
 
 
 def _check_alice(qroot) -> bool:
-    """The right password through the socket, asked as qpyd asks (test_auth's helper)."""
-    import test_auth
-    return test_auth.ask(qroot, [("alice", "correct horse", "192.0.2.1")])[0][0] == "Y"
+    """The right password through the socket, asked as qpyd asks."""
+    return ask(qroot, [("alice", "correct horse", "192.0.2.1")])[0][0] == "Y"
 
 
 @qpytest.needs_root
