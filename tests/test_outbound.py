@@ -8,18 +8,20 @@ back); one case runs the whole queue to see a failed AUTH in the log and in qpy-
 
 from __future__ import annotations
 
+import email.utils
 import os
 import pwd
 import re
 import signal
 import ssl
+import time
 
 import pytest
 import qpytest
 import test_remote
 from remote_peers import PrivatePostfix, basic_session
-from test_remote import MSG, PEER, Rspawn, wire
-from test_send import Qpy, sendmail
+from test_remote import MSG, PEER, Recorder, Rspawn, wire
+from test_send import Qpy, bounces, sendmail, user
 from tlshelp import TestCA
 
 # test_remote's fixtures: a DNS server, a free port, peers, and qpy-rspawn on a root
@@ -145,8 +147,8 @@ def test_smarthost_wrong_password_defers_with_reply_in_log_and_qread(qroot, dnss
     q = Qpy(qroot)
     try:
         sendmail(qroot, "someone@test.example", "x@a.test")
-        q.wait_log(r"delivery \d+: deferral: .*rejected AUTH PLAIN as relayuser\."
-                   r" Remote host said: 535 5\.7\.8")
+        q.wait_log(r"delivery \d+: deferral: .*rejected AUTH PLAIN as relayuser \(#4\.7\.0\)\."
+                   r" Remote host smtp\.relay\.test said: 535 5\.7\.8")
         r = qroot.run("qpy-qread", qroot.path)
         assert re.search(r"deferred\s+remote\s+<x@a.test>.*rejected AUTH PLAIN.*535 5\.7\.8",
                          r.stdout.decode()), r.stdout
@@ -343,3 +345,128 @@ def test_tlspolicy_domain_before_host_and_unknown_level(stack, aiotls):
     assert len(h.messages) == 1
     rs.stop()
     assert b"control/tlspolicy: unknown level 'sometimes'" in rs.proc.stderr.read()
+
+
+# --- bounces and delay warnings (RFC 3464) --------------------------------------------------
+
+@pytest.fixture
+def aiopeer(port):
+    from aiosmtpd.controller import Controller
+    started = []
+
+    def start(handler):
+        c = Controller(handler, hostname=PEER, port=port)
+        c.start()
+        started.append(c)
+        return c
+    yield start
+    for c in started:
+        c.stop()
+
+
+def remote_root(qroot, dnssrv, port: int) -> None:
+    """Remote mail by MX through `dnssrv` to peers on `port`: a.test is mx.a.test at PEER;
+    nx.test does not exist."""
+    qroot.control("resolvers", "127.0.0.1:%d" % dnssrv.port)
+    qroot.control("smtproutes", "::%d" % port)
+    qroot.control("timeoutremote", "5")
+    qroot.control("timeoutconnect", "5")
+    dnssrv.add("a.test", "MX", "10 mx.a.test.")
+    dnssrv.add("mx.a.test", "A", PEER)
+
+
+def report_blocks(msg) -> list:
+    """The per-recipient blocks of a multipart/report (after the per-message one)."""
+    human, status, original = msg.get_payload()
+    assert status.get_content_type() == "message/delivery-status"
+    return status.get_payload()
+
+
+def date_of(value: str) -> float:
+    return email.utils.parsedate_to_datetime(value).timestamp()
+
+
+def test_bounce_fields_per_failure_class(qroot, dnssrv, port, aiopeer):
+    """A refused RCPT with an enhanced code, a refused DATA without one, and a domain
+    that does not exist: one bounce, each recipient's fields as RFC 3464 has them."""
+    remote_root(qroot, dnssrv, port)
+    a = user("ob", qroot)
+    aiopeer(Recorder(data_reply="554 no thanks"))
+    q = Qpy(qroot)
+    try:
+        before = time.time()
+        sendmail(qroot, "qtob@test.example", "bad@a.test", "good@a.test", "x@nx.test",
+                 body="payload 7\n")
+        assert qpytest.wait_for(lambda: bounces(a), 30), q.log()
+        [bnc] = bounces(a)
+        top = report_blocks(bnc)[0]
+        assert top["Reporting-MTA"] == "dns; test.example"
+        assert abs(date_of(top["Arrival-Date"]) - before) < 30
+        blocks = {b["Final-Recipient"]: b for b in report_blocks(bnc)[1:]}
+        assert set(blocks) == {"rfc822; bad@a.test", "rfc822; good@a.test",
+                               "rfc822; x@nx.test"}
+        for b in blocks.values():
+            assert b["Action"] == "failed"
+            assert "Original-Recipient" not in b     # not known without DSN ORCPT
+        bad = blocks["rfc822; bad@a.test"]
+        assert bad["Status"] == "5.1.1"
+        assert bad["Remote-MTA"] == "dns; mx.a.test"
+        assert bad["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+        assert before - 1 <= date_of(bad["Last-Attempt-Date"]) <= time.time() + 1
+        good = blocks["rfc822; good@a.test"]
+        assert good["Status"] == "5.0.0"               # derived from the basic code
+        assert good["Remote-MTA"] == "dns; mx.a.test"
+        assert good["Diagnostic-Code"] == "smtp; 554 no thanks"
+        nx = blocks["rfc822; x@nx.test"]
+        assert nx["Status"] == "5.1.2" and "Remote-MTA" not in nx
+        assert nx["Diagnostic-Code"].startswith("x-qpy; Sorry, I couldn't find any host")
+        human = bnc.get_payload()[0].get_content()
+        assert "<bad@a.test>:\n127.0.0.2 does not like recipient." in human
+        assert b"payload 7" in bnc.get_payload()[2].as_bytes()
+    finally:
+        assert q.stop() == 0
+
+
+def test_delay_warning_once_then_bounce_keeps_far_end_status(qroot, dnssrv, port, aiopeer):
+    remote_root(qroot, dnssrv, port)
+    qroot.control("delaywarning", "0.001")             # 3.6 seconds
+    a = user("ob", qroot)
+    aiopeer(Recorder())
+    q = Qpy(qroot)
+    try:
+        sendmail(qroot, "qtob@test.example", "temp1@a.test", body="payload 8\n")
+        q.wait_log(r"delivery \d+: deferral: .*451 4\.2\.0 try later")
+        assert bounces(a) == []                         # younger than 3.6 s: no warning
+        time.sleep(4)
+        q.signal(signal.SIGALRM)
+        q.wait_log(r"delay warning msg \d+")
+        [warn] = qpytest.wait_for(lambda: bounces(a), 30)
+        assert warn["Subject"].startswith("Delayed Mail")
+        [b] = report_blocks(warn)[1:]
+        assert b["Final-Recipient"] == "rfc822; temp1@a.test"
+        assert b["Action"] == "delayed" and b["Status"] == "4.2.0"
+        assert b["Remote-MTA"] == "dns; mx.a.test"
+        assert b["Diagnostic-Code"] == "smtp; 451 4.2.0 try later"
+        until = date_of(b["Will-Retry-Until"]) - date_of(report_blocks(warn)[0]["Arrival-Date"])
+        assert until == 604800                           # queuelifetime's default
+        copy = warn.get_payload()[2]
+        assert copy.get_content_type() == "text/rfc822-headers"
+        assert b"payload 8" not in copy.as_bytes()      # the header only
+        q.signal(signal.SIGALRM)                         # deferred again: no second one
+        q.wait_log(r"delivery \d+: deferral: .*451", count=3)
+        q.signal(signal.SIGALRM)
+        q.wait_log(r"delivery \d+: deferral: .*451", count=4)
+        time.sleep(0.5)
+        assert len(bounces(a)) == 1
+        assert len(re.findall(r"delay warning msg", q.log())) == 1
+    finally:
+        assert q.stop() == 0
+    # the W record survives a restart: still no second warning
+    q = Qpy(qroot)
+    try:
+        q.signal(signal.SIGALRM)
+        q.wait_log(r"delivery \d+: deferral: .*451", count=5)
+        time.sleep(0.5)
+        assert len(bounces(a)) == 1
+    finally:
+        assert q.stop() == 0

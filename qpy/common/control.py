@@ -48,6 +48,7 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "concurrencylocal": ("int", 10),
     "concurrencyremote": ("int", 20),
     "queuelifetime": ("int", 604800),
+    "delaywarning": ("line", "4"),
     "databytes": ("int", 0),
     "timeoutsmtpd": ("int", 1200),
     "timeoutremote": ("int", 1200),

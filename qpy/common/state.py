@@ -24,8 +24,10 @@ FORMAT
 
         K <TAB> i                        recipient i delivered (done; never undone)
         Z <TAB> i <TAB> NEXT <TAB> text  temporary failure, next try at NEXT
-        D <TAB> i <TAB> text             permanent failure; a bounce is owed
+        D <TAB> i <TAB> WHEN <TAB> text  permanent failure at WHEN; a bounce is owed
+                                         (older files: `D <TAB> i <TAB> text`)
         B <TAB> i                        the bounce for i is injected (bounced)
+        W                                the delayed-delivery warning is injected
 
     A crash can tear only the last, unsynced record: readers ignore a final line
     without LF, and queue-send cuts it off before appending (`repair()`).
@@ -51,6 +53,7 @@ STATE WORDS (per recipient, as `qpy-qread` prints them)
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -85,6 +88,7 @@ class RecipientState:
     next_try: int = 0               # seconds since the epoch; 0: now
     error: str = ""                 # the last failure text
     bounce_owed: bool = False       # failed for good, bounce not yet injected
+    last_attempt: int = 0           # when it last failed (0: unknown; kept for a D)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class MessageState:
     qp: int
     sender: bytes
     recipients: list[RecipientState] = field(default_factory=list)
+    warned: bool = False            # the delayed-delivery warning went out
 
     def finished(self) -> bool:
         """Every recipient done or bounced with the bounce injected."""
@@ -154,6 +159,9 @@ def decode(data: bytes) -> MessageState:
         raise StateError("state head not complete")
     for line in lines[pos + 1:]:
         f = line.split(b"\t", 3)
+        if f == [b"W"]:
+            ms.warned = True
+            continue
         try:
             r = ms.recipients[_int(f[1])]
         except (IndexError, StateError):
@@ -165,9 +173,12 @@ def decode(data: bytes) -> MessageState:
             continue  # done stays done, whatever follows
         elif kind == b"Z" and len(f) == 4 and f[2].isdigit():
             r.state, r.next_try, r.error = DEFERRED, int(f[2]), f[3].decode("ascii", "replace")
-        elif kind == b"D" and len(f) >= 3:
+        elif kind == b"D" and len(f) == 4 and f[2].isdigit():
+            r.state, r.bounce_owed, r.last_attempt = BOUNCED, True, int(f[2])
+            r.error = f[3].decode("ascii", "replace")
+        elif kind == b"D" and len(f) == 3:     # written before D records had a time
             r.state, r.bounce_owed = BOUNCED, True
-            r.error = b"\t".join(f[2:]).decode("ascii", "replace")
+            r.error = f[2].decode("ascii", "replace")
         elif kind == b"B":
             r.state, r.bounce_owed = BOUNCED, False
     return ms
@@ -247,8 +258,13 @@ class StateFile:
     def deferred(self, i: int, next_try: int, text: bytes | str) -> None:
         self._append(b"Z\t%d\t%d\t%s\n" % (i, next_try, clean_text(text)))
 
-    def failed(self, i: int, text: bytes | str) -> None:
-        self._append(b"D\t%d\t%s\n" % (i, clean_text(text)))
+    def failed(self, i: int, text: bytes | str, when: int | None = None) -> None:
+        """A D record; `when` the failed attempt (default: now)."""
+        when = int(time.time()) if when is None else when
+        self._append(b"D\t%d\t%d\t%s\n" % (i, when, clean_text(text)))
+
+    def warned(self) -> None:
+        self._append(b"W\n")
 
     def bounced(self, indexes: list[int]) -> None:
         # one write, one fsync for the whole batch of a bounce

@@ -44,14 +44,14 @@ def connect(ctl: Control, t: Target) -> Conn:
     except OSError as e:
         raise Refused(Z, "Sorry, I wasn't able to establish an SMTP connection to %s: %s."
                       " (#4.4.1)" % (t.address, why(e)))
-    return Conn(sock, max(1, ctl.integer("timeoutremote")))
+    return Conn(sock, max(1, ctl.integer("timeoutremote")), t.host)
 
 
 def check_421(r: Reply, ip: str, conn: Conn) -> None:
     """421 at any point: every recipient still open is deferred, and we stop."""
     if r.code == 421:
-        raise Refused(Z, "%s closes the session (421).%s Remote host said: %s"
-                      % (ip, tls_note(conn), r.said()), final=True)
+        raise Refused(Z, "%s closes the session (421).%s %s"
+                      % (ip, tls_note(conn), conn.said(r)), final=True)
 
 
 def ehlo(conn: Conn, helo: bytes, ip: str) -> dict[str, str]:
@@ -64,8 +64,8 @@ def ehlo(conn: Conn, helo: bytes, ip: str) -> dict[str, str]:
     if r.code // 100 == 2:
         return {}
     check_421(r, ip, conn)
-    raise Refused(Z, "Connected to %s but my name was rejected. Remote host said: %s"
-                  % (ip, r.said()), final=True)
+    raise Refused(Z, "Connected to %s but my name was rejected. %s"
+                  % (ip, conn.said(r)), final=True)
 
 
 def _handshake(ctl: Control, conn: Conn, t: Target, p: Plan) -> None:
@@ -94,8 +94,8 @@ def start(ctl: Control, conn: Conn, t: Target, p: Plan, tls: bool = True) -> dic
             raise Refused(Z, "Connected to %s but greeting failed: %s. (#4.4.2)" % (ip, e))
         if greet.code // 100 != 2:
             raise Refused(D if greet.code // 100 == 5 else Z,
-                          "Connected to %s but greeting failed. Remote host said: %s"
-                          % (ip, greet.said()))
+                          "Connected to %s but greeting failed. %s"
+                          % (ip, conn.said(greet)))
         helo = (ctl.line("helohost") or ctl.line("me")).encode("ascii", "replace")
         ext = ehlo(conn, helo, ip)
         if not conn.tls and tls and p.level != "none" and "STARTTLS" in ext:

@@ -162,5 +162,5 @@ def authenticate(conn: Conn, ext: dict[str, str], creds: Credentials, ip: str) -
         conn.command(b"*")
         raise AuthFailed("%s asked for more in AUTH %s; cancelled. (#4.7.0)" % (ip, mech))
     if r.code != 235:
-        raise AuthFailed("%s rejected AUTH %s as %s. Remote host said: %s (#4.7.0)"
-                         % (ip, mech, clean(creds.user, 100), r.said()))
+        raise AuthFailed("%s rejected AUTH %s as %s (#4.7.0). %s"
+                         % (ip, mech, clean(creds.user, 100), conn.said(r)))

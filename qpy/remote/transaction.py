@@ -185,8 +185,8 @@ class Job:
         if r.code == 421:
             if self.reusing:
                 raise Stale("421")
-            self.settle(Z, "%s closes the session (421).%s Remote host said: %s"
-                        % (ip, tls_note(conn), r.said()))
+            self.settle(Z, "%s closes the session (421).%s %s"
+                        % (ip, tls_note(conn), conn.said(r)))
             raise Closed()
 
     def transaction(self, conn: Conn, ip: str, ext: dict[str, str]) -> bool:
@@ -224,8 +224,8 @@ class Job:
         if r.code // 100 != 2:
             self._check_421(r, ip, conn)
             self.settle(D if r.code // 100 == 5 else Z,
-                        "Connected to %s but sender was rejected.%s Remote host said: %s"
-                        % (ip, tls, r.said()))
+                        "Connected to %s but sender was rejected.%s %s"
+                        % (ip, tls, conn.said(r)))
             if piped:                       # the RCPT and DATA replies are still coming
                 for _ in rcpts:
                     conn.reply()
@@ -239,8 +239,8 @@ class Job:
                 continue
             self._check_421(r, ip, conn)
             self.settle(D if r.code // 100 == 5 else Z,
-                        "%s does not like recipient.%s Remote host said: %s"
-                        % (ip, tls, r.said()), [i])
+                        "%s does not like recipient.%s %s"
+                        % (ip, tls, conn.said(r)), [i])
         if not accepted and not piped:
             return True
         r = conn.reply() if piped else conn.command(b"DATA")
@@ -252,7 +252,7 @@ class Job:
         if r.code != 354:
             self._check_421(r, ip, conn)
             self.settle(D if r.code // 100 == 5 else Z, "%s failed on DATA command.%s"
-                        " Remote host said: %s" % (ip, tls, r.said()), accepted)
+                        " %s" % (ip, tls, conn.said(r)), accepted)
             return True
         held = b""
         for block in smtp_data(chunks(self.fd)):  # the short ending goes with the last block
@@ -270,12 +270,12 @@ class Job:
                         " Possible duplicate!%s (#4.4.2)" % (ip, e, tls), accepted)
             return False
         if r.code // 100 == 2:
-            self.settle(K, "%s accepted message.%s Remote host said: %s"
-                        % (ip, tls, r.said()), accepted)
+            self.settle(K, "%s accepted message.%s %s"
+                        % (ip, tls, conn.said(r)), accepted)
         else:
             self._check_421(r, ip, conn)
             self.settle(D if r.code // 100 == 5 else Z, "%s failed after I sent the message.%s"
-                        " Remote host said: %s" % (ip, tls, r.said()), accepted)
+                        " %s" % (ip, tls, conn.said(r)), accepted)
         return True
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import socket
 import ssl
 
+from qpy.common import dsn
 from qpy.common.log import clean
 
 MAX_REPLY_LINE = 2048       # RFC 5321 says 512; be generous, not unbounded
 MAX_REPLY_LINES = 100
 MAX_REPLY_BYTES = 64 * 1024
-MAX_SAID = 300              # bytes of the server's text kept in a result
+MAX_SAID = 600              # bytes of the server's text kept in a result
 CHUNK = 64 * 1024
 QUIT_WAIT = 2.0             # seconds we wait for the answer to QUIT
 
@@ -63,8 +64,9 @@ def why(e: BaseException) -> str:
 class Conn:
     """One SMTP connection with bounded replies and a timeout on every operation."""
 
-    def __init__(self, sock: socket.socket, timeout: float):
+    def __init__(self, sock: socket.socket, timeout: float, host: str = ""):
         self.sock: socket.socket = sock
+        self.host = host            # the name connected to: what a bounce names
         self.timeout = timeout
         sock.settimeout(timeout)
         try:        # our writes are whole commands or message blocks: no Nagle delays
@@ -110,6 +112,10 @@ class Conn:
             lines.append(line)
             if line[3:4] != b"-":
                 return Reply(int(lines[0][:3]), lines)
+
+    def said(self, r: Reply) -> str:
+        """`Remote host HOST said: REPLY`, in qpy.common.dsn's format."""
+        return dsn.remote_said(self.host, r.said())
 
     def command(self, cmd: bytes) -> Reply:
         self.send(cmd + b"\r\n")

@@ -1,16 +1,25 @@
-"""bounce — the delivery status notification qpy-queue-send sends for failed recipients.
+"""bounce — the delivery status notifications qpy-queue-send sends: the bounce for
+failed recipients, and the warning for delayed ones.
 
 An RFC 3464 `multipart/report; report-type=delivery-status`, built with the stdlib
 `email` package:
 
 1. text/plain in qmail's bounce layout (QSBMF): it starts `Hi. This is the`, one
-   paragraph per failed recipient starting `<address>:` with the reason, and a break
+   paragraph per recipient starting `<address>:` with the reason, and a break
    paragraph starting `---`. People and qmail-era scripts read this part.
 2. message/delivery-status: `Reporting-MTA`, `Arrival-Date`, then per recipient
-   `Final-Recipient`, `Action: failed`, `Status` (the `#5.x.x` code found in the
-   reason, else 5.0.0) and `Diagnostic-Code`. Modern clients read this part.
+   `Final-Recipient`, `Action` (failed, or delayed in a warning), `Status`,
+   `Remote-MTA` (when a server replied), `Diagnostic-Code`, `Last-Attempt-Date`
+   (when known) and, in a warning, `Will-Retry-Until`. Status and Diagnostic-Code
+   come from qpy.common.dsn: the server's enhanced code (RFC 3463) and
+   `smtp; REPLY` with its whole reply when a server refused; else the basic
+   code's class (`5.0.0`), or qpy's own `#x.y.z` code and `x-qpy; TEXT`. A
+   warning never carries a class-5 Status. Modern clients read this part.
 3. the original message (message/rfc822), or only its header (text/rfc822-headers)
-   when it is larger than MAX_FULL_COPY.
+   when it is larger than MAX_FULL_COPY, and always in a warning.
+
+Original-Recipient is not written: qpy does not keep the address a recipient had
+before it reached this host (no DSN ORCPT in the queue).
 
 The original is never parsed: it is copied byte for byte.
 """
@@ -21,20 +30,20 @@ import email.charset
 import email.policy
 import io
 import os
-import re
 import secrets
 import time
+from dataclasses import dataclass
 from email.generator import BytesGenerator
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
 
+from qpy.common import dsn
+
 MAX_FULL_COPY = 128 * 1024       # larger originals are returned as their header only
 MAX_HEADER_COPY = 64 * 1024      # at most this much of the header is returned
 MAX_REASON = 2000                # bytes of failure text per recipient (program output)
-
-_STATUS = re.compile(r"#([245]\.\d{1,3}\.\d{1,3})")
 
 INTRO = ("Hi. This is the qpy-queue-send program at {host}.\n"
          "Your message could not be delivered to the addresses below. The failure\n"
@@ -43,15 +52,27 @@ INTRO = ("Hi. This is the qpy-queue-send program at {host}.\n"
 DOUBLE_INTRO = ("Hi. This is the qpy-queue-send program at {host}.\n"
                 "A bounce message could not be delivered to the sender of the message\n"
                 "it reported on, so it comes to you, the postmaster. The reasons follow.\n")
+WARN_INTRO = ("Hi. This is the qpy-queue-send program at {host}.\n"
+              "Your message has not been delivered yet to the addresses below. This\n"
+              "is only a warning: qpy keeps trying until {until},\n"
+              "and you need not send the message again. The last reason given for\n"
+              "each address follows it.\n")
 BREAK = "--- The delivery report and a copy of the message follow this text.\n"
+WARN_BREAK = "--- The delivery report and the header of the message follow this text.\n"
 DOUBLE_BREAK = "--- The delivery report and the original bounce follow this text.\n"
 
 
+@dataclass
+class Entry:
+    """One recipient in a report: its address, the last reason, when it was tried."""
+    address: bytes
+    reason: str
+    last_attempt: int = 0           # seconds since the epoch; 0: unknown
+
+
 def status_code(reason: str) -> str:
-    m = _STATUS.search(reason)
-    if m and m.group(1).startswith("5"):
-        return m.group(1)
-    return "5.0.0"
+    """The Status of a recipient that failed for good with `reason`."""
+    return dsn.facts(reason, failed=True).status
 
 
 def _text(b: bytes | str) -> str:
@@ -81,18 +102,57 @@ def read_original(path: str, size_limit: int = MAX_FULL_COPY) -> tuple[bytes, bo
     return (head[:end + 1] if end != -1 else head), False
 
 
-def build(host: str, bounce_from: str, to: bytes, failures: list[tuple[bytes, str]],
+def build(host: str, bounce_from: str, to: bytes, failures: list[Entry],
           original: bytes, whole: bool, arrival: int, double: bool = False) -> bytes:
-    """The bounce message (LF line ends), for the failures [(address, reason)]."""
+    """The bounce message (LF line ends) for the failed recipients."""
     human = (DOUBLE_INTRO if double else INTRO).format(host=host) + "\n"
-    for addr, reason in failures:
-        human += "<%s>:\n%s\n" % (_text(addr), _paragraph(reason))
+    for e in failures:
+        human += "<%s>:\n%s\n" % (_text(e.address), _paragraph(e.reason))
     human += DOUBLE_BREAK if double else BREAK
+    blocks = [_block(e, "failed") for e in failures]
+    return _report(host, bounce_from, to, "failure notice", human, arrival, blocks,
+                   original, whole)
 
+
+def build_warning(host: str, bounce_from: str, to: bytes, delayed: list[Entry],
+                  header: bytes, arrival: int, retry_until: int) -> bytes:
+    """The delayed-delivery warning (RFC 3464 Action: delayed), with the header of
+    the message only."""
+    until = formatdate(retry_until, localtime=False)
+    human = WARN_INTRO.format(host=host, until=until) + "\n"
+    for e in delayed:
+        human += "<%s>:\n%s\n" % (_text(e.address), _paragraph(e.reason))
+    human += WARN_BREAK
+    blocks = []
+    for e in delayed:
+        b = _block(e, "delayed")
+        b["Will-Retry-Until"] = until
+        blocks.append(b)
+    return _report(host, bounce_from, to, "Delayed Mail (still being retried)", human,
+                   arrival, blocks, header, False)
+
+
+def _block(e: Entry, action: str) -> Message:
+    """The per-recipient fields of RFC 3464 section 2.3, in its order."""
+    f = dsn.facts(_text(e.reason)[:MAX_REASON], failed=action == "failed")
+    b = Message()
+    b["Final-Recipient"] = "rfc822; " + _text(e.address)
+    b["Action"] = action
+    b["Status"] = f.status
+    if f.remote_mta:
+        b["Remote-MTA"] = "dns; " + f.remote_mta
+    b["Diagnostic-Code"] = f.diagnostic
+    if e.last_attempt:
+        b["Last-Attempt-Date"] = formatdate(e.last_attempt, localtime=False)
+    return b
+
+
+def _report(host: str, bounce_from: str, to: bytes, subject: str, human: str, arrival: int,
+            blocks: list[Message], original: bytes, whole: bool) -> bytes:
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = bounce_from
     report["To"] = _text(to) if to else "<>"
-    report["Subject"] = "failure notice"
+    report["Subject"] = subject
     report["Date"] = formatdate(localtime=False)
     report["Message-ID"] = make_msgid(domain=host)
     report["Auto-Submitted"] = "auto-replied"
@@ -109,16 +169,7 @@ def build(host: str, bounce_from: str, to: bytes, failures: list[tuple[bytes, st
     top = Message()
     top["Reporting-MTA"] = "dns; " + host
     top["Arrival-Date"] = formatdate(arrival, localtime=False)
-    blocks = [top]
-    for addr, reason in failures:
-        b = Message()
-        b["Final-Recipient"] = "rfc822; " + _text(addr)
-        b["Action"] = "failed"
-        b["Status"] = status_code(reason)
-        diag = " ".join(_text(reason)[:MAX_REASON].split())
-        b["Diagnostic-Code"] = "x-qpy; " + diag
-        blocks.append(b)
-    status.set_payload(blocks)
+    status.set_payload([top] + blocks)
     report.attach(status)
 
     # the original goes in as a token replaced afterwards: copied byte for byte, never
@@ -134,6 +185,12 @@ def build(host: str, bounce_from: str, to: bytes, failures: list[tuple[bytes, st
     if not original.endswith(b"\n"):
         original += b"\n"
     return out.getvalue().replace(token.encode(), original, 1)
+
+
+def header_of(original: bytes) -> bytes:
+    """The header of a message read by read_original (up to its blank line)."""
+    end = original.find(b"\n\n")
+    return original[:end + 1] if end != -1 else original[:MAX_HEADER_COPY]
 
 
 def now() -> int:

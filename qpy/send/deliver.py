@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qpy.common import address, spawn
@@ -39,14 +40,15 @@ class Delivery:
 
 class Deliveries:
     """Starting deliveries and taking their results, a part of QueueSend: it
-    supplies the messages and persist() (qpy.send.intake.Intake), settle()
-    (qpy.send.finish.Finishing), the limits (conc, lifetime) and term_deadline."""
+    supplies the messages and persist() (qpy.send.intake.Intake), settle() and
+    warn_if_due() (qpy.send.finish.Finishing), the limits (conc, lifetime) and term_deadline."""
 
     msgs: dict[str, Msg]
     heaps: dict[str, list[tuple[int, str, int]]]
     conc: dict[str, int]
     lifetime: int
     term_deadline: float
+    warn_if_due: Callable[[Msg, int], None]
 
     def init_deliveries(self, socks: dict[str, socket.socket | None]) -> None:
         self.socks = socks
@@ -123,14 +125,17 @@ class Deliveries:
         self.persist(m)
         m.sf.deferred(i, nxt, text)     # fsync'd
         r.state, r.next_try, r.error = DEFERRED, nxt, clean(text)
+        r.last_attempt = int(time.time())
         heapq.heappush(self.heaps[r.channel], (nxt, m.st.id, i))
 
     def fail(self, m: Msg, indexes: list[int], text: str | bytes) -> None:
         self.persist(m)
+        now = int(time.time())
         for i in indexes:
             r = m.st.recipients[i]
-            m.sf.failed(i, text)        # fsync'd
+            m.sf.failed(i, text, now)   # fsync'd
             r.state, r.bounce_owed, r.error = BOUNCED, True, clean(text, 1000)
+            r.last_attempt = now
 
     def read_results(self, channel: str) -> None:
         sock = self.socks[channel]
@@ -192,4 +197,5 @@ class Deliveries:
         if m.backed_by_todo and not m.removing and not m.st.finished():
             self.persist(m)
         self.status()
+        self.warn_if_due(m, now)
         self.settle(m)

@@ -1,4 +1,6 @@
-"""finish — the end of a message in qpy-queue-send: bounces, clean-up, qpy-qrm.
+"""finish — the end of a message in qpy-queue-send: bounces, clean-up, qpy-qrm; and
+the delayed-delivery warning (once per message, control/delaywarning hours after it
+arrived, at a deferral).
 
 A message settles when none of its deliveries is in flight: the failures it owes
 a bounce for are bounced (one bounce per message and failure batch, once no
@@ -17,7 +19,7 @@ import time
 from qpy.common import cleanreq
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, is_id
-from qpy.common.state import WAITING, MessageState
+from qpy.common.state import DEFERRED, WAITING, MessageState
 from qpy.inject.drop import InjectError, inject
 from qpy.send import bounce
 from qpy.send.intake import Msg, unlink
@@ -39,6 +41,8 @@ class Finishing:
     bouncehost: str
     bouncefrom: str
     doublebounce: bytes
+    delaywarning: float             # hours; 0: no warnings
+    lifetime: int
 
     def init_finishing(self) -> None:
         self.retrying: set[str] = set()     # messages whose bounce or clean-up failed
@@ -64,7 +68,8 @@ class Finishing:
 
     def send_bounce(self, m: Msg, owed: list[int]) -> bool:
         st = m.st
-        failures = [(st.recipients[i].address, st.recipients[i].error) for i in owed]
+        failures = [bounce.Entry(st.recipients[i].address, st.recipients[i].error,
+                                 st.recipients[i].last_attempt) for i in owed]
         if st.sender == b"":
             if all(st.recipients[i].address.lower() == self.doublebounce.lower()
                    for i in owed):
@@ -93,6 +98,38 @@ class Finishing:
         _mark_bounced(st, owed)
         log("bounce msg %s qp %d" % (st.id, os.getpid()))
         return True
+
+    def warn_if_due(self, m: Msg, now: int) -> None:
+        """The delayed-delivery warning, once per message, to a sender that is not <>,
+        when a recipient is deferred control/delaywarning hours after arrival.
+
+        It is injected before its W record is fsync'd: a crash between the two sends
+        it once more, never not at all."""
+        st = m.st
+        if self.delaywarning <= 0 or st.warned or st.sender == b"" or m.removing \
+                or now - st.arrival < self.delaywarning * 3600:
+            return
+        delayed = [bounce.Entry(r.address, r.error, r.last_attempt)
+                   for r in st.recipients if r.state == DEFERRED]
+        if not delayed:
+            return
+        try:
+            original, _ = bounce.read_original(os.path.join(self.paths.mess, st.id))
+        except OSError:
+            original = b""
+        text = bounce.build_warning(self.bouncehost, self.bouncefrom, st.sender, delayed,
+                                    bounce.header_of(original), st.arrival,
+                                    st.arrival + self.lifetime)
+        try:
+            inject(self.root, text, b"", [st.sender])
+        except (InjectError, OSError) as e:
+            log("warning: trouble injecting delay warning, will try later: %s"
+                % clean(str(e)))
+            return
+        self.persist(m)
+        m.sf.warned()       # fsync'd
+        st.warned = True
+        log("delay warning msg %s qp %d" % (st.id, os.getpid()))
 
     def later(self, m: Msg, now: float) -> None:
         """A bounce or clean-up failed: try again after RETRY_LATER (or on SIGALRM)."""

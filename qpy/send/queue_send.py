@@ -18,7 +18,9 @@ READS
     `todo/ID` (inotify hints plus a periodic rescan), `mess/ID` (opened read-only and
     passed to the spawner as an fd), `state/ID`, `rm/ID` (qpy-qrm's requests),
     control: locals, virtualdomains, envnoathost, concurrencylocal, concurrencyremote,
-    queuelifetime, bouncefrom, bouncehost, doublebounceto, doublebouncehost, me.
+    queuelifetime, bouncefrom, bouncehost, doublebounceto, doublebouncehost, me,
+    delaywarning (hours, fractions allowed, after which a sender whose message is
+    still deferred gets one warning, RFC 3464 Action: delayed; 0: none; default 4).
 
 WRITES
     `state/ID` (qpy.common.state), only for a message that outlives its first pass.
@@ -93,6 +95,7 @@ TODO_BATCH = 16             # new messages preprocessed per loop pass, at most
 RM_CHECK_SECONDS = 5.0      # queue/rm/ is also read on every SIGALRM
 TERM_WAIT = 60.0            # seconds in-flight deliveries get after SIGTERM
 MAX_IDLE = 30.0             # longest sleep of the loop
+DELAY_WARNING = 4.0         # hours, when control/delaywarning is unusable
 RM_DIR = "rm"
 
 
@@ -101,6 +104,19 @@ def is_socket(fd: int) -> bool:
         return stat.S_ISSOCK(os.fstat(fd).st_mode)
     except OSError:
         return False
+
+
+def delay_hours(text: str) -> float:
+    """control/delaywarning as hours: a number from 0 (no warnings) up, else 4."""
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not 0 <= hours < 1e6:        # also NaN
+        log("warning: control/delaywarning %r is not a number of hours: 4 is used"
+            % text[:40])
+        return DELAY_WARNING
+    return hours
 
 
 class QueueSend(Intake, Deliveries, Finishing):
@@ -140,6 +156,7 @@ class QueueSend(Intake, Deliveries, Finishing):
         self.conc = {LOCAL: c.integer("concurrencylocal"),
                      REMOTE: c.integer("concurrencyremote")}
         self.lifetime = c.integer("queuelifetime")
+        self.delaywarning = delay_hours(c.line("delaywarning"))
         me = c.line("me")
         self.bouncehost = c.line("bouncehost") or me
         self.bouncefrom = "%s@%s" % (c.line("bouncefrom"), self.bouncehost)
