@@ -90,6 +90,34 @@ def test_opendkim_signs_relay_client_mail(qroot, listen, opendkim, dnsd):
     assert dkim_verify(msg, dnsd)
 
 
+def test_opendkim_signs_mail_submitted_with_auth_on_587(qroot, opendkim, dnsd):
+    import tlshelp
+    d = qpytest.test_dir("cert")
+    tlshelp.install_cert(qroot, tlshelp.make_cert(d))
+    tlshelp.set_password(qroot, "alice", "correct horse")
+    tlshelp.start_authd(qroot)
+    qroot.control("milters", opendkim.endpoint)
+    server = tlshelp.Server(qroot, smtps=False)
+    try:
+        # from 127.0.0.9, not one of OpenDKIM's internal hosts: it signs because the
+        # client authenticated ({auth_authen}), as it does behind Postfix
+        r = subprocess.run(["swaks", "-s", "127.0.0.1:%d" % server.submission,
+                            "--local-interface", "127.0.0.9", "--timeout", "30",
+                            "--from", "alice@test.example", "--to", "bob@elsewhere.example",
+                            "--header", "From: Alice <alice@test.example>",
+                            "--tls", "--auth", "PLAIN", "--auth-user", "alice",
+                            "--auth-password", "correct horse"],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stdout.decode()[-2000:]
+        assert qpytest.wait_for(lambda: len(drops(qroot)) == 1, 20)
+        (msg, _, _), = drops(qroot)
+        assert b"DKIM-Signature:" in msg
+        assert dkim_verify(msg, dnsd)
+    finally:
+        server.stop()
+        qpytest.remove_tree(d)
+
+
 def test_opendkim_verifies_inbound_signed_and_tampered(qroot, listen, opendkim, dnsd):
     with open(os.path.join(opendkim.dir, "sel.private"), "rb") as f:
         key = f.read()
