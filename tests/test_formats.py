@@ -147,3 +147,26 @@ def test_todo_record_without_qp_still_read():
                 b"QPYTODO2 1 2 3 4\n", b"QPYTODO1 1 2 3"):
         with pytest.raises(ValueError):
             todo_decode(bad + env)
+
+
+@given(st.integers(0, 2**33))
+def test_rfc5322_date_reads_back(when):
+    """Every date qpy writes (Date:, Received:, bounces) names the same second."""
+    import email.utils
+
+    from qpy.common.rfcdate import rfc5322_date
+    for local in (False, True):
+        text = rfc5322_date(when, local=local)
+        assert email.utils.parsedate_to_datetime(text).timestamp() == when, text
+    assert rfc5322_date(when, weekday=False) == rfc5322_date(when).split(", ", 1)[1]
+
+
+def test_log_lines_name_their_program_once(capfd):
+    from qpy.common import log
+    log.name("qpy-test")
+    try:
+        log.log("one line\nwith a break")
+    finally:
+        log.name("")
+    log.log("unnamed")
+    assert capfd.readouterr().err == "qpy-test: one line with a break\nunnamed\n"

@@ -46,9 +46,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.privilege import preamble
 
-EXIT_TEMP = 111
 MAX_LINE = 8192
 TAI_OFFSET = 2 ** 62 + 10            # tai64n label of 1970-01-01 00:00:00 UTC
 DELAY_BUCKETS = ((1, "1s"), (10, "10s"), (60, "1min"), (600, "10min"), (3600, "1h"),

@@ -45,6 +45,7 @@ import pwd
 import sys
 
 from qpy.common import durable
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user
 from qpy.common.queue import Paths, root_from
@@ -54,7 +55,6 @@ PROGRAM = "qpy-newrcpt"
 TABLE_NAME = "recipients"
 MAGIC = b"QPYRCPT1"
 TABLE_MODE = 0o640
-EXIT_TEMP = 111
 
 
 def _ok(local: bytes) -> bool:
@@ -97,7 +97,7 @@ def main() -> int:
             if os.getuid() == 0:
                 os.setegid(old_gid)
     except (UsersError, OSError, KeyError) as e:
-        log("%s: cannot build the recipient table: %s" % (PROGRAM, clean(str(e))))
+        log("cannot build the recipient table: %s" % clean(str(e)))
         return EXIT_TEMP
-    log("%s: %d entries in %s" % (PROGRAM, data.count(b"\n") - 1, path))
+    log("%d entries in %s" % (data.count(b"\n") - 1, path))
     return 0

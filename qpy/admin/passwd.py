@@ -32,13 +32,13 @@ import sys
 
 from qpy.common import authdb
 from qpy.common.durable import write_file
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
 
 PROGRAM = "qpy-passwd"
 PASSWD_MODE = 0o600
 EXIT_USAGE = 1
-EXIT_TEMP = 111
 
 
 def _fail(code: int, text: str) -> int:

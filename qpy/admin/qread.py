@@ -37,13 +37,12 @@ import time
 
 from qpy.admin import queueinfo
 from qpy.common import envelope
+from qpy.common.exits import EXIT_PERM, EXIT_TEMP
 from qpy.common.log import clean
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, is_id, root_from, todo_decode
 from qpy.common.state import StateError, read_state
 
-EXIT_PERM = 100
-EXIT_TEMP = 111
 MAX_TODO_BYTES = 64 * 1024 * 1024
 
 

@@ -30,11 +30,10 @@ import sys
 
 from qpy.admin import queueinfo
 from qpy.common import durable
+from qpy.common.exits import EXIT_TEMP, EXIT_USAGE
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, is_id, root_from
 
-EXIT_USAGE = 100
-EXIT_TEMP = 111
 RM_DIR = "rm"
 RM_MODE = 0o600
 

@@ -28,10 +28,9 @@ from __future__ import annotations
 import sys
 
 from qpy.admin import queueinfo
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, root_from
-
-EXIT_TEMP = 111
 
 
 def main(argv: list[str] | None = None) -> int:

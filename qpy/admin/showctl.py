@@ -28,12 +28,12 @@ import os
 import sys
 
 from qpy.common.control import DEFAULTS, Control
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean
 from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
 
 EXIT_MALFORMED = 1
-EXIT_TEMP = 111
 SECRET_WORDS = ("key", "secret", "passw", ".pem", "smtpauth")
 
 

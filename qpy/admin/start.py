@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 
 from qpy.common import children, durable
+from qpy.common.exits import EXIT_TEMP, EXIT_USAGE
 from qpy.common.log import clean
 from qpy.common.paths import program
 from qpy.common.privilege import preamble
@@ -73,8 +74,6 @@ MAX_LINE = 4096             # longer child log lines are cut
 CHILD_PATH = "/usr/bin:/bin"
 FORWARDED = {signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1}
 HUP_TO = ("pickup", "tcpserver", "authd")
-EXIT_USAGE = 100
-EXIT_TEMP = 111
 
 
 def stamp() -> str:
@@ -307,8 +306,12 @@ class Starter:
             lines.append(c.buf)
             c.buf = b""
         if lines:   # one stamp and one write for all the lines read together
-            prefix = "%s %s qpy-%s: " % (stamp(), c.service, c.prog)
-            text = "".join(prefix + clean(line, MAX_LINE) + "\n" for line in lines)
+            # a qpy program names itself (qpy.common.log); anything else gets the name
+            # of the program whose pipe it came through
+            head = "%s %s " % (stamp(), c.service)
+            named = head + "qpy-%s: " % c.prog
+            text = "".join((head if line.startswith(b"qpy-") else named)
+                           + clean(line, MAX_LINE) + "\n" for line in lines)
             try:
                 durable.write_all(1, text.encode("utf-8", "replace"))
             except OSError:

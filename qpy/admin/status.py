@@ -43,11 +43,11 @@ import time
 import psutil
 
 from qpy.admin import queueinfo
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, root_from
 
 EXIT_PROBLEM = 2
-EXIT_TEMP = 111
 SVSTAT = "svstat"
 SVSTAT_TIMEOUT = 10
 DEFAULT_SVDIRS = ("/etc/service", "/service")

@@ -69,6 +69,7 @@ import time
 
 from qpy.common import authdb
 from qpy.common.control import Control
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user, user_ids
 from qpy.common.queue import root_from
@@ -90,7 +91,6 @@ DOVECOT_TIMEOUT = 10.0      # per line from Dovecot's auth socket
 MAX_DOVECOT_LINES = 100     # handshake lines before DONE
 _IP_CHARS = frozenset(b"0123456789abcdefABCDEF.:")
 SOCKET_MODE = 0o666         # access is the directory's and SO_PEERCRED's job
-EXIT_TEMP = 111
 
 
 def client_key(ip: str) -> str:
@@ -173,7 +173,7 @@ class Passwords:
             st = os.stat(self.path)
         except OSError as e:
             if self.stamp is not None or not isinstance(e, FileNotFoundError):
-                log("%s: cannot stat %s: %s" % (PROGRAM, self.path, e.strerror))
+                log("cannot stat %s: %s" % (self.path, e.strerror))
             self.stamp, self.table = None, {}
             return None
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -183,7 +183,7 @@ class Passwords:
                     self.table = authdb.parse_passwd(f.read(authdb.MAX_PASSWD_FILE))
                 self.stamp = stamp
             except OSError as e:
-                log("%s: cannot read %s: %s" % (PROGRAM, self.path, e.strerror))
+                log("cannot read %s: %s" % (self.path, e.strerror))
                 self.table = {}
         return self.table.get(user)
 
@@ -213,7 +213,7 @@ class Checker:
             backend = "dovecot " + clean(self.dovecot)
         else:
             backend = "passwd file"
-        log("%s: backend %s" % (PROGRAM, backend))
+        log("backend %s" % backend)
 
     async def check(self, user: bytes, password: bytes, ip: str) -> bytes:
         if self.checkpassword:
@@ -238,7 +238,7 @@ class Checker:
         except OSError as e:
             os.close(r)
             os.close(w)
-            log("%s: cannot run checkpassword: %s" % (PROGRAM, e.strerror))
+            log("cannot run checkpassword: %s" % e.strerror)
             return authdb.TEMP
         os.close(r)
         try:
@@ -251,7 +251,7 @@ class Checker:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            log("%s: checkpassword timed out" % PROGRAM)
+            log("checkpassword timed out")
             return authdb.TEMP
         return {0: authdb.YES, 1: authdb.NO}.get(code, authdb.TEMP)
 
@@ -262,7 +262,7 @@ class Checker:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(self.dovecot), DOVECOT_TIMEOUT)
         except (OSError, TimeoutError) as e:
-            log("%s: cannot connect to dovecot at %s: %s" % (PROGRAM, clean(self.dovecot),
+            log("cannot connect to dovecot at %s: %s" % (clean(self.dovecot),
                                                            clean(str(e))))
             return authdb.TEMP
         try:
@@ -308,7 +308,7 @@ class Server:
                                     struct.calcsize("3i"))
             pid, uid, _ = struct.unpack("3i", creds)
             if uid != self.allowed_uid:
-                log("%s: refused connection from uid %d pid %d" % (PROGRAM, uid, pid))
+                log("refused connection from uid %d pid %d" % (uid, pid))
                 return
             answer = await asyncio.wait_for(self.answer(reader), REQUEST_TIMEOUT * 3)
             writer.write(answer + b"\n")
@@ -316,7 +316,7 @@ class Server:
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         except Exception as e:  # a resident checker never dies of one request
-            log("%s: internal error: %s" % (PROGRAM, clean(repr(e))))
+            log("internal error: %s" % clean(repr(e)))
         finally:
             writer.close()
 
@@ -329,7 +329,7 @@ class Server:
             data += chunk
         request = authdb.decode_request(data)
         if request is None:
-            log("%s: malformed request" % PROGRAM)
+            log("malformed request")
             return authdb.TEMP
         user, password, ip = request
         key = client_key(ip)
@@ -376,7 +376,7 @@ async def serve(root: str, allowed_uid: int) -> None:
     try:
         sock = listen(path)
     except OSError as e:
-        log("%s: cannot listen on %s: %s" % (PROGRAM, path, e.strerror))
+        log("cannot listen on %s: %s" % (path, e.strerror))
         raise SystemExit(EXIT_TEMP)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -384,14 +384,14 @@ async def serve(root: str, allowed_uid: int) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.checker.reload)
     srv = await asyncio.start_unix_server(server.handle, sock=sock)
-    log("%s: listening on %s" % (PROGRAM, path))
+    log("listening on %s" % path)
     await stop.wait()
     srv.close()
     try:
         os.unlink(path)
     except OSError:
         pass
-    log("%s: exiting" % PROGRAM)
+    log("exiting")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         allowed = user_ids(resolve_user(root, "qpyd"))[0]
     except KeyError:
-        log("%s: no user qpyd" % PROGRAM)
+        log("no user qpyd")
         return EXIT_TEMP
     asyncio.run(serve(root, allowed))
     return 0

@@ -186,9 +186,5 @@ def is_utf8(addr: bytes) -> bool:
     return any(c >= 0x80 for c in addr)
 
 
-def local_part(addr: bytes) -> bytes:
-    return split(addr)[0]
-
-
 def domain_part(addr: bytes) -> bytes:
     return split(addr)[1]

@@ -10,13 +10,11 @@ maps every fault to qmail-queue's exit code for it.
 from __future__ import annotations
 
 from qpy.common import address
+from qpy.common.exits import EXIT_FORMAT, EXIT_READ, EXIT_TOO_LONG
 
 MAX_RECIPIENTS = 100_000    # a bound on one envelope, far past any SMTP session's
 MAX_ENVELOPE = MAX_RECIPIENTS * 64
 
-EXIT_TOO_LONG = 11          # qmail-queue: address too long
-EXIT_READ = 54              # qmail-queue: cannot read the envelope (truncated)
-EXIT_FORMAT = 91            # qmail-queue: envelope format error
 
 
 class EnvelopeError(ValueError):

@@ -1,7 +1,11 @@
 """log — one line per event on stderr, in qmail-log's words.
 
-Timestamps are the collector's job (multilog, journald, or qpy-start). Text from
-outside is made printable and bounded before it reaches a log line.
+Every line starts with the program's name, written here once: the preamble
+(qpy.common.privilege) sets it, and no caller writes it again. qpy-start adds
+its service name and a timestamp, and the program's name only to a line that
+does not start with `qpy-` (a traceback, a library's message). Timestamps are
+the collector's job (multilog, journald, or qpy-start). Text from outside is
+made printable and bounded before it reaches a log line.
 """
 
 from __future__ import annotations
@@ -23,13 +27,21 @@ def clean(text: bytes | str, limit: int = MAX_LOG_TEXT) -> str:
 
 MAX_HELD = 64 * 1024   # bytes of held lines written out at once, at most
 
+_prefix = ""
+
+
+def name(program: str) -> None:
+    """Start every later line with `program: ` (an empty name: nothing)."""
+    global _prefix
+    _prefix = program + ": " if program else ""
+
 _held: list[bytes] | None = None
 _held_bytes = 0
 
 
 def log(line: str) -> None:
     global _held_bytes
-    data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
+    data = (_prefix + line.replace("\n", " ") + "\n").encode("utf-8", "replace")
     if _held is not None:
         _held.append(data)
         _held_bytes += len(data)

@@ -16,10 +16,11 @@ import os
 import pwd
 import sys
 
+from qpy.common import log
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.queue import Paths
 
 UMASK = 0o027
-EXIT_TEMP = 111
 
 
 class PrivilegeError(RuntimeError):
@@ -60,8 +61,10 @@ def resolve_user(root: str, user: str) -> str:
 
 
 def preamble(program: str, root: str, user: str | None, title: str = "") -> None:
-    """Name the process, set the umask, and drop to `user` (None: keep root)."""
+    """Name the process and its log lines, set the umask, and drop to `user`
+    (None: keep root)."""
     set_title((program + " " + title).strip())
+    log.name(program)
     os.umask(UMASK)
     if user is None:
         return

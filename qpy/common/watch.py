@@ -63,12 +63,6 @@ class Watcher:
             return True
         return False
 
-    def force_rescan(self) -> None:
-        self._next_rescan = 0.0
-
-    def fileno(self) -> int:
-        return self._fd
-
     def wait(self, timeout: float, extra_fds: tuple[int, ...] = ()) -> list[int]:
         """Sleep until a hint, a readable extra fd, a due rescan or timeout.
 

@@ -39,6 +39,7 @@ import zlib
 
 from qpy.common import door, dropfile, envelope
 from qpy.common.durable import write_all
+from qpy.common.exits import EXIT_QUEUE, EXIT_REFUSED, EXIT_WRITE
 from qpy.common.queue import drop_dir, is_id, make_id
 
 DROP_MODE = 0o640          # group qpyq (setgid drop/) reads it; others nothing
@@ -47,9 +48,6 @@ MEMORY_MAX = 4 << 20       # a larger message goes to drop/: a session's memory 
 ANSWER_TIMEOUT = 300.0     # pickup answers after its next sync; this bounds a hung pickup
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
-EXIT_REFUSED = 31          # qmail-queue: message refused (too big)
-EXIT_WRITE = 53            # write error (disk full)
-EXIT_QUEUE = 62            # trouble making files in the queue
 
 
 _last_usec = 0

@@ -13,12 +13,11 @@ import sys
 
 from qpy.common import address
 from qpy.common.control import Control
+from qpy.common.exits import EXIT_PERM, EXIT_TEMP, permanent
 from qpy.common.queue import root_from
 from qpy.inject import headers
 from qpy.inject.drop import InjectError, inject
 
-EXIT_PERM = 100
-EXIT_TEMP = 111
 MAX_MESSAGE_BYTES = 1 << 30
 
 # Why a front end gives up, and the exit code for it: qmail-inject's two codes, or
@@ -116,7 +115,7 @@ class Front:
             why = "temp"
             if e.code == 31:                      # over databytes: the message itself
                 why = "data"
-            elif 11 <= e.code <= 40:
+            elif permanent(e.code):
                 why = "unavailable"
             return self.fail(self.exits[why], "cannot queue the message: %s (#%d)"
                              % (e, e.code))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import time
 
+from qpy.common.rfcdate import rfc5322_date
+
 MAX_HEADER_BYTES = 1 << 20        # a header block past this is treated as body
 MAX_HEADER_RECIPIENTS = 10_000
 RECIPIENT_FIELDS = (b"to", b"cc", b"bcc")
@@ -113,15 +115,6 @@ def _split_commas(value: bytes) -> list[bytes]:
     return parts
 
 
-def date_now() -> bytes:
-    t = time.time()
-    lt = time.localtime(t)
-    off = lt.tm_gmtoff // 60
-    sign = b"+" if off >= 0 else b"-"
-    return time.strftime("%a, %d %b %Y %H:%M:%S ", lt).encode() + \
-        b"%s%02d%02d" % (sign, abs(off) // 60, abs(off) % 60)
-
-
 def complete(message: bytes, from_addr: bytes, full_name: bytes, idhost: bytes,
              take_recipients: bool) -> tuple[bytes, list[bytes]]:
     """Add missing From:/Date:/Message-ID:; with take_recipients, collect To/Cc/Bcc
@@ -147,7 +140,7 @@ def complete(message: bytes, from_addr: bytes, full_name: bytes, idhost: bytes,
         else:
             added.append(b"From: " + from_addr + nl)
     if b"date" not in names:
-        added.append(b"Date: " + date_now() + nl)
+        added.append(b"Date: " + rfc5322_date(local=True).encode() + nl)
     if b"message-id" not in names:
         added.append(b"Message-ID: <%d.%d.%s.qpy@%s>" % (
             time.time_ns(), os.getpid(), os.urandom(3).hex().encode(), idhost) + nl)

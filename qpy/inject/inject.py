@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-from qpy.inject.front import EXIT_PERM, Front, UsageError, options
+from qpy.common.exits import EXIT_PERM
+from qpy.inject.front import Front, UsageError, options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,16 +34,13 @@ import sys
 
 from qpy.common import envelope
 from qpy.common.control import Control
+from qpy.common.exits import EXIT_BUG, EXIT_CONFIG, EXIT_FORMAT, EXIT_READ, EXIT_TIMEOUT
 from qpy.common.queue import root_from
 from qpy.inject.drop import Drop, InjectError
 
 INPUT_TIMEOUT = 86400       # qmail-queue's 24 hours; QPY_INJECT_TIMEOUT overrides
 READ_BYTES = 64 * 1024
 
-EXIT_TIMEOUT = 52
-EXIT_READ = 54
-EXIT_CONFIG = 55
-EXIT_BUG = 81
 
 
 class _Timeout(Exception):
@@ -68,7 +65,7 @@ def _read_all(fd: int, limit: int) -> bytes:
             return b"".join(chunks)
         total += len(data)
         if total > limit:
-            raise envelope.EnvelopeError(envelope.EXIT_FORMAT, "envelope too large")
+            raise envelope.EnvelopeError(EXIT_FORMAT, "envelope too large")
         chunks.append(data)
 
 

@@ -31,13 +31,12 @@ import os
 import stat
 from dataclasses import dataclass
 
+from qpy.common.exits import EXIT_PERM, EXIT_TEMP
+
 MAX_DOTQMAIL_BYTES = 256 * 1024
 MAX_LINE = 4096
 MAX_INSTRUCTIONS = 1000
 
-EXIT_OK = 0
-EXIT_PERM = 100
-EXIT_TEMP = 111
 
 
 class Failure(Exception):

@@ -64,10 +64,11 @@ import time
 from dataclasses import dataclass
 
 from qpy.common import address, control, privilege
+from qpy.common.exits import EXIT_OK, EXIT_PERM, EXIT_TEMP, permanent
 from qpy.common.queue import root_from
 from qpy.inject import drop
 from qpy.local import alias, dotqmail, maildir, mbox
-from qpy.local.dotqmail import EXIT_OK, EXIT_PERM, EXIT_TEMP, Failure, perm, temp
+from qpy.local.dotqmail import Failure, perm, temp
 from qpy.local.message import looping, private_copy
 
 TIMEOUT = 3600                     # default for control/timeoutlocal (seconds)
@@ -98,10 +99,8 @@ class Delivery:
 
 def timeout_from(ctl: control.Control) -> int:
     """control/timeoutlocal (a qpy addition) or TIMEOUT."""
-    v = ctl.get("timeoutlocal")
-    if isinstance(v, list):  # not (yet) in control.DEFAULTS: read as a list
-        v = int(v[0]) if v and v[0].isdigit() else 0
-    return v if isinstance(v, int) and v > 0 else TIMEOUT
+    v = ctl.integer("timeoutlocal")
+    return v if v > 0 else TIMEOUT
 
 
 def _host_parts(host: bytes) -> list[bytes]:
@@ -276,7 +275,7 @@ class Local:
                 raise
             dr.commit(self.newsender, rcpts)
         except drop.InjectError as e:
-            code = EXIT_PERM if 11 <= e.code <= 40 else EXIT_TEMP
+            code = EXIT_PERM if permanent(e.code) else EXIT_TEMP
             raise Failure(code, f"Unable to forward message: {e}. (#4.3.0)")
         except OSError as e:
             raise temp(f"Unable to forward message: {e.strerror}. (#4.3.0)")

@@ -85,6 +85,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from qpy.common import address, children, control, privilege, spawn, users
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, root_from
 from qpy.local import local as qlocal
@@ -101,7 +102,6 @@ GROUPS_TTL = 60.0       # seconds a user's supplementary groups are kept
 GROUP_FILE = "/etc/group"
 PASSWD_FILE = "/etc/passwd"
 OWNERS_TTL = 60.0       # seconds an address's owner (users.lookup) is kept
-EXIT_TEMP = 111
 T = TypeVar("T")
 
 
@@ -167,10 +167,10 @@ class LSpawn:
         try:
             got = spawn.recv_request(self.sock)
         except spawn.SpawnError as e:
-            log(f"warning: qpy-lspawn: bad request: {e}")
+            log(f"warning: bad request: {e}")
             return
         except OSError as e:
-            log(f"alert: qpy-lspawn: cannot read requests: {e.strerror}")
+            log(f"alert: cannot read requests: {e.strerror}")
             self.stop()
             return
         if got is None:
@@ -186,7 +186,7 @@ class LSpawn:
                 try:
                     job.results[i] = self.start(job, i, sender, rcpt)
                 except Exception as e:  # a bug must cost one deferral, not the spawner
-                    log(f"alert: qpy-lspawn: delivery {delivery}: {type(e).__name__}: {e}")
+                    log(f"alert: delivery {delivery}: {type(e).__name__}: {e}")
                     job.results[i] = (b"Z", b"Temporary failure in qpy-lspawn. (#4.3.0)")
         self.maybe_done(job)
 
@@ -322,12 +322,12 @@ class LSpawn:
             self.retire(w)      # it exited or is exiting: reap() reports its delivery
             return
         if w.job is None:
-            log(f"warning: qpy-lspawn: unasked answer from qpy-local {w.pid}: retired")
+            log(f"warning: unasked answer from qpy-local {w.pid}: retired")
             self.retire(w)
             return
         code = self._take_answer(w, data)
         if code is None:
-            log(f"warning: qpy-lspawn: qpy-local {w.pid}: mangled answer: retired")
+            log(f"warning: qpy-local {w.pid}: mangled answer: retired")
             self._report(w, b"Z", b"qpy-local sent a mangled report. (#4.3.0)")
             self.retire(w)
             return
@@ -420,10 +420,10 @@ class LSpawn:
         try:
             spawn.send_result(self.sock, job.delivery, results)
         except OSError as e:
-            log(f"warning: qpy-lspawn: cannot send result {job.delivery}: {e.strerror}")
+            log(f"warning: cannot send result {job.delivery}: {e.strerror}")
         for letter, text in results:
             if letter != b"K":
-                log(f"qpy-lspawn: delivery {job.delivery}: {letter.decode()} {clean(text)}")
+                log(f"delivery {job.delivery}: {letter.decode()} {clean(text)}")
 
     def kill_overdue(self) -> None:
         now = time.monotonic()

@@ -49,12 +49,12 @@ import array
 import os
 import socket
 
+from qpy.common.exits import EXIT_TEMP
 from qpy.local import local as qlocal
 
 MAX_REQUEST = 64 * 1024     # addresses are at most 1,000 bytes; homes and settings short
 MAX_RESULT = 4200           # CODE, SEQ and a report of at most qpy-lspawn's MAX_REPORT
 FIELDS = 10
-EXIT_TEMP = 111
 EXIT_RETIRE = 120           # result code: Z, and this worker exits after answering
 
 

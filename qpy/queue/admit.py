@@ -19,6 +19,7 @@ from qpy.common import dropfile, durable, envelope
 from qpy.common.control import Control
 from qpy.common.privilege import resolve_user
 from qpy.common.queue import DropIds, Paths, make_id, todo_encode
+from qpy.common.rfcdate import rfc5322_date
 from qpy.queue import nonsmtp
 from qpy.queue.door import sealed
 from qpy.queue.journal import TODO_TMP, unlink_quietly
@@ -28,13 +29,6 @@ HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes w
 COPY_BYTES = 1 << 20              # the message is copied in pieces of this size
 SPARSE_SLACK = 64 * 1024          # a larger drop file with under half its size on disk
                                   # has holes: refused
-
-
-def rfc822_date(t: float) -> str:
-    tm = time.gmtime(t)
-    return "%d %s %d %02d:%02d:%02d -0000" % (
-        tm.tm_mday, ("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec").split()[tm.tm_mon - 1],
-        tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec)
 
 
 class Rejected(Exception):
@@ -124,7 +118,7 @@ class Admitter:
         while True:
             msg_id = msg_id or self.new_id()
             received = b"Received: (qpy %d invoked %s) id %s; %s\n" % (
-                h.pid, who, msg_id.encode(), rfc822_date(now).encode())
+                h.pid, who, msg_id.encode(), rfc5322_date(now, weekday=False).encode())
             size = len(received) + length
             if self._reserve(msg_id, todo_encode(int(now), st.st_uid, size,
                                                  envelope.encode(sender, rcpts), h.pid),

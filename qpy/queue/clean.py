@@ -73,7 +73,7 @@ def handle(paths: Paths, request: bytes) -> bytes:
 def _serve_one(paths: Paths, line: bytes) -> bytes:
     reply = handle(paths, line)
     if reply == cleanreq.REFUSED:
-        log("%s: warning: refused request %r" % (PROGRAM, clean(line, 60)))
+        log("warning: refused request %r" % clean(line, 60))
     return reply
 
 
@@ -85,7 +85,7 @@ def main() -> int:
     try:
         os.chdir(paths.queue)
     except OSError as e:
-        log("%s: alert: cannot start: %s: %s" % (PROGRAM, paths.queue, e.strerror))
+        log("alert: cannot start: %s: %s" % (paths.queue, e.strerror))
         return 111
     try:
         return cleanreq.serve(0, 1, lambda line: _serve_one(paths, line))

@@ -123,7 +123,7 @@ class NonSmtp:
         except ValueError as e:
             problem = str(e)
         if problem:     # a typing error must not let local mail past its filters
-            log("qpy-pickup: control/nonsmtpmilters unusable: %s" % clean(problem))
+            log("control/nonsmtpmilters unusable: %s" % clean(problem))
             return Verdict("tempfail", who="control/nonsmtpmilters")
         fl = Filters(specs, "qpy-pickup drop %s" % clean(name))
         local = {b"j": self.control.line("me").encode(), b"daemon_name": b"qpy-pickup",
@@ -144,11 +144,11 @@ class NonSmtp:
 
     def _refused(self, name: str, verdict: Verdict, sender: bytes, rcpts: list[bytes]) -> None:
         if verdict.action == "discard":
-            log("qpy-pickup: drop %s discarded by milter %s" % (clean(name), verdict.who))
+            log("drop %s discarded by milter %s" % (clean(name), verdict.who))
             self._remove(name)
         if verdict.action == "tempfail":
             self.waiting[name] = time.monotonic() + RETRY_SECONDS
-            log("qpy-pickup: drop %s held by milter %s: %s; next try in %d s"
+            log("drop %s held by milter %s: %s; next try in %d s"
                 % (clean(name), verdict.who, verdict.text(), RETRY_SECONDS))
             raise Held(verdict.text())
         self._bounce(name, verdict, sender, rcpts)
@@ -175,8 +175,8 @@ class NonSmtp:
             inject(self.root, text, b"", [to])
         except (InjectError, envelope.EnvelopeError) as e:
             self.waiting[name] = time.monotonic() + RETRY_SECONDS
-            log("qpy-pickup: drop %s refused by milter %s but no bounce (%s): held"
+            log("drop %s refused by milter %s but no bounce (%s): held"
                 % (clean(name), verdict.who, clean(str(e))))
             raise Held(str(e))
-        log("qpy-pickup: drop %s refused by milter %s: %s; bounced to <%s>"
+        log("drop %s refused by milter %s: %s; bounced to <%s>"
             % (clean(name), verdict.who, verdict.text(), clean(to)))

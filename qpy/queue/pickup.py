@@ -14,8 +14,8 @@ READS
 
 WRITES
     queue/mess/ID (the message with a Received: line), queue/todo/ID (arrival
-    time, injecting uid, size, envelope), queue/pickup/journal, and moves bad
-    drop files to queue/quarantine/.
+    time, injecting uid, size, the injector's pid (qp), envelope),
+    queue/pickup/journal, and moves bad drop files to queue/quarantine/.
 
 HOW A BATCH IS ADMITTED (crash safety)
     1. for each drop file: todo/.tmp.ID, then mess/ID, written (nothing is
@@ -160,7 +160,7 @@ class Pickup:
         try:
             return Door(self.root, allowed)
         except OSError as e:
-            log("warning: qpy-pickup: no door for qpy-smtpd (%s): SMTP mail comes by "
+            log("warning: no door for qpy-smtpd (%s): SMTP mail comes by "
                 "drop files" % e.strerror)
             return Door.shut()
 
@@ -356,13 +356,13 @@ class Pickup:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log("fatal: qpy-pickup: another qpy-pickup runs on %s" % self.root)
+            log("fatal: another qpy-pickup runs on %s" % self.root)
             return 111
         self.journal.recover()
         watcher = Watcher([self.paths.drop])
         dfd = os.open(self.paths.drop, os.O_RDONLY | os.O_DIRECTORY)
         self.door = self._open_door()
-        log("qpy-pickup: started on %s" % self.root)
+        log("started on %s" % self.root)
         pending: list[str] = []
         retry = False                 # a batch failed: list drop/ again after the pause
         while not _stop:
@@ -400,7 +400,7 @@ class Pickup:
                 self.journal.empty()
         self.door.close()
         self.journal.empty()
-        log("qpy-pickup: exiting")
+        log("exiting")
         return 0
 
 
@@ -413,7 +413,7 @@ def main() -> int:
     try:
         return Pickup(root).run()
     except OSError as e:
-        log("fatal: qpy-pickup: %s" % e)
+        log("fatal: %s" % e)
         return 111
 
 

@@ -79,6 +79,7 @@ from dataclasses import dataclass
 
 from qpy.common import children, spawn
 from qpy.common.control import Control
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, set_title
 from qpy.common.queue import root_from
@@ -90,7 +91,6 @@ MAX_DELIVERIES = 1000       # a worker is retired after this many (bounds any sl
 WORKER_IDLE = 10.0          # seconds an idle worker is kept for the next request
 SEND_TRIES = 2              # workers a request is offered to before it is answered Z
 LOOP_WAIT = 60.0            # longest sleep of the main loop (a safety net)
-EXIT_TEMP = 111
 
 
 class _Recorder:
@@ -143,7 +143,7 @@ class Spawner:
         try:
             spawn.send_result(self.sock, delivery, [(b"Z", text)] * max(1, count))
         except OSError as e:
-            log("qpy-rspawn: cannot send result for delivery %d: %s" % (delivery, e.strerror))
+            log("cannot send result for delivery %d: %s" % (delivery, e.strerror))
 
     # ---- requests from queue-send ------------------------------------------------------
     def take(self) -> None:
@@ -154,7 +154,7 @@ class Spawner:
             self.bad_request(str(e))
             return
         except OSError as e:
-            log("qpy-rspawn: cannot read requests: %s" % e.strerror)
+            log("cannot read requests: %s" % e.strerror)
             self.stop()
             return
         if req is None:
@@ -170,11 +170,11 @@ class Spawner:
         fields = self.rec.last[1:].split(b"\0") if self.rec.last.startswith(b"R") else []
         if fields and fields[0].isdigit() and len(fields[0]) < 20:
             count = min(spawn.MAX_RCPTS, max(1, len(fields) - 3))
-            log("qpy-rspawn: bad request for delivery %s: %s" % (fields[0].decode(), why))
+            log("bad request for delivery %s: %s" % (fields[0].decode(), why))
             self.answer_z(int(fields[0]), count, b"qpy-rspawn got a bad request: "
                           + why.encode() + b". (#4.3.0)")
         else:
-            log("qpy-rspawn: bad request without a delivery number: %s" % why)
+            log("bad request without a delivery number: %s" % why)
 
     def start(self) -> None:
         """Hand waiting requests, in order, to workers while there are workers to have."""
@@ -188,7 +188,7 @@ class Spawner:
                     spawn.send_request(w.sock, delivery, sender, rcpts, fd)
                     break
                 except OSError as e:        # it died just now; it had no delivery of ours
-                    log("qpy-rspawn: cannot reach qpy-remote %d: %s" % (w.pid, e.strerror))
+                    log("cannot reach qpy-remote %d: %s" % (w.pid, e.strerror))
                     self.retire(w)
             else:
                 w = None
@@ -221,12 +221,12 @@ class Spawner:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
-            log("qpy-rspawn: cannot make a socket pair: %s" % e.strerror)
+            log("cannot make a socket pair: %s" % e.strerror)
             return None
         try:
             pid = os.fork()
         except OSError as e:
-            log("qpy-rspawn: cannot fork: %s" % e.strerror)
+            log("cannot fork: %s" % e.strerror)
             ours.close()
             theirs.close()
             return None
@@ -258,7 +258,7 @@ class Spawner:
             os.closerange(3, top if top > 0 else 65536)     # other messages' fds, the rest
             code = worker.serve(socket.socket(fileno=0), self.ctl)
         except BaseException:
-            log("qpy-rspawn: qpy-remote %d crashed: %s"
+            log("qpy-remote %d crashed: %s"
                 % (os.getpid(), clean(traceback.format_exc(), 2000)))
         finally:
             os._exit(code)
@@ -300,7 +300,7 @@ class Spawner:
         try:
             spawn.send_result(self.sock, delivery, results)
         except OSError as e:
-            log("qpy-rspawn: cannot send result for delivery %d: %s" % (delivery, e.strerror))
+            log("cannot send result for delivery %d: %s" % (delivery, e.strerror))
         if self.stopping or w.gen != self.gen or w.served >= MAX_DELIVERIES:
             self.retire(w)
         else:
@@ -309,7 +309,7 @@ class Spawner:
 
     def garbage(self, w: Worker, why: str) -> None:
         """A worker that said something wrong: Z for its delivery; killed and retired."""
-        log("qpy-rspawn: qpy-remote %d: %s: retired" % (w.pid, clean(why, 200)))
+        log("qpy-remote %d: %s: retired" % (w.pid, clean(why, 200)))
         if w.job is not None:
             delivery, count = w.job
             w.job = None
@@ -424,10 +424,10 @@ def main() -> int:
     try:
         sock = socket.socket(fileno=0)
     except OSError as e:
-        log("qpy-rspawn: fd 0 is not a socket: %s" % e.strerror)
+        log("fd 0 is not a socket: %s" % e.strerror)
         return EXIT_TEMP
     if sock.type != socket.SOCK_SEQPACKET:
-        log("qpy-rspawn: fd 0 is not a SOCK_SEQPACKET socket")
+        log("fd 0 is not a SOCK_SEQPACKET socket")
         return EXIT_TEMP
     sock.setblocking(True)
     try:

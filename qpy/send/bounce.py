@@ -37,9 +37,10 @@ from email.generator import BytesGenerator
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from email.utils import formatdate, make_msgid
+from email.utils import make_msgid
 
 from qpy.common import dsn
+from qpy.common.rfcdate import rfc5322_date
 
 MAX_FULL_COPY = 128 * 1024       # larger originals are returned as their header only
 MAX_HEADER_COPY = 64 * 1024      # at most this much of the header is returned
@@ -153,7 +154,7 @@ def _report(host: str, bounce_from: str, to: bytes, subject: str, human: str, ar
     report["From"] = bounce_from
     report["To"] = _text(to) if to else "<>"
     report["Subject"] = subject
-    report["Date"] = formatdate(localtime=False)
+    report["Date"] = rfc5322_date()
     report["Message-ID"] = make_msgid(domain=host)
     report["Auto-Submitted"] = "auto-replied"
     report.preamble = "This is a MIME-formatted delivery status notification."
@@ -168,7 +169,7 @@ def _report(host: str, bounce_from: str, to: bytes, subject: str, human: str, ar
     status["Content-Type"] = "message/delivery-status"
     top = Message()
     top["Reporting-MTA"] = "dns; " + host
-    top["Arrival-Date"] = formatdate(arrival, localtime=False)
+    top["Arrival-Date"] = rfc5322_date(arrival)
     status.set_payload([top] + blocks)
     report.attach(status)
 

@@ -12,8 +12,6 @@ quotes does not end it) and parse the ESMTP parameters after it (RFC 5321
 
 from __future__ import annotations
 
-import time
-
 MAX_COMMAND = 512        # RFC 5321 4.5.3.1.4: a command line with its CRLF
 MAX_PARAMS = 10          # more ESMTP parameters than this is not a real client
 MAX_RECEIVED_TEXT = 120  # longest HELO or host name copied into a Received line
@@ -116,18 +114,6 @@ def safe_text(text: bytes | str, limit: int = MAX_RECEIVED_TEXT) -> str:
     if isinstance(text, str):
         text = text.encode("utf-8", "replace")
     return "".join(chr(c) if c in _SAFE else "?" for c in text[:limit]) or "unknown"
-
-
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def rfc5322_date(when: float | None = None) -> str:
-    """An RFC 5322 date in UTC (no locale, no email package: it costs 30 ms to import)."""
-    t = time.gmtime(when)
-    return "%s, %d %s %d %02d:%02d:%02d -0000" % (_DAYS[t.tm_wday], t.tm_mday,
-                                                   _MONTHS[t.tm_mon - 1], t.tm_year,
-                                                   t.tm_hour, t.tm_min, t.tm_sec)
 
 
 def received_line(helo: bytes, host: str, ip: str, me: str, protocol: str, ident: str,

@@ -73,9 +73,11 @@ from typing import TYPE_CHECKING
 
 from qpy.common import address
 from qpy.common.control import Control
+from qpy.common.exits import permanent
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
+from qpy.common.rfcdate import rfc5322_date
 from qpy.inject.drop import Drop, InjectError
 from qpy.smtp import ratelimit, screen
 from qpy.smtp.channel import MAX_HOPS, Channel, Closed, Timeout
@@ -85,7 +87,6 @@ from qpy.smtp.command import (
     parse_path_arg,
     parse_size,
     received_line,
-    rfc5322_date,
     split_line,
 )
 from qpy.smtp.recipients import RecipientTable, local_lookup
@@ -562,7 +563,7 @@ class Session:
                 self.reply(250, "2.0.0 Ok: queued as %s" % name)
                 return
         reason = clean(str(failure), 200)
-        if 11 <= failure.code <= 40:   # qmail-queue's permanent codes
+        if permanent(failure.code):
             raise CommandError(554, "5.3.0 Message refused: %s" % reason)
         raise CommandError(451, "4.3.0 Message not queued: %s" % reason)
 

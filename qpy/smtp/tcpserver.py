@@ -74,6 +74,7 @@ import sys
 import time
 
 from qpy.common.control import Control
+from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, set_title
 from qpy.common.queue import root_from
@@ -92,7 +93,6 @@ WORKER_CONNECTIONS = 1000   # sessions one worker serves before it exits (bounds
 HANDOVER_BYTES = 64 * 1024  # largest hand-over message (listener name and rule variables)
 END_WAIT = 0.002            # seconds to wait for a session to end before forking a worker
 HANDOVER_TRIES = 3          # workers tried for one connection before giving up on it
-EXIT_TEMP = 111
 BUSY_REPLY = b"421 4.3.2 Too many connections, try again later\r\n"
 RATE_REPLY = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 TROUBLE_REPLY = b"421 4.3.0 Temporary problem, try again later\r\n"
