@@ -82,7 +82,11 @@ def stamp() -> str:
 
 
 def out(service: str, prog: str, text: str) -> None:
-    line = "%s %s %s: %s\n" % (stamp(), service, prog, text)
+    """One log line; a line that starts with qpy- names its program already."""
+    if text.startswith("qpy-"):
+        line = "%s %s %s\n" % (stamp(), service, text)
+    else:
+        line = "%s %s %s: %s\n" % (stamp(), service, prog, text)
     try:
         os.write(1, line.encode("utf-8", "replace"))
     except OSError:
