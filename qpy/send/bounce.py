@@ -119,7 +119,7 @@ def build_warning(host: str, bounce_from: str, to: bytes, delayed: list[Entry],
                   header: bytes, arrival: int, retry_until: int) -> bytes:
     """The delayed-delivery warning (RFC 3464 Action: delayed), with the header of
     the message only."""
-    until = formatdate(retry_until, localtime=False)
+    until = rfc5322_date(retry_until)
     human = WARN_INTRO.format(host=host, until=until) + "\n"
     for e in delayed:
         human += "<%s>:\n%s\n" % (_text(e.address), _paragraph(e.reason))
@@ -144,7 +144,7 @@ def _block(e: Entry, action: str) -> Message:
         b["Remote-MTA"] = "dns; " + f.remote_mta
     b["Diagnostic-Code"] = f.diagnostic
     if e.last_attempt:
-        b["Last-Attempt-Date"] = formatdate(e.last_attempt, localtime=False)
+        b["Last-Attempt-Date"] = rfc5322_date(e.last_attempt)
     return b
 
 
