@@ -93,7 +93,14 @@ def parse(name: str, data: bytes) -> object:
         raise ControlError("not UTF-8")
     lines = [ln.strip() for ln in text.splitlines()]
     if kind == "list":
-        return [ln for ln in lines if ln and not ln.startswith("#")]
+        entries = [ln for ln in lines if ln and not ln.startswith("#")]
+        if name in ("milters", "nonsmtpmilters") and entries:
+            from qpy.common.milter import parse_specs  # only for files that exist
+            try:
+                parse_specs(entries)
+            except ValueError as e:
+                raise ControlError(str(e))
+        return entries
     if kind == "flag":
         return True
     first = lines[0] if lines else ""
