@@ -128,6 +128,16 @@ class ScriptFilter:
                     return
                 if answer == "close":
                     return
+                if answer == "progress":          # SMFIR_PROGRESS every 0.2 s, forever
+                    conn.settimeout(0.2)
+                    while not self.stopping:
+                        try:
+                            conn.sendall(packet(b"p"))
+                            if not conn.recv(4096):
+                                return
+                        except TimeoutError:
+                            continue
+                    return
                 if answer == "garbage":
                     conn.sendall(b"\x00\x00\x00\x05Zjunk")
                     continue

@@ -228,3 +228,27 @@ def test_spec_syntax(line, ok):
     else:
         with pytest.raises(ValueError):
             Spec(line)
+
+
+def test_progress_forever_still_times_out():
+    f = ScriptFilter(lambda cmd, data: "progress" if cmd == b"E" else [b"c"])
+    fl = chain(f, opts="content_timeout=1")
+    start = time.monotonic()
+    verdict, _ = run_message(fl)
+    assert verdict is not None and verdict.code == 451
+    assert time.monotonic() - start < 4 * 1 + 3
+
+
+def test_modifications_are_bounded_and_a_large_body_replacement_passes():
+    big = [addheader(b"X-Big", b"v" * 60000)] * 200            # 12 MB of header fields
+    f = ScriptFilter(lambda cmd, data: big + [b"c"] if cmd == b"E" else [b"c"])
+    verdict, msg = run_message(chain(f))
+    assert verdict is not None and verdict.code == 451
+    assert b"X-Big" not in rendered(msg)
+    line = b"0123456789" * 6 + b"\r\n"
+    chunks = [b"b" + line * 1000] * 50                            # 3.1 MB of new body
+    g = ScriptFilter(lambda cmd, data: chunks + [b"c"] if cmd == b"E" else [b"c"])
+    verdict, msg = run_message(chain(g))
+    assert verdict is None
+    body = rendered(msg).split(b"\n\n", 1)[1]
+    assert body == line.replace(b"\r\n", b"\n") * 50000

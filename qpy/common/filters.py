@@ -150,12 +150,14 @@ class Message:
                                     self._field(mod[2], mod[3], leadspace))
             elif kind == "chgheader":
                 self._change(mod[1], mod[2], mod[3], leadspace)
-            elif kind == "replbody":
-                if body is None:
-                    body = tempfile.TemporaryFile()
-                data = (b"\r" if pending_cr else b"") + mod[1]
-                pending_cr = data.endswith(b"\r")
-                body.write((data[:-1] if pending_cr else data).replace(b"\r\n", b"\n"))
+            elif kind == "replbody":        # CRLF from the filter, LF in the queue
+                body, raw = tempfile.TemporaryFile(), mod[1]
+                raw.seek(0)
+                while data := raw.read(READ):
+                    data = (b"\r" if pending_cr else b"") + data
+                    pending_cr = data.endswith(b"\r")
+                    body.write((data[:-1] if pending_cr else data).replace(b"\r\n", b"\n"))
+                raw.close()
             elif kind == "chgfrom":
                 self.sender = self._address(mod[1], empty=True)
             elif kind == "addrcpt":
@@ -169,7 +171,7 @@ class Message:
                 self.quarantine = mod[1][:400]
             log("milter %s: %s %s" % (who, kind, clean(b" ".join(
                 m if isinstance(m, bytes) else b"%d" % m for m in mod[1:]), 200)
-                if kind != "replbody" else "%d bytes" % len(mod[1])))
+                if kind != "replbody" else "(%d bytes)" % body.tell()))
             self.changed = True
         if body is not None:
             if pending_cr:

@@ -20,7 +20,10 @@ THE WIRE
     and SMFIR_PROGRESS to keep the timer alive) before its final answer.
 
 LIMITS
-    A reply's length is checked before its bytes are read (MAX_PACKET); a
+    A reply's length is checked before its bytes are read (MAX_PACKET), the
+    modifications of one end of message are bounded (MAX_MODS, MAX_MOD_BYTES; a
+    new body is written to a temporary file), SMFIR_PROGRESS extends a wait to
+    PROGRESS_MAX timeouts at most; a
     filter that asks for an action or step it was not offered, answers with an
     unknown byte, a short or overlong packet, or is silent past its timeout,
     raises MilterError: the caller gives it its default action. Body chunks
@@ -31,13 +34,16 @@ from __future__ import annotations
 
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Iterable
+from typing import BinaryIO
 
 VERSION = 6
 CHUNK = 65535                      # MILTER_CHUNK_SIZE: the largest body chunk sent
 MAX_PACKET = 1024 * 1024 + 64      # the largest reply read (a body chunk and its header)
 MAX_MODS = 100_000                 # modification requests in one end-of-message
+MAX_MOD_BYTES = 8 * 1024 * 1024    # and their bytes, a replaced body not counted
 
 # actions a filter may ask for (SMFIF_*)
 ADDHDRS, CHGBODY, ADDRCPT, DELRCPT, CHGHDRS, QUARANTINE, CHGFROM, ADDRCPT_PAR, SETSYMLIST = (
@@ -80,6 +86,7 @@ MODS = {b"h": ("addheader", ADDHDRS), b"i": ("insheader", ADDHDRS),
         b"2": ("addrcpt", ADDRCPT_PAR), b"-": ("delrcpt", DELRCPT),
         b"q": ("quarantine", QUARANTINE)}
 PROGRESS = b"p"
+PROGRESS_MAX = 4                   # SMFIR_PROGRESS keeps a filter alive this many timeouts
 
 
 class MilterError(Exception):
@@ -197,9 +204,11 @@ class Milter:
         return bytes(buf)
 
     def _recv(self, timeout: float) -> tuple[bytes, bytes]:
-        """(reply byte, data); SMFIR_PROGRESS restarts the timer and is not returned."""
+        """(reply byte, data); SMFIR_PROGRESS restarts the timer (within PROGRESS_MAX
+        times the timeout in all) and is not returned."""
+        end = time.monotonic() + timeout * PROGRESS_MAX
         while True:
-            deadline = time.monotonic() + timeout
+            deadline = min(time.monotonic() + timeout, end)
             (length,) = struct.unpack(">I", self._recv_exact(4, deadline))
             if not 1 <= length <= MAX_PACKET:
                 raise MilterError("bad packet length %d" % length)
@@ -301,6 +310,8 @@ class Milter:
         """End of message: (action, reply text, modifications in the order sent)."""
         self._send(b"E", b"", self._macros("eom", macros))
         mods: list[tuple] = []
+        held = 0                       # bytes of modifications other than the body
+        body: BinaryIO | None = None   # a replaced body goes to a file, not to memory
         while True:
             cmd, data = self._recv(self.spec.content_timeout)
             if cmd not in MODS:
@@ -309,7 +320,14 @@ class Milter:
             name, needs = MODS[cmd]
             if not self.actions & needs:
                 raise MilterError("%s was not negotiated" % name)
-            if len(mods) >= MAX_MODS:
+            if cmd == b"b":
+                if body is None:
+                    body = tempfile.TemporaryFile()
+                    mods.append(("replbody", body))
+                body.write(data)
+                continue
+            held += len(data)
+            if len(mods) >= MAX_MODS or held > MAX_MOD_BYTES:
                 raise MilterError("too many modifications")
             mods.append(self._modification(cmd, name, data))
 
@@ -323,8 +341,6 @@ class Milter:
             return (name, index, hname, value)
         if cmd == b"h":
             return (name, 0, *_strings(data, 2))
-        if cmd == b"b":
-            return (name, data)
         if cmd in (b"e", b"2"):   # address and optional ESMTP arguments
             parts = data.split(b"\0")
             if not parts[0] or len(parts) > 3 or any(parts[2:]):
