@@ -7,7 +7,16 @@ than repairs, anything odd: control characters, NUL, CR, LF, unbalanced quotes,
 bad domains. Only what passes may reach a child's environment (`SENDER`,
 `RECIPIENT`): the Shellshock exploit of qmail went through an unchecked `SENDER`;
 here a bare `() {` can never pass (`(` is not atext), and no address carries a
-control character.
+control character: no C0 control or DEL, and in an SMTPUTF8 address no C1
+control (U+0080-U+009F, NEL U+0085 among them) and no U+2028/U+2029 line or
+paragraph separator, which a log, a header or a shell script may take for a
+line end.
+
+The local part leaves here in one canonical form (docs/addresses.md): a quoted
+string whose content is a valid dot-atom becomes that dot-atom (`"joe"` and
+`"j\\oe"` are `joe`); any other quoted string is written with the fewest escapes
+(only `"` and `\\` escaped). Every later stage (the RCPT check, the envelope,
+qpy-queue-send, qpy-lspawn) sees that one form, so all classify alike.
 
 `email.utils.parseaddr` is not used: it misparses hostile input (CVE-2023-27043).
 """
@@ -28,6 +37,42 @@ _LDH = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 
 class AddressError(ValueError):
     """The bytes are not an address qpy accepts; str(e) is a short reason."""
+
+
+def _is_dot_atom(s: bytes) -> bool:
+    """True when s is a dot-atom (8-bit bytes count as atext: SMTPUTF8's rule)."""
+    return bool(s) and all(atom and all(c in _ATEXT or c >= 0x80 for c in atom)
+                           for atom in s.split(b"."))
+
+
+def unquote(local: bytes) -> bytes:
+    """The content of a local part: a quoted string without its quotes and quoted-pair
+    backslashes; a dot-string as it is."""
+    if len(local) < 2 or not local.startswith(b'"') or not local.endswith(b'"'):
+        return local
+    out, i, body = bytearray(), 0, local[1:-1]
+    while i < len(body):
+        if body[i] == 0x5C and i + 1 < len(body):
+            i += 1
+        out.append(body[i])
+        i += 1
+    return bytes(out)
+
+
+def quote(content: bytes) -> bytes:
+    """The canonical local part whose content is `content`: the dot-atom itself when
+    it is one, else a quoted string with only `"` and `\\` escaped."""
+    if _is_dot_atom(content):
+        return content
+    return b'"' + content.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def canonical_local(local: bytes) -> bytes:
+    """A local part in its canonical form. Only a whole quoted string is rewritten; a
+    dot-string, or anything else (a prepend before a quoted part), is left as it is."""
+    if local.startswith(b'"') and local.endswith(b'"') and len(local) >= 2:
+        return quote(unquote(local))
+    return local
 
 
 def _check_dot_string(local: bytes, utf8: bool) -> None:
@@ -131,21 +176,41 @@ def _even_backslashes(s: bytes, pos: int) -> bool:
     return n % 2 == 0
 
 
-def parse_mailbox(addr: bytes, utf8: bool = False, need_domain: bool = True) -> bytes:
-    """Check a bare mailbox `local@domain`; return it with the domain lowercased."""
-    if len(addr) > MAX_ADDRESS:
-        raise AddressError("address too long")
+def _check_controls(addr: bytes, utf8: bool) -> None:
+    """Refuse C0 controls and DEL; in 8-bit text also what is not UTF-8, C1 controls
+    (NEL among them) and the Unicode line and paragraph separators."""
+    eight = False
     for c in addr:
         if c < 0x20 or c == 0x7F:
             raise AddressError("control character in address")
-        if c >= 0x80 and not utf8:
-            raise AddressError("8-bit address without SMTPUTF8")
+        if c >= 0x80:
+            if not utf8:
+                raise AddressError("8-bit address without SMTPUTF8")
+            eight = True
+    if not eight:
+        return
+    try:
+        text = addr.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AddressError("address is not UTF-8")
+    for ch in text:
+        if "\x80" <= ch <= "\x9f" or ch in "\u2028\u2029":
+            raise AddressError("control character in address")
+
+
+def parse_mailbox(addr: bytes, utf8: bool = False, need_domain: bool = True) -> bytes:
+    """Check a bare mailbox `local@domain`; return it with the local part canonical
+    (see above) and the domain lowercased."""
+    if len(addr) > MAX_ADDRESS:
+        raise AddressError("address too long")
+    _check_controls(addr, utf8)
     local, domain = split(addr)
     if local.startswith(b'"'):
         _check_quoted(local, utf8)
     else:
         _check_dot_string(local, utf8)
-    if len(local) > MAX_LOCAL:
+    local = canonical_local(local)
+    if len(local) > MAX_LOCAL:      # of the form that travels on: `"\\a"` is `a`
         raise AddressError("local part too long")
     if not domain:
         if need_domain:

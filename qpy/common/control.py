@@ -31,6 +31,7 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "rcpthosts": ("list", None),
     "morercpthosts": ("list", []),
     "virtualdomains": ("list", []),
+    "percenthack": ("list", []),
     "smtproutes": ("list", []),
     "badmailfrom": ("list", []),
     "smtplisten": ("list", ["127.0.0.1:25"]),

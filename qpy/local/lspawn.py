@@ -9,9 +9,12 @@ RUNS AS
 
 WHAT IT DOES
     Reads delivery requests on fd 0 (qpy.common.spawn: delivery number, sender,
-    recipients `local@domain`, the message as a read-only fd). For each
-    recipient it finds the owner (qpy.common.users.lookup: users/assign, the
-    passwd database, the alias user qpyalias; never root) and hands the delivery
+    recipients `local@domain`, the message as a read-only fd). A sender or
+    recipient holding CR, LF or NUL is refused for good (D, and a log line):
+    the address parser lets none in, this is the check before a delivery. For
+    each recipient it finds the owner (qpy.common.rewrite.owner: the canonical
+    local part looked up in users/assign, the passwd database, then the alias
+    user qpyalias; never root) and hands the delivery
     to a worker (qpy.local.worker) that runs as that owner, with the message
     descriptor as queue-send passed it (never reopened: through /proc/self/fd
     that would be with root's access; one not open for reading is refused).
@@ -84,7 +87,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from qpy.common import address, children, control, privilege, spawn, users
+from qpy.common import address, children, control, privilege, rewrite, spawn, users
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, root_from
@@ -205,13 +208,19 @@ class LSpawn:
 
     def start(self, job: Job, index: int, sender: bytes, rcpt: bytes) -> tuple[bytes, bytes] | None:
         """Hand one recipient to a worker; a result now when none can run."""
+        if any(c in b"\r\n\0" for c in sender + rcpt):
+            # the parser refuses these at every entry; this is the last door before
+            # they reach a delivery's environment, a Return-Path or a Delivered-To
+            log(f"warning: qpy-lspawn: delivery {job.delivery}: refused: control character "
+                f"in sender <{clean(sender)}> or recipient <{clean(rcpt)}>")
+            return b"D", b"Sorry, control character in the sender or recipient. (#5.1.3)"
         local, domain = address.split(rcpt)
         if not domain:
             return b"D", b"Sorry, address must include host name. (#5.1.3)"
         if not local:
             return b"K", b"empty local part: trash address"
         try:
-            who = self.owners.get(local, lambda: users.lookup(self.root, local))
+            who = self.owners.get(local, lambda: rewrite.owner(self.root, local))
         except users.UsersError as e:
             return b"Z", f"Unable to find the owner of this address: {e}. (#4.3.0)".encode()
         if who.uid == 0:

@@ -77,9 +77,12 @@ def status_code(reason: str) -> str:
 
 
 def _text(b: bytes | str) -> str:
+    """An address as bounce text: a control character (which no parsed address
+    holds, but a hand-made queue file may) becomes `_`, so no header can break."""
     if isinstance(b, bytes):
         b = b.decode("utf-8", "replace")
-    return b
+    return "".join("_" if ch < " " or "\x7f" <= ch <= "\x9f" or ch in "\u2028\u2029"
+                   else ch for ch in b)
 
 
 def _paragraph(reason: str) -> str:

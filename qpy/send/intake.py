@@ -20,9 +20,10 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from qpy.common import address, envelope
+from qpy.common import envelope
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, is_id, todo_decode
+from qpy.common.rewrite import Rewrite
 from qpy.common.state import (
     DONE,
     LOCAL,
@@ -53,28 +54,6 @@ class Msg:
         return not self.sf.exists
 
 
-def classify(rcpt: bytes, locals_: set[bytes], vdoms: dict[bytes, bytes],
-             noathost: bytes) -> tuple[str, bytes]:
-    """(channel, delivery address) by qmail-send's rules (locals, then virtualdomains)."""
-    local, domain = address.split(rcpt)
-    if not domain:
-        rcpt, domain = rcpt + b"@" + noathost, noathost
-    if domain.lower() in locals_:
-        return LOCAL, rcpt
-    low = rcpt.lower()
-    at = len(local)
-    keys = [low, low[at + 1:]]
-    keys += [low[i:] for i in range(at + 1, len(low)) if low[i:i + 1] == b"."]
-    keys.append(b"")
-    for k in keys:
-        if k in vdoms:
-            prepend = vdoms[k]
-            if not prepend:
-                return REMOTE, rcpt
-            return LOCAL, prepend + b"-" + rcpt
-    return REMOTE, rcpt
-
-
 def unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -98,12 +77,10 @@ def _exists(path: str) -> bool:
 class Intake:
     """The messages in memory, and their lifecycle from todo/ID or state/ID, a part
     of QueueSend: it supplies settle() (qpy.send.finish.Finishing) and the routing
-    control (locals, virtualdomains, envnoathost)."""
+    (qpy.common.rewrite: locals, virtualdomains, percenthack, envnoathost)."""
 
     paths: Paths
-    locals: set[bytes]
-    vdoms: dict[bytes, bytes]
-    noathost: bytes
+    rewrite: Rewrite
 
     def init_intake(self) -> None:
         self.msgs: dict[str, Msg] = {}
@@ -212,8 +189,8 @@ class Intake:
             msgid, todo.size, clean(sender), todo.qp, todo.uid))
         st = MessageState(msgid, todo.arrival, todo.size, todo.uid, todo.qp, sender)
         for r in rcpts:
-            channel, daddr = classify(r, self.locals, self.vdoms, self.noathost)
-            st.recipients.append(RecipientState(r, channel, daddr))
+            route = self.rewrite.route(r)   # the classification qpy-smtpd's RCPT check made
+            st.recipients.append(RecipientState(r, route.channel, route.address))
         self.msgs[msgid] = m = Msg(st, sf)
         for i, r in enumerate(st.recipients):
             heapq.heappush(self.heaps[r.channel], (0, msgid, i))

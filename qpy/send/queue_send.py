@@ -17,7 +17,8 @@ FDS (wired by qpy-start)
 READS
     `todo/ID` (inotify hints plus a periodic rescan), `mess/ID` (opened read-only and
     passed to the spawner as an fd), `state/ID`, `rm/ID` (qpy-qrm's requests),
-    control: locals, virtualdomains, envnoathost, concurrencylocal, concurrencyremote,
+    control: locals, virtualdomains, percenthack, envnoathost (the routing of
+    qpy.common.rewrite: docs/addresses.md), concurrencylocal, concurrencyremote,
     queuelifetime, bouncefrom, bouncehost, doublebounceto, doublebouncehost, me,
     delaywarning (hours, fractions allowed, after which a sender whose message is
     still deferred gets one warning, RFC 3464 Action: delayed; 0: none; default 4).
@@ -47,6 +48,16 @@ CRASH SAFETY
     preprocess removes with a warning. The clean-up's unlinks are not fsync'd: a
     power cut (not a process crash) within the filesystem's commit interval after it
     can bring todo/ID and mess/ID back, and the message is delivered again.
+
+RECIPIENTS
+    Each recipient is routed once, when its message is taken in, by
+    qpy.common.rewrite (the code qpy-smtpd's RCPT check uses, so both agree):
+    the local part in canonical form, `@envnoathost` added to a bare local part,
+    the percent hack for domains in percenthack (`joe%host@gw` is `joe@host`),
+    then a domain in locals is local, a virtualdomains hit (`user@domain`, the
+    domain, each `.suffix`, then `:prepend`) is local as `prepend-ADDRESS`
+    unless its prepend is empty, and the rest is remote (docs/addresses.md).
+    A virtualdomains key may hold colons: lines split at the last one.
 
 SCHEDULING
     Every loop pass preprocesses at most TODO_BATCH new messages, reads every result
@@ -83,6 +94,7 @@ from qpy.common.control import Control
 from qpy.common.log import flush, hold, log
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, root_from
+from qpy.common.rewrite import Rewrite
 from qpy.common.state import LOCAL, PENDING, REMOTE
 from qpy.common.watch import Watcher
 from qpy.send.deliver import Deliveries, Lost
@@ -146,13 +158,7 @@ class QueueSend(Intake, Deliveries, Finishing):
     def reload(self) -> None:
         self.ctl.reload()
         c = self.ctl
-        self.locals = {d.lower().encode() for d in c.lines("locals")}
-        self.vdoms: dict[bytes, bytes] = {}
-        for line in c.lines("virtualdomains"):
-            key, sep, prepend = line.rpartition(":")
-            if sep and key.lower().encode() not in self.vdoms:
-                self.vdoms[key.lower().encode()] = prepend.encode()
-        self.noathost = c.line("envnoathost").encode()
+        self.rewrite = Rewrite.from_control(c)   # locals, virtualdomains, percenthack
         self.conc = {LOCAL: c.integer("concurrencylocal"),
                      REMOTE: c.integer("concurrencyremote")}
         self.lifetime = c.integer("queuelifetime")

@@ -9,8 +9,9 @@ entry a line, local parts in lower case:
     +PREFIX                 every local part starting with PREFIX exists
                             (a -default file, a `+prefix` line in users/assign)
 
-For a domain in `locals` the local part is looked up as is; for a
-`virtualdomains` domain it is `PREPEND-LOCAL`, as qmail-send rewrites it.
+The local part looked up is the one qpy-lspawn will look up: that of the
+delivery address qpy.common.rewrite gives (`LOCAL` for a domain in `locals`,
+`PREPEND-LOCAL` for a `virtualdomains` hit), lowercased.
 A missing table means "not built yet": every local part is accepted (and the
 reader says so), as qmail would. A table that exists but cannot be read makes
 local recipients a temporary failure, never a wrong refusal.
@@ -89,25 +90,3 @@ class RecipientTable:
                 return True
         return False
 
-
-def local_lookup(addr_local: bytes, domain: bytes, locals_: set[bytes],
-                 virtual: dict[bytes, bytes]) -> bytes | None:
-    """The local part qpy-lspawn will see for local@domain, or None if not local.
-
-    locals_ and virtual hold lower-case domains (virtual: domain or .suffix ->
-    prepend; an empty prepend means "not virtual", qmail's exception).
-    """
-    domain = domain.lower()
-    if domain in locals_:
-        return addr_local
-    keys = [domain]
-    pos = domain.find(b".")
-    while pos != -1:
-        keys.append(domain[pos:])
-        pos = domain.find(b".", pos + 1)
-    keys.append(b"")
-    for key in keys:
-        if key in virtual:
-            prepend = virtual[key]
-            return prepend + b"-" + addr_local if prepend else None
-    return None

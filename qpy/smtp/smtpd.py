@@ -19,8 +19,9 @@ READS
     the client on fd 0; QPY_ROOT; the ucspi-tcp environment (TCPREMOTEIP,
     TCPREMOTEHOST, TCPLOCALIP, RELAYCLIENT, DATABYTES) and QPY_LISTENER;
     control/: me, smtpgreeting, locals, rcpthosts, morercpthosts,
-    virtualdomains, badmailfrom, databytes, timeoutsmtpd, maxrcpt,
-    acceptunknown, milters; users/recipients (built by qpy-newrcpt).
+    virtualdomains, percenthack, envnoathost, badmailfrom, databytes,
+    timeoutsmtpd, maxrcpt, acceptunknown, milters; users/recipients (built by
+    qpy-newrcpt).
 
 WRITES
     replies on fd 1; accepted messages through qpy.inject.drop (the one door):
@@ -32,8 +33,17 @@ WRITES
 
 SMTP
     RFC 5321 with PIPELINING, 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8.
-    A recipient outside rcpthosts needs RELAYCLIENT (553 5.7.1); an unknown
-    local recipient is refused at RCPT (550 5.1.1) unless acceptunknown;
+    RECIPIENTS (docs/addresses.md). The address is parsed strictly and its
+    local part put in canonical form (`"joe"@d` is `joe@d`); C0 and C1
+    controls, DEL, U+2028 and U+2029 are refused (501 5.1.3). When RELAYCLIENT
+    is set its value is appended to the recipient, as qmail-smtpd does. Then
+    qpy.common.rewrite routes it exactly as qpy-queue-send will (envnoathost,
+    percenthack, locals, virtualdomains with user@domain entries). Without
+    RELAYCLIENT or AUTH, the domain as given and the domain after the percent
+    hack must both be in rcpthosts (553 5.7.1). A local recipient whose local
+    part (after a virtualdomains prepend) is not in users/recipients is
+    refused (550 5.1.1) unless acceptunknown. The envelope carries the
+    canonical address with the suffix.
     DATA ends at <CR><LF>.<CR><LF> only, and a bare CR or LF anywhere in it
     refuses the message (550 5.6.0) after reading to that end; databytes is
     enforced while reading (552 5.3.4); a command line over 512 bytes gets
@@ -71,13 +81,14 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from qpy.common import address
+from qpy.common import address, rewrite
 from qpy.common.control import Control
 from qpy.common.exits import permanent
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
 from qpy.common.rfcdate import rfc5322_date
+from qpy.common.state import LOCAL
 from qpy.inject.drop import Drop, InjectError
 from qpy.smtp import ratelimit, screen
 from qpy.smtp.channel import MAX_HOPS, Channel, Closed, Timeout
@@ -89,7 +100,7 @@ from qpy.smtp.command import (
     received_line,
     split_line,
 )
-from qpy.smtp.recipients import RecipientTable, local_lookup
+from qpy.smtp.recipients import RecipientTable
 
 if TYPE_CHECKING:
     from qpy.common.filters import Verdict
@@ -112,14 +123,8 @@ class Config:
         self.root = root
         self.me = c.line("me")
         self.greeting = c.line("smtpgreeting") or self.me
-        self.locals = _domains(c.lines("locals"))
+        self.rewrite = rewrite.Rewrite.from_control(c)   # as qpy-queue-send will route
         self.rcpthosts = _domains(c.lines("rcpthosts") + c.lines("morercpthosts"))
-        self.virtual: dict[bytes, bytes] = {}
-        for entry in c.lines("virtualdomains"):
-            key, _, prepend = entry.partition(":")
-            if "@" not in key:   # user@domain entries route single addresses; domains only here
-                self.virtual.setdefault(key.strip().lower().encode("utf-8"),
-                                        prepend.strip().encode("utf-8"))
         self.badmailfrom = _domains(c.lines("badmailfrom"))
         self.databytes = c.integer("databytes")
         self.timeout = max(1, c.integer("timeoutsmtpd"))
@@ -159,18 +164,6 @@ class Config:
     def bad_sender(self, sender: bytes) -> bool:
         s = sender.lower()
         return s in self.badmailfrom or b"@" + address.domain_part(s) in self.badmailfrom
-
-
-def _unquote(local: bytes) -> bytes:
-    if not local.startswith(b'"'):
-        return local
-    out, i, body = bytearray(), 0, local[1:-1]
-    while i < len(body):
-        if body[i] == 0x5C and i + 1 < len(body):
-            i += 1
-        out.append(body[i])
-        i += 1
-    return bytes(out)
 
 
 class Session:
@@ -442,27 +435,37 @@ class Session:
                 raise CommandError(501, "5.1.3 Empty recipient")
         if len(self.recipients) >= self.cfg.maxrcpt:
             raise CommandError(452, "4.5.3 Too many recipients")
-        local, domain = address.split(rcpt)
-        if not self.may_relay() and not self.cfg.in_rcpthosts(domain):
-            raise CommandError(553, "5.7.1 Relaying denied: %s is not a domain of mine"
-                               % clean(domain, 100))
+        if self.relayclient:    # qmail-smtpd appends RELAYCLIENT's value to each recipient
+            try:
+                rcpt = rewrite.append_suffix(rcpt, self.relayclient.encode("utf-8", "replace"),
+                                             self.smtputf8)
+            except address.AddressError as e:
+                raise CommandError(553, "5.1.3 Recipient with RELAYCLIENT's suffix: %s" % e)
+        route = self.cfg.rewrite.route(rcpt)
+        if not self.may_relay():
+            # where the mail goes after the percent hack counts too (qmail-smtpd checks
+            # only the domain given, and relays through a percenthack domain)
+            for domain in {address.domain_part(rcpt), address.domain_part(route.target)}:
+                if not self.cfg.in_rcpthosts(domain):
+                    raise CommandError(553, "5.7.1 Relaying denied: %s is not a domain of mine"
+                                       % clean(domain, 100))
         if self.blocked is not None and not self.may_relay():
             raise CommandError(*self.blocked)
-        lookup = self.check_local(_unquote(local), domain)
+        is_local = self.check_local(route)
         if self.filters:
-            verdict = self.filters.rcpt(rcpt, [], lookup)
+            verdict = self.filters.rcpt(rcpt, [], is_local)
             if verdict is not None:
                 return self.refuse(verdict)
         self.recipients.append(rcpt)
         self.rcpt_total += 1
         self.reply(250, "2.1.5 Ok")
 
-    def check_local(self, local: bytes, domain: bytes) -> bool:
-        """Refuse an unknown local recipient; True when the address is local."""
-        lookup = local_lookup(local, domain, self.cfg.locals, self.cfg.virtual)
-        if lookup is None or self.cfg.acceptunknown:
-            return lookup is not None
-        known = self.cfg.recipients.known(lookup)
+    def check_local(self, route: rewrite.Route) -> bool:
+        """Refuse an unknown local recipient, by the classification that qpy-queue-send
+        and qpy-lspawn will make (qpy.common.rewrite); True when the address is local."""
+        if route.channel != LOCAL or self.cfg.acceptunknown:
+            return route.channel == LOCAL
+        known = self.cfg.recipients.known(route.local)
         if known is None:
             raise CommandError(451, "4.3.0 Cannot check recipients now, try again later")
         if not known:
