@@ -25,13 +25,15 @@ class DNSServer:
     """A tiny authoritative server (UDP and TCP) answering from a dict that tests change.
 
     zone: name -> {rdtype: [rdata text]}; a CNAME is followed inside the answer;
-    names in `servfail` answer SERVFAIL; unknown names NXDOMAIN.
+    names in `servfail` answer SERVFAIL; unknown names NXDOMAIN. With `ad` set, every
+    answer carries the AD bit, as a validating resolver's do for signed zones.
     """
 
     def __init__(self, host: str = "127.0.0.1"):
         self.host = host
         self.zone: dict[str, dict[str, list[str]]] = {}
         self.servfail: set[str] = set()
+        self.ad = False
         for _ in range(50):         # the UDP port's TCP twin may be taken: try another
             self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.udp.bind((host, 0))
@@ -59,6 +61,8 @@ class DNSServer:
         q = dns.message.from_wire(wire)
         r = dns.message.make_response(q)
         r.flags |= dns.flags.AA
+        if self.ad:
+            r.flags |= dns.flags.AD
         question = q.question[0]
         name = question.name.to_text().lower()
         rdtype = dns.rdatatype.to_text(question.rdtype)

@@ -470,3 +470,124 @@ def test_delay_warning_once_then_bounce_keeps_far_end_status(qroot, dnssrv, port
         assert len(bounces(a)) == 1
     finally:
         assert q.stop() == 0
+
+
+# --- DANE (RFC 7672) ------------------------------------------------------------------------
+
+def tlsa(certfile: str, usage: int, selector: int, mtype: int) -> str:
+    """The TLSA record text for the certificate in certfile."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    with open(certfile, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    data = cert.public_bytes(Encoding.DER) if selector == 0 else \
+        cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if mtype:
+        data = (hashlib.sha256 if mtype == 1 else hashlib.sha512)(data).digest()
+    return "%d %d %d %s" % (usage, selector, mtype, data.hex())
+
+
+def with_ca(ca: TestCA, cert: str) -> str:
+    """A chain file: the certificate, then the CA's (a DANE-TA server sends its TA)."""
+    path = cert[:-4] + ".withca.pem"
+    with open(path, "wb") as out:
+        for p in (cert, ca.cafile):
+            with open(p, "rb") as f:
+                out.write(f.read())
+    return path
+
+
+def test_dane_ee_spki_and_full_cert_match_and_mismatch(stack, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    dnssrv.ad = True                                     # a validating resolver
+    cert, key = ca.issue("not-the-mx-name.example")      # DANE-EE checks no name
+    other, _ = ca.issue("mx.a.test")
+    name = "_%d._tcp.mx.a.test" % port
+    dnssrv.add(name, "TLSA", tlsa(other, 3, 1, 1))       # another key: no match
+    h = aiotls(server_context(cert, key))
+    status, text = one(rs)
+    assert status == b"Z" and b"required (dane) by TLSA records of mx.a.test: no TLSA" \
+        b" record matches the certificate" in text, text
+    assert h.messages == []
+    for rec in (tlsa(cert, 3, 1, 1), tlsa(cert, 3, 0, 2), tlsa(cert, 3, 0, 0)):
+        dnssrv.zone[name + "."] = {"TLSA": [tlsa(other, 3, 1, 1), rec]}
+        status, text = one(rs)
+        assert status == b"K" and b" DANE)" in text, (rec, text)
+    assert len(h.messages) == 3 and all(tls for _, tls in h.messages)
+
+
+def test_dane_ta_chain_and_name(stack, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    dnssrv.ad = True
+    name = "_%d._tcp.mx.a.test" % port
+    dnssrv.add(name, "TLSA", tlsa(ca.cafile, 2, 0, 1))    # the test CA as trust anchor
+    cert, key = ca.issue("wrong.a.test")
+    h = aiotls(server_context(with_ca(ca, cert), key))
+    status, text = one(rs)
+    assert status == b"Z" and b"the certificate does not name mx.a.test" in text, text
+    cert, key = ca.issue("mx.a.test")
+    h = aiotls(server_context(with_ca(ca, cert), key))
+    status, text = one(rs)
+    assert status == b"K" and b" DANE)" in text, text
+    d = qpytest.test_dir("otherca")                      # the right name, another CA
+    try:
+        own = TestCA(d, "qpy test CA")                   # even with the same CA name
+        cert, key = own.issue("mx.a.test")
+        h = aiotls(server_context(with_ca(own, cert), key))
+        status, text = one(rs)
+        assert status == b"Z" and b"no TLSA record matches" in text, text
+        assert h.messages == []
+    finally:
+        qpytest.remove_tree(d)
+
+
+def test_dane_needs_the_ad_bit(stack, aiotls, ca):
+    """The same mismatching TLSA record from a resolver that does not validate is as if
+    there were none: opportunistic TLS, delivered."""
+    qroot, dnssrv, port, rs = stack
+    cert, key = ca.issue("mx.a.test")
+    other, _ = ca.issue("other.a.test")
+    dnssrv.add("_%d._tcp.mx.a.test" % port, "TLSA", tlsa(other, 3, 1, 1))
+    h = aiotls(server_context(cert, key))
+    status, text = one(rs)
+    assert status == b"K" and b"(TLS TLSv1." in text and b"DANE" not in text, text
+    assert len(h.messages) == 1
+
+
+def test_dane_tlsa_servfail_skips_that_mx(stack, raw, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    dnssrv.ad = True
+    dnssrv.zone["a.test."] = {"MX": ["10 mx.a.test.", "20 mx2.a.test."]}
+    dnssrv.add("mx2.a.test", "A", "127.0.0.4")
+    dnssrv.servfail.add("_%d._tcp.mx.a.test" % port)
+    first = raw(basic_session)                            # mx.a.test: never connected to
+    from aiosmtpd.controller import Controller
+    h = TLSRecorder()
+    c = Controller(h, hostname="127.0.0.4", port=port)
+    c.start()
+    try:
+        status, text = one(rs)
+        assert status == b"K" and b"127.0.0.4" in text, text
+        assert first.connections == 0 and len(h.messages) == 1
+        dnssrv.add("b.test", "MX", "10 mx.a.test.")           # no other MX: deferred
+        status, text = one(rs, b"x@b.test")
+        assert status == b"Z" and b"TLSA lookup for _%d._tcp.mx.a.test failed" % port in text
+        assert b"mx.a.test is skipped (RFC 7672)" in text, text
+        assert first.connections == 0
+    finally:
+        c.stop()
+
+
+def test_dane_only_without_tlsa_defers_and_dane_falls_back(stack, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    dnssrv.ad = True
+    h = aiotls(server_context(*ca.issue("mx.a.test")))
+    policy(qroot, rs, "a.test dane-only")
+    status, text = one(rs)
+    assert status == b"Z" and b"dane-only, and mx.a.test has no TLSA records" in text, text
+    policy(qroot, rs, "a.test dane")
+    status, text = one(rs)
+    assert status == b"K" and b"DANE" not in text, text
+    assert len(h.messages) == 1

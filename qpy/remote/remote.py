@@ -23,8 +23,9 @@ CONTROL FILES (defaults in brackets; docs/outbound.md has examples)
                     (required; the default on port 587). qpy.remote.route.
     smtpauth        [none: no AUTH] `HOST[:PORT] USER PASSWORD [cleartext-ok]`,
                     qpyr's, mode 0400, or not used. qpy.remote.smtpauth.
-    tlspolicy       [may] `DOMAIN-OR-HOST LEVEL`, LEVEL one of none, may,
-                    encrypt, verify. qpy.remote.tlspolicy.
+    tlspolicy       [may; dane where the resolver vouches for TLSA records]
+                    `DOMAIN-OR-HOST LEVEL`, LEVEL one of none, may, encrypt,
+                    verify, dane, dane-only. qpy.remote.tlspolicy, qpy.remote.dane.
     tlsverify       [none] domains that need `verify` (older form of tlspolicy).
     tlscafile       [system CAs only] a PEM file of CAs also trusted by `verify`.
     tlsclientcert   [none] `HOST[:PORT] CERTFILE [KEYFILE]`: a client certificate.

@@ -42,6 +42,7 @@ import random
 from dataclasses import dataclass
 
 import dns.exception
+import dns.flags
 import dns.resolver
 import psutil
 
@@ -76,6 +77,7 @@ class Target:
     mode: str = ""  # smtproutes' mode: "" (control/tlspolicy decides), smtps, starttls
     hop: str = ""   # the next hop as smtproutes names it (or the MX name): the key of
                     # control/smtpauth, control/tlsclientcert and control/tlspolicy
+    secure: bool = False    # from an MX answer the resolver marked AD (qpy.remote.dane)
 
 
 def smtproute(routes: list[str], domain: str) -> tuple[str, int, str] | None:
@@ -128,6 +130,7 @@ class Router:
         self.ctl = ctl
         self._res: dns.resolver.Resolver | None = None
         self.soft: list[str] = []
+        self.ad: set[tuple[str, str]] = set()      # (name, type) answered with AD
 
     @property
     def res(self) -> dns.resolver.Resolver:
@@ -135,6 +138,9 @@ class Router:
             lines, source = self.ctl.explain("resolvers")
             self._res = make_resolver(None if source == "default" else lines,
                                       DNS_TIMEOUT, DNS_LIFETIME)  # type: ignore
+            # AD in the query asks a validating resolver to say what it validated
+            # (RFC 6840 5.7); DANE trusts only that (qpy.remote.dane)
+            self._res.flags = dns.flags.RD | dns.flags.AD
         return self._res
 
     def _query(self, name: str, rdtype: str) -> list:
@@ -148,6 +154,8 @@ class Router:
         except (dns.exception.DNSException, OSError, ValueError) as e:
             raise RouteError(b"Z", "Sorry, DNS for %s failed temporarily: %s (#4.4.3)"
                              % (name, type(e).__name__))
+        if ans.response is not None and ans.response.flags & dns.flags.AD:
+            self.ad.add((name, rdtype))
         return list(ans)
 
     def addresses(self, name: str) -> list[str]:
@@ -208,6 +216,7 @@ class Router:
             random.shuffle(mxs)
             mxs.sort(key=lambda m: m[0])     # stable: random order among equal preferences
             mxs = mxs[:MAX_MX]
+        secure = bool(records) and (domain, "MX") in self.ad
         me = {self.ctl.line("me").lower()} | {x.lower() for x in self.ctl.lines("locals")}
         local_pref = min((p for p, h in mxs if h in me), default=None)
         targets: list[Target] = []
@@ -220,7 +229,7 @@ class Router:
                 if e.status == b"Z":
                     self.soft.append(e.text)
                 continue
-            targets += [Target(host, a, port, pref, hop=host) for a in addrs]
+            targets += [Target(host, a, port, pref, hop=host, secure=secure) for a in addrs]
         out = self._not_self(targets, port, local_pref)
         if not out:
             if self.soft and local_pref is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 
 from qpy.common.control import Control
-from qpy.remote import tlspolicy
+from qpy.remote import dane, tlspolicy
 from qpy.remote.route import Target
 from qpy.remote.smtpauth import AuthFailed, authenticate
 from qpy.remote.tlspolicy import Plan, PolicyError
@@ -74,6 +74,13 @@ def _handshake(ctl: Control, conn: Conn, t: Target, p: Plan) -> None:
     name = t.host if p.level == "verify" or literal_free(t.host) else None
     conn.starttls(ctx, name)
     conn.verified = p.level == "verify"
+    if p.level == "dane":
+        why = dane.verify(conn.peer_chain(), p.tlsa, [t.host])
+        if why:
+            raise Refused(Z, "TLS to %s, required (dane) by %s: %s. (#4.7.5)"
+                          % (t.address, p.why, why))
+        conn.verified = True
+        conn.tls += " DANE"
 
 
 def start(ctl: Control, conn: Conn, t: Target, p: Plan, tls: bool = True) -> dict[str, str]:

@@ -10,6 +10,12 @@ LEVELS (Postfix's names)
     verify      TLS required; the certificate must chain to the system's CAs
                 (or those of control/tlscafile) and name the host connected to
                 (the MX name, or the relay as smtproutes names it).
+    dane        the host's TLSA records (qpy.remote.dane) when the resolver
+                vouches for them: TLS required, the certificate must match one;
+                without TLSA records, `may`. The default for an MX host of a
+                domain whose MX answer the resolver marked AD, when it has TLSA
+                records; an explicit `may` (or any other level) turns it off.
+    dane-only   as dane, but no TLSA records defers.
     A level that cannot be met defers the delivery (#4.7.5), with the reason
     in the log and in qpy-qread: never a fall back to clear text.
 
@@ -36,16 +42,17 @@ OTHER CONTROL FILES
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from qpy.common.control import Control
 from qpy.common.log import clean, log
+from qpy.remote.dane import TLSA
 from qpy.remote.route import Target
 from qpy.remote.smtpauth import Credentials, hop_keys
 
 V = TypeVar("V")
-LEVELS = ("none", "may", "encrypt", "verify")
+LEVELS = ("none", "may", "encrypt", "verify", "dane", "dane-only")
 TLS_LEVELS = LEVELS[2:]         # the ones that need TLS
 
 
@@ -60,6 +67,7 @@ class Plan:
     why: str                        # where the level came from, for the reasons
     creds: Credentials | None = None
     cert: tuple[str, str] | None = None     # (certfile, keyfile)
+    tlsa: tuple[TLSA, ...] = ()             # DANE: the records the certificate must match
 
 
 def _match(table: dict[str, V], names: list[str]) -> tuple[str, V] | None:
@@ -122,6 +130,27 @@ def plan(ctl: Control, domain: str, t: Target, creds: Credentials | None) -> Pla
         if level == "may":
             level, why = "encrypt", "control/smtpauth (credentials only over TLS)"
     return Plan(level, why, creds, client_cert(ctl, t))
+
+
+def wants_tlsa(p: Plan, t: Target) -> bool:
+    """Whether the TLSA records of `t` are to be looked up for this plan."""
+    return p.level in ("dane", "dane-only") or (p.why == "default" and t.secure)
+
+
+def with_tlsa(p: Plan, t: Target, records: tuple[TLSA, ...] | None) -> Plan:
+    """The plan once the TLSA lookup answered (None: records the resolver did not
+    vouch for, treated as none)."""
+    if records and any(r.usable() for r in records):
+        why = p.why if p.level.startswith("dane") else "TLSA records of %s" % t.host
+        return replace(p, level="dane", why=why, tlsa=records)
+    if records:
+        return replace(p, level="encrypt", why="TLSA records of %s (none usable)" % t.host)
+    if p.level == "dane-only":
+        raise PolicyError("%s says dane-only, and %s has no TLSA records the resolver vouches"
+                          " for. (#4.7.5)" % (p.why, t.host))
+    if p.level == "dane":
+        return replace(p, level="may", why=p.why + ", no TLSA records")
+    return p
 
 
 def context(ctl: Control, p: Plan) -> ssl.SSLContext:

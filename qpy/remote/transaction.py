@@ -12,14 +12,14 @@ import time
 
 from qpy.common import address
 from qpy.common.control import Control
-from qpy.remote import session, smtpauth, tlspolicy
+from qpy.remote import dane, session, smtpauth, tlspolicy
 from qpy.remote.conncache import Cached, ConnCache
 from qpy.remote.encode import chunks, scan, smtp_data
 from qpy.remote.route import RouteError, Router, Target
 from qpy.remote.session import Refused, tls_note
 from qpy.remote.smtpauth import AuthFailed
 from qpy.remote.tlspolicy import Plan, PolicyError
-from qpy.remote.wire import Conn, PeerError, Reply, TLSHandshakeFailed, end, why
+from qpy.remote.wire import Conn, PeerError, Reply, TLSHandshakeFailed, end, literal_free, why
 
 RSET_WAIT = 20.0            # seconds for the RSET that proves a cached connection alive
 
@@ -51,6 +51,7 @@ class Job:
         self.utf8 = head8 or address.is_utf8(sender) or any(address.is_utf8(r) for r in rcpts)
         self.eight = body8 or head8
         self._auth: smtpauth.Table | None = None
+        self.router = Router(ctl)
 
     def open(self) -> list[int]:
         return [i for i, r in enumerate(self.results) if r is None]
@@ -66,7 +67,12 @@ class Job:
             self._auth = smtpauth.Table(self.ctl.dir)
         try:
             creds = self._auth.lookup(t.hop or t.host, t.port)
-            return tlspolicy.plan(self.ctl, self.domain, t, creds)
+            p = tlspolicy.plan(self.ctl, self.domain, t, creds)
+            if tlspolicy.wants_tlsa(p, t) and literal_free(t.host):
+                p = tlspolicy.with_tlsa(p, t, dane.lookup(self.router.res, t.host, t.port))
+            return p
+        except dane.LookupFailed as e:
+            raise Refused(Z, "%s; %s is skipped (RFC 7672). (#4.7.5)" % (e, t.host))
         except (AuthFailed, PolicyError) as e:
             raise Refused(Z, str(e))
 
@@ -83,7 +89,7 @@ class Job:
             if cached is not None and self.reuse(cached):
                 return
         try:
-            targets = Router(self.ctl).targets(self.domain)
+            targets = self.router.targets(self.domain)
         except RouteError as e:
             self.settle(e.status, e.text)
             return

@@ -15,6 +15,7 @@ failed (the caller decides on a plain-text retry by that type alone).
 
 from __future__ import annotations
 
+import _ssl
 import socket
 import ssl
 
@@ -143,8 +144,8 @@ class Conn:
         if getter is None:
             cert = self.sock.getpeercert(binary_form=True)
             return [cert] if cert else []
-        return [c if isinstance(c, bytes) else c.public_bytes(ssl.ENCODING_DER)
-                for c in getter() or []]
+        der = getattr(_ssl, "ENCODING_DER", 2)    # not re-exported by ssl in 3.11
+        return [c if isinstance(c, bytes) else c.public_bytes(der) for c in getter() or []]
 
     def between_commands(self) -> bool:
         """No byte from the peer is waiting unread: nothing unexpected was said."""
