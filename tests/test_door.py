@@ -37,6 +37,10 @@ def smtp_system(qroot) -> tuple[Qpy, int]:
     qroot.control("smtplisten", "127.0.0.1:%d" % port)
     q = Qpy(qroot)
     assert wait_for(lambda: _listening(port), 30), q.log()
+    # pickup opens its door a moment after qpy-tcpserver listens: until then mail
+    # goes by drop files (tested below), so these tests wait for it
+    sock = os.path.join(door.directory(qroot.path), door.LEAF)
+    assert wait_for(lambda: os.path.exists(sock), 30), q.log()
     return q, port
 
 
