@@ -591,3 +591,131 @@ def test_dane_only_without_tlsa_defers_and_dane_falls_back(stack, aiotls, ca):
     status, text = one(rs)
     assert status == b"K" and b"DANE" not in text, text
     assert len(h.messages) == 1
+
+
+# --- MTA-STS (RFC 8461) -----------------------------------------------------------------------
+
+STS_ADDR = "127.0.0.77"         # the policy host's address: port 443 there, as the RFC says
+
+
+class PolicyServer:
+    """HTTPS on STS_ADDR:443 with a certificate from the test CA; `answer` is (status,
+    content type, body) for /.well-known/mta-sts.txt; `hits` counts the fetches."""
+
+    def __init__(self, ca: TestCA, name: str = "mta-sts.a.test"):
+        import http.server
+        import threading
+        server = self
+        self.hits = 0
+        self.answer = (200, "text/plain", b"")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits += 1
+                status, ctype, body = server.answer
+                if self.path != "/.well-known/mta-sts.txt":
+                    status, body = 404, b""
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer((STS_ADDR, 443), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*ca.issue(name))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def policy(self, mode: str, *mx: str, max_age: int = 86400) -> None:
+        text = "version: STSv1\r\nmode: %s\r\n%smax_age: %d\r\n" % (
+            mode, "".join("mx: %s\r\n" % m for m in mx), max_age)
+        self.answer = (200, "text/plain", text.encode())
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def sts(stack, ca):
+    qroot, dnssrv, port, rs = stack
+    dnssrv.add("mta-sts.a.test", "A", STS_ADDR)
+    qroot.control("tlscafile", ca.cafile)
+    s = PolicyServer(ca)
+    yield s
+    s.stop()
+
+
+def sts_txt(dnssrv, policy_id: str) -> None:
+    dnssrv.zone["_mta-sts.a.test."] = {"TXT": ['"v=STSv1; id=%s;"' % policy_id]}
+
+
+def test_mta_sts_enforce_verifies_the_mx_and_caches(stack, sts, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    sts_txt(dnssrv, "20261206a")
+    sts.policy("enforce", "mx.a.test")
+    h = aiotls(server_context(*ca.issue("mx.a.test")))
+    status, text = one(rs)
+    assert status == b"K" and b"(TLS TLSv1." in text, text
+    cached = os.path.join(qroot.path, "remote", "mta-sts", "a.test")
+    with open(cached, "rb") as f:
+        assert f.read().startswith(b"QPYSTS1 ")
+    assert os.stat(cached).st_uid == pwd.getpwnam("qpyr").pw_uid
+    # a wrong name on the MX certificate: deferred, and the policy comes from the cache
+    h = aiotls(server_context(*ca.issue("wrong.a.test")))
+    sts.answer = (500, "text/plain", b"")
+    status, text = one(rs, b"y@a.test")
+    assert status == b"Z" and b"required (verify) by the MTA-STS policy of a.test" \
+        b" (enforce)" in text and b"certificate verify failed" in text, text
+    assert sts.hits == 1 and len(h.messages) == 0
+
+
+def test_mta_sts_enforce_skips_mx_not_listed_and_testing_does_not(stack, sts, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    sts_txt(dnssrv, "one")
+    sts.policy("enforce", "*.elsewhere.test")
+    h = aiotls(server_context(*ca.issue("wrong.a.test")))
+    status, text = one(rs)
+    assert status == b"Z" and b"policy of a.test (enforce) does not list MX mx.a.test" in text
+    assert h.messages == []
+    sts_txt(dnssrv, "two")                               # a new id: fetched again
+    sts.policy("testing", "*.elsewhere.test")
+    status, text = one(rs, b"y@a.test")
+    assert status == b"K", text
+    assert sts.hits == 2 and len(h.messages) == 1
+
+
+@pytest.mark.parametrize("answer", [
+    (200, "text/plain", b"version: STSv1\nmode: enforce\nmx: x\nmax_age: 1\n" + b"#" * 70000),
+    (200, "text/html", b"version: STSv1\nmode: enforce\nmx: nowhere.test\nmax_age: 99\n"),
+    (302, "text/plain", b""),
+    (200, "text/plain", b"version: STSv2\nmode: enforce\nmx: nowhere.test\nmax_age: 9\n")])
+def test_mta_sts_bad_policy_files_are_no_policy(stack, sts, aiotls, ca, answer):
+    qroot, dnssrv, port, rs = stack
+    sts_txt(dnssrv, "x1")
+    sts.answer = answer
+    h = aiotls(server_context(*ca.issue("wrong.a.test")))
+    status, text = one(rs)
+    assert status == b"K", text                          # as if there were no policy
+    assert sts.hits == 1 and len(h.messages) == 1
+    rs.stop()
+    assert b"MTA-STS policy of a.test not fetched" in rs.proc.stderr.read()
+
+
+def test_mta_sts_policy_host_with_wrong_certificate_is_no_policy(stack, aiotls, ca):
+    qroot, dnssrv, port, rs = stack
+    dnssrv.add("mta-sts.a.test", "A", STS_ADDR)
+    sts_txt(dnssrv, "x2")
+    qroot.control("tlscafile", ca.cafile)
+    s = PolicyServer(ca, name="not-mta-sts.a.test")
+    try:
+        s.policy("enforce", "nowhere.test")
+        h = aiotls(None)
+        status, text = one(rs)
+        assert status == b"K", text
+        assert len(h.messages) == 1
+    finally:
+        s.stop()

@@ -16,6 +16,8 @@ READS
     `queue/mess/`, which qpyr cannot open), `QPY_ROOT`, `control/`: me,
     helohost, locals, ipme, smtproutes, resolvers, timeoutconnect,
     timeoutremote, tlsverify, tlspolicy, tlscafile, tlsclientcert, smtpauth.
+    DNS: MX, A/AAAA, TLSA (DANE), `_mta-sts` TXT; HTTPS: MTA-STS policies,
+    cached in ROOT/remote/mta-sts/ (qpyr's).
 
 CONTROL FILES (defaults in brackets; docs/outbound.md has examples)
     smtproutes      [none: MX] `domain:relay[:port[:mode]]`, mode `smtps`
@@ -27,7 +29,8 @@ CONTROL FILES (defaults in brackets; docs/outbound.md has examples)
                     `DOMAIN-OR-HOST LEVEL`, LEVEL one of none, may, encrypt,
                     verify, dane, dane-only. qpy.remote.tlspolicy, qpy.remote.dane.
     tlsverify       [none] domains that need `verify` (older form of tlspolicy).
-    tlscafile       [system CAs only] a PEM file of CAs also trusted by `verify`.
+    tlscafile       [system CAs only] a PEM file of CAs also trusted by `verify`
+                    and by MTA-STS policy fetches (qpy.remote.mtasts).
     tlsclientcert   [none] `HOST[:PORT] CERTFILE [KEYFILE]`: a client certificate.
     timeoutconnect  [60] seconds for the TCP connection.
     timeoutremote   [1200] seconds for each read or write.

@@ -78,6 +78,7 @@ class Target:
     hop: str = ""   # the next hop as smtproutes names it (or the MX name): the key of
                     # control/smtpauth, control/tlsclientcert and control/tlspolicy
     secure: bool = False    # from an MX answer the resolver marked AD (qpy.remote.dane)
+    mx: bool = False        # found by MX (or the domain itself): MTA-STS may apply
 
 
 def smtproute(routes: list[str], domain: str) -> tuple[str, int, str] | None:
@@ -229,7 +230,8 @@ class Router:
                 if e.status == b"Z":
                     self.soft.append(e.text)
                 continue
-            targets += [Target(host, a, port, pref, hop=host, secure=secure) for a in addrs]
+            targets += [Target(host, a, port, pref, hop=host, secure=secure, mx=True)
+                        for a in addrs]
         out = self._not_self(targets, port, local_pref)
         if not out:
             if self.soft and local_pref is None:

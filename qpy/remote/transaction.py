@@ -9,10 +9,11 @@ man page; deliver() is the entry point.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from qpy.common import address
 from qpy.common.control import Control
-from qpy.remote import dane, session, smtpauth, tlspolicy
+from qpy.remote import dane, mtasts, session, smtpauth, tlspolicy
 from qpy.remote.conncache import Cached, ConnCache
 from qpy.remote.encode import chunks, scan, smtp_data
 from qpy.remote.route import RouteError, Router, Target
@@ -52,6 +53,7 @@ class Job:
         self.eight = body8 or head8
         self._auth: smtpauth.Table | None = None
         self.router = Router(ctl)
+        self._sts: tuple[mtasts.Policy | None] | None = None     # looked up once
 
     def open(self) -> list[int]:
         return [i for i, r in enumerate(self.results) if r is None]
@@ -70,11 +72,35 @@ class Job:
             p = tlspolicy.plan(self.ctl, self.domain, t, creds)
             if tlspolicy.wants_tlsa(p, t) and literal_free(t.host):
                 p = tlspolicy.with_tlsa(p, t, dane.lookup(self.router.res, t.host, t.port))
+            if p.why == "default" and t.mx:
+                p = self.sts_plan(p, t)
             return p
         except dane.LookupFailed as e:
             raise Refused(Z, "%s; %s is skipped (RFC 7672). (#4.7.5)" % (e, t.host))
         except (AuthFailed, PolicyError) as e:
             raise Refused(Z, str(e))
+
+    def sts_plan(self, p: Plan, t: Target) -> Plan:
+        """The plan under the domain's MTA-STS policy (qpy.remote.mtasts), or Refused
+        for an MX host an enforced policy does not list."""
+        if self._sts is None:
+            cafile = (self.ctl.lines("tlscafile") or [""])[0]
+            self._sts = (mtasts.policy_for(self.router.res, mtasts.Cache(self.ctl.root),
+                                           self.domain, self._addresses, cafile),)
+        sts = self._sts[0]
+        if sts is None or sts.mode != "enforce":
+            return p
+        if not sts.lists(t.host):
+            raise Refused(Z, "The MTA-STS policy of %s (enforce) does not list MX %s."
+                          " (#4.7.5)" % (self.domain, t.host))
+        return replace(p, level="verify", why="the MTA-STS policy of %s (enforce)"
+                       % self.domain)
+
+    def _addresses(self, name: str) -> list[str]:
+        try:
+            return self.router.addresses(name)
+        except RouteError:
+            return []
 
     def _fits(self, c: Cached) -> bool:
         """A cached connection serves this job only under the same plan."""
