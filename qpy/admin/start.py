@@ -28,13 +28,18 @@ SERVICES (design §8; --only NAME starts just one)
 LOG
     every child's stderr is read here and printed to stdout, one line each, as
     `TIMESTAMP SERVICE PROGRAM: text`; qpy-start's own lines name `start`.
+    No log pipe may stall a service: each child's pipe is enlarged (LOG_PIPE), read
+    whenever it has data, and the lines wait in a bounded buffer (OUT_MAX) until stdout
+    takes them; past that bound lines are dropped and counted, rather than block.
 
 WRITES
     queue/run/NAME.pid (root-owned) for each child program, NAME without `qpy-`.
 
 SIGNALS
-    ALRM: to queue-send.  HUP: to queue-send, pickup and tcpserver, and qpy-newrcpt
-    is run.  TERM, INT: queue-send, pickup, tcpserver and authd get TERM; the
+    ALRM: to queue-send.  HUP: to queue-send and pickup at once; qpy-newrcpt is
+    run as a child like the others (killed after NEWRCPT_TIMEOUT) and tcpserver gets
+    its HUP when the table is built. At start, smtpd waits for that first table.
+    TERM, INT: queue-send, pickup, tcpserver and authd get TERM; the
     spawners and clean end when queue-send closes their pipes; whatever is still
     running after STOP_WAIT seconds is killed; exit 0.
     A dead part is restarted after a back-off (1 s doubling to MAX_BACKOFF).
@@ -45,18 +50,18 @@ EXIT CODES
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
 from qpy.common import children, durable
 from qpy.common.exits import EXIT_TEMP, EXIT_USAGE
-from qpy.common.log import clean
+from qpy.common.log import Outbox, clean
 from qpy.common.paths import program
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, root_from
@@ -71,6 +76,9 @@ STABLE_RUN = 2.0            # a service that ran this long restarts after MIN_BA
                             # one that dies sooner is crash-looping: the wait doubles
 NEWRCPT_TIMEOUT = 300      # seconds qpy-newrcpt may take
 MAX_LINE = 4096             # longer child log lines are cut
+LOG_PIPE = 1 << 20          # each child's log pipe (F_SETPIPE_SZ; the default is 64 KiB)
+OUT_MAX = 8 << 20           # log bytes waiting for stdout before lines are dropped
+READS_PER_ROUND = 16        # a chatty child cannot keep the others waiting
 CHILD_PATH = "/usr/bin:/bin"
 FORWARDED = {signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1}
 HUP_TO = ("pickup", "tcpserver", "authd")
@@ -81,16 +89,16 @@ def stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + ".%06d" % ((t % 1) * 1e6)
 
 
+OUTPUT = Outbox(OUT_MAX)
+
+
 def out(service: str, prog: str, text: str) -> None:
     """One log line; a line that starts with qpy- names its program already."""
     if text.startswith("qpy-"):
         line = "%s %s %s\n" % (stamp(), service, text)
     else:
         line = "%s %s %s: %s\n" % (stamp(), service, prog, text)
-    try:
-        os.write(1, line.encode("utf-8", "replace"))
-    except OSError:
-        pass
+    OUTPUT.add(line.encode("utf-8", "replace"))
 
 
 def say(text: str) -> None:
@@ -125,6 +133,10 @@ class Starter:
         self.services = {n: Service(n) for n in SERVICES if only in (None, n)}
         self.terminating = 0.0
         self.flags: set[int] = set()
+        self.rcpt: Child | None = None          # a running qpy-newrcpt
+        self.rcpt_deadline = 0.0
+        self.rcpt_again = False
+        self.table_first = True                 # smtpd starts after the first table
 
     # --- starting -----------------------------------------------------------------
     def exists(self, prog: str) -> bool:
@@ -143,12 +155,19 @@ class Starter:
                 return False
         return True
 
-    def spawn(self, svc: Service, prog: str, fdmap: dict[int, int]) -> None:
-        """fork, put fdmap's sources on its target fds, exec the launcher."""
+    def fork(self, prog: str, fdmap: dict[int, int], args: tuple[str, ...] = (),
+             log_stdout: bool = False) -> tuple[int, int]:
+        """fork, put fdmap's sources on its target fds, exec the launcher: (pid, log fd)."""
         path = program("qpy-" + prog)
         logr, logw = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(logr, fcntl.F_SETPIPE_SZ, LOG_PIPE)
+        except OSError:
+            pass        # above /proc/sys/fs/pipe-max-size: the default size still works
         fdmap = dict(fdmap)
         fdmap[2] = logw
+        if log_stdout:
+            fdmap[1] = logw
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         for fd in (0, 1):
             fdmap.setdefault(fd, devnull)
@@ -174,13 +193,17 @@ class Starter:
                     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
                 elif prog in HUP_TO:
                     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                os.execve(path, [path], self.env)
+                os.execve(path, [path, *args], self.env)
             except BaseException:
                 pass
             os._exit(127)
         os.close(logw)
         os.close(devnull)
         os.set_blocking(logr, False)
+        return pid, logr
+
+    def spawn(self, svc: Service, prog: str, fdmap: dict[int, int]) -> None:
+        pid, logr = self.fork(prog, fdmap)
         svc.children[pid] = Child(svc.name, prog, pid, logr)
         try:
             # durable: temp name, fsync, rename, fsync dir (qpy.common.durable)
@@ -270,6 +293,9 @@ class Starter:
 
     def reap(self) -> None:
         for pid, status in children.exited():
+            if self.rcpt is not None and pid == self.rcpt.pid:
+                self.rcpt_done(status)
+                continue
             for svc in self.services.values():
                 c = svc.children.pop(pid, None)
                 if c is None:
@@ -291,7 +317,7 @@ class Starter:
                         say("%s: restarting in %.0f s" % (svc.name, svc.backoff))
 
     def drain(self, c: Child, final: bool = False) -> None:
-        while True:
+        for _ in range(READS_PER_ROUND if not final else 1 << 30):
             try:
                 data = os.read(c.logfd, 65536)
             except BlockingIOError:
@@ -316,56 +342,97 @@ class Starter:
             named = head + "qpy-%s: " % c.prog
             text = "".join((head if line.startswith(b"qpy-") else named)
                            + clean(line, MAX_LINE) + "\n" for line in lines)
-            try:
-                durable.write_all(1, text.encode("utf-8", "replace"))
-            except OSError:
-                pass
+            OUTPUT.add(text.encode("utf-8", "replace"))
 
     def handle_flags(self) -> None:
         flags, self.flags = self.flags, set()
         if signal.SIGALRM in flags:
             self.signal("queue-send", signal.SIGALRM)
         if signal.SIGHUP in flags:
-            self.newrcpt()
-            for prog in ("queue-send",) + HUP_TO:
+            for prog in ("queue-send", "pickup", "authd"):
                 self.signal(prog, signal.SIGHUP)
+            self.newrcpt()      # tcpserver's HUP follows the new table
         if (signal.SIGTERM in flags or signal.SIGINT in flags) and not self.terminating:
             say("stopping")
             self.terminating = time.monotonic()
             for svc in self.services.values():
                 svc.restart_at = 0.0
                 self.stop(svc)
+            if self.rcpt is not None:
+                try:
+                    os.kill(self.rcpt.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def newrcpt(self) -> None:
-        """The SMTP recipient table (design §8), when qpy-newrcpt is installed."""
+        """Rebuild the SMTP recipient table (design §8) in a child, when installed;
+        a HUP while one runs makes one more run after it."""
+        if self.rcpt is not None:
+            self.rcpt_again = True
+            return
         if not self.exists("newrcpt"):
+            self.rcpt_finished()
             return
         try:
-            r = subprocess.run([program("qpy-newrcpt"), self.root], env=self.env,
-                               stdin=subprocess.DEVNULL, capture_output=True,
-                               timeout=NEWRCPT_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            say("warning: qpy-newrcpt: %s" % clean(str(e)))
+            pid, logr = self.fork("newrcpt", {}, (self.root,), log_stdout=True)
+        except OSError as e:
+            say("warning: qpy-newrcpt: %s" % e.strerror)
+            self.rcpt_finished()
             return
-        for line in (r.stdout + r.stderr).splitlines():
-            out("start", "qpy-newrcpt", clean(line, MAX_LINE))
+        self.rcpt = Child("start", "newrcpt", pid, logr)
+        self.rcpt_deadline = time.monotonic() + NEWRCPT_TIMEOUT
+
+    def rcpt_done(self, status: int) -> None:
+        c, self.rcpt = self.rcpt, None
+        assert c is not None
+        self.drain(c, final=True)
+        os.close(c.logfd)
+        if status:
+            say("warning: qpy-newrcpt (pid %d) %s" % (c.pid, describe(status)))
+        self.rcpt_finished()
+        if self.rcpt_again and not self.terminating:
+            self.rcpt_again = False
+            self.newrcpt()
+
+    def rcpt_finished(self) -> None:
+        """A table is built: the listener starts (the first time) or re-reads it."""
+        self.signal("tcpserver", signal.SIGHUP)
+        smtpd = self.services.get("smtpd")
+        first, self.table_first = self.table_first, False
+        if first and smtpd is not None and not self.terminating:
+            self.start(smtpd) if self.wanted("smtpd") else say("smtpd: not configured")
+
+    def check_rcpt(self, now: float) -> None:
+        if self.rcpt is not None and now > self.rcpt_deadline:
+            say("warning: qpy-newrcpt did not finish in %d s, killing it" % NEWRCPT_TIMEOUT)
+            try:
+                os.kill(self.rcpt.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.rcpt_deadline = now + NEWRCPT_TIMEOUT
 
     def run(self, wakeup: int) -> int:
         if self.paths.oneuser():
             say("one-user mode: every program runs as %s, not under separate users"
                 % self.paths.oneuser())
-        self.newrcpt()
         for svc in self.services.values():
+            if svc.name == "smtpd":
+                continue        # after the first recipient table (rcpt_finished)
             if self.wanted(svc.name):
                 self.start(svc)
             else:
                 say("%s: not configured, not started" % svc.name)
+        self.newrcpt()
         while True:
             self.handle_flags()
             now = time.monotonic()
+            self.check_rcpt(now)
             live = [c for s in self.services.values() for c in s.children.values()]
+            if self.rcpt is not None:
+                live.append(self.rcpt)
             if self.terminating and not live:
                 say("stopped")
+                OUTPUT.flush_all(1)
                 return 0
             for svc in self.services.values():
                 if svc.stopping and svc.children and now - svc.stopping > STOP_WAIT:
@@ -385,9 +452,12 @@ class Starter:
             timeout = 1.0
             fds = [wakeup] + [c.logfd for c in live]
             try:
-                ready, _, _ = select.select(fds, [], [], timeout)
+                ready, writable, _ = select.select(fds, [1] if OUTPUT.buf else [], [],
+                                                   timeout)
             except InterruptedError:
-                ready = []
+                ready, writable = [], []
+            if writable:
+                OUTPUT.flush(1)
             for fd in ready:
                 if fd == wakeup:
                     try:

@@ -76,3 +76,47 @@ def flush() -> None:
             view = view[os.write(2, view):]
     except OSError:
         pass
+
+
+class Outbox:
+    """Lines for a descriptor that must never be waited on (qpy-start's stdout, which
+    every service's log passes through): they queue here, up to `limit` bytes (then
+    lines are dropped and counted), and go out when select() says it is writable."""
+
+    CHUNK = 4096    # PIPE_BUF: a write this small to a writable pipe never blocks
+
+    def __init__(self, limit: int) -> None:
+        self.buf = bytearray()
+        self.limit = limit
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        if len(self.buf) + len(data) > self.limit:
+            self.dropped += data.count(b"\n")
+            return
+        if self.dropped:
+            self.buf += b"warning: %d log lines dropped: the log did not keep up\n" \
+                % self.dropped
+            self.dropped = 0
+        self.buf += data
+
+    def flush(self, fd: int) -> None:
+        """One write of at most CHUNK bytes (call when fd is writable)."""
+        if not self.buf:
+            return
+        try:
+            n = os.write(fd, self.buf[:self.CHUNK])
+        except BlockingIOError:
+            return
+        except OSError:
+            n = len(self.buf)      # nowhere to write: nothing to keep it for
+        del self.buf[:n]
+
+    def flush_all(self, fd: int) -> None:
+        """Everything, waiting as long as fd needs (at exit)."""
+        while self.buf:
+            try:
+                n = os.write(fd, self.buf)
+            except OSError:
+                n = len(self.buf)
+            del self.buf[:n]

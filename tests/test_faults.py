@@ -1,0 +1,78 @@
+"""Fragile spots found by reading (issue 17), each with the test that failed before
+its fix: qpy-start's supervision while qpy-newrcpt stalls, ...
+
+Everything runs the installed programs; a stand-in replaces a program only where
+the point is what its caller does when that program misbehaves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import qpytest
+from qpytest import wait_for
+
+
+def shadow_bin(qroot, replace: dict[str, str]) -> str:
+    """A bin directory beside the root: links to the installed launchers (programs
+    find each other beside sys.argv[0]), with `replace` {program: sh script}."""
+    d = os.path.join(os.path.dirname(qroot.path), "bin")
+    os.makedirs(d)
+    os.chmod(os.path.dirname(d), 0o755)
+    for name in os.listdir(qpytest.BIN):
+        if name not in replace:
+            os.symlink(os.path.join(qpytest.BIN, name), os.path.join(d, name))
+    for name, script in replace.items():
+        p = os.path.join(d, name)
+        with open(p, "w") as f:
+            f.write("#!/bin/sh\n" + script)
+        os.chmod(p, 0o755)
+    os.symlink(os.path.join(qpytest.PREFIX, "share"),
+               os.path.join(os.path.dirname(d), "share"))
+    return d
+
+
+def read_pid(qroot, prog: str) -> int | None:
+    try:
+        with open(os.path.join(qroot.paths.run, prog + ".pid")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def test_start_supervises_and_drains_logs_while_newrcpt_stalls(qroot):
+    """A qpy-newrcpt that hangs (a home on a dead NFS server) must not stop qpy-start
+    from reaping and restarting a dead service, nor from reading the logs."""
+    stall = os.path.join(os.path.dirname(qroot.path), "stall")
+    real = qpytest.bin_path("qpy-newrcpt")
+    bindir = shadow_bin(qroot, {"qpy-newrcpt":
+                                '[ -e %s ] && exec sleep 120\nexec %s "$@"\n' % (stall, real)})
+    logpath = os.path.join(os.path.dirname(qroot.path), "start.log")
+    with open(logpath, "wb") as log:
+        proc = subprocess.Popen([os.path.join(bindir, "qpy-start"), qroot.path],
+                                env=qroot.env(), stdout=log, stderr=subprocess.STDOUT)
+    qroot.procs.append(proc)
+
+    def text() -> str:
+        with open(logpath, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    assert wait_for(lambda: read_pid(qroot, "pickup") and "entries in" in text(), 30), text()
+    open(stall, "w").close()
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)         # qpy-newrcpt is now asleep
+    old = read_pid(qroot, "pickup")
+    os.kill(old, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert wait_for(lambda: read_pid(qroot, "pickup") not in (None, old), 15), \
+        "pickup not restarted while qpy-newrcpt stalls:\n" + text()
+    assert wait_for(lambda: re.search(r"pickup qpy-pickup: .*started", text().split(
+        "killed by signal 9", 1)[-1]), 15), "pickup's log not read:\n" + text()
+    print("pickup back %.1f s after its kill, qpy-newrcpt still asleep"
+          % (time.monotonic() - t0))
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+    assert "stopped" in text()
