@@ -76,3 +76,34 @@ def test_start_supervises_and_drains_logs_while_newrcpt_stalls(qroot):
     proc.terminate()
     assert proc.wait(timeout=60) == 0
     assert "stopped" in text()
+
+
+def strace_run(qroot, inject: str, prog: str, *args: str, input: bytes = b"", **kw) -> subprocess.CompletedProcess:
+    """Run an installed program under strace with a fault injected (`inject` is
+    strace's SYSCALL:error=E or SYSCALL:signal=S...)."""
+    cmd = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=" + inject.split(":")[0],
+           "-e", "inject=" + inject, qpytest.bin_path(prog), *args]
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run(cmd, input=input, env=qroot.env(), timeout=60, **kw)
+
+
+def envelope_pipe(sender: bytes, rcpts: list[bytes]) -> int:
+    """A pipe holding the envelope for qpy-queue-inject's fd 1."""
+    r, w = os.pipe()
+    os.write(w, b"F" + sender + b"\0" + b"".join(b"T" + x + b"\0" for x in rcpts) + b"\0")
+    os.close(w)
+    return r
+
+
+def test_injector_whose_fsync_fails_leaves_no_drop_file(qroot):
+    """fsync of the drop file fails (EIO): exit 53 and no complete drop file under
+    its final name, or pickup would admit what the sender will send again."""
+    env_r = envelope_pipe(b"a@test.example", [b"b@test.example"])
+    try:
+        r = strace_run(qroot, "fsync:error=EIO", "qpy-queue-inject",
+                       input=b"Subject: x\n\nbody\n", stdout=env_r)
+    finally:
+        os.close(env_r)
+    assert r.returncode == 53, r
+    assert qroot.queue_files("drop") == []

@@ -16,7 +16,10 @@ never acknowledged, and may leave under the final name a file whose header and
 envelope are on disk but part of whose body is not (cyclic writeback can put
 the tail and page 0 on disk before a middle page, so the lengths match the size
 and only zeros mark the hole): pickup recomputes the CRC-32 and quarantines
-such a file instead of admitting it.
+such a file instead of admitting it. When that fsync fails the final name is
+removed again (its header spoiled first), so that the retry the caller makes after
+exit 53 is not a duplicate; a pickup that read the whole file in the moment between
+the rename and the unlink is the one window left.
 
 With door=True (qpy-smtpd) the message is written into a memfd instead, sealed,
 and handed to qpy-pickup over its door (qpy.common.door): pickup copies it into
@@ -188,15 +191,28 @@ class Drop:
                     self.id = new_id()
             else:
                 raise InjectError(EXIT_QUEUE, "create: the drop names are taken")
-            self._tmp = ""
+            self._tmp = self.id   # until the fsync returns, abort() removes the final name
             # durable: rename, then one fsync of the file commits its bytes and the
             # rename together (the module docstring says why; pickup checks the CRC)
             os.fsync(self._fd)
+            self._tmp = ""
         except OSError as e:
+            if self._tmp == self.id:
+                self._void()
             raise _io_error(e, "write")
         finally:
             self.abort()
         return self.id
+
+    def _void(self) -> None:
+        """The fsync failed after the rename: a complete file with a valid CRC stands
+        under the final name, which pickup would admit though the caller hears 53 and
+        retries. Spoil its header first (a pickup that has it open but not yet read
+        it quarantines it), then abort() unlinks it."""
+        try:
+            os.pwrite(self._fd, b"\0" * dropfile.HEADER_LEN, 0)
+        except OSError:
+            pass
 
     def abort(self) -> None:
         """Forget the message (a no-op after commit)."""
