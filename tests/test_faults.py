@@ -1,5 +1,6 @@
 """Fragile spots found by reading (issue 17), each with the test that failed before
-its fix: qpy-start's supervision while qpy-newrcpt stalls, ...
+its fix: qpy-start's supervision while qpy-newrcpt stalls, an injector whose fsync
+fails, malformed control files.
 
 Everything runs the installed programs; a stand-in replaces a program only where
 the point is what its caller does when that program misbehaves.
@@ -10,10 +11,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
+import pytest
 import qpytest
+import smtphelp
 from qpytest import wait_for
 
 
@@ -107,3 +111,54 @@ def test_injector_whose_fsync_fails_leaves_no_drop_file(qroot):
         os.close(env_r)
     assert r.returncode == 53, r
     assert qroot.queue_files("drop") == []
+
+
+def smtp_greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        data = b""
+        while not data.endswith(b"\n"):
+            got = s.recv(512)
+            if not got:
+                break
+            data += got
+        return data
+
+
+@pytest.mark.parametrize("name", ["databytes", "maxrcpt", "maxsmtpd"])
+def test_malformed_protective_limit_refuses_with_421_and_logs_at_each_reload(qroot, name):
+    """A limit that protects, malformed, is "unable to read controls" (421), not
+    "no limit"; the problem is logged at start and again at every reload; once it is
+    fixed, a HUP brings the listener back."""
+    qroot.control(name, "50 MB")
+    lst = smtphelp.Listener(qroot, ipv6=False)
+    try:
+        assert smtp_greeting(lst.port).startswith(b"421 4.3.0"), lst.log()
+        warning = "control/%s is malformed" % name
+        assert lst.wait_log(warning), lst.log()
+        n = lst.log().count(warning)
+        lst.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: lst.log().count(warning) > n, 20), lst.log()
+        qroot.control(name, "1000000")
+        lst.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: smtp_greeting(lst.port).startswith(b"220"), 20), lst.log()
+    finally:
+        lst.stop()
+
+
+def test_malformed_databytes_makes_sendmail_fail_temporarily(qroot):
+    qroot.control("databytes", "-1")
+    r = qroot.run("qpy-sendmail", "someone@test.example", input=b"Subject: x\n\nbody\n")
+    assert r.returncode == 111, r
+    assert b"control/databytes is malformed" in r.stderr, r.stderr
+    assert qroot.queue_files("drop") == []
+
+
+def test_malformed_ordinary_setting_is_logged_and_defaulted(qroot):
+    qroot.control("timeoutsmtpd", "soon")
+    lst = smtphelp.Listener(qroot, ipv6=False)
+    try:
+        assert smtp_greeting(lst.port).startswith(b"220"), lst.log()
+        assert lst.wait_log("control/timeoutsmtpd is malformed"), lst.log()
+        assert "using the default 1200" in lst.log(), lst.log()
+    finally:
+        lst.stop()

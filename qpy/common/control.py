@@ -4,11 +4,21 @@ One setting per file. A single-value file's first line counts (trailing blanks
 removed); a list file is one entry a line, blank lines and `#` comments skipped.
 Values are read once and cached: the programs re-read on SIGHUP (`reload()`),
 never once per message.
+
+A file that exists but cannot be used (unreadable, not UTF-8, not a number...) is
+logged, once per read, i.e. at start and at every reload. Most settings then take
+their default. The limits that protect (PROTECTIVE: databytes, maxsmtpd, maxrcpt)
+do not: a malformed one raises ControlError from get()/integer(), and the program
+refuses with a temporary error until it is fixed, as qmail does ("unable to read
+controls"), rather than run with no limit.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+from qpy.common.log import log
 
 MAX_CONTROL_BYTES = 4 * 1024 * 1024   # a control file larger than this is malformed
 
@@ -60,6 +70,9 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "acceptunknown": ("flag", False),
     "tlsrequired": ("flag", False),
 }
+
+
+PROTECTIVE = frozenset({"databytes", "maxsmtpd", "maxrcpt"})
 
 
 class ControlError(ValueError):
@@ -154,9 +167,23 @@ class Control:
         return list(default) if isinstance(default, list) else default
 
     def get(self, name: str) -> object:
+        """The value; ControlError for a malformed PROTECTIVE limit."""
         if name not in self._cache:
-            self._cache[name] = self.explain(name)[0]
-        return self._cache[name]
+            value, source = self.explain(name)
+            if source.startswith("malformed"):
+                what = "%s: control/%s is %s" % (os.path.basename(sys.argv[0] or "qpy"),
+                                                  name, source)
+                if name in PROTECTIVE:
+                    log("warning: %s: refusing with a temporary error until it is fixed"
+                        % what)
+                    value = ControlError("control/%s is %s" % (name, source))
+                else:
+                    log("warning: %s: using the default %r" % (what, value))
+            self._cache[name] = value
+        value = self._cache[name]
+        if isinstance(value, ControlError):
+            raise value
+        return value
 
     def line(self, name: str) -> str:
         v = self.get(name)

@@ -12,7 +12,7 @@ import pwd
 import sys
 
 from qpy.common import address
-from qpy.common.control import Control
+from qpy.common.control import Control, ControlError
 from qpy.common.exits import EXIT_PERM, EXIT_TEMP, permanent
 from qpy.common.queue import root_from
 from qpy.inject import headers
@@ -110,7 +110,11 @@ class Front:
         if not rcpts:
             return self.fail(self.exits["usage"], "no recipients")
         try:
-            inject(self.root, message, sender, rcpts, self.control.integer("databytes"))
+            databytes = self.control.integer("databytes")
+        except ControlError as e:
+            return self.fail(EXIT_TEMP, "cannot queue the message: %s" % e)
+        try:
+            inject(self.root, message, sender, rcpts, databytes)
         except InjectError as e:
             why = "temp"
             if e.code == 31:                      # over databytes: the message itself

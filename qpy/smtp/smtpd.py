@@ -82,7 +82,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from qpy.common import address, rewrite
-from qpy.common.control import Control
+from qpy.common.control import Control, ControlError
 from qpy.common.exits import permanent
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble
@@ -126,9 +126,13 @@ class Config:
         self.rewrite = rewrite.Rewrite.from_control(c)   # as qpy-queue-send will route
         self.rcpthosts = _domains(c.lines("rcpthosts") + c.lines("morercpthosts"))
         self.badmailfrom = _domains(c.lines("badmailfrom"))
-        self.databytes = c.integer("databytes")
         self.timeout = max(1, c.integer("timeoutsmtpd"))
-        self.maxrcpt = max(1, c.integer("maxrcpt"))
+        self.unusable = ""        # a malformed limit: every session gets 421 (serve())
+        try:
+            self.databytes = c.integer("databytes")
+            self.maxrcpt = max(1, c.integer("maxrcpt"))
+        except ControlError as e:
+            self.databytes, self.maxrcpt, self.unusable = 1, 1, str(e)
         self.acceptunknown = acceptunknown or c.flag("acceptunknown")
         self.recipients = RecipientTable(root)
         self.milters: list = []
@@ -599,6 +603,13 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
     The caller has set SIGTERM to end the session (SystemExit) and SIGPIPE to SIG_IGN:
     main() here, once per worker in qpy-tcpserver (not per session: it costs)."""
     from qpy.smtp.secure import SecureSession  # here: secure.py builds on this module
+    if cfg.unusable:
+        log("%s: %s: 421 to %s" % (PROGRAM, cfg.unusable, env.get("TCPREMOTEIP", "")))
+        try:
+            os.write(wfd, b"421 4.3.0 Unable to read controls\r\n")
+        except OSError:
+            pass
+        return 0
     # STARTTLS, implicit TLS and AUTH (qpy.smtp.secure); plain SMTP without a cert.
     session = SecureSession(cfg, env, Channel(rfd, wfd, cfg.timeout))
     try:

@@ -73,7 +73,7 @@ import socket
 import sys
 import time
 
-from qpy.common.control import Control
+from qpy.common.control import Control, ControlError
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, set_title
@@ -176,7 +176,10 @@ class Server:
         control = Control(self.root)
         self.cfg = smtpd.Config(self.root)
         secure.load(self.root, PROGRAM)   # the certificate: read once, before any fork
-        self.maxsmtpd = max(1, control.integer("maxsmtpd"))
+        try:
+            self.maxsmtpd = max(1, control.integer("maxsmtpd"))
+        except ControlError as e:      # logged by Control; every session gets 421
+            self.maxsmtpd, self.cfg.unusable = 1, str(e)
         ratelimit.shared = ratelimit.RateLimits(control)   # shared with workers forked later
         for lst in self.listeners:
             lst.rules, problems = rulesmod.parse("\n".join(control.lines(lst.rules_name)))
