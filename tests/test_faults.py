@@ -1,6 +1,6 @@
 """Fragile spots found by reading (issue 17), each with the test that failed before
 its fix: qpy-start's supervision while qpy-newrcpt stalls, an injector whose fsync
-fails, malformed control files.
+fails, malformed control files, a root path too long for a socket name.
 
 Everything runs the installed programs; a stand-in replaces a program only where
 the point is what its caller does when that program misbehaves.
@@ -9,6 +9,7 @@ the point is what its caller does when that program misbehaves.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 import pytest
 import qpytest
 import smtphelp
+import tlshelp
 from qpytest import wait_for
 
 
@@ -82,7 +84,8 @@ def test_start_supervises_and_drains_logs_while_newrcpt_stalls(qroot):
     assert "stopped" in text()
 
 
-def strace_run(qroot, inject: str, prog: str, *args: str, input: bytes = b"", **kw) -> subprocess.CompletedProcess:
+def strace_run(qroot, inject: str, prog: str, *args: str, input: bytes = b"",
+               **kw) -> subprocess.CompletedProcess:
     """Run an installed program under strace with a fault injected (`inject` is
     strace's SYSCALL:error=E or SYSCALL:signal=S...)."""
     cmd = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=" + inject.split(":")[0],
@@ -162,3 +165,35 @@ def test_malformed_ordinary_setting_is_logged_and_defaulted(qroot):
         assert "using the default 1200" in lst.log(), lst.log()
     finally:
         lst.stop()
+
+
+def test_authd_listens_and_answers_under_a_root_path_too_long_for_a_socket_name():
+    """ROOT/queue/run/auth/socket longer than sun_path's 107 bytes: qpy-authd must
+    still listen, and smtpd's side (qpy.smtp.auth.check, as qpyd) still reach it."""
+    top = qpytest.test_dir("long")
+    deep = os.path.join(top, "a-directory-name-long-enough" * 3)
+    os.makedirs(deep, mode=0o755)
+    path = os.path.join(deep, "qpy")
+    r = subprocess.run([qpytest.bin_path("qpy-install"), path, "--me", "test.example"],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r
+    qroot = qpytest.QRoot(path)
+    try:
+        sock = os.path.join(qroot.paths.run, "auth", "socket")
+        assert len(sock.encode()) > 107
+        tlshelp.set_password(qroot, "alice", "correct horse")
+        authd = tlshelp.start_authd(qroot)
+        ask = ("import sys\nfrom qpy.smtp import auth\n"
+               "for pw in (b'correct horse', b'wrong'):\n"
+               "    print(auth.check(sys.argv[1], b'alice', pw, '192.0.2.1').decode())\n")
+        who = []
+        if qpytest.IS_ROOT:
+            pw = pwd.getpwnam("qpyd")
+            who = ["setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid),
+                   "--init-groups", "--"]
+        r = subprocess.run(who + [qpytest.PYTHON, "-c", ask, path], capture_output=True,
+                           timeout=60, cwd="/")
+        assert r.stdout.split() == [b"Y", b"N"], (r, authd.poll())
+    finally:
+        qroot.stop_all()
+        qpytest.remove_tree(top)

@@ -67,7 +67,7 @@ import struct
 import sys
 import time
 
-from qpy.common import authdb
+from qpy.common import authdb, unixsock
 from qpy.common.control import Control
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
@@ -359,13 +359,9 @@ class Server:
 
 
 def listen(path: str) -> socket.socket:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, SOCKET_MODE)
+    # by a short name: a root's path may push the full one past sun_path's 108 bytes
+    sock = unixsock.bind(os.path.dirname(path), os.path.basename(path),
+                         socket.SOCK_STREAM, SOCKET_MODE)
     sock.listen(128)
     return sock
 

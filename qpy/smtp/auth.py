@@ -33,7 +33,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from qpy.common import authdb
+from qpy.common import authdb, unixsock
 
 MECHANISMS = ("PLAIN", "LOGIN")
 MAX_B64 = 4 * ((2 * authdb.MAX_USER + authdb.MAX_PASSWORD + 2 + 2) // 3 + 1)
@@ -125,9 +125,8 @@ def check(root: str, user: bytes, password: bytes, client_ip: str,
           timeout: float = CHECK_TIMEOUT) -> bytes:
     """Ask qpy-authd: Y, N, L or T (T also when it cannot be reached)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(authdb.socket_path(root))
+        with unixsock.connect(authdb.socket_dir(root), "socket", socket.SOCK_STREAM,
+                              timeout) as s:
             s.sendall(authdb.encode_request(user, password, client_ip))
             s.shutdown(socket.SHUT_WR)
             answer = s.recv(16)
