@@ -197,3 +197,26 @@ def test_authd_listens_and_answers_under_a_root_path_too_long_for_a_socket_name(
     finally:
         qroot.stop_all()
         qpytest.remove_tree(top)
+
+
+def test_pickup_removes_the_temporary_file_of_a_killed_injector(qroot):
+    """An injector killed mid-message leaves drop/tmp.*; it was never acknowledged,
+    and the restarted system must not keep it for qmail's 36 hours."""
+    start = qroot.start("qpy-start", qroot.path, "--only", "pickup")
+    assert wait_for(lambda: read_pid(qroot, "pickup"), 30), start
+    env_r = envelope_pipe(b"a@test.example", [b"b@test.example"])
+    inj = subprocess.Popen([qpytest.bin_path("qpy-queue-inject")], env=qroot.env(),
+                           stdin=subprocess.PIPE, stdout=env_r, stderr=subprocess.PIPE)
+    os.close(env_r)
+    inj.stdin.write(b"Subject: half\n\n" + b"x" * 200000)
+    inj.stdin.flush()
+    assert wait_for(lambda: any(n.startswith("tmp.") for n in qroot.queue_files("drop")), 20)
+    inj.kill()
+    inj.wait()
+    inj.stdin.close()
+    time.sleep(1.5)
+    r = qroot.run("qpy-sendmail", "b@test.example", input=b"Subject: next\n\nbody\n")
+    assert r.returncode == 0, r
+    # the next scan (the new message's) admits it and removes the orphan
+    assert wait_for(lambda: qroot.queue_files("drop") == [], 20), qroot.queue_files("drop")
+    assert len(qroot.queue_files("mess")) == 1

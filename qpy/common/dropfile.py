@@ -19,6 +19,8 @@ drop files left by an older qpy are admitted after an upgrade.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import zlib
 
 MAGIC = b"QPYDROP2"
@@ -81,6 +83,25 @@ def parse_header(head: bytes, filesize: int) -> Header:
     if length + msglen + envlen != filesize:
         raise DropError("lengths do not match the file size")
     return Header(pid, msglen, envlen, crc, length)
+
+
+def orphaned(dfd: int, name: str) -> bool:
+    """A temporary drop file whose writer is gone: its writer holds a shared flock on
+    it from creation to close (qpy.inject.drop), which the kernel drops when the
+    writer dies however it dies; nobody else takes a lock on it. Works whatever pid
+    namespace the writer ran in, which a pid in the name would not."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dfd)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def is_final_name(name: str) -> bool:

@@ -117,6 +117,9 @@ class Drop:
         self._tmp = tmp
         try:
             os.fchmod(fd, DROP_MODE)
+            # held until the file is closed, i.e. as long as this writer lives: pickup
+            # removes a temporary file nobody holds (qpy.common.dropfile.orphaned)
+            fcntl.flock(fd, fcntl.LOCK_SH)
         except OSError as e:
             os.close(fd)
             raise _io_error(e, "create")

@@ -76,6 +76,7 @@ SECURITY
     error outside one file (the journal, a rename) leaves the batch's drop files
     in drop/ for the next pass. Pickup runs under a memory limit of 256 MiB
     (RLIMIT_AS) in the tests, with every such file.
+    A `tmp.*` drop file goes once its writer is gone (dropfile.orphaned) or is 36 h old.
 
 EXIT CODES
     0 after SIGTERM; 111 when the queue cannot be used.
@@ -102,6 +103,7 @@ from qpy.queue.journal import COMMIT, TODO_TMP, Journal, unlink_quietly
 
 BATCH_MAX = 64                    # drop files admitted under one journal fsync
 STALE_TMP_SECONDS = 36 * 3600     # qmail's limit for a half-written file
+ORPHAN_TMP_SECONDS = 1.0          # younger temporary files are not even looked at
 IDLE_WAIT = 5.0
 RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
 JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
@@ -343,7 +345,8 @@ class Pickup:
                     age = now - entry.stat(follow_symlinks=False).st_mtime
                 except OSError:
                     continue
-                if age > STALE_TMP_SECONDS:   # its writer died long ago: never acknowledged
+                if age > STALE_TMP_SECONDS or (age > ORPHAN_TMP_SECONDS and
+                                               dropfile.orphaned(dfd, name)):  # writer gone
                     unlink_quietly(self.paths.drop, name)
             else:
                 self.quarantine(name, dfd, "not a drop file name")
