@@ -273,10 +273,7 @@ class Starter:
     def signal(self, prog: str, sig: int) -> None:
         c = self.child(prog)
         if c is not None:
-            try:
-                os.kill(c.pid, sig)
-            except ProcessLookupError:
-                pass
+            kill(c.pid, sig)
 
     def stop(self, svc: Service) -> None:
         """Ask a service to end: TERM to its front program; the rest follow by EOF."""
@@ -286,10 +283,7 @@ class Starter:
         for c in svc.children.values():
             # not the spawners nor clean: they end by EOF when queue-send is gone
             if c.prog in ("queue-send", "pickup", "tcpserver", "authd"):
-                try:
-                    os.kill(c.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                kill(c.pid, signal.SIGTERM)
 
     def reap(self) -> None:
         for pid, status in children.exited():
@@ -359,10 +353,7 @@ class Starter:
                 svc.restart_at = 0.0
                 self.stop(svc)
             if self.rcpt is not None:
-                try:
-                    os.kill(self.rcpt.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                kill(self.rcpt.pid, signal.SIGTERM)
 
     def newrcpt(self) -> None:
         """Rebuild the SMTP recipient table (design §8) in a child, when installed;
@@ -405,10 +396,7 @@ class Starter:
     def check_rcpt(self, now: float) -> None:
         if self.rcpt is not None and now > self.rcpt_deadline:
             say("warning: qpy-newrcpt did not finish in %d s, killing it" % NEWRCPT_TIMEOUT)
-            try:
-                os.kill(self.rcpt.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill(self.rcpt.pid, signal.SIGKILL)
             self.rcpt_deadline = now + NEWRCPT_TIMEOUT
 
     def run(self, wakeup: int) -> int:
@@ -438,10 +426,7 @@ class Starter:
                 if svc.stopping and svc.children and now - svc.stopping > STOP_WAIT:
                     for c in svc.children.values():
                         say("%s: qpy-%s did not stop, killing it" % (svc.name, c.prog))
-                        try:
-                            os.kill(c.pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                        kill(c.pid, signal.SIGKILL)
                     svc.stopping = now      # and wait for the kill to be reaped
                 if svc.restart_at and now >= svc.restart_at and not self.terminating:
                     self.start(svc)
@@ -468,6 +453,13 @@ class Starter:
                 if c.logfd in ready:
                     self.drain(c)
             self.reap()
+
+
+def kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def describe(status: int) -> str:

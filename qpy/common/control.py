@@ -195,6 +195,14 @@ class Control:
         assert isinstance(v, int), name
         return v
 
+    def integer_or(self, name: str, fallback: int) -> int:
+        """integer(), or fallback where a malformed PROTECTIVE limit would raise (for a
+        program that acknowledges nothing: its limit is only a defence)."""
+        try:
+            return self.integer(name)
+        except ControlError:
+            return fallback
+
     def lines(self, name: str) -> list[str]:
         v = self.get(name)
         assert isinstance(v, list), name

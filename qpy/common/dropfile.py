@@ -85,11 +85,16 @@ def parse_header(head: bytes, filesize: int) -> Header:
     return Header(pid, msglen, envlen, crc, length)
 
 
-def orphaned(dfd: int, name: str) -> bool:
+ORPHAN_MIN_AGE = 1.0       # seconds: a younger temporary file is not even opened
+
+
+def orphaned(dfd: int, name: str, age: float) -> bool:
     """A temporary drop file whose writer is gone: its writer holds a shared flock on
     it from creation to close (qpy.inject.drop), which the kernel drops when the
     writer dies however it dies; nobody else takes a lock on it. Works whatever pid
     namespace the writer ran in, which a pid in the name would not."""
+    if age < ORPHAN_MIN_AGE:
+        return False
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      dir_fd=dfd)

@@ -16,7 +16,7 @@ import time
 import zlib
 
 from qpy.common import dropfile, durable, envelope
-from qpy.common.control import Control, ControlError
+from qpy.common.control import Control
 from qpy.common.privilege import resolve_user
 from qpy.common.queue import DropIds, Paths, make_id, todo_encode
 from qpy.common.rfcdate import rfc5322_date
@@ -61,10 +61,7 @@ class Admitter:
         return table
 
     def limit(self) -> int:
-        try:
-            databytes = self.control.integer("databytes")
-        except ControlError:    # logged; the programs that acknowledge refuse meanwhile
-            databytes = 0
+        databytes = self.control.integer_or("databytes", 0)   # 0 (hard cap) if malformed
         return databytes + HEADER_SLACK if databytes else MAX_MESSAGE_BYTES
 
     def new_id(self) -> str:

@@ -103,7 +103,6 @@ from qpy.queue.journal import COMMIT, TODO_TMP, Journal, unlink_quietly
 
 BATCH_MAX = 64                    # drop files admitted under one journal fsync
 STALE_TMP_SECONDS = 36 * 3600     # qmail's limit for a half-written file
-ORPHAN_TMP_SECONDS = 1.0          # younger temporary files are not even looked at
 IDLE_WAIT = 5.0
 RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
 JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
@@ -345,8 +344,7 @@ class Pickup:
                     age = now - entry.stat(follow_symlinks=False).st_mtime
                 except OSError:
                     continue
-                if age > STALE_TMP_SECONDS or (age > ORPHAN_TMP_SECONDS and
-                                               dropfile.orphaned(dfd, name)):  # writer gone
+                if age > STALE_TMP_SECONDS or dropfile.orphaned(dfd, name, age):  # writer gone
                     unlink_quietly(self.paths.drop, name)
             else:
                 self.quarantine(name, dfd, "not a drop file name")
