@@ -1,6 +1,7 @@
 """Fragile spots found by reading (issue 17), each with the test that failed before
 its fix: qpy-start's supervision while qpy-newrcpt stalls, an injector whose fsync
-fails, malformed control files, a root path too long for a socket name.
+fails, malformed control files, a root path too long for a socket name,
+a killed injector's temporary file, a message file that cannot be opened.
 
 Everything runs the installed programs; a stand-in replaces a program only where
 the point is what its caller does when that program misbehaves.
@@ -8,6 +9,7 @@ the point is what its caller does when that program misbehaves.
 
 from __future__ import annotations
 
+import glob
 import os
 import pwd
 import re
@@ -220,3 +222,46 @@ def test_pickup_removes_the_temporary_file_of_a_killed_injector(qroot):
     # the next scan (the new message's) admits it and removes the orphan
     assert wait_for(lambda: qroot.queue_files("drop") == [], 20), qroot.queue_files("drop")
     assert len(qroot.queue_files("mess")) == 1
+
+
+@qpytest.needs_root
+def test_message_whose_mess_file_cannot_be_opened_bounces_after_queuelifetime(qroot):
+    """mess/ID unreadable (EACCES here; EIO on a bad disk): deferred while young, but
+    past queuelifetime it bounces (quoting nothing) instead of staying for ever."""
+    home = os.path.join(os.path.dirname(qroot.path), "home-faults")
+    qpytest.make_user("qtfaults", home)
+    qroot.control("queuelifetime", "2")
+    pickup = qroot.start("qpy-start", qroot.path, "--only", "pickup")
+    r = qroot.run("qpy-sendmail", "-f", "qtfaults@test.example", "nobody-here@test.example",
+                  input=b"Subject: unreadable\n\nbody\n")
+    assert r.returncode == 0, r
+    assert wait_for(lambda: qroot.queue_files("todo"), 20)
+    [msgid] = qroot.queue_files("mess")
+    os.chmod(os.path.join(qroot.paths.mess, msgid), 0)
+    pickup.terminate()
+    pickup.wait(60)
+    time.sleep(2.5)         # older than queuelifetime before queue-send first sees it
+    logpath = os.path.join(os.path.dirname(qroot.path), "start.log")
+    with open(logpath, "wb") as log:
+        qroot.start("qpy-start", qroot.path, stdout=log, stderr=subprocess.STDOUT)
+
+    def text() -> str:
+        with open(logpath, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    assert wait_for(lambda: "end msg %s" % msgid in text(), 30), text()
+    bounces = wait_for(lambda: glob.glob(os.path.join(home, "Maildir", "new", "*")), 30)
+    assert bounces, text()
+    with open(bounces[0], "rb") as f:
+        data = f.read()
+    assert b"Return-Path: <>" in data and b"unable to open the queued message" in data
+    assert qroot.queue_files("mess") == [] and qroot.queue_files("todo") == []
+
+
+def test_queue_send_removes_the_temporary_request_of_a_killed_qrm(qroot):
+    """qpy-qrm killed between creating queue/rm/.tmp.ID.PID and its rename: the
+    temporary file is not a request, and nothing else would ever remove it."""
+    p = os.path.join(qroot.paths.queue, "rm", ".tmp.1234.999999")
+    open(p, "w").close()
+    os.utime(p, (time.time() - 60, time.time() - 60))
+    qroot.start("qpy-start", qroot.path, "--only", "send")
+    assert wait_for(lambda: not os.path.exists(p), 30), os.listdir(os.path.dirname(p))

@@ -99,10 +99,14 @@ class Deliveries:
         try:
             fd = os.open(os.path.join(self.paths.mess, st.id), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as e:
+            text = "unable to open the queued message: %s (#4.3.0)" % e.strerror
+            if last:    # past queuelifetime: a bounce (with no message to quote), not a
+                self.fail(m, indexes, text + " " + EXPIRED)     # deferral for ever
+                self.settle(m)
+                return
             nxt = next_try(st.arrival, now, channel, self.lifetime)
             for j in indexes:
-                self.defer(m, j, nxt, "unable to open the queued message: %s (#4.3.0)"
-                           % e.strerror)
+                self.defer(m, j, nxt, text)
             return
         self.dnum += 1
         d = self.dnum

@@ -173,6 +173,8 @@ class Finishing:
             return
         for name in names:
             if not is_id(name):
+                if name.startswith(".tmp.") and stale(os.path.join(self.rmdir, name)):
+                    unlink(os.path.join(self.rmdir, name))    # a qpy-qrm killed mid-write
                 continue
             m = self.msgs.get(name)
             if m is not None:
@@ -184,6 +186,16 @@ class Finishing:
             elif name not in self.todo_known and \
                     not os.path.lexists(os.path.join(self.paths.todo, name)):
                 unlink(os.path.join(self.rmdir, name))   # nothing left to remove
+
+
+RM_TMP_AGE = 5.0    # seconds; qpy-qrm writes an empty file: its temporary lives for ms
+
+
+def stale(path: str) -> bool:
+    try:
+        return time.time() - os.lstat(path).st_mtime > RM_TMP_AGE
+    except OSError:
+        return False
 
 
 def _mark_bounced(st: MessageState, owed: list[int]) -> None:

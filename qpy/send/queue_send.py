@@ -65,8 +65,11 @@ SCHEDULING
     of new mail nor a backlog of deliveries stalls the other. A temporary failure is
     retried on qmail's schedule: next = birth + (floor(sqrt(age)) + c)^2 with c = 10
     (local) or 20 (remote). Past queuelifetime a message gets one more attempt;
-    a temporary failure then becomes permanent. One bounce per message and failure
-    batch, sent when no delivery of the message is in flight or untried.
+    a temporary failure then becomes permanent, mess/ID that cannot be opened
+    included (the bounce then quotes nothing; for a bounce it is the double bounce
+    to doublebounceto). One bounce per message and failure batch, sent when no
+    delivery of the message is in flight or untried. A `queue/rm/.tmp.*` older
+    than 5 s is a qpy-qrm killed while writing its request: removed.
 
 SIGNALS
     ALRM: everything due now, and queue/rm/ is read.  HUP: control files re-read.
