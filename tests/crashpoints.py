@@ -55,6 +55,8 @@ ONESHOT = ("sendmail", "queue-inject", "smtpd", "qrm")
 RESIDENT = ("pickup", "queue-send", "clean", "lspawn", "rspawn")
 ME = "test.example"
 USER = "qtcrash"
+VERBOSE = bool(os.environ.get("QPY_CRASH_VERBOSE"))
+STABLE = 2.5                    # qpy.admin.start.STABLE_RUN, and a little
 SETTLE = 60.0                   # seconds a point may take to finish after its crash
 _CALL = re.compile(r"^(\d+) +(\w+)\((.*?)(?:\) += |<unfinished)")
 
@@ -408,13 +410,17 @@ def detach(t: subprocess.Popen) -> None:
 
 
 def family(rig: Rig, prog: str) -> list[int]:
+    """prog's pid and its children's, once it has run STABLE s: qpy-start doubles the
+    back-off of a service that dies sooner (a crash loop), up to a minute."""
     import psutil
     pid = rig.pid(prog)
     if pid is None:
         return []
     try:
+        born = os.stat(os.path.join(rig.qroot.paths.run, prog + ".pid")).st_mtime
+        time.sleep(max(0.0, STABLE - (time.time() - born)))
         return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return [pid]
 
 
@@ -467,6 +473,7 @@ def resident(rig: Rig, prog: str, every: int, tmp: str, tally: Tally) -> None:
     rig.check(msgs, Tally())
     points = [(c, n) for c, ns in positions(clean).items() for n in ns]
     for call, n in points[::every]:
+        t0 = time.monotonic()
         out = os.path.join(tmp, "t-%s-%s-%d" % (prog, call, n))
         if rig.settle([]) is None:
             tally.notes.append("%s: not idle before %s:%d" % (prog, call, n))
@@ -486,6 +493,9 @@ def resident(rig: Rig, prog: str, every: int, tmp: str, tally: Tally) -> None:
         rig.check(msgs, tally)
         if (tally.lost, tally.half, tally.leftover) != before:
             tally.notes.append("^ at %s %s:%d" % (prog, call, n))
+        if VERBOSE:
+            print("%s %s:%d fired=%s ok=%s %.1f s" % (prog, call, n, fired(out), ok,
+                                                      time.monotonic() - t0), flush=True)
         os.unlink(out)
 
 
@@ -521,6 +531,7 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--json")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(1))    # stop the rig on TERM too
     result = sweep(a.programs.split(","), a.every)
     print(table(result))
     for prog, t in result.items():
