@@ -254,7 +254,7 @@ def test_message_whose_mess_file_cannot_be_opened_bounces_after_queuelifetime(qr
     with open(bounces[0], "rb") as f:
         data = f.read()
     assert b"Return-Path: <>" in data and b"unable to open the queued message" in data
-    assert qroot.queue_files("mess") == [] and qroot.queue_files("todo") == []
+    assert wait_for(lambda: qroot.queue_files("mess") == qroot.queue_files("todo") == [], 20)
 
 
 def test_queue_send_removes_the_temporary_request_of_a_killed_qrm(qroot):
