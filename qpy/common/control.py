@@ -16,7 +16,6 @@ controls"), rather than run with no limit.
 from __future__ import annotations
 
 import os
-import sys
 
 from qpy.common.log import log
 
@@ -171,8 +170,7 @@ class Control:
         if name not in self._cache:
             value, source = self.explain(name)
             if source.startswith("malformed"):
-                what = "%s: control/%s is %s" % (os.path.basename(sys.argv[0] or "qpy"),
-                                                  name, source)
+                what = "control/%s is %s" % (name, source)    # log() names the program
                 if name in PROTECTIVE:
                     log("warning: %s: refusing with a temporary error until it is fixed"
                         % what)

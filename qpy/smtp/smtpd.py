@@ -604,7 +604,7 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
     main() here, once per worker in qpy-tcpserver (not per session: it costs)."""
     from qpy.smtp.secure import SecureSession  # here: secure.py builds on this module
     if cfg.unusable:
-        log("%s: %s: 421 to %s" % (PROGRAM, cfg.unusable, env.get("TCPREMOTEIP", "")))
+        log("%s: 421 to %s" % (cfg.unusable, env.get("TCPREMOTEIP", "")))
         try:
             os.write(wfd, b"421 4.3.0 Unable to read controls\r\n")
         except OSError:
