@@ -200,10 +200,14 @@ def root(tmp_path_factory):
     for name in ("sales", "v-default", "list-info", "boss-default", "six-default",
                  "postmaster"):
         _write(os.path.join(root, "alias", ".qmail-" + name), "./Maildir/\n")
-    _write(os.path.join(home, ".qmail-s-default"), "./Maildir/\n")
+    for name in ("s-default", "c-x", "c-y-default", "b3"):
+        _write(os.path.join(home, ".qmail-" + name), "./Maildir/\n")
     entry = "%s:%d:%d:%s" % (me.pw_name, me.pw_uid, me.pw_gid, home)
+    # with a dash, an assigned address needs a .qmail file in that home: club-x and
+    # club-y-* have one, club-42 does not; boss3 has one, boss2 does not
     _write(os.path.join(root, "users", "assign"),
-           "=boss:%s:::\n+shop-:%s:-:s-:\n.\n" % (entry, entry))
+           "=boss:%s:::\n+shop-:%s:-:s-:\n+club-:%s:-:c-:\n=boss2:%s:-:b2:\n"
+           "=boss3:%s:-:b3:\n.\n" % ((entry,) * 5))
     with open(os.path.join(root, "users", "recipients"), "wb") as f:
         f.write(newrcpt.build(root))
     return root
@@ -211,7 +215,7 @@ def root(tmp_path_factory):
 
 LOCAL_WORDS = ["sales", "Sales", "boss", "shop-", "shop-42", "list", "-info", "info", "x",
                "v", "nobody", "post", "master", "%", "%out.example", "%test.example",
-               "%virt.example", ".", "-", "six"]
+               "%virt.example", ".", "-", "six", "club-", "y-", "Y", "boss2", "boss3", "42"]
 DOMAINS = ["test.example", "TEST.example", "local2.example", "virt.example",
            "out.virt.example", "gw.example", "remote.example", "[IPv6:2001:db8::1]",
            "[192.0.2.1]"]

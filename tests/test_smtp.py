@@ -147,7 +147,11 @@ def test_newrcpt_table_from_users_assign_and_dotqmail(qroot):
     with open(assign, "rb") as f:
         lines = [ln for ln in f.read().splitlines() if ln != b"."]
     entry = (pw.pw_name.encode(), pw.pw_uid, pw.pw_gid, home.encode())
-    lines += [b"+shop-:%s:%d:%d:%s:-::" % entry, b"=boss:%s:%d:%d:%s:::" % entry, b"."]
+    # with a dash, an assigned address is valid as far as that home has a .qmail file
+    # for its extension (else delivery would bounce it as unknown): shop-42 is
+    # .qmail-ext-42, found by .qmail-ext-default; club-1 is .qmail-none-1, not there
+    lines += [b"+shop-:%s:%d:%d:%s:-:ext-:" % entry, b"+club-:%s:%d:%d:%s:-:none-:" % entry,
+              b"=boss:%s:%d:%d:%s:::" % entry, b"."]
     with open(assign, "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
     r = qroot.run("qpy-newrcpt", qroot.path)
@@ -159,7 +163,7 @@ def test_newrcpt_table_from_users_assign_and_dotqmail(qroot):
     try:
         u = pw.pw_name.encode()
         good = [u, u + b"-list", u + b"-ext-anything", u + b"-p.d", b"sales", b"shop-42", b"boss"]
-        bad = [u + b"-nolist", u + b"-ext", b"salesx", b"shop", b"bosses"]
+        bad = [u + b"-nolist", u + b"-ext", b"salesx", b"shop", b"bosses", b"club-1"]
         cmds = [b"MAIL FROM:<a@b.example>"] + [b"RCPT TO:<%s@test.example>" % x
                                                for x in good + bad]
         assert codes(session(s.port, *cmds)) == [250] + [250] * len(good) + [550] * len(bad)

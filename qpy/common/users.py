@@ -212,28 +212,61 @@ def lookup(root: str, local: bytes) -> Recipient:
     return alias(root, local)
 
 
-def _dotqmail_locals(home: str, base: bytes, out: ValidLocals) -> None:
-    """Add the local parts that home's .qmail-* files accept under `base`."""
+def _dotqmail_locals(home: str, base: bytes, out: ValidLocals, dash: bytes = BREAK,
+                     pre: bytes = b"") -> None:
+    """Add the local parts `base` + R whose extension `pre` + R has a `.qmail<dash>`
+    file in home (qpy.local.dotqmail's search: the exact name, a `…-default`, or
+    `default`; `:` in a name stands for `.`, names compare in lower case)."""
     try:
         names = os.listdir(os.fsencode(home))
-    except OSError:
+    except FileNotFoundError:
         return
+    except OSError as e:
+        # a home that cannot be listed now: delivery would see, or defer; no 550
+        out.unsure.append(f"cannot list {home}: {e.strerror}")
+        out.prefixes.append(base)
+        return
+    head, pre = b".qmail" + dash, pre.lower()
     for name in names:
-        if not name.startswith(b".qmail-") or name.endswith(b"-owner"):
+        if not name.startswith(head) or name.endswith(b"-owner"):
             continue
-        ext = name[len(b".qmail-"):].replace(b":", b".").lower()
-        if ext == b"default":
+        ext = name[len(head):].replace(b":", b".").lower()
+        if ext == b"default" and dash == BREAK:
             out.prefixes.append(base)
         elif ext.endswith(b"-default"):
-            out.prefixes.append(base + ext[: -len(b"default")])
-        elif ext:
-            out.exact.add(base + ext)
+            ext = ext[: -len(b"default")]        # every extension starting with this
+            if ext.startswith(pre):
+                out.prefixes.append(base + ext[len(pre):])
+            elif pre.startswith(ext):
+                out.prefixes.append(base)
+        elif ext and ext.startswith(pre):
+            out.exact.add(base + ext[len(pre):])
+
+
+def _assigned_locals(assign: Assign, out: ValidLocals) -> None:
+    """The assign entries that a delivery would not bounce as unknown: every entry
+    with an empty dash (`.qmail<ext>` or the default delivery); with a dash, only
+    the local parts whose extension has a `.qmail` file in the entry's home."""
+    for key, (_, _, _, home, dash, ext) in assign.exact.items():
+        if not dash:
+            out.exact.add(key)
+            continue
+        found = ValidLocals(set(), [])
+        _dotqmail_locals(home, b"", found, dash, ext)
+        if b"" in found:
+            out.exact.add(key)
+    for key, (_, _, _, home, dash, pre) in assign.prefixes.items():
+        if dash:
+            _dotqmail_locals(home, key, out, dash, pre)
+        else:
+            out.prefixes.append(key)
 
 
 def valid_locals(root: str) -> ValidLocals:
     """Every local part that a delivery would not bounce as unknown (for qpy-newrcpt).
 
-    assign `=` keys and `+` prefixes; each mail user's name, and its extensions
+    assign `=` keys and `+` prefixes (with a dash, as far as the entry's home has
+    `.qmail` files for them); each mail user's name, and its extensions
     as its `.qmail-EXT` / `.qmail-…-default` files allow; the alias user's
     `.qmail-NAME` files (a `.qmail-default` there makes every local part valid);
     the names in the aliases table (qpy.common.aliases).
@@ -241,8 +274,8 @@ def valid_locals(root: str) -> ValidLocals:
     (other than missing) is named in `unsure`, and its user's addresses all count
     as valid.
     """
-    assign = read_assign(root)
-    out = ValidLocals(set(assign.exact), list(assign.prefixes))
+    out = ValidLocals(set(), [])
+    _assigned_locals(read_assign(root), out)
     one = Paths(root).oneuser()
     if one and _mail_user(one.encode()) is not None:
         out.exact.add(one.encode())
