@@ -40,9 +40,10 @@ VIRTUALDOMAINS
 
 OWNER (local delivery, qpy.common.users.lookup)
     users/assign (exact entry, then the longest prefix), then the passwd
-    database, then the alias user. A lookup of /etc/aliases belongs between the
-    passwd database and the alias user, inside users.lookup, so that this
-    lookup and qpy-newrcpt's table (users.valid_locals) keep one order.
+    database, then the alias user, for whom qpy-local reads /etc/aliases
+    (users/aliases) before its .qmail files. qpy-newrcpt's table
+    (users.valid_locals) lists the same owners in the same order: a new
+    kind of owner goes into both, so that the RCPT check keeps agreeing.
 """
 
 from __future__ import annotations
