@@ -154,3 +154,13 @@ def test_unix_socket_filter_and_foreign_authentication_results_removed(qroot, sm
     assert b"Authentication-Results: test.example; dkim=pass\n" in got
     headers = [h for c, h in f.commands() if c == b"L"]
     assert not any(b"forged" in h for h in headers)   # the filter never saw the forgery
+
+
+def test_quarantine_is_logged_and_marked(qroot, smtp):
+    f = ScriptFilter(lambda cmd, data: [b"qlooks odd\nreally\0", b"c"] if cmd == b"E"
+                     else [b"c"])
+    s = smtp(f)
+    assert send(s.port)[-2].startswith(b"250 ")
+    (msg, _, _), = drops(qroot)
+    assert msg.startswith(b"X-Qpy-Quarantine: looks odd really\n")
+    assert s.wait_log("quarantine requested: looks odd")
