@@ -125,7 +125,7 @@ class NonSmtp:
         if problem:     # a typing error must not let local mail past its filters
             log("control/nonsmtpmilters unusable: %s" % clean(problem))
             return Verdict("tempfail", who="control/nonsmtpmilters")
-        fl = Filters(specs, "qpy-pickup drop %s" % clean(name))
+        fl = Filters(specs, "drop %s" % clean(name))
         local = {b"j": self.control.line("me").encode(), b"daemon_name": b"qpy-pickup",
                  b"client_addr": b"127.0.0.1", b"client_name": b"localhost",
                  b"_": b"localhost [127.0.0.1]"}
