@@ -719,3 +719,63 @@ def test_mta_sts_policy_host_with_wrong_certificate_is_no_policy(stack, aiotls, 
         assert len(h.messages) == 1
     finally:
         s.stop()
+
+
+# --- 8-bit to a 7-bit peer --------------------------------------------------------------------
+
+MIME8 = ("From: a@test.example\nTo: x@a.test\nSubject: =?utf-8?q?caf=C3=A9?=\n"
+         "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"BB\"\n\n"
+         "preamble in ASCII\n"
+         "--BB\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+         "Gr\u00fc\u00dfe aus K\u00f6ln.\n.a line starting with a dot\n\n"
+         "--BB\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+         "AAECAwQFBgcICQ==\n"
+         "--BB\nContent-Type: message/rfc822\n\n"
+         "Subject: inner\nContent-Type: text/plain; charset=utf-8\n\n\u00e9t\u00e9\n"
+         "--BB\nContent-Type: text/plain\n\n" + "x" * 1500 + "\n"
+         "--BB--\nepilogue\n").encode()
+
+
+def test_8bit_mime_converted_to_quoted_printable_for_a_7bit_peer(stack, raw):
+    import email
+    import email.policy
+    qroot, dnssrv, port, rs = stack
+    peer = raw(basic_session)                            # EHLO without 8BITMIME
+    status, text = one_msg(rs, MIME8)
+    assert status == b"K", text
+    [data] = test_remote.bodies(peer.transcripts[0])
+    sent = data[:-5].replace(b"\r\n..", b"\r\n.").replace(b"\r\n", b"\n") + b"\n"
+    assert sent.isascii() and max(len(ln) for ln in sent.split(b"\n")) <= 998
+    assert b"BODY=8BITMIME" not in peer.transcripts[0]
+    head = MIME8[: MIME8.index(b"\n\n") + 1]
+    assert sent.startswith(head)                         # the header as it was
+    assert b"preamble in ASCII\n--BB\n" in sent and sent.endswith(b"--BB--\nepilogue\n")
+    assert b"Content-Transfer-Encoding: base64\n\nAAECAwQFBgcICQ==\n--BB" in sent
+    msg = email.message_from_bytes(sent, policy=email.policy.default)
+    text8, binary, inner, long = msg.iter_parts()
+    assert text8["Content-Transfer-Encoding"] == "quoted-printable"
+    assert text8.get_content() == "Gr\u00fc\u00dfe aus K\u00f6ln.\n.a line starting with a dot\n"
+    assert binary.get_content() == bytes(range(10))
+    [innermsg] = inner.get_payload()
+    assert innermsg["Subject"] == "inner" and innermsg.get_content() == "\u00e9t\u00e9"
+    assert long["Content-Transfer-Encoding"] == "quoted-printable"
+    assert long.get_content() == "x" * 1500     # its last LF is the delimiter's
+
+
+@pytest.mark.parametrize("msg, why", [
+    (b"Subject: s\nContent-Type: text/plain\nContent-Transfer-Encoding: base64\n\n\xc3\xa9\n",
+     b"8-bit bytes in a part declared base64"),
+    (b"Subject: s\nContent-Type: multipart/mixed\n\n--x\n\n\xc3\xa9\n--x--\n",
+     b"a multipart without a boundary"),
+    (b"Subject: s\nContent-Type: multipart/mixed; boundary=x\n\n\xc3\xa9 preamble\n--x\n\n"
+     b"a\n--x--\n", b"8-bit bytes in a multipart's preamble or epilogue")])
+def test_8bit_that_cannot_be_converted_bounces(stack, raw, msg, why):
+    qroot, dnssrv, port, rs = stack
+    peer = raw(basic_session)
+    status, text = one_msg(rs, msg)
+    assert status == b"D" and why in text and b"does not offer 8BITMIME. (#5.6.3)" in text
+    assert all(b"DATA" not in t for t in peer.transcripts)
+
+
+def one_msg(rs: Rspawn, msg: bytes) -> tuple[bytes, bytes]:
+    return rs.deliver([b"x@a.test"], msg=msg)[0]

@@ -1,16 +1,37 @@
-"""encode — the message as SMTP DATA, and what the message needs of the peer.
+"""encode — the message as SMTP DATA, what the message needs of the peer, and its
+conversion to 7 bits for a peer without 8BITMIME.
 
 Used by qpy-remote and qpy-rspawn's workers (as `qpyr`); no program of its own.
 The message is read from an open fd with pread (never a path: qpyr cannot open
 queue/mess/), in CHUNK-sized pieces, as many times as a delivery needs.
+
+7-BIT CONVERSION (downgrade)
+    As Postfix does for a peer that offers neither 8BITMIME nor SMTPUTF8: the
+    MIME structure is walked (multipart/* by its boundary, message/rfc822 into
+    the message), and every leaf part whose body has 8-bit bytes, or a line
+    over 998 bytes, and whose Content-Transfer-Encoding is absent, 7bit, 8bit or
+    binary, is re-encoded as quoted-printable (lines of at most 76 bytes): its
+    Content-Transfer-Encoding field is replaced (or added, with MIME-Version on
+    a message that has none). Nothing else changes: headers, other parts,
+    boundaries, preamble and epilogue are copied byte for byte (line ends
+    become LF, as DATA makes them CRLF anyway). What cannot be converted raises
+    CannotConvert: 8-bit bytes in a header (that needs SMTPUTF8), in a
+    multipart's preamble or epilogue, in a part already declared base64 or
+    quoted-printable, a multipart without a usable boundary, nesting deeper
+    than MAX_DEPTH, a message larger than MAX_CONVERT.
 """
 
 from __future__ import annotations
 
+import binascii
 import os
+import re
 from collections.abc import Iterator
 
 CHUNK = 64 * 1024
+MAX_CONVERT = 32 * 1024 * 1024  # bytes of a message converted in memory, at most
+MAX_DEPTH = 20                  # nested multiparts and messages
+MAX_LINE = 998                  # RFC 5321 4.5.3.1.6, without the CRLF
 
 
 def scan(fd: int) -> tuple[int, bool, bool]:
@@ -69,3 +90,108 @@ def smtp_data(pieces: Iterator[bytes]) -> Iterator[bytes]:
         at_start = True
         yield b"\r\n"
     yield b".\r\n" if at_start else b"\r\n.\r\n"
+
+
+class CannotConvert(ValueError):
+    """The message cannot be sent in 7 bits; why."""
+
+
+def _header_fields(header: bytes) -> list[bytes]:
+    """The header's fields, each with its continuation lines (LF line ends)."""
+    fields: list[bytes] = []
+    for line in header.split(b"\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\n" + line
+        elif line:
+            fields.append(line)
+    return fields
+
+
+def _field(fields: list[bytes], name: bytes) -> bytes | None:
+    """The unfolded value of the first field `name` (case-insensitive)."""
+    for f in fields:
+        key, sep, value = f.partition(b":")
+        if sep and key.strip().lower() == name:
+            return b" ".join(value.split())
+    return None
+
+
+_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"]{1,70})"|([^\s;"]{1,70}))', re.I)
+
+
+def _split(entity: bytes) -> tuple[bytes, bytes]:
+    """(header with its final LF, body) of an entity with LF line ends."""
+    if entity.startswith(b"\n"):
+        return b"", entity[1:]
+    end = entity.find(b"\n\n")
+    if end == -1:
+        return entity if entity.endswith(b"\n") else entity + b"\n", b""
+    return entity[:end + 1], entity[end + 2:]
+
+
+def _needs(body: bytes) -> bool:
+    return not body.isascii() or any(len(ln) > MAX_LINE for ln in body.split(b"\n"))
+
+
+def _entity(entity: bytes, depth: int, top: bool) -> bytes:
+    if depth > MAX_DEPTH:
+        raise CannotConvert("MIME nesting deeper than %d" % MAX_DEPTH)
+    header, body = _split(entity)
+    if not header.isascii():
+        raise CannotConvert("8-bit bytes in a header (that needs SMTPUTF8)")
+    if not _needs(body):
+        return entity
+    fields = _header_fields(header)
+    ctype = (_field(fields, b"content-type") or b"text/plain").lower()
+    if ctype.startswith(b"multipart/"):
+        m = _BOUNDARY.search(_field(fields, b"content-type") or b"")
+        if m is None:
+            raise CannotConvert("a multipart without a boundary")
+        return header + b"\n" + _multipart(body, m.group(1) or m.group(2), depth)
+    if ctype.startswith(b"message/rfc822"):
+        return header + b"\n" + _entity(body, depth + 1, False)
+    cte = (_field(fields, b"content-transfer-encoding") or b"7bit").lower()
+    if cte not in (b"7bit", b"8bit", b"binary"):
+        raise CannotConvert("8-bit bytes in a part declared %s" % cte.decode("ascii", "replace"))
+    qp = binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
+    kept = [f for f in fields if f.partition(b":")[0].strip().lower()
+            != b"content-transfer-encoding"]
+    if top and _field(fields, b"mime-version") is None:
+        kept.append(b"MIME-Version: 1.0")
+    kept.append(b"Content-Transfer-Encoding: quoted-printable")
+    return b"\n".join(kept) + b"\n\n" + qp
+
+
+def _multipart(body: bytes, boundary: bytes, depth: int) -> bytes:
+    """The multipart body with each part converted; its delimiters untouched."""
+    delim = b"--" + boundary
+    lines = body.split(b"\n")
+    out: list[bytes] = []
+    part: list[bytes] | None = None     # None: in the preamble or the epilogue
+    closed = False
+    for line in lines:
+        bare = line.rstrip(b" \t")
+        if not closed and bare in (delim, delim + b"--"):
+            if part is not None:
+                out.append(_entity(b"\n".join(part), depth + 1, False))
+            out.append(line)
+            closed = bare == delim + b"--"
+            part = None if closed else []
+            continue
+        if part is None:
+            if _needs(line):
+                raise CannotConvert("8-bit bytes in a multipart's preamble or epilogue")
+            out.append(line)
+        else:
+            part.append(line)
+    if part is not None:                # no closing delimiter: the last part ends here
+        out.append(_entity(b"\n".join(part), depth + 1, False))
+    return b"\n".join(out)
+
+
+def downgrade(fd: int, size: int) -> bytes:
+    """The message on `fd` converted to 7 bits (see 7-BIT CONVERSION), LF line ends."""
+    if size > MAX_CONVERT:
+        raise CannotConvert("larger than %d bytes, too large to convert" % MAX_CONVERT)
+    data = b"".join(chunks(fd)).replace(b"\r\n", b"\n")
+    return _entity(data, 0, True)

@@ -64,12 +64,14 @@ PROTOCOL
     line ends, dot-stuffed; bare CR and LF become CRLF, a missing final line
     end is added.
 
-    8-bit data: a message with 8-bit bytes only in its body needs 8BITMIME
-    (sent with BODY=8BITMIME); one with a non-ASCII envelope address or 8-bit
-    header bytes needs SMTPUTF8. If the peer does not offer what is needed,
-    the delivery fails permanently with that reason: qpy does not rewrite
-    messages (a MIME downgrade breaks DKIM signatures and there is no
-    standard downgrade for UTF-8 addresses).
+    8-bit data: a message with 8-bit bytes only in its body goes with
+    BODY=8BITMIME to a peer that offers 8BITMIME (or SMTPUTF8); to one that
+    offers neither, its 8-bit MIME parts are converted to quoted-printable
+    (qpy.remote.encode, 7-BIT CONVERSION; as Postfix, and like it this breaks
+    a DKIM signature over the body), and what cannot be converted fails
+    permanently (#5.6.3). One with a non-ASCII envelope address or 8-bit
+    header bytes needs SMTPUTF8, or fails permanently (#5.6.7): there is no
+    standard downgrade for UTF-8 addresses.
 
     Connection reuse (qpy-rspawn's workers only; this program always ends
     with QUIT, as qmail-remote): a transaction that ends with the connection

@@ -15,7 +15,7 @@ from qpy.common import address
 from qpy.common.control import Control
 from qpy.remote import dane, mtasts, session, smtpauth, tlspolicy
 from qpy.remote.conncache import Cached, ConnCache
-from qpy.remote.encode import chunks, scan, smtp_data
+from qpy.remote.encode import CannotConvert, chunks, downgrade, scan, smtp_data
 from qpy.remote.route import RouteError, Router, Target
 from qpy.remote.session import Refused, tls_note
 from qpy.remote.smtpauth import AuthFailed
@@ -224,25 +224,30 @@ class Job:
     def transaction(self, conn: Conn, ip: str, ext: dict[str, str]) -> bool:
         """MAIL, RCPT, DATA. True: the connection is clean (between commands) after it."""
         tls = tls_note(conn)
+        size, converted = self.size, None
+        if self.eight and not self.utf8 and "8BITMIME" not in ext and "SMTPUTF8" not in ext:
+            try:                            # a 7-bit peer: quoted-printable (encode.py)
+                converted = downgrade(self.fd, self.size)
+            except CannotConvert as e:
+                self.settle(D, "This message has 8-bit data that cannot be converted to 7"
+                            " bits (%s), and %s does not offer 8BITMIME. (#5.6.3)" % (e, ip))
+                return True
+            size = len(converted) + converted.count(b"\n")     # with CRLF line ends
         limit = ext.get("SIZE", "")
-        if limit.isdigit() and 0 < int(limit) < self.size:
+        if limit.isdigit() and 0 < int(limit) < size:
             self.settle(D, "%s takes messages up to %s bytes; this one has %d. (#5.3.4)"
-                        % (ip, limit, self.size))
+                        % (ip, limit, size))
             return True
         params = b""
         if "SIZE" in ext:
-            params += b" SIZE=%d" % self.size
+            params += b" SIZE=%d" % size
         if self.utf8:
             if "SMTPUTF8" not in ext:
                 self.settle(D, "This message needs SMTPUTF8 (a UTF-8 address or header), which"
                             " %s does not offer; qpy does not downgrade. (#5.6.7)" % ip)
                 return True
             params += b" SMTPUTF8"
-        if self.eight:
-            if "8BITMIME" not in ext and "SMTPUTF8" not in ext:
-                self.settle(D, "This message has 8-bit data and %s does not offer 8BITMIME;"
-                            " qpy does not convert messages. (#5.6.3)" % ip)
-                return True
+        if self.eight and converted is None:
             params += b" BODY=8BITMIME"
         todo = self.open()
         mail = b"MAIL FROM:<%s>%s\r\n" % (self.sender, params)
@@ -287,7 +292,8 @@ class Job:
                         " %s" % (ip, tls, conn.said(r)), accepted)
             return True
         held = b""
-        for block in smtp_data(chunks(self.fd)):  # the short ending goes with the last block
+        pieces = chunks(self.fd) if converted is None else iter([converted])
+        for block in smtp_data(pieces):     # the short ending goes with the last block
             if len(block) <= 5:
                 held += block
                 continue
