@@ -93,6 +93,24 @@ def make_user(name: str, home: str | None = None) -> pwd.struct_passwd:
     return _make_user(login, home)
 
 
+def mail_user(qroot: QRoot, name: str, dot: dict[str, str] | None = None) -> pwd.struct_passwd:
+    """A real user (make_user) whose fresh home next to qroot holds a Maildir and the
+    given .qmail files ({ext: text}; ext "" is .qmail itself)."""
+    home = os.path.join(os.path.dirname(qroot.path), "home-" + name)
+    pw = make_user(name, home)
+    for sub in ("", "/new", "/cur", "/tmp"):
+        os.makedirs(home + "/Maildir" + sub, exist_ok=True)
+        os.chown(home + "/Maildir" + sub, pw.pw_uid, pw.pw_gid)
+        os.chmod(home + "/Maildir" + sub, 0o700)
+    for ext, text in (dot or {}).items():
+        p = os.path.join(home, ".qmail" + ("-" + ext if ext else ""))
+        with open(p, "w") as f:
+            f.write(text)
+        os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chmod(p, 0o644)
+    return pw
+
+
 @_locked
 def _make_user(login: str, home: str | None) -> pwd.struct_passwd:
     try:

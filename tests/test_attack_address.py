@@ -32,19 +32,7 @@ FORGED = b"forged@victim.example"
 
 def make_user(qroot, name: str, dot: dict[str, str]) -> pwd.struct_passwd:
     """A real user with a Maildir and the given .qmail files (key "" is .qmail)."""
-    home = os.path.join(os.path.dirname(qroot.path), "home-" + name)
-    pw = qpytest.make_user(name, home)
-    for sub in ("", "/new", "/cur", "/tmp"):
-        os.makedirs(home + "/Maildir" + sub, exist_ok=True)
-        os.chown(home + "/Maildir" + sub, pw.pw_uid, pw.pw_gid)
-        os.chmod(home + "/Maildir" + sub, 0o700)
-    for ext, text in dot.items():
-        path = os.path.join(home, ".qmail" + ("-" + ext if ext else ""))
-        with open(path, "w") as f:
-            f.write(text)
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-        os.chmod(path, 0o644)
-    return pw
+    return qpytest.mail_user(qroot, name, dot)
 
 
 def mails(pw: pwd.struct_passwd) -> list[bytes]:

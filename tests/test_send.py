@@ -78,19 +78,7 @@ class Qpy:
 
 def user(name: str, qroot, dot: dict[str, str] | None = None) -> pwd.struct_passwd:
     """A real user with a home holding a Maildir and the given .qmail files."""
-    home = os.path.join(os.path.dirname(qroot.path), "home-" + name)
-    pw = qpytest.make_user(name, home)
-    for sub in ("", "/new", "/cur", "/tmp"):
-        os.makedirs(home + "/Maildir" + sub, exist_ok=True)
-        os.chown(home + "/Maildir" + sub, pw.pw_uid, pw.pw_gid)
-        os.chmod(home + "/Maildir" + sub, 0o700)
-    for ext, text in (dot or {}).items():
-        p = os.path.join(home, ".qmail" + ("-" + ext if ext else ""))
-        with open(p, "w") as f:
-            f.write(text)
-        os.chown(p, pw.pw_uid, pw.pw_gid)
-        os.chmod(p, 0o644)
-    return pw
+    return qpytest.mail_user(qroot, name, dot)
 
 
 def maildir(pw: pwd.struct_passwd) -> list[email.message.Message]:
