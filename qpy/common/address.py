@@ -32,6 +32,7 @@ MAX_LABEL = 63
 # atext of RFC 5322 3.2.3: letters, digits and these.
 _ATEXT = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                    b"!#$%&'*+-/=?^_`{|}~")
+_PRINTABLE = bytes(range(0x20, 0x7F))
 _LDH = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
@@ -179,16 +180,13 @@ def _even_backslashes(s: bytes, pos: int) -> bool:
 def _check_controls(addr: bytes, utf8: bool) -> None:
     """Refuse C0 controls and DEL; in 8-bit text also what is not UTF-8, C1 controls
     (NEL among them) and the Unicode line and paragraph separators."""
-    eight = False
-    for c in addr:
-        if c < 0x20 or c == 0x7F:
-            raise AddressError("control character in address")
-        if c >= 0x80:
-            if not utf8:
-                raise AddressError("8-bit address without SMTPUTF8")
-            eight = True
-    if not eight:
+    rest = addr.translate(None, _PRINTABLE)     # what is not printable ASCII
+    if not rest:
         return
+    if any(c < 0x20 or c == 0x7F for c in rest):
+        raise AddressError("control character in address")
+    if not utf8:
+        raise AddressError("8-bit address without SMTPUTF8")
     try:
         text = addr.decode("utf-8")
     except UnicodeDecodeError:
