@@ -102,8 +102,9 @@ def send(port: int, rcpts: list[bytes], sender: bytes = FORGED,
 def test_quoted_local_parts_delivered_never_bounced_to_the_forged_sender(qroot):
     """Issue 12 finding 2, end to end: "user", "user-ext" and "us\\er" (and a sample
     of other forms the RCPT check accepts as local: a case variant, the alias user's
-    .qmail-NAME, a virtual domain, the percent hack) all land in the user's Maildir;
-    nothing bounces, nothing is left in the queue; unknown ones are refused at RCPT."""
+    .qmail-NAME, a virtual domain, the percent hack, a local part that stays quoted,
+    RELAYCLIENT's `@fixme` suffix) all land in the user's Maildir; nothing bounces,
+    nothing is left in the queue; unknown ones are refused at RCPT."""
     pw = make_user(qroot, "rwa", {"": "./Maildir/\n", "ext": "./Maildir/\n",
                                   "v-default": "./Maildir/\n"})
     u = pw.pw_name.encode()
@@ -111,29 +112,43 @@ def test_quoted_local_parts_delivered_never_bounced_to_the_forged_sender(qroot):
     with open(sales, "w") as f:
         f.write("&%s@%s\n" % (pw.pw_name, ME))
     os.chmod(sales, 0o644)
+    fix = os.path.join(qroot.paths.alias, ".qmail-fix-default")
+    with open(fix, "w") as f:
+        f.write("&%s@%s\n" % (pw.pw_name, ME))
+    os.chmod(fix, 0o644)
     qroot.control("rcpthosts", "%s\nvirt.example\ngw.example" % ME)
-    qroot.control("virtualdomains", "virt.example:%s-v" % pw.pw_name)
+    qroot.control("virtualdomains", "virt.example:%s-v\nfixme:fix" % pw.pw_name)
     qroot.control("percenthack", "gw.example")
+    qroot.control("smtprules", '127.0.0.2:allow,RELAYCLIENT="@fixme"\n'
+                               '127.:allow,RELAYCLIENT=""\n:allow\n')
     q = Running(qroot)        # builds users/recipients at start
     try:
         accepted = [b'<"%s"@test.example>' % u, b'<"%s-ext"@test.example>' % u,
                     b'<"%s\\%s"@test.example>' % (u[:2], u[2:]),
                     b'<"%s"@TEST.example>' % u.upper(), b'<"sales"@test.example>',
-                    b'<"Some.One"@virt.example>', b"<%s%%test.example@gw.example>" % u]
+                    b'<"Some.One"@virt.example>', b"<%s%%test.example@gw.example>" % u,
+                    b'<"john doe"@virt.example>']       # stays quoted: a -default takes it
         refused = [b'<"%s-nosuch"@test.example>' % u, b'<"no body"@test.example>',
                    b'<"%s"@test.example>' % u[:-1]]
         codes = send(q.port, accepted + refused)
         assert codes == [250] * len(accepted) + [550] * len(refused), q.log()[-3000:]
+        # RELAYCLIENT="@fixme": the whole address is the local part at fixme (quoted),
+        # delivered by the alias user's .qmail-fix-default, not bounced
+        assert send(q.port, [b"<joe@elsewhere.example>"], source="127.0.0.2") == [250]
+        accepted.append(b"fixme")
         assert wait_for(lambda: len(mails(pw)) == len(accepted), 60), q.log()[-4000:]
         assert wait_for(q.queue_empty, 30), q.log()[-4000:]
         got = mails(pw)
         assert all(m.startswith(b"Return-Path: <%s>\n" % FORGED) for m in got)
         # the newest Delivered-To comes first: the sales forward ends at the user
-        assert sorted(re.search(rb"Delivered-To: (\S+)\n", m).group(1) for m in got) \
-            == sorted([u + b"@test.example"] * 4 + [u + b"-ext@test.example",
+        assert sorted(re.search(rb"Delivered-To: ([^\n]+)\n", m).group(1) for m in got) \
+            == sorted([u + b"@test.example"] * 5 + [u + b"-ext@test.example",
                                                      u.upper() + b"@test.example",
-                                                     u + b"-v-Some.One@virt.example"])
+                                                     u + b"-v-Some.One@virt.example",
+                                                     u + b'-v-"john doe"@virt.example'])
         assert sum(b"Delivered-To: sales@test.example\n" in m for m in got) == 1
+        assert sum(b'Delivered-To: fix-"joe@elsewhere.example"@fixme\n' in m
+                   for m in got) == 1
         log = q.log()
         assert re.findall(r"delivery \d+: (failure|deferral)", log) == [], log[-4000:]
         assert "bounce msg" not in log, log[-4000:]
