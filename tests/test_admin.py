@@ -116,7 +116,7 @@ def test_showctl_defaults_files_and_malformed(qroot):
     out = r.stdout.decode().splitlines()
     assert "me: test.example" in out                       # written by qpy-install
     assert "concurrencylocal: 10 (default)" in out
-    assert "databytes: 0 (default)" in out
+    assert "databytes: 52428800 (default)" in out
     assert "bouncefrom: MAILER-DAEMON (default)" in out
     assert "acceptunknown: no (default)" in out
     qroot.control("concurrencylocal", "abc")

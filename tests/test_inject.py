@@ -113,7 +113,7 @@ def test_queue_inject_databytes(qroot):
 def test_queue_inject_malformed_databytes(qroot):
     qroot.control("databytes", "lots")
     r = queue_inject(qroot, b"x\n", envelope.encode(b"", [b"a@b.example"]))
-    assert r.returncode == 55 and b"control/databytes malformed" in r.stderr, r.stderr
+    assert r.returncode == 55 and b"control/databytes is malformed" in r.stderr, r.stderr
     assert os.listdir(qroot.paths.drop) == []
 
 

@@ -59,7 +59,7 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "concurrencyremote": ("int", 20),
     "queuelifetime": ("int", 604800),
     "delaywarning": ("line", "4"),
-    "databytes": ("int", 0),
+    "databytes": ("int", 52428800),
     "timeoutsmtpd": ("int", 1200),
     "timeoutremote": ("int", 1200),
     "timeoutconnect": ("int", 60),
@@ -76,6 +76,33 @@ PROTECTIVE = frozenset({"databytes", "maxsmtpd", "maxrcpt"})
 
 class ControlError(ValueError):
     """A control file exists but cannot be used; str(e) says why."""
+
+
+DATABYTES_DEFAULT = 52428800    # 50 MiB when control/databytes is absent
+DATABYTES_CEILING = 1 << 30     # what databytes 0 (qmail: "no limit") means, and the most
+                                # any setting gives: the queue's own hard cap
+
+
+def message_limit(control: Control, lower: str | None = None) -> int:
+    """The one size limit (bytes of message) every program that acknowledges mail
+    applies before it says yes: qpy-smtpd (SIZE, DATA), qpy-queue-inject (exit 31),
+    qpy-sendmail and qpy-inject; qpy-pickup checks the same value again, as a
+    defence only, so nothing acknowledged is ever quarantined for its size.
+
+    control/databytes absent: DATABYTES_DEFAULT. A malformed databytes raises
+    ControlError: the limit protects the host, so the caller refuses with a
+    temporary error and logs it, never treats it as unlimited."""
+    return effective_limit(control.integer("databytes"), lower)
+
+
+def effective_limit(databytes: int, lower: str | None = None) -> int:
+    """databytes 0 is no limit of the admin's (qmail), which is DATABYTES_CEILING
+    (1 GiB), as is any larger value: the queue never holds a bigger message.
+    `lower` (qpy-smtpd's DATABYTES from a client rule) can only lower the limit."""
+    limit = min(databytes, DATABYTES_CEILING) if databytes else DATABYTES_CEILING
+    if lower is not None and lower.isdigit() and 0 < int(lower) < limit:
+        limit = int(lower)
+    return limit
 
 
 def _read(path: str) -> bytes | None:

@@ -12,13 +12,13 @@ import pwd
 import sys
 
 from qpy.common import address
-from qpy.common.control import Control, ControlError
+from qpy.common.control import Control, ControlError, message_limit
 from qpy.common.exits import EXIT_PERM, EXIT_TEMP, permanent
 from qpy.common.queue import root_from
 from qpy.inject import headers
 from qpy.inject.drop import InjectError, inject
 
-MAX_MESSAGE_BYTES = 1 << 30
+HEADER_ROOM = 64 * 1024     # stdin may exceed the limit by this: -t drops Bcc: lines
 
 # Why a front end gives up, and the exit code for it: qmail-inject's two codes, or
 # sysexits(3) for sendmail, whose callers (cron, PHP, mailers) look at them.
@@ -110,11 +110,11 @@ class Front:
         if not rcpts:
             return self.fail(self.exits["usage"], "no recipients")
         try:
-            databytes = self.control.integer("databytes")
+            limit = message_limit(self.control)
         except ControlError as e:
-            return self.fail(EXIT_TEMP, "cannot queue the message: %s" % e)
+            return self.fail(self.exits["temp"], str(e))
         try:
-            inject(self.root, message, sender, rcpts, databytes)
+            inject(self.root, message, sender, rcpts, limit)
         except InjectError as e:
             why = "temp"
             if e.code == 31:                      # over databytes: the message itself
@@ -128,27 +128,34 @@ class Front:
     def read_message(self, dot_ends: bool) -> bytes | int:
         """The message on stdin, or the exit code to leave with."""
         try:
-            return read_stdin(dot_ends)
+            limit = message_limit(self.control)
+        except ControlError as e:   # a protective limit: temporary, never unlimited
+            return self.fail(self.exits["temp"], str(e))
+        try:
+            return read_stdin(dot_ends, limit + HEADER_ROOM)
         except OverflowError as e:
             return self.fail(self.exits["data"], str(e))
         except OSError as e:
             return self.fail(self.exits["io"], "cannot read the message: %s" % e.strerror)
 
 
-def read_stdin(dot_ends: bool) -> bytes:
-    """The message on stdin; with dot_ends, a line of a single '.' ends it (sendmail)."""
+def read_stdin(dot_ends: bool, limit: int) -> bytes:
+    """The message on stdin; with dot_ends, a line of a single '.' ends it (sendmail).
+    OverflowError as soon as it passes limit bytes (it is never read whole)."""
     if not dot_ends:
-        data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
-        if len(data) > MAX_MESSAGE_BYTES:
-            raise OverflowError("message too large")
+        data = sys.stdin.buffer.read(limit + 1)
+        if len(data) > limit:
+            raise OverflowError("message larger than databytes")
         return data
     out = []
     total = 0
-    for line in sys.stdin.buffer:
-        if line in (b".\n", b".\r\n", b"."):
+    while True:
+        # bounded even for one endless line; +2 so that a cut piece is never a lone "."
+        line = sys.stdin.buffer.readline(limit - total + 2)
+        if not line or line in (b".\n", b".\r\n", b"."):
             break
         total += len(line)
-        if total > MAX_MESSAGE_BYTES:
-            raise OverflowError("message too large")
+        if total > limit:
+            raise OverflowError("message larger than databytes")
         out.append(line)
     return b"".join(out)

@@ -20,7 +20,9 @@ SECURITY
     is mode 0640, group qpyq; qpy-pickup checks it all again anyway.
 
 EXIT CODES (qmail-queue(8))
-    0 queued; 11 address too long; 31 message refused (larger than databytes);
+    0 queued; 11 address too long; 31 message refused (larger than control/databytes,
+    50 MiB when absent: qpy.common.control.message_limit, the limit qpy-smtpd
+    and pickup apply too);
     52 timeout reading input; 53 write error (disk full); 54 cannot read the
     message or envelope; 55 cannot read configuration; 62 trouble in the queue
     directory; 81 internal bug; 91 envelope format error.
@@ -33,7 +35,7 @@ import signal
 import sys
 
 from qpy.common import envelope
-from qpy.common.control import Control
+from qpy.common.control import Control, ControlError, message_limit
 from qpy.common.exits import EXIT_BUG, EXIT_CONFIG, EXIT_FORMAT, EXIT_READ, EXIT_TIMEOUT
 from qpy.common.queue import root_from
 from qpy.inject.drop import Drop, InjectError
@@ -70,11 +72,12 @@ def _read_all(fd: int, limit: int) -> bytes:
 
 
 def run(root: str) -> int:
-    databytes, source = Control(root).explain("databytes")  # a bad file is "malformed"
-    if source.startswith("malformed"):
-        return _fail(EXIT_CONFIG, "control/databytes %s" % source)
     try:
-        drop = Drop(root, int(databytes))
+        limit = message_limit(Control(root))
+    except ControlError as e:   # a protective limit: a temporary refusal, never unlimited
+        return _fail(EXIT_CONFIG, str(e))
+    try:
+        drop = Drop(root, limit)
     except InjectError as e:
         return _fail(e.code, "cannot create a file in the queue: %s" % e)
     try:

@@ -16,7 +16,7 @@ import time
 import zlib
 
 from qpy.common import dropfile, durable, envelope
-from qpy.common.control import Control
+from qpy.common.control import DATABYTES_CEILING, Control, ControlError, message_limit
 from qpy.common.privilege import resolve_user
 from qpy.common.queue import DropIds, Paths, make_id, todo_encode
 from qpy.common.rfcdate import rfc5322_date
@@ -24,7 +24,6 @@ from qpy.queue import nonsmtp
 from qpy.queue.door import sealed
 from qpy.queue.journal import TODO_TMP, unlink_quietly
 
-MAX_MESSAGE_BYTES = 1 << 30       # hard cap when databytes is unset
 HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
 COPY_BYTES = 1 << 20              # the message is copied in pieces of this size
 SPARSE_SLACK = 64 * 1024          # a larger drop file with under half its size on disk
@@ -61,8 +60,11 @@ class Admitter:
         return table
 
     def limit(self) -> int:
-        databytes = self.control.integer_or("databytes", 0)   # 0 (hard cap) if malformed
-        return databytes + HEADER_SLACK if databytes else MAX_MESSAGE_BYTES
+        """A defence only: whoever acknowledged the file applied message_limit first."""
+        try:
+            return message_limit(self.control) + HEADER_SLACK
+        except ControlError:   # the acknowledgers refuse meanwhile; admit what they took
+            return DATABYTES_CEILING + HEADER_SLACK
 
     def new_id(self) -> str:
         self.last_id = max(self.last_id + 1, time.time_ns() // 1000)

@@ -45,8 +45,11 @@ SMTP
     refused (550 5.1.1) unless acceptunknown. The envelope carries the
     canonical address with the suffix.
     DATA ends at <CR><LF>.<CR><LF> only, and a bare CR or LF anywhere in it
-    refuses the message (550 5.6.0) after reading to that end; databytes is
-    enforced while reading (552 5.3.4); a command line over 512 bytes gets
+    refuses the message (550 5.6.0) after reading to that end. The size limit
+    (control/databytes, 52428800 when absent, qpy.common.control.message_limit;
+    a client rule's DATABYTES only lowers it) is advertised as SIZE n, refused at
+    MAIL for a larger SIZE= and after the real end of a larger DATA (552 5.3.4,
+    nothing queued, the session goes on). A command line over 512 bytes gets
     500 5.5.2; bytes sent before the 354 reply to DATA close the session.
 
 FILTERS
@@ -82,7 +85,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from qpy.common import address, rewrite
-from qpy.common.control import Control, ControlError
+from qpy.common.control import Control, ControlError, effective_limit, message_limit
 from qpy.common.exits import permanent
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble
@@ -129,7 +132,7 @@ class Config:
         self.timeout = max(1, c.integer("timeoutsmtpd"))
         self.unusable = ""        # a malformed limit: every session gets 421 (serve())
         try:
-            self.databytes = c.integer("databytes")
+            self.databytes = message_limit(c)
             self.maxrcpt = max(1, c.integer("maxrcpt"))
         except ControlError as e:
             self.databytes, self.maxrcpt, self.unusable = 1, 1, str(e)
@@ -182,9 +185,7 @@ class Session:
         self.remote_host = env.get("TCPREMOTEHOST", "unknown")
         self.relayclient = env.get("RELAYCLIENT")
         self.listener = env.get("QPY_LISTENER", "smtp")
-        self.databytes = cfg.databytes
-        if env.get("DATABYTES", "").isdigit():
-            self.databytes = int(env["DATABYTES"])
+        self.databytes = effective_limit(cfg.databytes, env.get("DATABYTES"))
         self.tls = False
         self.verbs: dict[bytes, Callable[[bytes], None]] = {
             b"HELO": self.cmd_helo, b"EHLO": self.cmd_ehlo, b"MAIL": self.cmd_mail,
@@ -358,7 +359,7 @@ class Session:
             self.reply(250, self.cfg.me)
 
     def ehlo_keywords(self) -> list[str]:
-        size = "SIZE %d" % self.databytes if self.databytes else "SIZE"
+        size = "SIZE %d" % self.databytes
         return (["PIPELINING", "8BITMIME", size, "ENHANCEDSTATUSCODES", "SMTPUTF8"]
                 + self.extensions)
 
@@ -408,7 +409,7 @@ class Session:
 
     def param_size(self, value: bytes | None) -> None:
         size = parse_size(value)
-        if self.databytes and size > self.databytes:
+        if size > self.databytes:
             raise CommandError(552, "5.3.4 Message size exceeds fixed maximum message size")
 
     def param_body(self, value: bytes | None) -> None:
@@ -531,7 +532,7 @@ class Session:
         def emit(piece: bytes) -> None:
             nonlocal size, failure
             size += len(piece)
-            if failure is not None or (self.databytes and size > self.databytes):
+            if failure is not None or size > self.databytes:
                 return
             try:
                 sink(piece)
@@ -542,7 +543,7 @@ class Session:
         if bad:
             raise CommandError(550, "5.6.0 Message refused: bare CR or LF in the data "
                                     "(lines must end with CRLF)")
-        if self.databytes and size > self.databytes:
+        if size > self.databytes:
             raise CommandError(552, "5.3.4 Message size exceeds fixed maximum message size")
         if hops >= MAX_HOPS:
             raise CommandError(554, "5.4.6 Too many hops, this message is looping")
