@@ -2,6 +2,7 @@
 
 SYNOPSIS
     /opt/qpy/venv/bin/python3 bench/smtp.py [--messages N] [--rounds R] [--size BYTES] [--milter]
+                                            [--control NAME=VALUE]...
 
 Runs as root (qpy-install with the system users). Lays out a fresh qpy root under
 /var/tmp/qpybench-smtp, starts qpy-tcpserver on a free 127.0.0.1 port with maxsmtpd 100
@@ -12,6 +13,8 @@ complete, fsync'd drop file is in queue/drop/: the rate is the rate of 250 repli
 after DATA, each durable. Prints a Markdown table of medians over the rounds (min-max).
 With --milter, control/milters names one pass-through filter (bench/passmilter.py, in
 a process of its own): the difference to a run without is what one milter costs.
+--control writes a control file before the server starts (e.g. smtpdsessions=1, to see
+what a fresh process per connection costs); QPY_BENCH_BASE moves the directory.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 import time
 
 PREFIX = os.environ.get("QPY_PREFIX", "/opt/qpy")
-BASE = "/var/tmp/qpybench-smtp"
+BASE = os.environ.get("QPY_BENCH_BASE", "/var/tmp/qpybench-smtp")
 
 
 def free_port() -> int:
@@ -77,6 +80,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=2000)
     ap.add_argument("--milter", action="store_true", help="through one pass-through milter")
+    ap.add_argument("--control", action="append", default=[], metavar="NAME=VALUE")
     opts = ap.parse_args()
     if os.getuid() != 0:
         sys.stderr.write("bench/smtp.py: needs root\n")
@@ -99,6 +103,10 @@ def main() -> int:
         wait_port(mport)
         with open(os.path.join(root, "control", "milters"), "w") as f:
             f.write("inet:127.0.0.1:%d\n" % mport)
+    for setting in opts.control:
+        name, _, value = setting.partition("=")
+        with open(os.path.join(root, "control", os.path.basename(name)), "w") as f:
+            f.write(value + "\n")
     log = open(os.path.join(BASE, "tcpserver.log"), "wb")
     server = subprocess.Popen([os.path.join(PREFIX, "bin", "qpy-tcpserver"), root],
                               env={"PATH": "/usr/bin:/bin", "QPY_ROOT": root},
@@ -120,9 +128,10 @@ def main() -> int:
             filt.terminate()
             filt.wait(timeout=10)
     print("SMTP accept rate, qpy-tcpserver + qpy-smtpd%s, %d messages of %d bytes, "
-          "median of %d rounds (min-max); %d CPUs, load %.1f"
+          "median of %d rounds (min-max); %d CPUs, load %.1f%s"
           % (" + one pass-through milter" if opts.milter else "", opts.messages, opts.size,
-             opts.rounds, os.cpu_count() or 0, os.getloadavg()[0]))
+             opts.rounds, os.cpu_count() or 0, os.getloadavg()[0],
+             "".join("; " + c for c in opts.control)))
     print()
     print("| sessions | connections | messages/s |")
     print("|---:|---|---:|")

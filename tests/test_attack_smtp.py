@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
 
 import pytest
-from qpytest import wait_for
+import tlshelp
+from qpytest import needs_root, wait_for
 from smtphelp import Client, Listener, drop_names, drops
 
-from qpy.common import envelope
+from qpy.common import envelope, users
 
 DEFAULT_LIMIT = 52428800
 HEADER = b"Subject: size\r\n\r\n"
@@ -166,3 +169,295 @@ def test_finding1_databytes_zero_is_the_queue_ceiling(server, qroot):
     c.close()
 
 
+
+
+# -- finding 5: one client cannot take every session; slow clients are cut off ------------
+
+def test_finding5_maxperip_refuses_one_address_while_others_are_served(server, qroot):
+    """Ten sessions from 127.0.0.1 are served; the eleventh gets 421 4.7.0 and is
+    closed (and logged) while 127.0.0.2 is still served; when one of the ten ends,
+    127.0.0.1 gets a session again. A client with RELAYCLIENT is exempt."""
+    qroot.control("smtprules", '127.0.0.3:allow,RELAYCLIENT=""\n:allow\n')
+    reload(server)
+    held = []
+    try:
+        for _ in range(10):
+            c = Client(server.port)
+            assert c.reply().startswith(b"220 ")
+            held.append(c)
+        for _ in range(3):
+            extra = Client(server.port)
+            assert extra.reply() == \
+                b"421 4.7.0 Too many connections from your address, try again later\r\n"
+            assert extra.closed()
+            extra.close()
+        assert server.wait_log("maxperip 127.0.0.1: 421")
+        other = Client(server.port, source="127.0.0.2")
+        assert other.reply().startswith(b"220 ")
+        assert other.cmd(b"QUIT").startswith(b"221")
+        other.close()
+        assert held[0].cmd(b"QUIT").startswith(b"221")
+        held.pop(0).close()
+
+        def served_again() -> bool:
+            c = Client(server.port)
+            ok = c.reply().startswith(b"220 ")
+            c.close()
+            return ok
+        assert wait_for(served_again, 20)
+        # a client its rule trusts (RELAYCLIENT) is exempt, as Postfix's mynetworks
+        for _ in range(12):
+            c = Client(server.port, source="127.0.0.3")
+            assert c.reply().startswith(b"220 ")
+            held.append(c)
+    finally:
+        for c in held:
+            c.close()
+
+
+def _cut_off(c: Client, every: float, piece: bytes, limit: float) -> tuple[bytes, float]:
+    """Send piece every `every` seconds until the server ends the session (or limit
+    seconds pass); what the server said meanwhile and how long it let us go on."""
+    start = time.monotonic()
+    c.sock.settimeout(every)
+    got = b""
+    while time.monotonic() - start < limit:
+        try:
+            c.send(piece)
+        except OSError:
+            break
+        try:
+            data = c.sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        got += data
+    return got, time.monotonic() - start
+
+
+def test_finding5_slowloris_command_line_is_cut_off(server, qroot):
+    """One byte a second, never a whole line: with timeoutsmtpd 3 the line's deadline
+    ends the session (421 4.4.2) though no single read waited 3 s; meanwhile another
+    client is served."""
+    qroot.control("timeoutsmtpd", "3")
+    reload(server)
+    c = Client(server.port)
+    c.hello()
+    other = Client(server.port, source="127.0.0.2")
+    other.hello()
+    assert other.cmd(b"QUIT").startswith(b"221")
+    got, took = _cut_off(c, 1.0, b"N", 20)
+    assert b"421 4.4.2 " in got, got
+    assert took < 10, took
+    assert server.wait_log("result timeout")
+
+
+def test_finding5_slowloris_data_is_cut_off(server, qroot):
+    """Whole lines, one a second, in DATA: the DATA deadline (timeoutsmtpd for all of
+    it) ends the session; nothing is queued."""
+    qroot.control("timeoutsmtpd", "3")
+    reload(server)
+    c = Client(server.port)
+    c.hello()
+    assert c.cmd(b"MAIL FROM:<a@b.example>").startswith(b"250")
+    assert c.cmd(b"RCPT TO:<postmaster@test.example>").startswith(b"250")
+    assert c.cmd(b"DATA").startswith(b"354")
+    got, took = _cut_off(c, 1.0, b"x\r\n", 20)
+    assert b"421 4.4.2 " in got, got
+    assert took < 10, took
+    assert drops(qroot) == []
+
+
+def test_finding5_session_limit(server, qroot):
+    """A client that answers promptly but never leaves: timeoutsession ends it."""
+    qroot.control("timeoutsession", "3")
+    reload(server)
+    c = Client(server.port)
+    c.hello()
+    got, took = _cut_off(c, 0.5, b"NOOP\r\n", 20)
+    assert b"421 4.4.2 test.example Session too long" in got, got
+    assert got.count(b"250 2.0.0 Ok") >= 2
+    assert took < 10, took
+    assert server.wait_log("result session too long")
+
+
+# -- finding 7: nothing after a refused DATA runs as a command -------------------------------
+
+SMUGGLED = (b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<postmaster@test.example>\r\n"
+            b"DATA\r\nSubject: smuggled\r\n\r\nnot from the client\r\n.\r\n")
+
+
+def _replies_until_closed(c) -> list[bytes]:
+    out = []
+    try:
+        while True:
+            out.append(c.reply())
+    except (EOFError, OSError):
+        return out
+
+
+def test_finding7_payload_after_refused_data_in_a_later_read(server, qroot):
+    """MAIL, a refused RCPT and DATA pipelined; DATA is refused (554); the message text
+    the client sent without waiting arrives 0.5 s later, in another read. It must not
+    run as commands: the session ends after the refusal, nothing is queued."""
+    c = Client(server.port)
+    c.hello()
+    c.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<nobody@test.example>\r\nDATA\r\n")
+    assert c.reply().startswith(b"250 ")
+    assert c.reply().startswith(b"550 5.1.1 ")
+    assert c.reply() == b"554 5.5.1 No valid recipients\r\n"
+    time.sleep(0.5)
+    try:
+        c.send(SMUGGLED)
+    except OSError:
+        pass
+    rest = _replies_until_closed(c)
+    assert rest[:1] == [b"421 4.5.0 test.example DATA refused, closing connection\r\n"], rest
+    assert len(rest) == 1, rest
+    assert drops(qroot) == [] and "evil@attacker" not in server.log()
+
+
+def test_finding7_payload_after_refused_data_over_tls(qroot, tmp_path):
+    """The same inside STARTTLS, where the payload comes in a later TLS record."""
+    tlshelp.install_cert(qroot, tlshelp.make_cert(str(tmp_path)))
+    server = tlshelp.Server(qroot, smtps=False)
+    try:
+        c = tlshelp.Raw(server.smtp)
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        c.tls()
+        assert c.cmd("EHLO client.example")[0] == 250
+        c.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<nobody@test.example>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(3)] == [250, 550, 554]
+        time.sleep(0.5)
+        try:
+            c.send(SMUGGLED)
+        except OSError:
+            pass
+        rest = []
+        try:
+            while True:
+                rest.append(c.reply()[0])
+        except (EOFError, OSError):
+            pass
+        assert rest == [421], rest
+        assert tlshelp.drops(qroot) == []
+    finally:
+        server.stop()
+
+
+# -- finding 8: directory harvest ----------------------------------------------------------------
+
+def test_finding8_ten_thousand_pipelined_rcpts_are_cut_off(server, qroot):
+    """10,000 pipelined RCPTs of unknown users: the first refusals come at once, later
+    ones each wait longer, and the session ends (421) after the hard limit of 10."""
+    c = Client(server.port, timeout=60)
+    c.hello()
+    cmds = b"MAIL FROM:<a@b.example>\r\n" + b"".join(
+        b"RCPT TO:<user%d@test.example>\r\n" % i for i in range(10_000))
+    sender = threading.Thread(target=lambda: _send_quietly(c, cmds))
+    start = time.monotonic()
+    sender.start()
+    got = _replies_until_closed(c)
+    took = time.monotonic() - start
+    sender.join()
+    assert got[0].startswith(b"250 ")
+    assert [r[:9] for r in got[1:11]] == [b"550 5.1.1"] * 10, got[:12]
+    assert got[11:] == [b"421 4.7.0 test.example Too many refused recipients, "
+                        b"closing connection\r\n"], got[11:]
+    assert took >= 0.25 * sum(range(1, 8)) - 0.1, took     # the growing delay: 7 s in all
+    assert server.wait_log("Too many refused recipients")
+    # a fresh session starts again with no penalty: three refusals at once
+    c = Client(server.port)
+    c.hello()
+    assert c.cmd(b"MAIL FROM:<a@b.example>").startswith(b"250")
+    t = time.monotonic()
+    for i in range(3):
+        assert c.cmd(b"RCPT TO:<user%d@test.example>" % i).startswith(b"550 5.1.1 ")
+    assert time.monotonic() - t < 2
+
+
+def _send_quietly(c: Client, data: bytes) -> None:
+    try:
+        c.send(data)
+    except OSError:
+        pass
+
+
+@needs_root
+def test_finding8_system_accounts_are_not_mail_users(server, qroot):
+    """`man` (uid 6, owns its home /var/cache/man) is not a mail user: 550 5.1.1 at
+    RCPT, and local delivery gives its name to the alias user, as the RCPT check said.
+    users/assign naming it makes it one."""
+    import pwd
+    pw = pwd.getpwnam("man")
+    assert pw.pw_uid < 1000 and os.stat(pw.pw_dir).st_uid == pw.pw_uid
+    c = Client(server.port)
+    c.hello()
+    assert c.cmd(b"MAIL FROM:<a@b.example>").startswith(b"250")
+    assert c.cmd(b"RCPT TO:<man@test.example>").startswith(b"550 5.1.1 ")
+    assert c.cmd(b"RCPT TO:<man-foo@test.example>").startswith(b"550 5.1.1 ")
+    assert c.cmd(b"RCPT TO:<postmaster@test.example>").startswith(b"250")
+    c.close()
+    assert users.lookup(qroot.path, b"man").user == users.ALIAS_USER
+    assign = os.path.join(qroot.paths.users, "assign")
+    with open(assign, "w") as f:
+        f.write("=man:man:%d:%d:%s:::\n.\n" % (pw.pw_uid, pw.pw_gid, pw.pw_dir))
+    r = qroot.run("qpy-newrcpt", qroot.path)
+    assert r.returncode == 0, r.stderr
+    c = Client(server.port)
+    c.hello()
+    assert c.cmd(b"MAIL FROM:<a@b.example>").startswith(b"250")
+    assert c.cmd(b"RCPT TO:<man@test.example>").startswith(b"250")
+    c.close()
+
+
+# -- finding 12: how many sessions one worker serves ---------------------------------------
+
+def _worker_pid(server, c: Client) -> int:
+    """The pid of the worker serving c (the one whose title names no idle state)."""
+    pids = wait_for(lambda: [p.pid for p in server.sessions()], 10)
+    assert pids and len(pids) == 1, pids
+    return pids[0]
+
+
+def test_finding12_smtpdsessions_one_is_a_fresh_process_per_connection(qroot):
+    """control/smtpdsessions 1: five sessions one after another, five worker pids."""
+    qroot.control("smtpdsessions", "1")
+    s = Listener(qroot, ipv6=False)
+    try:
+        assert s.wait_idle()
+        pids = []
+        for _ in range(5):
+            c = Client(s.port)
+            assert c.reply().startswith(b"220 ")
+            pids.append(_worker_pid(s, c))
+            assert c.cmd(b"QUIT").startswith(b"221")
+            c.close()
+            assert s.wait_idle()
+        assert len(set(pids)) == 5, pids
+    finally:
+        s.stop()
+
+
+def test_finding12_smtpdsessions_default_reuses_and_retires_workers(qroot):
+    """By default a worker serves up to 100 sessions: with maxsmtpd 1 the same pid
+    serves one session after another."""
+    qroot.control("maxsmtpd", "1")
+    s = Listener(qroot, ipv6=False)
+    try:
+        pids = []
+        for _ in range(3):
+            c = Client(s.port)
+            assert c.reply().startswith(b"220 ")
+            pids.append(_worker_pid(s, c))
+            assert c.cmd(b"QUIT").startswith(b"221")
+            c.close()
+            assert s.wait_idle()
+        assert len(set(pids)) == 1, pids
+    finally:
+        s.stop()

@@ -387,18 +387,11 @@ def test_too_many_errors_then_421(server, qroot):
 
 
 def test_10000_recipients(server, qroot):
+    """10,000 pipelined RCPTs of one valid address: 100 taken (maxrcpt), then 452;
+    10,000 unknown ones: test_attack_smtp.py (finding 8, cut off after 10)."""
     c = Client(server.port)
     c.hello()
     n = 10_000
-    cmds = b"MAIL FROM:<a@b.example>\r\n" + b"".join(
-        b"RCPT TO:<postmaster+%d@test.example>\r\n" % i for i in range(n))
-    sender = threading.Thread(target=c.send, args=(cmds,))
-    sender.start()
-    got = [c.code() for _ in range(n + 1)]
-    sender.join()
-    # postmaster+N is a valid mailbox syntax but not a local part that exists
-    assert got[0] == 250 and set(got[1:]) == {550}
-    c.cmd(b"RSET")
     cmds = b"MAIL FROM:<a@b.example>\r\n" + b"RCPT TO:<postmaster@test.example>\r\n" * n
     sender = threading.Thread(target=c.send, args=(cmds,))
     sender.start()

@@ -40,6 +40,10 @@ class AddressError(ValueError):
     """The bytes are not an address qpy accepts; str(e) is a short reason."""
 
 
+class NeedsUTF8(AddressError):
+    """An 8-bit address where SMTPUTF8 was not given (SMTP: 553 5.6.7, not 501)."""
+
+
 def _is_dot_atom(s: bytes) -> bool:
     """True when s is a dot-atom (8-bit bytes count as atext: SMTPUTF8's rule)."""
     return bool(s) and all(atom and all(c in _ATEXT or c >= 0x80 for c in atom)
@@ -186,7 +190,7 @@ def _check_controls(addr: bytes, utf8: bool) -> None:
     if any(c < 0x20 or c == 0x7F for c in rest):
         raise AddressError("control character in address")
     if not utf8:
-        raise AddressError("8-bit address without SMTPUTF8")
+        raise NeedsUTF8("8-bit address without SMTPUTF8")
     try:
         text = addr.decode("utf-8")
     except UnicodeDecodeError:

@@ -7,7 +7,7 @@ never once per message.
 
 A file that exists but cannot be used (unreadable, not UTF-8, not a number...) is
 logged, once per read, i.e. at start and at every reload. Most settings then take
-their default. The limits that protect (PROTECTIVE: databytes, maxsmtpd, maxrcpt)
+their default. The limits that protect (PROTECTIVE: databytes, maxsmtpd, maxrcpt, maxperip)
 do not: a malformed one raises ControlError from get()/integer(), and the program
 refuses with a temporary error until it is fixed, as qmail does ("unable to read
 controls"), rather than run with no limit.
@@ -65,13 +65,16 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "timeoutconnect": ("int", 60),
     "timeoutlocal": ("int", 3600),
     "maxsmtpd": ("int", 40),
+    "maxperip": ("int", 10),
+    "smtpdsessions": ("int", 100),
+    "timeoutsession": ("int", 3600),
     "maxrcpt": ("int", 100),
     "acceptunknown": ("flag", False),
     "tlsrequired": ("flag", False),
 }
 
 
-PROTECTIVE = frozenset({"databytes", "maxsmtpd", "maxrcpt"})
+PROTECTIVE = frozenset({"databytes", "maxsmtpd", "maxrcpt", "maxperip"})
 
 
 class ControlError(ValueError):

@@ -13,8 +13,10 @@ The rules are qmail's (qmail-users(5), qmail-getpw(8)):
    The exact entry wins, then the longest matching prefix (`+:` is a catch-all); for
    equal keys the first line wins. Keys compare in lowercase.
 2. The passwd database: the longest prefix of the lowercased local part that ends
-   at its end or just before a `-` and names a mail user. A mail user has uid != 0,
-   a home directory that exists and is owned by that uid, a name without upper
+   at its end or just before a `-` and names a mail user. A mail user has a uid
+   of at least UID_MIN (from /etc/login.defs, 1000 when it says nothing: system
+   accounts such as `man` or `postgres` take mail only through users/assign), a
+   home directory that exists and is owned by that uid, a name without upper
    case letters and shorter than 32 bytes. A whole-name match gives dash "" and
    ext ""; a prefix match gives dash "-" and ext = the rest (case kept).
 3. Anything else belongs to the alias user `qpyalias` (home ROOT/alias) with
@@ -45,6 +47,8 @@ MAX_ASSIGN_BYTES = 16 * 1024 * 1024
 MAX_ASSIGN_LINE = 4096
 MAX_USERNAME = 31
 BREAK = b"-"
+LOGIN_DEFS = "/etc/login.defs"
+UID_MIN_DEFAULT = 1000
 
 
 class UsersError(Exception):
@@ -153,6 +157,25 @@ def read_assign(root: str) -> Assign:
     return parsed
 
 
+_uid_min: list[int] = []
+
+
+def uid_min() -> int:
+    """The lowest uid of a person's account: UID_MIN of /etc/login.defs, else 1000."""
+    if not _uid_min:
+        value = UID_MIN_DEFAULT
+        try:
+            with open(LOGIN_DEFS, "rb") as f:
+                for line in f.read(1 << 20).splitlines():
+                    words = line.split()
+                    if len(words) >= 2 and words[0] == b"UID_MIN" and words[1].isdigit():
+                        value = int(words[1])
+        except OSError:
+            pass
+        _uid_min.append(value)
+    return _uid_min[0]
+
+
 def _mail_user(name: bytes) -> pwd.struct_passwd | None:
     """The passwd entry of `name` if it may receive mail under its own uid."""
     if not name or len(name) > MAX_USERNAME or name != name.lower():
@@ -161,7 +184,7 @@ def _mail_user(name: bytes) -> pwd.struct_passwd | None:
         pw = pwd.getpwnam(name.decode("ascii"))
     except (KeyError, UnicodeDecodeError):
         return None
-    if pw.pw_uid == 0 or not pw.pw_dir.startswith("/"):
+    if pw.pw_uid == 0 or pw.pw_uid < uid_min() or not pw.pw_dir.startswith("/"):
         return None
     try:
         st = os.stat(pw.pw_dir)

@@ -8,8 +8,15 @@ let STARTTLS refuse or drop bytes pipelined before the handshake.
 
 Limits: a command line longer than the caller's limit is discarded as it
 arrives (memory stays flat however long it is) and reported as too long; DATA
-is handed on in pieces of at most PIECE bytes, never held whole; every read
-waits at most `timeout` seconds.
+is handed on in pieces of at most PIECE bytes, never held whole.
+
+Deadlines, not read timeouts (against slowloris): a whole command line must
+arrive within `timeout` seconds of the moment it is asked for, and a whole
+DATA (from its 354 to its final dot) within `timeout` seconds as well, however
+the client trickles its bytes; a write may wait `timeout` seconds for room.
+No read or write waits past the session's own end (`session` seconds after
+the Channel is made). Timeout is raised for the first, SessionTimeout for the
+second.
 
 The DATA rule (against SMTP smuggling): the data ends at `<CR><LF>.<CR><LF>`
 and nothing else. A CR or LF that is not part of a CRLF pair anywhere in the
@@ -22,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import time
 from collections.abc import Callable
 
 READ_BYTES = 64 * 1024
@@ -34,34 +42,59 @@ class Timeout(Exception):
     """No input (or no room to write) within the timeout."""
 
 
+class SessionTimeout(Timeout):
+    """The session as a whole has run out of time."""
+
+
 class Closed(Exception):
     """The client went away."""
 
 
 class Channel:
-    def __init__(self, rfd: int = 0, wfd: int = 1, timeout: float = 1200.0):
+    def __init__(self, rfd: int = 0, wfd: int = 1, timeout: float = 1200.0,
+                 session: float = 0.0):
         self.rfd = rfd
         self.wfd = wfd
         self.timeout = timeout
+        self.session_end = time.monotonic() + session if session > 0 else float("inf")
         self.inbuf = bytearray()
         self._out: list[bytes] = []
         self._outlen = 0
+        self.begin()
+
+    # -- deadlines ---------------------------------------------------------------------
+    def begin(self) -> None:
+        """A unit of input starts (a command line, a whole DATA): it has `timeout`."""
+        self.deadline = time.monotonic() + self.timeout
+
+    def read_wait(self) -> float:
+        """Seconds a read may still wait; Timeout or SessionTimeout when none."""
+        return self._left(self.deadline)
+
+    def write_wait(self) -> float:
+        """Seconds a write may wait for room; SessionTimeout when the session is over."""
+        return self._left(time.monotonic() + self.timeout)
+
+    def _left(self, deadline: float) -> float:
+        left = min(deadline, self.session_end) - time.monotonic()
+        if left > 0:
+            return left
+        raise SessionTimeout() if self.session_end <= deadline else Timeout()
 
     # -- raw I/O: a TLS layer replaces these two -------------------------------
-    def _wait(self, fd: int, event: int) -> None:
+    def _wait(self, fd: int, event: int, left: Callable[[], float]) -> None:
         p = select.poll()
         p.register(fd, event)
         while True:
             try:
-                if p.poll(self.timeout * 1000):
+                if p.poll(left() * 1000):
                     return
-                raise Timeout()
             except InterruptedError:
                 continue
 
     def recv_raw(self, n: int) -> bytes:
         """Up to n bytes; b'' at end of input; raises Timeout."""
-        self._wait(self.rfd, select.POLLIN)
+        self._wait(self.rfd, select.POLLIN, self.read_wait)
         try:
             return os.read(self.rfd, n)
         except OSError as e:
@@ -72,7 +105,7 @@ class Channel:
     def send_raw(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            self._wait(self.wfd, select.POLLOUT)
+            self._wait(self.wfd, select.POLLOUT, self.write_wait)
             try:
                 n = os.write(self.wfd, view)
             except OSError as e:
@@ -116,6 +149,7 @@ class Channel:
         A line longer than `limit` (with its line end) is thrown away as it
         arrives, however long it gets, and returned as (b"", True).
         """
+        self.begin()
         too_long = False
         scanned = 0
         while True:
@@ -140,6 +174,7 @@ class Channel:
         bare CR or LF occurred anywhere, and how many Received:/Delivered-To:
         lines the header had.
         """
+        self.begin()
         bad = False
         hops = 0
         in_header = True

@@ -180,3 +180,17 @@ def match(rules: list[Rule], ip: str) -> Rule | None:
         if matches(rule, addr):
             return rule
     return None
+
+
+def client_key(ip: str) -> str:
+    """Whose sessions maxperip counts together: an IPv4 address; an IPv6 /64 (one
+    site's share: its owner has all of it); an IPv4-mapped IPv6 address as IPv4."""
+    if ":" not in ip:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip.partition("%")[0])
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))

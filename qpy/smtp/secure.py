@@ -1,8 +1,8 @@
 """secure — STARTTLS, implicit TLS and SMTP AUTH on top of qpy-smtpd's Session.
 
-Not a program: `SecureSession` is the Session that qpy-smtpd and the workers
-of qpy-tcpserver run. With no certificate and no checker it behaves exactly as
-the plain Session (STARTTLS and AUTH then get 502).
+Not a program: `SecureSession` is the Session (qpy.smtp.session) that
+qpy-smtpd and the workers of qpy-tcpserver run. With no certificate and no
+checker it behaves exactly as the plain Session (STARTTLS and AUTH then get 502).
 
     STARTTLS      RFC 3207: 220, drop what was pipelined after it, handshake,
                   forget HELO/AUTH/mail (EHLO again); advertised only before TLS
@@ -29,7 +29,8 @@ from qpy.common.log import clean, log
 from qpy.smtp import auth, tls
 from qpy.smtp.channel import Channel
 from qpy.smtp.command import CommandError
-from qpy.smtp.smtpd import PROGRAM, Config, Session
+from qpy.smtp.config import PROGRAM, Config
+from qpy.smtp.session import Session
 
 _SAFE_USER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_@+=")
 

@@ -174,6 +174,8 @@ def secure_channel(channel: Channel, ctx: ssl.SSLContext, who: str = "") -> ssl.
     tls.settimeout(channel.timeout)
 
     def recv_raw(n: int) -> bytes:
+        if not tls.pending():
+            tls.settimeout(channel.read_wait())   # the Channel's deadlines, not per read
         try:
             return tls.recv(n)
         except TimeoutError:
@@ -182,6 +184,7 @@ def secure_channel(channel: Channel, ctx: ssl.SSLContext, who: str = "") -> ssl.
             return b""          # a TLS alert or reset ends the session like EOF
 
     def send_raw(data: bytes) -> None:
+        tls.settimeout(channel.write_wait())
         try:
             tls.sendall(data)
         except TimeoutError:
