@@ -11,7 +11,6 @@ page; the limits that protect the host are in docs/security.md:
                          RCPT_HARD_ERRORS-th ends the session (421 4.7.0)
     timeoutsmtpd,        a whole command line, and a whole DATA, each within
     timeoutsession       the first; the whole session within the second (421 4.4.2)
-
 DATA and its limits are in data.py.
 """
 
