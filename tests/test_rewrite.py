@@ -23,8 +23,9 @@ from qpy.common.control import Control
 from qpy.common.state import LOCAL, REMOTE
 from qpy.local import dotqmail
 from qpy.smtp.channel import Channel
+from qpy.smtp.config import Config
 from qpy.smtp.recipients import RecipientTable
-from qpy.smtp.smtpd import Config, Session
+from qpy.smtp.session import Session
 
 PROPS = settings(max_examples=400, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow,
