@@ -117,7 +117,7 @@ def test_finding1_malformed_databytes_is_a_temporary_refusal(server, qroot):
     r = queue_inject(qroot, b"Subject: x\n\nx\n")
     assert r.returncode == 55 and b"control/databytes is malformed" in r.stderr
     r = qroot.run("qpy-sendmail", "postmaster@test.example", input=b"Subject: x\n\nx\n")
-    assert r.returncode == 75 and b"control/databytes is malformed" in r.stderr  # EX_TEMPFAIL
+    assert r.returncode == 111 and b"control/databytes is malformed" in r.stderr
     r = qroot.run("qpy-inject", "-a", "postmaster@test.example", input=b"Subject: x\n\nx\n")
     assert r.returncode == 111 and b"control/databytes is malformed" in r.stderr
     assert os.listdir(qroot.paths.drop) == []

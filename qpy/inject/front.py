@@ -112,7 +112,7 @@ class Front:
         try:
             limit = message_limit(self.control)
         except ControlError as e:
-            return self.fail(self.exits["temp"], str(e))
+            return self.fail(EXIT_TEMP, str(e))   # malformed: 111 from every front end
         try:
             inject(self.root, message, sender, rcpts, limit)
         except InjectError as e:
@@ -130,7 +130,7 @@ class Front:
         try:
             limit = message_limit(self.control)
         except ControlError as e:   # a protective limit: temporary, never unlimited
-            return self.fail(self.exits["temp"], str(e))
+            return self.fail(EXIT_TEMP, str(e))   # malformed: 111 from every front end
         try:
             return read_stdin(dot_ends, limit + HEADER_ROOM)
         except OverflowError as e:
