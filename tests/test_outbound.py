@@ -779,3 +779,24 @@ def test_8bit_that_cannot_be_converted_bounces(stack, raw, msg, why):
 
 def one_msg(rs: Rspawn, msg: bytes) -> tuple[bytes, bytes]:
     return rs.deliver([b"x@a.test"], msg=msg)[0]
+
+
+# --- an overall deadline per delivery ---------------------------------------------------------
+
+def test_trickling_peer_cannot_hold_a_worker_past_the_deadline(stack, raw):
+    qroot, dnssrv, port, rs = stack
+    qroot.control("timeoutremotetotal", "2")             # timeoutremote is 3: per read
+
+    def script(c):
+        c.send(b"220 hi\r\n")
+        c.expect(b"EHLO", b"250-peer\r\n250 PIPELINING\r\n")
+        c.line()                                          # MAIL...
+        for _ in range(100):                              # a byte every 0.2 s: each read
+            c.send(b"2")                                  # is quick, the reply never ends
+            time.sleep(0.2)
+    raw(script)
+    start = time.monotonic()
+    status, text = one(rs)
+    took = time.monotonic() - start
+    assert status == b"Z" and b"ran past its deadline (control/timeoutremotetotal)" in text
+    assert 1.5 < took < 5, took

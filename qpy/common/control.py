@@ -62,6 +62,7 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "databytes": ("int", 52428800),
     "timeoutsmtpd": ("int", 1200),
     "timeoutremote": ("int", 1200),
+    "timeoutremotetotal": ("int", 3600),
     "timeoutconnect": ("int", 60),
     "timeoutlocal": ("int", 3600),
     "maxsmtpd": ("int", 40),

@@ -34,6 +34,8 @@ CONTROL FILES (defaults in brackets; docs/outbound.md has examples)
     tlsclientcert   [none] `HOST[:PORT] CERTFILE [KEYFILE]`: a client certificate.
     timeoutconnect  [60] seconds for the TCP connection.
     timeoutremote   [1200] seconds for each read or write.
+    timeoutremotetotal [3600] seconds one delivery (all its connections) may
+                    take, however its peers trickle their bytes.
 
 WRITES
     stdout: qmail-remote's report, one `\\0`-terminated record per recipient

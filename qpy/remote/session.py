@@ -10,6 +10,7 @@ job or moves on to the next target), TLSHandshakeFailed, PeerError.
 from __future__ import annotations
 
 import socket
+import time
 
 from qpy.common.control import Control
 from qpy.remote import dane, tlspolicy
@@ -36,15 +37,21 @@ def tls_note(conn: Conn) -> str:
     return " (TLS %s)" % conn.tls if conn.tls else ""
 
 
-def connect(ctl: Control, t: Target) -> Conn:
-    """A TCP connection to the target, or Refused (move on)."""
-    timeout = max(1, ctl.integer("timeoutconnect"))
+def connect(ctl: Control, t: Target, deadline: float) -> Conn:
+    """A TCP connection to the target, or Refused (move on). Its reads and writes end
+    at `deadline` (time.monotonic()) at the latest."""
+    timeout = min(max(1, ctl.integer("timeoutconnect")), deadline - time.monotonic())
+    if timeout <= 0:
+        raise Refused(Z, "The delivery ran past its deadline (control/timeoutremotetotal)"
+                      " before %s was tried. (#4.4.7)" % t.address)
     try:
         sock = socket.create_connection((t.address, t.port), timeout=timeout)
     except OSError as e:
         raise Refused(Z, "Sorry, I wasn't able to establish an SMTP connection to %s: %s."
                       " (#4.4.1)" % (t.address, why(e)))
-    return Conn(sock, max(1, ctl.integer("timeoutremote")), t.host)
+    conn = Conn(sock, max(1, ctl.integer("timeoutremote")), t.host)
+    conn.deadline = deadline
+    return conn
 
 
 def check_421(r: Reply, ip: str, conn: Conn) -> None:

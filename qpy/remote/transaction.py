@@ -54,6 +54,7 @@ class Job:
         self._auth: smtpauth.Table | None = None
         self.router = Router(ctl)
         self._sts: tuple[mtasts.Policy | None] | None = None     # looked up once
+        self.deadline = time.monotonic() + max(1, ctl.integer("timeoutremotetotal"))
 
     def open(self) -> list[int]:
         return [i for i, r in enumerate(self.results) if r is None]
@@ -145,9 +146,10 @@ class Job:
         conn = c.conn
         self.reusing = True
         try:
-            conn.sock.settimeout(min(RSET_WAIT, conn.timeout))
+            per_read, conn.deadline = conn.timeout, self.deadline
+            conn.timeout = min(RSET_WAIT, per_read)
             r = conn.command(b"RSET")
-            conn.sock.settimeout(conn.timeout)
+            conn.timeout = per_read
             if r.code != 250:
                 raise Stale("RSET answered %d" % r.code)
             c.uses += 1
@@ -179,7 +181,7 @@ class Job:
         opened = time.monotonic()
         try:
             p = self.plan(t)
-            conn = session.connect(self.ctl, t)
+            conn = session.connect(self.ctl, t, self.deadline)
         except Refused as e:
             return e.status, e.text
         ours = True             # until release() takes the connection over

@@ -8,6 +8,10 @@ per-recipient control of the transaction. Here every reply is bounded (line,
 lines, bytes), parsing is total, and the server's text is made printable and
 short (Reply.said) before it reaches a result, a log or a bounce.
 
+Every read and write waits at most the connection's `timeout` (control/
+timeoutremote) and never past its `deadline` (control/timeoutremotetotal, set
+per delivery by qpy.remote.transaction).
+
 Errors are types, never text to match: PeerError for a broken connection, and
 its subclass TLSHandshakeFailed for a STARTTLS or implicit-TLS handshake that
 failed (the caller decides on a plain-text retry by that type alone).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import _ssl
 import socket
 import ssl
+import time
 
 from qpy.common import dsn
 from qpy.common.log import clean
@@ -28,6 +33,7 @@ MAX_REPLY_BYTES = 64 * 1024
 MAX_SAID = 600              # bytes of the server's text kept in a result
 CHUNK = 64 * 1024
 QUIT_WAIT = 2.0             # seconds we wait for the answer to QUIT
+DEADLINE = "the delivery ran past its deadline (control/timeoutremotetotal)"
 
 
 class PeerError(Exception):
@@ -77,12 +83,29 @@ class Conn:
         self.buf = b""
         self.tls = ""
         self.verified = False       # the peer's certificate passed the route's check
+        self.deadline: float | None = None  # time.monotonic() by which the delivery ends
+
+    def _arm(self) -> None:
+        """The socket's timeout for the next operation: `timeout`, and never past the
+        delivery's deadline (a peer that trickles bytes cannot hold us for hours)."""
+        wait = self.timeout
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+            if wait <= 0:
+                raise PeerError(DEADLINE)
+        self.sock.settimeout(wait)
+
+    def _failed(self, what: str, e: BaseException) -> PeerError:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return PeerError(DEADLINE)
+        return PeerError("%s failed: %s" % (what, why(e)))
 
     def send(self, data: bytes) -> None:
+        self._arm()
         try:
             self.sock.sendall(data)
         except (OSError, ssl.SSLError) as e:
-            raise PeerError("write failed: %s" % why(e))
+            raise self._failed("write", e)
 
     def _line(self) -> bytes:
         while True:
@@ -92,10 +115,11 @@ class Conn:
                 return line.rstrip(b"\r")
             if len(self.buf) >= MAX_REPLY_LINE:
                 raise PeerError("reply line longer than %d bytes" % MAX_REPLY_LINE)
+            self._arm()
             try:
                 data = self.sock.recv(CHUNK)
             except (OSError, ssl.SSLError) as e:
-                raise PeerError("read failed: %s" % why(e))
+                raise self._failed("read", e)
             if not data:
                 raise PeerError("connection closed")
             self.buf += data
@@ -125,6 +149,7 @@ class Conn:
     def starttls(self, ctx: ssl.SSLContext, name: str | None) -> None:
         """The TLS handshake (after STARTTLS's 220, or at once for implicit TLS)."""
         self.buf = b""      # nothing sent before the handshake may count after it
+        self._arm()
         try:
             self.sock = ctx.wrap_socket(self.sock, server_hostname=name)
         except (OSError, ssl.SSLError, ValueError) as e:
@@ -163,8 +188,8 @@ class Conn:
 def end(conn: Conn) -> None:
     """QUIT (its answer waited for QUIT_WAIT seconds at most), then close: the end of a
     connection in good order."""
+    conn.timeout, conn.deadline = QUIT_WAIT, None
     try:
-        conn.sock.settimeout(QUIT_WAIT)
         conn.command(b"QUIT")
     except PeerError:
         pass
