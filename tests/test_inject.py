@@ -473,6 +473,25 @@ def test_pickup_journal_lingers_then_empties_and_old_records_are_harmless(qroot)
     assert sorted(os.listdir(qroot.paths.mess)) == sorted(todo_ready(qroot))
 
 
+def test_pickup_reacts_to_hup_and_term_at_once(qroot):
+    """Idle pickup sleeps up to IDLE_WAIT (5 s) between scans; a signal must end the
+    sleep, not wait for it (issue 17)."""
+    p = start_pickup(qroot)
+    assert wait_for(lambda: "started on" in pickup_log(qroot), 30)
+    time.sleep(0.5)                         # asleep in its wait now
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "control files re-read" in pickup_log(qroot), 1.0, 0.01), \
+        pickup_log(qroot)
+    assert time.monotonic() - t0 < 1.0 and p.poll() is None
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=5) == 0
+    assert time.monotonic() - t0 < 1.0, "pickup took %.1f s to exit" % (time.monotonic() - t0)
+    assert "exiting" in pickup_log(qroot)
+
+
 @needs_root
 def test_pickup_recovery_finishes_committed_batches_and_undoes_the_rest(qroot):
     """Journals a crash can leave. (1) a batch with its "C" (its syncfs had returned)

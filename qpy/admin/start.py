@@ -65,6 +65,7 @@ from qpy.common.log import Outbox, clean
 from qpy.common.paths import program
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, root_from
+from qpy.common.wakeup import Wakeup
 
 PROGRAM = "qpy-start"
 SERVICES = ("send", "pickup", "smtpd", "authd")
@@ -132,7 +133,6 @@ class Starter:
         self.env = {"QPY_ROOT": root, "PATH": CHILD_PATH}
         self.services = {n: Service(n) for n in SERVICES if only in (None, n)}
         self.terminating = 0.0
-        self.flags: set[int] = set()
         self.rcpt: Child | None = None          # a running qpy-newrcpt
         self.rcpt_deadline = 0.0
         self.rcpt_again = False
@@ -338,8 +338,7 @@ class Starter:
                            + clean(line, MAX_LINE) + "\n" for line in lines)
             OUTPUT.add(text.encode("utf-8", "replace"))
 
-    def handle_flags(self) -> None:
-        flags, self.flags = self.flags, set()
+    def handle_signals(self, flags: list[int]) -> None:
         if signal.SIGALRM in flags:
             self.signal("queue-send", signal.SIGALRM)
         if signal.SIGHUP in flags:
@@ -399,7 +398,7 @@ class Starter:
             kill(self.rcpt.pid, signal.SIGKILL)
             self.rcpt_deadline = now + NEWRCPT_TIMEOUT
 
-    def run(self, wakeup: int) -> int:
+    def run(self, sigs: Wakeup) -> int:
         if self.paths.oneuser():
             say("one-user mode: every program runs as %s, not under separate users"
                 % self.paths.oneuser())
@@ -412,7 +411,7 @@ class Starter:
                 say("%s: not configured, not started" % svc.name)
         self.newrcpt()
         while True:
-            self.handle_flags()
+            self.handle_signals(sigs.take())
             now = time.monotonic()
             self.check_rcpt(now)
             live = [c for s in self.services.values() for c in s.children.values()]
@@ -435,7 +434,7 @@ class Starter:
                     say("authd: configured now")    # the first qpy-passwd: no restart
                     self.start(svc)
             timeout = 1.0
-            fds = [wakeup] + [c.logfd for c in live]
+            fds = [sigs.fd] + [c.logfd for c in live]
             try:
                 ready, writable, _ = select.select(fds, [1] if OUTPUT.buf else [], [],
                                                    timeout)
@@ -443,12 +442,6 @@ class Starter:
                 ready, writable = [], []
             if writable:
                 OUTPUT.flush(1)
-            for fd in ready:
-                if fd == wakeup:
-                    try:
-                        self.flags.update(os.read(wakeup, 512))
-                    except BlockingIOError:
-                        pass
             for c in live:
                 if c.logfd in ready:
                     self.drain(c)
@@ -491,12 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("qpy-start: %s is not a qpy root (run qpy-install)\n" % root)
         return EXIT_TEMP
     os.chdir("/")
-    wr, ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(ww)
-    for sig in (signal.SIGALRM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
-                signal.SIGCHLD):
-        signal.signal(sig, lambda s, f: None)
-    return Starter(root, only).run(wr)
+    sigs = Wakeup((signal.SIGALRM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+                   signal.SIGCHLD))
+    return Starter(root, only).run(sigs)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,22 @@ WHAT IT DOES
     the address parser lets none in, this is the check before a delivery. For
     each recipient it finds the owner (qpy.common.rewrite.owner: the canonical
     local part looked up in users/assign, the passwd database, then the alias
-    user qpyalias; never root) and hands the delivery
-    to a worker (qpy.local.worker) that runs as that owner, with the message
-    descriptor as queue-send passed it (never reopened: through /proc/self/fd
-    that would be with root's access; one not open for reading is refused).
-    A worker is a child forked from this process: it starts a new session,
-    keeps only its socket (fd 0; fd 1 and 2 are /dev/null), drops to the
-    user's groups, gid and uid
-    (qpy.common.privilege.become, which proves root cannot be regained), names
-    itself `qpy-local USER` and runs deliveries in-process (qpy.local.local: no
-    new interpreter per delivery), one at a time, answering each with
-    qmail-local's code and text. An idle worker of the same identity (user,
-    uid, gid, groups) is reused; a new one is forked when none is idle, so as
-    many run as queue-send has deliveries in flight. A worker is retired (its
-    socket closed, so it exits) after WORKER_IDLE idle seconds, after
-    MAX_DELIVERIES deliveries, on SIGHUP, or when it answers EXIT_RETIRE. The
-    parent answers each request with spawn.send_result once every recipient
-    is done: K (code 0), D (code 100), Z (anything else, a crash, a timeout).
+    user qpyalias; never root) and hands the delivery to a worker
+    (qpy.local.worker) that runs as that owner, with the message descriptor as
+    queue-send passed it (never reopened: through /proc/self/fd that would be
+    with root's access; one not open for reading is refused). A worker is a
+    child forked from this process (qpy.common.pool): it starts a new session,
+    keeps only its socket (fd 0; fd 1 and 2 are /dev/null), drops to the user's
+    groups, gid and uid (qpy.common.privilege.become, which proves root cannot
+    be regained), names itself `qpy-local USER` and runs deliveries in-process
+    (qpy.local.local), one at a time, answering each with qmail-local's code
+    and text. An idle worker of the same identity (user, uid, gid, groups) is
+    reused; a new one is forked when none is idle, so as many run as queue-send
+    has deliveries in flight. A worker is retired (its socket closed, so it
+    exits) after WORKER_IDLE idle seconds, after MAX_DELIVERIES deliveries, on
+    SIGHUP, or when it answers EXIT_RETIRE. The parent answers each request
+    with spawn.send_result once every recipient is done: K (code 0), D (code
+    100), Z (anything else, a crash, a timeout).
 
     A delivery that runs longer than `timeoutlocal` (control file, default
     3600 s) plus GRACE seconds gets its worker killed and is reported Z
@@ -39,18 +38,13 @@ WHAT IT DOES
     child subreaper, so it reaps whatever they leave behind.
 
     Control files (defaultdelivery, envnoathost, timeoutlocal) are read at
-    start and on SIGHUP; users/assign is re-read whenever it changes.
-
-    The recipient's supplementary groups are looked up here, in the parent
-    (os.getgrouplist, once per user), and kept for GROUPS_TTL seconds, until
-    /etc/group or /etc/passwd changes, or until SIGHUP, whichever comes first:
-    the worker does no name-service work at all. A user added to a group through
-    a non-file source (LDAP, sssd) gets the new group within GROUPS_TTL seconds
-    or at once on SIGHUP. The owner of a local part (users.lookup: a parse of
-    users/assign and of /etc/passwd, a stat of the home) is kept likewise for
-    OWNERS_TTL seconds, until /etc/passwd or users/assign changes, or SIGHUP; a
-    home removed meanwhile makes the worker's own check of the home defer the
-    delivery until then.
+    start and on SIGHUP. The owner of an address and its supplementary groups
+    are looked up here, in the parent, and kept (qpy.local.identity): 60
+    seconds, or until /etc/passwd, /etc/group or users/assign changes, or
+    SIGHUP. The worker does no name-service work at all. A user added to a
+    group through a non-file source (LDAP, sssd) gets it within 60 seconds or
+    at once on SIGHUP; a home removed meanwhile makes the worker's own check
+    of the home defer.
 
     End of file on fd 0 or SIGTERM: no new requests; retire the idle workers,
     wait for the deliveries in flight (their results are still sent while the
@@ -73,26 +67,25 @@ EXIT CODES
 from __future__ import annotations
 
 import array
-import ctypes
-import fcntl
 import os
-import pwd
 import selectors
 import signal
 import socket
-import stat
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from qpy.common import address, children, control, privilege, rewrite, spawn, users
+from qpy.common import address, privilege, spawn, users
+from qpy.common.control import Control
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
+from qpy.common.pool import Pool, Worker
 from qpy.common.queue import Paths, root_from
+from qpy.common.session import become_subreaper, kill_session
+from qpy.common.wakeup import Wakeup
 from qpy.local import local as qlocal
 from qpy.local import worker
+from qpy.local.identity import Identities, Refused, queue_uid, screen
 
 GRACE = 30              # seconds past timeoutlocal before the parent kills a worker
 MAX_WORKERS = 2000      # a hard cap; queue-send's concurrencylocal is far lower
@@ -100,12 +93,6 @@ MAX_DELIVERIES = 500    # a worker is retired after this many (bounds any slow l
 WORKER_IDLE = 5.0       # seconds an idle worker is kept for the next delivery
 MAX_REPORT = 4000       # bytes of a worker's report kept
 STOP_WAIT = 60          # seconds SIGTERM waits for deliveries in flight
-PR_SET_CHILD_SUBREAPER = 36
-GROUPS_TTL = 60.0       # seconds a user's supplementary groups are kept
-GROUP_FILE = "/etc/group"
-PASSWD_FILE = "/etc/passwd"
-OWNERS_TTL = 60.0       # seconds an address's owner (users.lookup) is kept
-T = TypeVar("T")
 
 
 @dataclass
@@ -116,48 +103,35 @@ class Job:
     pending: int = 0
 
 
-@dataclass(eq=False)
-class Worker:
-    """A forked delivery process for one identity (qpy.local.worker), kept for reuse."""
-    pid: int
-    key: tuple                  # (user, uid, gid, groups): who it runs as
-    sock: socket.socket         # our end of its SOCK_SEQPACKET pair
-    served: int = 0
-    job: Job | None = None      # the delivery in flight, with its recipient index
-    index: int = 0
-    seq: int = 0
-    deadline: float = 0.0       # of the delivery in flight
-    idle_since: float = 0.0
-    killed: bool = False        # we sent SIGKILL (timeout)
+class LocalWorker(Worker):
+    """A qpy.local.worker for one identity (key: user, uid, gid, groups)."""
+
+    def __init__(self, pid: int, key: tuple, sock: socket.socket):
+        super().__init__(pid, key, sock)
+        self.job: Job | None = None     # the delivery in flight, with its recipient index
+        self.index = 0
+        self.seq = 0
+        self.deadline = 0.0             # of the delivery in flight
+        self.killed = False             # we sent SIGKILL (timeout)
 
 
 class LSpawn:
     def __init__(self, root: str, sock: socket.socket):
         self.root = root
         self.sock = sock
-        self.ctl = control.Control(root)
-        self.workers: dict[int, Worker] = {}     # by pid
-        self.idle: dict[tuple, list[Worker]] = {}
-        self.seq = 0
+        self.ctl = Control(root)
         self.sel = selectors.DefaultSelector()
+        self.pool = Pool(self.sel, keep_stderr=False)
+        self.pool.detach.append(sock)
+        self.seq = 0
         self.stopping = False
-        self.oneuser = Paths(root).oneuser() is not None
-        self.queue_uid = self._queue_uid()
+        self.queue_uid = queue_uid(root)
         try:
             self.queue_dev = os.stat(Paths(root).queue).st_dev
         except OSError:
             self.queue_dev = -1     # unknown: every Maildir delivery fsyncs new/
-        # supplementary groups by (user, gid); owners by local part (users.lookup)
-        self.groups = StampedCache([GROUP_FILE, PASSWD_FILE], GROUPS_TTL)
-        self.owners = StampedCache([PASSWD_FILE, os.path.join(Paths(root).users, "assign")],
-                                   OWNERS_TTL)
+        self.ids = Identities(root)
         self._settings()
-
-    def _queue_uid(self) -> int:
-        try:
-            return privilege.user_ids(privilege.resolve_user(self.root, "qpyq"))[0]
-        except KeyError:
-            return -1
 
     def _settings(self) -> None:
         self.ctl.reload()
@@ -181,7 +155,7 @@ class LSpawn:
             return
         delivery, sender, rcpts, msgfd = got
         job = Job(delivery, msgfd, [None] * len(rcpts))
-        problem = self._check_message(msgfd)
+        problem = worker.check_message(msgfd, self.queue_uid)
         for i, rcpt in enumerate(rcpts):
             if problem:
                 job.results[i] = (b"Z", problem)
@@ -193,51 +167,20 @@ class LSpawn:
                     job.results[i] = (b"Z", b"Temporary failure in qpy-lspawn. (#4.3.0)")
         self.maybe_done(job)
 
-    def _check_message(self, fd: int) -> bytes | None:
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            return b"qpy-lspawn unable to read message (#4.3.0)"
-        if not stat.S_ISREG(st.st_mode) or (self.queue_uid >= 0 and st.st_uid != self.queue_uid):
-            return b"Sorry, message has wrong type or owner. (#4.3.5)"
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if flags & os.O_PATH or flags & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR):
-            # read only through the descriptor as given: its holder's access, not ours
-            return b"Sorry, message descriptor is not open for reading. (#4.3.5)"
-        return None
-
     def start(self, job: Job, index: int, sender: bytes, rcpt: bytes) -> tuple[bytes, bytes] | None:
         """Hand one recipient to a worker; a result now when none can run."""
-        if any(c in b"\r\n\0" for c in sender + rcpt):
-            # the parser refuses these at every entry; this is the last door before
-            # they reach a delivery's environment, a Return-Path or a Delivered-To
-            log(f"warning: qpy-lspawn: delivery {job.delivery}: refused: control character "
-                f"in sender <{clean(sender)}> or recipient <{clean(rcpt)}>")
-            return b"D", b"Sorry, control character in the sender or recipient. (#5.1.3)"
+        now = screen(job.delivery, sender, rcpt)
+        if now is not None:
+            return now
         local, domain = address.split(rcpt)
-        if not domain:
-            return b"D", b"Sorry, address must include host name. (#5.1.3)"
-        if not local:
-            return b"K", b"empty local part: trash address"
         try:
-            who = self.owners.get(local, lambda: rewrite.owner(self.root, local))
-        except users.UsersError as e:
-            return b"Z", f"Unable to find the owner of this address: {e}. (#4.3.0)".encode()
-        if who.uid == 0:
-            return b"Z", b"Not allowed to perform deliveries as root. (#4.3.0)"
-        if self.oneuser and who.uid != os.getuid():
-            return b"Z", b"One-user mode: cannot deliver as another uid. (#4.3.0)"
-        try:
-            groups = self.groups.get((who.user, who.gid), lambda: _groups(who.user, who.gid)) \
-                if os.getuid() == 0 else []
-        except OSError:
-            return b"Z", b"Unable to look up the groups of the recipient. (#4.3.0)"
-        key = (who.user, who.uid, who.gid, tuple(groups))
+            who, groups, key = self.ids.of(local)
+        except Refused as e:
+            return b"Z", str(e).encode()
         fields = [who.user.encode(), os.fsencode(who.home), local, domain, who.dash, who.ext,
                   sender, self.defaultdelivery, self.envnoathost, b"%d" % self.timeout]
         # the descriptor queue-send passed, never reopened (through /proc that would be
         # with root's access): workers read it by offset (pread), programs get a copy
-        msgfd = job.msgfd
         for _ in range(2):  # an idle worker may have died just now: then a new one
             w = self._worker(key, who, groups)
             if w is None:
@@ -245,7 +188,7 @@ class LSpawn:
             self.seq += 1
             try:
                 w.sock.sendmsg([worker.encode_request(self.seq, fields)], [
-                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [msgfd]))])
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [job.msgfd]))])
                 break
             except OSError:
                 self.retire(w)  # its exit is reaped; it had no delivery of ours
@@ -257,69 +200,34 @@ class LSpawn:
         job.pending += 1
         return None
 
-    def _worker(self, key: tuple, who: users.Recipient, groups: list[int]) -> Worker | None:
+    def _worker(self, key: tuple, who: users.Recipient, groups: list[int]
+                ) -> LocalWorker | None:
         """An idle worker for this identity, or a new one; None when none can start."""
-        idle = self.idle.get(key)
-        if idle:
-            w = idle.pop()
-            if not idle:
-                del self.idle[key]
-            return w
-        if len(self.workers) >= MAX_WORKERS:
-            self.retire_idle(0.0, 1)   # make room: the idle worker unused the longest
-            if len(self.workers) >= MAX_WORKERS:
+        w = self.pool.unpark(key)
+        if w is not None:
+            return w  # type: ignore[return-value]
+        if len(self.pool.all()) >= MAX_WORKERS:
+            # make room: the idle worker unused the longest
+            self.pool.retire_idle(0.0, 1, retire=self.retire)
+            if len(self.pool.all()) >= MAX_WORKERS:
                 return None
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        except OSError:
-            return None
-        try:
-            pid = os.fork()
-        except OSError:
-            ours.close()
-            theirs.close()
-            return None
-        if pid == 0:
-            self.child(who, groups, ours, theirs)  # never returns
-        theirs.close()
-        w = Worker(pid, key, ours)
-        self.workers[pid] = w
-        self.sel.register(ours, selectors.EVENT_READ, w)
-        return w
+        return self.pool.fork(key, lambda sock: self.serve(who, groups, sock),
+                              setup=os.setsid, make=LocalWorker)
 
-    # ---- the child ------------------------------------------------------------------
-    def child(self, who: users.Recipient, groups: list[int], ours: socket.socket,
-              theirs: socket.socket) -> None:
-        code = EXIT_TEMP
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-                signal.signal(sig, signal.SIG_DFL)
-            os.setsid()
-            # no Python object may close an fd number the worker reuses for a message
-            for s in [ours, self.sock] + [o.sock for o in self.workers.values()]:
-                s.detach()
-            os.dup2(theirs.detach(), 0)  # also closes the request socket in this process
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 1)
-            os.dup2(null, 2)
-            os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0
-                          else 65536)
-            if os.getuid() == 0:
-                privilege.become(who.uid, who.gid, groups)  # groups from the parent's cache
-            if os.getuid() == 0 or os.geteuid() == 0:
-                raise privilege.PrivilegeError("still root")
-            privilege.set_title("qpy-local " + who.user)
-            os.umask(0o077)  # as qmail-local: new mail and program files private to the user
-            os.chdir("/")
-            code = worker.serve(socket.socket(fileno=0), self.root, who.uid, self.queue_dev)
-        except BaseException:  # never return into the parent's loop
-            code = EXIT_TEMP
-        finally:
-            os._exit(code)
+    def serve(self, who: users.Recipient, groups: list[int], sock: socket.socket) -> int:
+        """The worker, in its own session, with only its socket (fd 0): drop to the
+        recipient and serve its deliveries."""
+        if os.getuid() == 0:
+            privilege.become(who.uid, who.gid, groups)  # groups from the parent's cache
+        if os.getuid() == 0 or os.geteuid() == 0:
+            raise privilege.PrivilegeError("still root")
+        privilege.set_title("qpy-local " + who.user)
+        os.umask(0o077)  # as qmail-local: new mail and program files private to the user
+        os.chdir("/")
+        return worker.serve(sock, self.root, who.uid, self.queue_dev)
 
     # ---- results --------------------------------------------------------------------
-    def readable(self, w: Worker) -> None:
+    def readable(self, w: LocalWorker) -> None:
         """A worker's answer, or its end of file."""
         try:
             data = w.sock.recv(worker.MAX_RESULT)
@@ -343,8 +251,7 @@ class LSpawn:
         if code == worker.EXIT_RETIRE or w.served >= MAX_DELIVERIES or self.stopping:
             self.retire(w)
         else:
-            w.idle_since = time.monotonic()
-            self.idle.setdefault(w.key, []).append(w)
+            self.pool.park(w)
 
     def _take_answer(self, w: Worker, data: bytes) -> int | None:
         """Report w's delivery from its answer; its code, or None when the answer does
@@ -367,23 +274,14 @@ class LSpawn:
         job.pending -= 1
         self.maybe_done(job)
 
-    def _forget_socket(self, w: Worker) -> None:
-        if w.sock.fileno() >= 0:
-            self.sel.unregister(w.sock)
-            w.sock.close()
-
-    def retire(self, w: Worker) -> None:
-        """No more work for w: closing its socket ends it (end of file), reap() collects it."""
-        idle = self.idle.get(w.key)
-        if idle and w in idle:
-            idle.remove(w)
-            if not idle:
-                del self.idle[w.key]
+    def retire(self, w: LocalWorker) -> None:
+        """No more work for w: an answer it already sent is taken, then its socket
+        closed (so it exits); reap() collects it."""
         if w.sock.fileno() >= 0:
             self.readable_last(w)
-        self._forget_socket(w)
+        self.pool.retire(w)
 
-    def readable_last(self, w: Worker) -> None:
+    def readable_last(self, w: LocalWorker) -> None:
         """Take an answer already sent before the socket closes (a worker that exited)."""
         if w.job is None:
             return
@@ -395,21 +293,11 @@ class LSpawn:
         if data:
             self._take_answer(w, data)     # a mangled one: reap() reports the delivery
 
-    def retire_idle(self, older_than: float, most: int | None = None) -> None:
-        """Retire idle workers unused for older_than seconds (at most `most` of them)."""
-        now = time.monotonic()
-        old = sorted((w for ws in self.idle.values() for w in ws
-                      if now - w.idle_since >= older_than), key=lambda w: w.idle_since)
-        for w in old[:most]:
-            self.retire(w)
-
     def reap(self) -> None:
-        # also orphans of deliveries: we are their subreaper
-        for pid, status in children.exited():
-            w = self.workers.pop(pid, None)
-            if w is None:
-                continue
+        # also orphans of deliveries: we are their subreaper (the pool collects them)
+        for w, status in self.pool.reap():
             self.retire(w)      # takes an answer it sent before it exited
+            self.pool.forget(w)
             if w.job is not None:
                 if w.killed:
                     text = b"Delivery timed out; killed."
@@ -419,7 +307,7 @@ class LSpawn:
                     text = b"qpy-local crashed. (#4.3.0)"
                 self._report(w, b"Z", text)
             if not os.WIFEXITED(status):
-                kill_session(pid)  # its programs must not outlive a killed delivery
+                kill_session(w.pid)  # its programs must not outlive a killed delivery
 
     def maybe_done(self, job: Job) -> None:
         if job.pending or any(r is None for r in job.results):
@@ -436,13 +324,10 @@ class LSpawn:
 
     def kill_overdue(self) -> None:
         now = time.monotonic()
-        for w in list(self.workers.values()):
+        for w in self.pool.all():
             if w.job is not None and w.deadline <= now and not w.killed:
                 w.killed = True
-                try:
-                    os.kill(w.pid, signal.SIGKILL)  # reap() then clears its session
-                except OSError:
-                    pass
+                self.pool.kill(w)       # reap() then clears its session
 
     # ---- main loop ------------------------------------------------------------------
     def stop(self) -> None:
@@ -453,138 +338,48 @@ class LSpawn:
                 self.sel.unregister(self.sock)
             except (KeyError, ValueError):
                 pass
-            self.retire_idle(0.0)
+            self.pool.retire_idle(0.0, retire=self.retire)
 
     def _wait(self) -> float | None:
         """How long the loop may sleep: until a deadline or an idle worker's retirement."""
         now = time.monotonic()
-        times = [w.deadline for w in self.workers.values() if w.job is not None]
-        times += [w.idle_since + WORKER_IDLE for ws in self.idle.values() for w in ws]
+        times = [w.deadline for w in self.pool.all() if w.job is not None]
+        retirement = self.pool.next_retirement(WORKER_IDLE)
+        if retirement is not None:
+            times.append(retirement)
         wait = max(0.0, min(times) - now) if times else None
         if self.stopping:
             wait = 1.0 if wait is None else min(wait, 1.0)
         return wait
 
     def run(self) -> int:
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signals: list[int] = []
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, lambda s, f: signals.append(s))
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        sigs = Wakeup((signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP))
         self.sel.register(self.sock, selectors.EVENT_READ, "sock")
-        self.sel.register(wake_r, selectors.EVENT_READ, "wake")
-        while not (self.stopping and not self.workers):
+        self.sel.register(sigs.fd, selectors.EVENT_READ, "wake")
+        while not (self.stopping and not self.pool.all()):
             for key, _ in self.sel.select(self._wait()):
                 if key.data == "sock":
                     if not self.stopping:
                         self.request()
-                elif key.data == "wake":
-                    try:
-                        while os.read(wake_r, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
-                elif isinstance(key.data, Worker):
+                elif isinstance(key.data, LocalWorker) and key.data.sock.fileno() >= 0:
                     self.readable(key.data)
-            while signals:
-                sig = signals.pop()
+            for sig in sigs.take():
                 if sig == signal.SIGTERM:
                     self.stop()
                 elif sig == signal.SIGHUP:
                     self._settings()
-                    self.groups.clear()
-                    self.owners.clear()
-                    self.retire_idle(0.0)   # new settings and groups: fresh workers
+                    self.ids.clear()
+                    # new settings and groups: fresh workers
+                    self.pool.retire_idle(0.0, retire=self.retire)
             self.reap()
             self.kill_overdue()
-            self.retire_idle(WORKER_IDLE)
+            self.pool.retire_idle(WORKER_IDLE, retire=self.retire)
             if self.stopping and time.monotonic() > self.stop_by:
-                for w in self.workers.values():
+                for w in self.pool.all():
                     w.deadline = 0
                     w.killed = w.job is not None
-                    try:
-                        os.kill(w.pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+                    self.pool.kill(w)
         return 0
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process left in session `sid` (a delivery worker's session)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read(4096)
-            fields = data[data.rfind(b")") + 2:].split()
-            if len(fields) > 3 and int(fields[3]) == sid:
-                os.kill(int(name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
-
-
-def become_subreaper() -> None:
-    """Orphans of deliveries become our children, so that reap() collects them."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-class StampedCache:
-    """Values worked out here once rather than per delivery (name-service lookups parse
-    /etc/passwd and /etc/group on every call), each kept `ttl` seconds, and all
-    dropped at once when one of `files` changes (inode, size, mtime) or on clear()."""
-
-    def __init__(self, files: list[str], ttl: float) -> None:
-        self.files = files
-        self.ttl = ttl
-        self.entries: dict[object, tuple[float, object]] = {}
-        self.stamp: list[tuple[int, int, int] | None] = []
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-    def get(self, key: object, compute: Callable[[], T]) -> T:
-        stamp = [_stamp(f) for f in self.files]
-        if stamp != self.stamp:        # a file changed: nothing cached holds
-            self.entries.clear()
-            self.stamp = stamp
-        now = time.monotonic()
-        hit = self.entries.get(key)
-        if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]  # type: ignore[return-value]
-        value = compute()              # an exception is not cached
-        if len(self.entries) > MAX_WORKERS:
-            self.entries.clear()
-        self.entries[key] = (now, value)
-        return value
-
-
-def _stamp(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _groups(user: str, gid: int) -> list[int]:
-    # a users/assign name missing from passwd gets its own gid only, as before
-    return os.getgrouplist(user, gid) if _in_passwd(user) else [gid]
-
-
-def _in_passwd(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

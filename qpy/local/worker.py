@@ -46,8 +46,10 @@ EXIT CODES
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import socket
+import stat
 
 from qpy.common.exits import EXIT_TEMP
 from qpy.local import local as qlocal
@@ -60,6 +62,22 @@ EXIT_RETIRE = 120           # result code: Z, and this worker exits after answer
 
 class WorkerError(ValueError):
     """A request or result that does not parse."""
+
+
+def check_message(fd: int, queue_uid: int) -> bytes | None:
+    """Why qpy-lspawn must not hand this message descriptor to a worker, or None:
+    it must be a regular file of the queue user, open for reading."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return b"qpy-lspawn unable to read message (#4.3.0)"
+    if not stat.S_ISREG(st.st_mode) or (queue_uid >= 0 and st.st_uid != queue_uid):
+        return b"Sorry, message has wrong type or owner. (#4.3.5)"
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_PATH or flags & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR):
+        # read only through the descriptor as given: its holder's access, not ours
+        return b"Sorry, message descriptor is not open for reading. (#4.3.5)"
+    return None
 
 
 def encode_request(seq: int, fields: list[bytes]) -> bytes:

@@ -78,6 +78,11 @@ SECURITY
     (RLIMIT_AS) in the tests, with every such file.
     A `tmp.*` drop file goes once its writer is gone (dropfile.orphaned) or is 36 h old.
 
+SIGNALS
+    TERM (or INT): the batch in progress is finished, then exit 0. HUP: the
+    control files are re-read. Each takes effect at once, also while pickup
+    waits for drop files (qpy.common.wakeup).
+
 EXIT CODES
     0 after SIGTERM; 111 when the queue cannot be used.
 """
@@ -87,6 +92,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
 import signal
 import sys
 import time
@@ -96,6 +102,7 @@ from qpy.common.control import Control
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user
 from qpy.common.queue import Paths, root_from
+from qpy.common.wakeup import Wakeup
 from qpy.common.watch import Watcher
 from qpy.queue.admit import Admitter, Held, Rejected
 from qpy.queue.door import Door, Request
@@ -108,18 +115,7 @@ RETRY_WAIT = 1.0                  # after the queue refused a write (disk full)
 JOURNAL_MAX_RECORDS = 10_000      # empty the journal at least this often
 JOURNAL_LINGER = 2.0              # seconds without new drop files before it is emptied
 
-_stop = False
-_reload = False
-
-
-def _on_term(signum, frame):
-    global _stop
-    _stop = True
-
-
-def _on_hup(signum, frame):
-    global _reload
-    _reload = True
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _load_syncfs():
@@ -351,8 +347,7 @@ class Pickup:
         ready.sort()
         return ready
 
-    def run(self) -> int:
-        global _reload
+    def run(self, sigs: Wakeup) -> int:
         lock = os.open(self.journal.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -366,13 +361,19 @@ class Pickup:
         log("started on %s" % self.root)
         pending: list[str] = []
         retry = False                 # a batch failed: list drop/ again after the pause
-        while not _stop:
-            if _reload:
-                _reload = False
+        while True:
+            # a signal ends any wait at once; a batch in progress is finished first
+            got = sigs.take()
+            if any(sig in STOP_SIGNALS for sig in got):
+                break
+            if signal.SIGHUP in got:
                 self.control.reload()
+                log("info: control files re-read")
             busy = pending or self.door.pending
             ready = watcher.wait(0 if busy else JOURNAL_LINGER if self.journal.records
-                                 else IDLE_WAIT, self.door.fds())
+                                 else IDLE_WAIT, (sigs.fd, *self.door.fds()))
+            if sigs.fd in ready:
+                continue                    # the signal first; no quiet wake
             self.door.service(ready)
             # a hint, a quiet wake or a due rescan lists the whole directory (taking the
             # rescan here keeps wait() from a zero timeout, a busy loop); a wake by the
@@ -396,7 +397,7 @@ class Pickup:
                 admitted = False
             if not admitted:
                 pending, retry = [], True
-                time.sleep(RETRY_WAIT)
+                select.select([sigs.fd], [], [], RETRY_WAIT)    # a signal ends it
             if self.journal.records >= JOURNAL_MAX_RECORDS:
                 self.journal.empty()
         self.door.close()
@@ -408,11 +409,9 @@ class Pickup:
 def main() -> int:
     root = root_from()
     preamble("qpy-pickup", root, "qpyq")
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGINT, _on_term)
-    signal.signal(signal.SIGHUP, _on_hup)
+    sigs = Wakeup(STOP_SIGNALS + (signal.SIGHUP,))
     try:
-        return Pickup(root).run()
+        return Pickup(root).run(sigs)
     except OSError as e:
         log("fatal: %s" % e)
         return 111

@@ -75,14 +75,15 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 
-from qpy.common import children, spawn
+from qpy.common import spawn
 from qpy.common.control import Control
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
+from qpy.common.pool import Pool, Worker
 from qpy.common.privilege import preamble, set_title
 from qpy.common.queue import root_from
+from qpy.common.wakeup import Wakeup
 from qpy.remote import worker
 
 MAX_CONCURRENCY = 500       # bound on concurrencyremote, whatever the file says
@@ -106,16 +107,14 @@ class _Recorder:
         return got
 
 
-@dataclass(eq=False)
-class Worker:
-    """A forked qpy.remote.worker and what this process knows of it."""
-    pid: int
-    sock: socket.socket                 # our end of its SOCK_SEQPACKET pair
-    gen: int                            # self.gen at its fork: SIGHUP makes it stale
-    job: tuple[int, int] | None = None  # (delivery, recipient count) in flight
-    served: int = 0
-    holds: bytes = b""                  # domain of its cached connection, as it last said
-    idle_since: float = 0.0
+class RemoteWorker(Worker):
+    """A forked qpy.remote.worker; every one serves any domain (the pool key is None)."""
+
+    def __init__(self, pid: int, key: None, sock: socket.socket, gen: int = 0):
+        super().__init__(pid, key, sock)
+        self.gen = gen                      # Spawner.gen at its fork: SIGHUP makes it stale
+        self.job: tuple[int, int] | None = None     # (delivery, recipient count) in flight
+        self.holds = b""                    # domain of its cached connection, as it last said
 
 
 def request_domain(rcpts: list[bytes]) -> bytes:
@@ -128,11 +127,12 @@ class Spawner:
         self.ctl = Control(root)
         self.sock = sock
         self.rec = _Recorder(sock)
-        self.workers: dict[int, Worker] = {}    # by pid: the ones we give work to
-        self.leaving: dict[int, Worker] = {}    # retired, until reaped
-        self.idle: list[Worker] = []            # in the order they became idle
         self.pending: collections.deque = collections.deque()
         self.sel = selectors.DefaultSelector()
+        # a worker keeps fd 2 (the log); SIGHUP is ignored there (see child())
+        self.pool = Pool(self.sel, keep_stderr=True,
+                         child_signals=(signal.SIGCHLD, signal.SIGTERM))
+        self.pool.detach.append(sock)
         self.gen = 0
         self.stopping = False
 
@@ -201,69 +201,42 @@ class Spawner:
             w.job = (delivery, len(rcpts))
             w.served += 1
 
-    def pick(self, domain: bytes) -> Worker | None:
+    def pick(self, domain: bytes) -> RemoteWorker | None:
         """The worker for a request to `domain` (see HOW), or None: it must wait."""
         for holds in (domain, b""):
-            for w in reversed(self.idle):
-                if w.holds == holds:
-                    self.idle.remove(w)
-                    return w
-        if len(self.workers) < self.concurrency():
+            w = self.pool.unpark(None, lambda w, holds=holds: w.holds == holds)
+            if w is not None:
+                return w  # type: ignore[return-value]
+        if len(self.pool) < self.concurrency():
             w = self.fork()
             if w is not None:
                 return w
-        if self.idle:
-            return self.idle.pop(0)     # the connection unused the longest goes
+        idle = self.pool.idle_workers()
+        if idle:
+            self.pool.take(idle[0])     # the connection unused the longest goes
+            return idle[0]  # type: ignore[return-value]
         return None
 
     # ---- workers -----------------------------------------------------------------------
-    def fork(self) -> Worker | None:
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        except OSError as e:
-            log("cannot make a socket pair: %s" % e.strerror)
-            return None
-        try:
-            pid = os.fork()
-        except OSError as e:
-            log("cannot fork: %s" % e.strerror)
-            ours.close()
-            theirs.close()
-            return None
-        if pid == 0:
-            self.child(ours, theirs)
-        theirs.close()
-        w = Worker(pid, ours, self.gen)
-        self.workers[pid] = w
-        self.sel.register(ours, selectors.EVENT_READ, w)
-        return w
+    def fork(self) -> RemoteWorker | None:
+        return self.pool.fork(None, self.child, setup=self.child_setup,
+                              make=lambda pid, key, sock: RemoteWorker(pid, key, sock, self.gen))
 
-    def child(self, ours: socket.socket, theirs: socket.socket) -> None:
-        """The worker process: fd 0 its socket, 1 /dev/null, 2 the log; never returns."""
-        code = EXIT_TEMP
+    @staticmethod
+    def child_setup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # rspawn retires us on SIGHUP
+        set_title(worker.IDLE_TITLE)
+
+    def child(self, sock: socket.socket) -> int:
+        """The worker process: fd 0 its socket, 1 /dev/null, 2 the log."""
         try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)    # rspawn retires us on SIGHUP
-            set_title(worker.IDLE_TITLE)
-            # Python objects must not close fd numbers that the worker reuses
-            for s in [ours, self.sock] + [w.sock for w in self.workers.values()] \
-                    + [w.sock for w in self.leaving.values()]:
-                s.detach()
-            os.dup2(theirs.detach(), 0)     # also closes queue-send's socket here
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            top = os.sysconf("SC_OPEN_MAX")
-            os.closerange(3, top if top > 0 else 65536)     # other messages' fds, the rest
-            code = worker.serve(socket.socket(fileno=0), self.ctl)
+            return worker.serve(sock, self.ctl)
         except BaseException:
             log("qpy-remote %d crashed: %s"
                 % (os.getpid(), clean(traceback.format_exc(), 2000)))
-        finally:
-            os._exit(code)
+            return EXIT_TEMP
 
-    def readable(self, w: Worker) -> None:
+    def readable(self, w: RemoteWorker) -> None:
         """One datagram from a worker, or its end of file."""
         try:
             data, _, flags, _ = w.sock.recvmsg(spawn.MAX_DATAGRAM, 0, socket.MSG_DONTWAIT)
@@ -278,7 +251,7 @@ class Spawner:
         else:
             self.answer(w, data)
 
-    def answer(self, w: Worker, data: bytes) -> None:
+    def answer(self, w: RemoteWorker, data: bytes) -> None:
         if data[:1] == b"I":
             try:
                 w.holds = worker.decode_idle(data)
@@ -304,42 +277,24 @@ class Spawner:
         if self.stopping or w.gen != self.gen or w.served >= MAX_DELIVERIES:
             self.retire(w)
         else:
-            w.idle_since = time.monotonic()
-            self.idle.append(w)
+            self.pool.park(w)
 
-    def garbage(self, w: Worker, why: str) -> None:
+    def garbage(self, w: RemoteWorker, why: str) -> None:
         """A worker that said something wrong: Z for its delivery; killed and retired."""
         log("qpy-remote %d: %s: retired" % (w.pid, clean(why, 200)))
         if w.job is not None:
             delivery, count = w.job
             w.job = None
             self.answer_z(delivery, count, b"qpy-remote sent a mangled report. (#4.3.0)")
-        try:
-            os.kill(w.pid, signal.SIGKILL)  # it may not go on delivering what we answered Z
-        except OSError:
-            pass
+        self.pool.kill(w)       # it may not go on delivering what we answered Z
         self.retire(w)
 
-    def retire(self, w: Worker) -> None:
+    def retire(self, w: RemoteWorker) -> None:
         """No more work for w: closing our end ends it; reap() collects it."""
-        if w in self.idle:
-            self.idle.remove(w)
-        if self.workers.pop(w.pid, None) is not None:
-            self.leaving[w.pid] = w
-        if w.sock.fileno() >= 0:
-            self.sel.unregister(w.sock)
-            w.sock.close()
-
-    def retire_idle(self, older_than: float) -> None:
-        now = time.monotonic()
-        for w in [w for w in self.idle if now - w.idle_since >= older_than]:
-            self.retire(w)
+        self.pool.retire(w)
 
     def reap(self) -> None:
-        for pid, status in children.exited():
-            w = self.workers.get(pid) or self.leaving.get(pid)
-            if w is None:
-                continue
+        for w, status in self.pool.reap():
             while w.sock.fileno() >= 0:     # what it said before it went still counts
                 try:
                     data, _, flags, _ = w.sock.recvmsg(spawn.MAX_DATAGRAM, 0,
@@ -349,8 +304,7 @@ class Spawner:
                 if not data or flags & socket.MSG_TRUNC:
                     break
                 self.answer(w, data)
-            self.retire(w)
-            del self.leaving[pid]
+            self.pool.forget(w)
             if w.job is not None:
                 delivery, count = w.job
                 w.job = None
@@ -369,32 +323,27 @@ class Spawner:
             delivery, _, rcpts, fd = self.pending.popleft()
             os.close(fd)
             self.answer_z(delivery, len(rcpts), b"qpy-rspawn is stopping. (#4.3.0)")
-        self.retire_idle(0.0)
+        self.pool.retire_idle(0.0)
 
     def hangup(self) -> None:
         """New control files: idle workers go now, busy ones once they answer."""
         self.ctl.reload()
         self.gen += 1
-        self.retire_idle(0.0)
+        self.pool.retire_idle(0.0)
 
     def wait(self) -> float:
-        if not self.idle:
+        due = self.pool.next_retirement(WORKER_IDLE)
+        if due is None:
             return LOOP_WAIT
-        first = min(w.idle_since for w in self.idle)
-        return min(LOOP_WAIT, max(0.0, first + WORKER_IDLE - time.monotonic()))
+        return min(LOOP_WAIT, max(0.0, due - time.monotonic()))
 
     def run(self) -> int:
-        rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wr)
-        signals: list[int] = []
-        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM):
-            signal.signal(sig, lambda s, f: signals.append(s))
+        sigs = Wakeup((signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM))
         self.sel.register(self.sock, selectors.EVENT_READ, "requests")
-        self.sel.register(rd, selectors.EVENT_READ, "wake")
+        self.sel.register(sigs.fd, selectors.EVENT_READ, "wake")
         while True:
             events = self.sel.select(self.wait())
-            while signals:      # first, so that a SIGHUP sent before a request applies to it
-                sig = signals.pop(0)
+            for sig in sigs.take():     # first: a SIGHUP sent before a request applies to it
                 if sig == signal.SIGHUP:
                     self.hangup()
                 elif sig == signal.SIGTERM:
@@ -403,18 +352,12 @@ class Spawner:
                 if key.data == "requests":
                     if not self.stopping:
                         self.take()
-                elif key.data == "wake":
-                    try:
-                        while os.read(rd, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
-                elif key.data.sock.fileno() >= 0:   # not retired earlier in this round
-                    self.readable(key.data)
+                elif isinstance(key.data, RemoteWorker) and key.data.sock.fileno() >= 0:
+                    self.readable(key.data)     # (not retired earlier in this round)
             self.reap()
-            self.retire_idle(WORKER_IDLE)
+            self.pool.retire_idle(WORKER_IDLE)
             self.start()
-            if self.stopping and not self.workers and not self.leaving:
+            if self.stopping and not self.pool.all():
                 return 0
 
 

@@ -99,6 +99,7 @@ from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, root_from
 from qpy.common.rewrite import Rewrite
 from qpy.common.state import LOCAL, PENDING, REMOTE
+from qpy.common.wakeup import Wakeup
 from qpy.common.watch import Watcher
 from qpy.send.deliver import Deliveries, Lost
 from qpy.send.finish import CLEAN_R, CLEAN_W, Finishing
@@ -145,7 +146,6 @@ class QueueSend(Intake, Deliveries, Finishing):
         self.ctl = Control(root)
         self.init_intake()
         self.init_finishing()
-        self.flags: set[int] = set()
         self.next_rm = 0.0
         self.term_deadline = 0.0
         self.init_deliveries({LOCAL: self._sock(LOCAL_FD), REMOTE: self._sock(REMOTE_FD)})
@@ -184,8 +184,7 @@ class QueueSend(Intake, Deliveries, Finishing):
                     heapq.heappush(self.heaps[r.channel], (0, msgid, i))
         self.retry_failed(float("inf"))     # failed bounces and clean-ups: now
 
-    def handle_flags(self) -> None:
-        flags, self.flags = self.flags, set()
+    def handle_signals(self, flags: list[int]) -> None:
         if signal.SIGHUP in flags:
             self.reload()
             log("info: control files re-read")
@@ -199,15 +198,15 @@ class QueueSend(Intake, Deliveries, Finishing):
             self.term_deadline = time.monotonic() + TERM_WAIT
             self.status()
 
-    def run(self, wakeup_r: int) -> int:
+    def run(self, sigs: Wakeup) -> int:
         watcher = Watcher([self.paths.todo])
         self.load()
-        fds = {wakeup_r: None}
+        fds = {sigs.fd: None}
         for channel, s in self.socks.items():
             if s is not None:
                 fds[s.fileno()] = channel
         while True:
-            self.handle_flags()
+            self.handle_signals(sigs.take())
             if self.term_deadline:
                 if not self.deliveries or time.monotonic() >= self.term_deadline:
                     log("status: exiting")
@@ -231,9 +230,7 @@ class QueueSend(Intake, Deliveries, Finishing):
             flush()     # this pass's log lines, in one write, before we sleep
             ready = watcher.wait(timeout, tuple(fds))
             for fd in ready:
-                if fd == wakeup_r:
-                    self._drain_wakeup(wakeup_r)
-                else:
+                if fd != sigs.fd:
                     self.read_results(fds[fd])
 
     def _timeout(self, now: float) -> float:
@@ -250,14 +247,6 @@ class QueueSend(Intake, Deliveries, Finishing):
             t = min(t, self.msgs[msgid].retry_at - now)
         t = min(t, self.next_rm - now)
         return max(0.0, t)
-
-    def _drain_wakeup(self, fd: int) -> None:
-        try:
-            data = os.read(fd, 512)
-        except BlockingIOError:
-            return
-        for b in data:
-            self.flags.add(b)
 
 
 def main() -> int:
@@ -280,21 +269,15 @@ def main() -> int:
         log("alert: cannot start: hath the daemon spawn no fire? (no socket on fd %d)"
             % LOCAL_FD)
         return 111
-    # signals only set flags: the wakeup pipe ends the select() at once
-    wr, ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(ww)
-    for sig in (signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: None)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # qpy-start execs us with these blocked, so that none kills us before this point
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM, signal.SIGHUP,
-                                                signal.SIGUSR1, signal.SIGTERM})
+    sigs = Wakeup((signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM),
+                  unblock=True)
     qs = QueueSend(root)
     if qs.socks[REMOTE] is None:
         log("warning: no qpy-rspawn connection: remote mail waits in the queue")
     try:
         hold()
-        return qs.run(wr)
+        return qs.run(sigs)
     except (Lost, CleanLost) as e:
         log("alert: oh no! %s! dying..." % e)
         return 111
