@@ -92,7 +92,7 @@ class Rspawn:
         b.close()
         self.sock = a
         self.next = 1
-        self.dir = qpytest.test_dir("msg")
+        self.dir = qpytest.scratch_dir("msg")
 
     def send(self, sender: bytes, rcpts: list[bytes], msg: bytes = MSG) -> int:
         path = os.path.join(self.dir, "m%d" % self.next)
@@ -530,7 +530,7 @@ def test_huge_line_in_ehlo_reply_bounded(stack, raw):
 
 @pytest.fixture(scope="module")
 def selfsigned():
-    d = qpytest.test_dir("cert")
+    d = qpytest.scratch_dir("cert")
     key, crt = os.path.join(d, "key.pem"), os.path.join(d, "cert.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
                     "-out", crt, "-days", "2", "-subj", "/CN=mx.a.test"],
@@ -880,6 +880,14 @@ def test_worker_killed_mid_delivery(stack, raw):
     assert rs.proc.poll() is None
 
 
+def _gone(p: psutil.Process) -> bool:
+    """Exited (a zombie, or reaped already: between two psutil calls it may go)."""
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.mark.parametrize("garbage", [b"S2\0Dsomeone else's delivery\0", b"S1\0K\0K\0",
                                      b"S1\0Xbad status\0", b"hello", b"I\x01\x02",
                                      b"I" + b"a" * 600, b"S1\0K" + b"x" * 2000 + b"\0"])
@@ -904,7 +912,7 @@ def test_worker_garbage_settles_nothing_else(stack, raw, aiopeer, garbage):
             fake.send(garbage)
         d, res = rs2.result()
         assert d == 1 and res[0][0] == b"Z" and b"mangled" in res[0][1], res
-        assert wait_for(lambda: not w1[0].is_running() or w1[0].status() == "zombie", 10)
+        assert wait_for(lambda: _gone(w1[0]), 10)
         slowpeer.release.set()
         d, res = rs2.result()
         assert d == 2 and res[0][0] == b"K" and b"accepted message" in res[0][1], res
@@ -976,7 +984,8 @@ def test_qpy_remote_program(stack, aiopeer):
 def test_system_servfail_then_sigalrm_delivers_with_tls(stack, aiopeer, selfsigned):
     import ssl
 
-    from test_send import Qpy, maildir, sendmail, user
+    from qpytest import maildir_messages
+    from test_send import Qpy, sendmail, user
     qroot, dnssrv, port, rs = stack
     rs.stop()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -996,7 +1005,7 @@ def test_system_servfail_then_sigalrm_delivers_with_tls(stack, aiopeer, selfsign
         assert len(h.messages) == 1 and h.messages[0][1] == ["x@a.test"]
         assert b"Subject: test" in h.messages[0][2]
         # the 5xx recipient bounces to the sender with the peer's text; 4xx stays queued
-        bounce = wait_for(lambda: maildir(sender), 30)
+        bounce = wait_for(lambda: maildir_messages(sender), 30)
         assert bounce, q.log()[-3000:]
         text = bounce[0].as_string()
         assert "bad@a.test" in text and "550 5.1.1 no such user" in text
