@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
 import fcntl
+import mailbox
 import os
 import pwd
 import shutil
@@ -26,6 +30,24 @@ IS_ROOT = os.getuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (real uids)")
 
 
+def maildir_path(pw: pwd.struct_passwd, sub: str = "Maildir", make: bool = False) -> str:
+    """The path of a user's Maildir (made, with tmp/ new/ cur/ owned by the user, when
+    make is set)."""
+    path = os.path.join(pw.pw_dir, sub)
+    if make:
+        for d in ("", "tmp", "new", "cur"):
+            os.makedirs(os.path.join(path, d), exist_ok=True)
+            os.chown(os.path.join(path, d), pw.pw_uid, pw.pw_gid)
+    return path
+
+
+def maildir_messages(pw: pwd.struct_passwd) -> list[email.message.Message]:
+    """The messages in a user's Maildir, parsed."""
+    md = mailbox.Maildir(maildir_path(pw), factory=None, create=False)
+    return [email.message_from_bytes(md.get_bytes(k), policy=email.policy.default)
+            for k in md.keys()]
+
+
 def bin_path(name: str) -> str:
     return os.path.join(BIN, name)
 
@@ -37,7 +59,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def test_dir(prefix: str = "t") -> str:
+def scratch_dir(prefix: str = "t") -> str:
     """A fresh directory that every qpy uid can traverse (not pytest's 0700 tmp)."""
     os.makedirs(TEST_BASE, mode=0o755, exist_ok=True)
     os.chmod(TEST_BASE, 0o755)
@@ -196,7 +218,7 @@ class QRoot:
 
 
 def install_root(me: str = "test.example", *extra: str) -> QRoot:
-    path = os.path.join(test_dir("root"), "qpy")
+    path = os.path.join(scratch_dir("root"), "qpy")
     r = subprocess.run([bin_path("qpy-install"), path, "--me", me, *extra],
                        capture_output=True, timeout=120)
     if r.returncode != 0:

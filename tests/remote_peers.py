@@ -230,7 +230,7 @@ class SmtpSink:
     """Postfix's smtp-sink, dumping each message into a directory."""
 
     def __init__(self, host: str, port: int, *opts: str):
-        self.dir = qpytest.test_dir("sink")
+        self.dir = qpytest.scratch_dir("sink")
         shutil.chown(self.dir, "nobody")
         cmd = ["smtp-sink", "-u", "nobody", "-d", os.path.join(self.dir, "%H%M%S."),
                *opts, "%s:%d" % (host, port), "64"]
@@ -283,7 +283,7 @@ class PrivatePostfix:
         SASL server) may send. ccert_ca: ask clients for a certificate, trusted
         when from this CA (Postfix then names it in its Received line). login_only:
         ports that offer AUTH LOGIN and no other mechanism."""
-        self.top = qpytest.test_dir("postfix")
+        self.top = qpytest.scratch_dir("postfix")
         self.conf = os.path.join(self.top, "etc")
         self.queue = os.path.join(self.top, "spool")
         self.data = os.path.join(self.top, "data")

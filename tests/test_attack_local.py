@@ -127,7 +127,7 @@ def sticky_spool():
             f.write("0")
     except OSError:
         pass                   # in a container: the test still holds, the kernel helps
-    d = qpytest.test_dir("spool")
+    d = qpytest.scratch_dir("spool")
     os.chmod(d, 0o1777)
     try:
         yield d
@@ -280,7 +280,7 @@ def test_attack_local_finding11_newrcpt_skips_a_home_it_cannot_stat(qroot):
     costs a warning line, not the whole table: the other users are in it, and the
     unsure user's addresses are accepted (lspawn defers them, never a 550). The loop
     exists only in a private mount namespace, so other tests' roots never see it."""
-    base = qpytest.test_dir("nrhome")
+    base = qpytest.scratch_dir("nrhome")
     try:
         qpytest.make_user("nrgood", home=os.path.join(base, "good"))
         hidden = os.path.join(base, "hidden")

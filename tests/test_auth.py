@@ -207,7 +207,7 @@ for payload in [b"", b"junk", b"QPYAUTH1\0a\0b\0", b"\0" * 5000, b"QPYAUTH1\0" +
 
 def test_checkpassword_backend(qroot):
     """control/checkpassword: user\\0password\\0 on fd 3, exit 0 accepts."""
-    d = qpytest.test_dir("cp")
+    d = qpytest.scratch_dir("cp")
     prog = os.path.join(d, "checkpw")
     with open(prog, "w") as f:
         f.write("#!/bin/sh\n"
@@ -234,7 +234,7 @@ OUTSIDE = "friend@elsewhere.example"
 
 @pytest.fixture
 def mta(qroot):
-    d = qpytest.test_dir("cert")
+    d = qpytest.scratch_dir("cert")
     tlshelp.install_cert(qroot, tlshelp.make_cert(d))
     tlshelp.set_password(qroot, "alice", "correct horse")
     tlshelp.set_password(qroot, "bob", "battery staple")
@@ -356,7 +356,7 @@ def test_authsenders_restricts_senders(qroot, mta):
 
 
 def test_no_auth_offered_without_authd(qroot):
-    d = qpytest.test_dir("cert")
+    d = qpytest.scratch_dir("cert")
     tlshelp.install_cert(qroot, tlshelp.make_cert(d))
     server = tlshelp.Server(qroot, smtps=False)
     try:
@@ -374,7 +374,7 @@ def test_no_auth_offered_without_authd(qroot):
 def test_qpy_start_runs_authd_and_auth_works_end_to_end(qroot):
     """qpy-start starts authd (as qpyauth) because auth/passwd holds a user; qpy-status
     expects it; AUTH over implicit TLS then relays through the running system."""
-    d = qpytest.test_dir("cert")
+    d = qpytest.scratch_dir("cert")
     tlshelp.install_cert(qroot, tlshelp.make_cert(d))
     tlshelp.set_password(qroot, "alice", "correct horse")
     port = qpytest.free_port()
@@ -440,7 +440,7 @@ service auth {{
 def test_dovecot_auth_socket_backend(qroot):
     """control/dovecotauth: qpy-authd asks Debian's Dovecot (auth-client protocol, as
     Postfix does) and still applies its own delays."""
-    d = qpytest.test_dir("dovecot")
+    d = qpytest.scratch_dir("dovecot")
     for sub in ("run", "state"):
         os.mkdir(os.path.join(d, sub))
     with open(os.path.join(d, "users"), "w") as f:

@@ -20,9 +20,9 @@ import threading
 import time
 
 import qpytest
-from qpytest import needs_root, wait_for
+from qpytest import maildir_messages, needs_root, wait_for
 from smtphelp import Client, Listener
-from test_send import Qpy, maildir, user
+from test_send import Qpy, user
 
 from qpy.common import door, dropfile, envelope, unixsock
 from qpy.common.queue import is_id
@@ -97,8 +97,8 @@ def test_smtp_message_goes_through_the_door_with_one_id(qroot):
     # pickup took it from the door, not from a drop file, under the id the client saw
     q.wait_log(r"pickup msg %s: uid %d bytes \d+ \(door\)" % (qid, pwd.getpwnam("qpyd").pw_uid))
     q.wait_log(r"new msg %s" % qid)
-    assert wait_for(lambda: maildir(pw), 30), q.log()
-    got = maildir(pw)[0]
+    assert wait_for(lambda: maildir_messages(pw), 30), q.log()
+    got = maildir_messages(pw)[0]
     assert "through the door" in got.get_content()
     # one id everywhere: pickup's Received: line and qpy-smtpd's carry the id of the 250
     received = got.get_all("Received")
@@ -176,8 +176,8 @@ def test_big_message_goes_by_drop_file_and_arrives_whole(qroot):
     reply = send(port, "qtdb@%s" % ME, body, subject="big")
     assert reply.startswith(b"250"), reply
     q.wait_log(r"pickup msg \d+: uid \d+ bytes \d+\n")    # by its drop file, not the door
-    assert wait_for(lambda: maildir(pw), 60), q.log()
-    got = maildir(pw)[0].get_payload(decode=True)
+    assert wait_for(lambda: maildir_messages(pw), 60), q.log()
+    got = maildir_messages(pw)[0].get_payload(decode=True)
     assert got.replace(b"\r\n", b"\n").strip() == body.replace(b"\r\n", b"\n").strip()
 
 
@@ -221,13 +221,13 @@ def test_pickup_killed_while_sessions_hand_in_loses_nothing(qroot):
     assert kills >= 3 and len(acked) >= 20, (kills, len(acked), q.log()[-3000:])
 
     def delivered() -> set[str]:
-        return {m["Subject"] for m in maildir(pw)}
+        return {m["Subject"] for m in maildir_messages(pw)}
     assert wait_for(lambda: set(acked) <= delivered(), 90), \
         sorted(set(acked) - delivered())[:10]
 
 
 def test_door_works_under_a_root_path_longer_than_a_socket_name():
-    deep = os.path.join(qpytest.test_dir("long"), *(["d" * 40] * 3))
+    deep = os.path.join(qpytest.scratch_dir("long"), *(["d" * 40] * 3))
     os.makedirs(deep, mode=0o755)
     path = os.path.join(deep, "qpy")
     r = subprocess.run([qpytest.bin_path("qpy-install"), path, "--me", ME],

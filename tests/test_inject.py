@@ -562,7 +562,7 @@ def test_pickup_recovery_finishes_committed_batches_and_undoes_the_rest(qroot):
 
 @needs_root
 def test_full_disk(tmp_path):
-    mnt = qpytest.test_dir("tmpfs")
+    mnt = qpytest.scratch_dir("tmpfs")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", mnt], check=True)
     try:
         root = os.path.join(mnt, "qpy")

@@ -26,10 +26,9 @@ import time
 import psutil
 import pytest
 import qpytest
+from qpytest import maildir_path
 
 from qpy.common import dropfile, spawn
-
-pytestmark = [qpytest.needs_root]
 
 SENDER = b"sender@remote.example"
 MSG = b"Subject: hello\nFrom: sender@remote.example\n\nFrom the start\nbody line\n>From quoted\n"
@@ -110,7 +109,7 @@ def ls(qroot):
 @pytest.fixture
 def homes():
     """Two real users qtlalice and qtlbob with fresh homes."""
-    base = qpytest.test_dir("home")
+    base = qpytest.scratch_dir("home")
     alice = qpytest.make_user("lalice", home=os.path.join(base, "alice"))
     bob = qpytest.make_user("lbob", home=os.path.join(base, "bob"))
     try:
@@ -126,15 +125,6 @@ def put(pw: pwd.struct_passwd, name: str, data: bytes | str, mode: int = 0o644) 
         f.write(data.encode() if isinstance(data, str) else data)
     os.chown(path, pw.pw_uid, pw.pw_gid)
     os.chmod(path, mode)
-    return path
-
-
-def maildir(pw: pwd.struct_passwd, sub: str = "Maildir", make: bool = False) -> str:
-    path = os.path.join(pw.pw_dir, sub)
-    if make:
-        for d in ("", "tmp", "new", "cur"):
-            os.makedirs(os.path.join(path, d), exist_ok=True)
-            os.chown(os.path.join(path, d), pw.pw_uid, pw.pw_gid)
     return path
 
 
@@ -156,12 +146,13 @@ def addr(pw: pwd.struct_passwd, ext: str = "") -> bytes:
 
 # ---- Maildir, mbox, readers --------------------------------------------------------
 
+@qpytest.needs_root
 def test_maildir_default_delivery(ls, homes):
     alice, _ = homes
     status, text = ls.deliver(addr(alice))
     assert status == b"K", text
     assert text.startswith("did 1+0+0")
-    md = maildir(alice)
+    md = maildir_path(alice)
     files = new_files(md)
     assert len(files) == 1
     st = os.stat(files[0])
@@ -178,13 +169,14 @@ def test_maildir_default_delivery(ls, homes):
 
 @pytest.mark.skipif(not shutil.which("mutt") or not shutil.which("script"),
                     reason="mutt or script missing")
+@qpytest.needs_root
 def test_mutt_reads_maildir_and_mbox(ls, homes, tmp_path):
     alice, _ = homes
     put(alice, ".qmail", "./Maildir/\n./Mailbox\n")
-    maildir(alice, make=True)
+    maildir_path(alice, make=True)
     assert ls.deliver(addr(alice))[0] == b"K"
     (tmp_path / "Mail").mkdir()  # or mutt asks to create it, eating our keys
-    for box in (maildir(alice), os.path.join(alice.pw_dir, "Mailbox")):
+    for box in (maildir_path(alice), os.path.join(alice.pw_dir, "Mailbox")):
         out = tmp_path / "mutt.out"
         if out.exists():
             out.unlink()
@@ -200,6 +192,7 @@ def test_mutt_reads_maildir_and_mbox(ls, homes, tmp_path):
         assert b"Delivered-To: qtlalice@test.example" in got
 
 
+@qpytest.needs_root
 def test_mbox_quoting_and_reader(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", "./Mailbox\n")
@@ -217,6 +210,7 @@ def test_mbox_quoting_and_reader(ls, homes):
     assert msgs[0]["Return-Path"] == "<sender@remote.example>"
 
 
+@qpytest.needs_root
 def test_bounce_sender_in_mbox_from_line(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", "./Mailbox\n")
@@ -242,6 +236,7 @@ def _env(path: str) -> dict[str, str]:
     return out
 
 
+@qpytest.needs_root
 def test_program_env_uid_and_stdin(ls, homes):
     alice, _ = homes
     put(alice, ".qmail-prog-default", PROG)
@@ -278,6 +273,7 @@ def test_program_env_uid_and_stdin(ls, homes):
     assert os.stat(os.path.join(alice.pw_dir, "env.out")).st_uid == alice.pw_uid
 
 
+@qpytest.needs_root
 @pytest.mark.parametrize("code,status", [(100, b"D"), (111, b"Z"), (64, b"D"), (1, b"Z")])
 def test_program_exit_codes(ls, homes, code, status):
     alice, _ = homes
@@ -285,19 +281,21 @@ def test_program_exit_codes(ls, homes, code, status):
     got, text = ls.deliver(addr(alice))
     assert got == status
     assert f"failing with {code}" in text
-    assert new_files(maildir(alice)) == []  # processing stopped at the failure
+    assert new_files(maildir_path(alice)) == []  # processing stopped at the failure
 
 
+@qpytest.needs_root
 def test_program_99_stops_but_forwards_go(ls, homes, qroot):
     alice, bob = homes
     put(alice, ".qmail", f"&{bob.pw_name}@test.example\n|exit 99\n./Maildir/\n")
     status, text = ls.deliver(addr(alice))
     assert status == b"K", text
     assert text.startswith("did 0+1+1")
-    assert new_files(maildir(alice)) == []
+    assert new_files(maildir_path(alice)) == []
     assert len(drops(qroot)) == 1
 
 
+@qpytest.needs_root
 def test_shell_metacharacters_in_sender_stay_data(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", '|printf "%s" "$SENDER" > "$HOME/sender.out"\n')
@@ -307,6 +305,7 @@ def test_shell_metacharacters_in_sender_stay_data(ls, homes):
     assert not os.path.exists("/tmp/qpy-pwned")
 
 
+@qpytest.needs_root
 def test_function_import_values_kept_out_of_env(ls, qroot):
     p = os.path.join(qroot.paths.alias, ".qmail-default")
     with open(p, "w") as f:
@@ -337,6 +336,7 @@ def drops(qroot) -> list[tuple[bytes, bytes, list[bytes]]]:
     return out
 
 
+@qpytest.needs_root
 def test_forward_keeps_sender_adds_delivered_to(ls, homes, qroot):
     alice, bob = homes
     put(alice, ".qmail", f"&{bob.pw_name}@test.example\nother@elsewhere.example\n"
@@ -351,6 +351,7 @@ def test_forward_keeps_sender_adds_delivered_to(ls, homes, qroot):
     assert st.st_uid == alice.pw_uid  # injected by the user, so pickup names that uid
 
 
+@qpytest.needs_root
 def test_owner_file_sets_newsender(ls, homes, qroot):
     alice, bob = homes
     put(alice, ".qmail-list", f"&{bob.pw_name}@test.example\n")
@@ -360,6 +361,7 @@ def test_owner_file_sets_newsender(ls, homes, qroot):
     assert sender == b"qtlalice-list-owner@test.example"
 
 
+@qpytest.needs_root
 def test_delivered_to_loop_bounces(ls, homes):
     alice, _ = homes
     looping = b"Delivered-To: qtlalice@test.example\n" + MSG
@@ -372,29 +374,31 @@ def test_delivered_to_loop_bounces(ls, homes):
 
 # ---- extensions, default, alias, assign -------------------------------------------------
 
+@qpytest.needs_root
 def test_extension_files_and_default(ls, homes):
     alice, _ = homes
     put(alice, ".qmail-work", "./work/\n")
     put(alice, ".qmail-lists-default", "./lists/\n")
     put(alice, ".qmail-default", "./rest/\n")
     for sub in ("work", "lists", "rest"):
-        maildir(alice, sub, make=True)
+        maildir_path(alice, sub, make=True)
     assert ls.deliver(addr(alice, "-Work"))[0] == b"K"          # case folded for the file
     assert ls.deliver(addr(alice, "-lists-python"))[0] == b"K"
     assert ls.deliver(addr(alice, "-lists-a.b"))[0] == b"K"      # dots become colons
     assert ls.deliver(addr(alice, "-other"))[0] == b"K"
-    assert len(new_files(maildir(alice, "work"))) == 1
-    assert len(new_files(maildir(alice, "lists"))) == 2
-    assert len(new_files(maildir(alice, "rest"))) == 1
-    work = read(new_files(maildir(alice, "work"))[0])
+    assert len(new_files(maildir_path(alice, "work"))) == 1
+    assert len(new_files(maildir_path(alice, "lists"))) == 2
+    assert len(new_files(maildir_path(alice, "rest"))) == 1
+    work = read(new_files(maildir_path(alice, "work"))[0])
     assert b"Delivered-To: qtlalice-Work@test.example\n" in work
 
 
+@qpytest.needs_root
 def test_empty_dotqmail_forward_only_and_blank_first_line(ls, homes, qroot):
     alice, bob = homes
     put(alice, ".qmail", "")
     assert ls.deliver(addr(alice))[0] == b"K"  # empty: the default delivery
-    assert len(new_files(maildir(alice))) == 1
+    assert len(new_files(maildir_path(alice))) == 1
     put(alice, ".qmail", "\n./Maildir/\n")
     status, text = ls.deliver(addr(alice))
     assert status == b"Z" and "blank" in text
@@ -403,15 +407,17 @@ def test_empty_dotqmail_forward_only_and_blank_first_line(ls, homes, qroot):
     put(alice, ".qmail", f"&{bob.pw_name}@test.example\n./Maildir/\n", mode=0o744)
     status, text = ls.deliver(addr(alice))
     assert status == b"Z" and "x bit" in text
-    assert len(drops(qroot)) == 1 and len(new_files(maildir(alice))) == 1
+    assert len(drops(qroot)) == 1 and len(new_files(maildir_path(alice))) == 1
 
 
+@qpytest.needs_root
 def test_unknown_extension_without_default_bounces(ls, homes):
     alice, _ = homes
     status, text = ls.deliver(addr(alice, "-nosuch"))
     assert status == b"D" and "no mailbox" in text
 
 
+@qpytest.needs_root
 def test_postmaster_and_root_go_to_alias(ls, qroot):
     alias = qroot.paths.alias
     qa = pwd.getpwnam("qpyalias")
@@ -433,6 +439,7 @@ def test_postmaster_and_root_go_to_alias(ls, qroot):
     assert status == b"D" and "no mailbox" in text
 
 
+@qpytest.needs_root
 def test_users_assign_exact_and_prefix(ls, homes, qroot):
     alice, bob = homes
     with open(os.path.join(qroot.paths.users, "assign"), "w") as f:
@@ -441,15 +448,16 @@ def test_users_assign_exact_and_prefix(ls, homes, qroot):
                 f"=boss:root:0:0:/root:::\n.\n")
     put(alice, ".qmail-info", "./Maildir/\n")
     put(bob, ".qmail-s-default", "./Maildir/\n")
-    maildir(alice, make=True)
-    maildir(bob, make=True)
+    maildir_path(alice, make=True)
+    maildir_path(bob, make=True)
     assert ls.deliver(b"INFO@test.example")[0] == b"K"
     assert ls.deliver(b"sales-east@test.example")[0] == b"K"
-    assert len(new_files(maildir(alice))) == 1 and len(new_files(maildir(bob))) == 1
+    assert len(new_files(maildir_path(alice))) == 1 and len(new_files(maildir_path(bob))) == 1
     status, text = ls.deliver(b"boss@test.example")
     assert status == b"Z" and "root" in text
 
 
+@qpytest.needs_root
 def test_users_lookup_rules(qroot, homes):
     from qpy.common import users
     alice, _ = homes
@@ -464,6 +472,7 @@ def test_users_lookup_rules(qroot, homes):
     assert b"qtlalice-x" in users.valid_locals(qroot.path)
 
 
+@qpytest.needs_root
 def test_valid_locals_assign_and_alias_default(qroot, homes):
     from qpy.common import users
     alice, _ = homes
@@ -479,6 +488,7 @@ def test_valid_locals_assign_and_alias_default(qroot, homes):
     assert b"nosuchname" in users.valid_locals(qroot.path)
 
 
+@qpytest.needs_root
 def test_qpy_local_by_hand(qroot, homes):
     alice, _ = homes
     put(alice, ".qmail-x", "./Mailbox\n|echo hi\n")
@@ -502,6 +512,7 @@ def test_qpy_local_by_hand(qroot, homes):
 
 @pytest.mark.parametrize("bad", [b"=a:b:1:1:/h::\n.\n", b"=a:b:x:1:/h:::\n.\n",
                                  b"=a:b:1:1:h:::\n.\n", b"=a:b:1:1:/h:::\n", b"a\n.\n"])
+@qpytest.needs_root
 def test_assign_malformed_defers(ls, homes, qroot, bad):
     alice, _ = homes
     with open(os.path.join(qroot.paths.users, "assign"), "wb") as f:
@@ -512,6 +523,7 @@ def test_assign_malformed_defers(ls, homes, qroot, bad):
 
 # ---- hostile homes and .qmail files --------------------------------------------------------
 
+@qpytest.needs_root
 def test_dotqmail_symlink_to_other_users_file(ls, homes):
     alice, bob = homes
     put(bob, ".qmail", f"|touch {alice.pw_dir}/ran\n", mode=0o644)
@@ -519,9 +531,10 @@ def test_dotqmail_symlink_to_other_users_file(ls, homes):
     status, text = ls.deliver(addr(alice))
     assert status == b"Z" and "not owned" in text
     assert not os.path.exists(os.path.join(alice.pw_dir, "ran"))
-    assert new_files(maildir(alice)) == []
+    assert new_files(maildir_path(alice)) == []
 
 
+@qpytest.needs_root
 def test_home_writable_by_others_defers(ls, homes):
     alice, _ = homes
     os.chmod(alice.pw_dir, 0o777)
@@ -531,6 +544,7 @@ def test_home_writable_by_others_defers(ls, homes):
     assert ls.deliver(addr(alice))[0] == b"K"
 
 
+@qpytest.needs_root
 def test_dotqmail_writable_by_group_defers(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", "./Maildir/\n", mode=0o664)
@@ -538,17 +552,19 @@ def test_dotqmail_writable_by_group_defers(ls, homes):
     assert status == b"Z" and "writable" in text
 
 
+@qpytest.needs_root
 def test_dotqmail_10000_lines(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", "".join("# comment %d\n" % i for i in range(10000)) + "./Maildir/\n")
-    maildir(alice, make=True)
+    maildir_path(alice, make=True)
     assert ls.deliver(addr(alice))[0] == b"K"
-    assert len(new_files(maildir(alice))) == 1
+    assert len(new_files(maildir_path(alice))) == 1
     put(alice, ".qmail", "".join(f"&x{i}@remote.example\n" for i in range(10000)))
     status, text = ls.deliver(addr(alice))
     assert status == b"Z" and "instructions" in text
 
 
+@qpytest.needs_root
 def test_dotqmail_1mb_line(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", b"|" + b"x" * 1024 * 1024 + b"\n")
@@ -559,6 +575,7 @@ def test_dotqmail_1mb_line(ls, homes):
     assert status == b"Z" and "longer" in text
 
 
+@qpytest.needs_root
 def test_program_that_never_exits_is_killed_and_deferred(ls, homes, qroot):
     alice, _ = homes
     qroot.control("timeoutlocal", "2")
@@ -583,6 +600,7 @@ def test_program_that_never_exits_is_killed_and_deferred(ls, homes, qroot):
         assert ls2.close() == 0
 
 
+@qpytest.needs_root
 def test_killed_delivery_takes_its_programs_along(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", '|echo $$ $PPID > "$HOME/pids"; sleep 3600 & sleep 3600; echo\n')
@@ -601,6 +619,7 @@ def test_killed_delivery_takes_its_programs_along(ls, homes):
     assert not psutil.pid_exists(prog) or psutil.Process(prog).status() == "zombie"
 
 
+@qpytest.needs_root
 def test_maildir_that_is_a_file_defers(ls, homes):
     alice, _ = homes
     put(alice, "Maildir", "not a directory")
@@ -609,6 +628,7 @@ def test_maildir_that_is_a_file_defers(ls, homes):
     assert read(os.path.join(alice.pw_dir, "Maildir")) == b"not a directory"
 
 
+@qpytest.needs_root
 def test_mbox_that_is_a_fifo_defers(ls, homes):
     alice, _ = homes
     fifo = os.path.join(alice.pw_dir, "Mailbox")
@@ -626,6 +646,7 @@ def test_mbox_that_is_a_fifo_defers(ls, homes):
         os.close(r)
 
 
+@qpytest.needs_root
 def test_mbox_waits_for_lock(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", "./Mailbox\n")
@@ -657,6 +678,7 @@ def small_disk(homes):
         subprocess.run(["umount", "-l", alice.pw_dir], capture_output=True)
 
 
+@qpytest.needs_root
 def test_full_disk_defers_and_leaves_no_partial_mail(ls, small_disk):
     alice = small_disk
     big = b"Subject: big\n\n" + b"From line\n" * 40_000  # 400 KB: more than the disk
@@ -668,14 +690,15 @@ def test_full_disk_defers_and_leaves_no_partial_mail(ls, small_disk):
     assert status == b"Z" and "space" in text
     assert read(box) == before  # truncated back to the old length
     put(alice, ".qmail", "./Maildir/\n")
-    maildir(alice, make=True)
+    maildir_path(alice, make=True)
     status, text = ls.deliver(addr(alice), message=big)
     assert status == b"Z" and "space" in text
-    md = maildir(alice)
+    md = maildir_path(alice)
     assert new_files(md) == [] and os.listdir(os.path.join(md, "tmp")) == []
     assert ls.deliver(addr(alice))[0] == b"K"  # a small one still fits
 
 
+@qpytest.needs_root
 def test_sticky_home_means_editing(ls, homes):
     alice, _ = homes
     os.chmod(alice.pw_dir, 0o1755)
@@ -685,10 +708,11 @@ def test_sticky_home_means_editing(ls, homes):
 
 # ---- the spawner itself ------------------------------------------------------------------
 
+@qpytest.needs_root
 def test_concurrent_deliveries_and_multi_recipient_request(ls, homes):
     alice, bob = homes
     put(alice, ".qmail", '|while [ ! -e "$HOME/go" ]; do sleep 0.05; done\n./Maildir/\n')
-    maildir(alice, make=True)
+    maildir_path(alice, make=True)
     first = ls.send([addr(alice)])
     second = ls.send([addr(bob), b"@test.example", b"nohost"])  # runs while alice's waits
     got, results = ls.recv()
@@ -699,6 +723,7 @@ def test_concurrent_deliveries_and_multi_recipient_request(ls, homes):
     assert got == first and results[0][0] == b"K"
 
 
+@qpytest.needs_root
 def test_wrong_message_owner_refused(ls, homes):
     alice, _ = homes
     path = os.path.join(ls.msgdir, "rootowned")
@@ -711,6 +736,7 @@ def test_wrong_message_owner_refused(ls, homes):
     assert got == 7 and results[0][0] == b"Z" and b"owner" in results[0][1]
 
 
+@qpytest.needs_root
 def test_lspawn_title_and_workers_hold_only_their_socket(ls, homes):
     alice, _ = homes
     assert qpytest.wait_for(
@@ -741,6 +767,7 @@ def test_lspawn_title_and_workers_hold_only_their_socket(ls, homes):
 
 @pytest.mark.parametrize("garbage", [b"A2 0 forged: another delivery's number", b"hello",
                                      b"A1 0", b"A1 1000 text", b"A" + b"9" * 30 + b" 0 x"])
+@qpytest.needs_root
 def test_worker_garbage_is_a_deferral_and_retires_the_worker(ls, homes, garbage):
     """A worker runs as the user, so lspawn parses its answers as untrusted input: an
     answer that does not parse or names another delivery defers that delivery (Z),
@@ -763,24 +790,26 @@ def test_worker_garbage_is_a_deferral_and_retires_the_worker(ls, homes, garbage)
         ls.sock.recv(100)
     ls.sock.settimeout(None)
     os.unlink(os.path.join(alice.pw_dir, ".qmail"))
-    maildir(alice, make=True)
+    maildir_path(alice, make=True)
     status, text = ls.deliver(addr(alice))      # a fresh worker takes the next one
     assert status == b"K", text
 
 
+@qpytest.needs_root
 def test_sigterm_waits_for_delivery_in_flight(ls, homes):
     alice, _ = homes
     put(alice, ".qmail", '|touch "$HOME/started"; sleep 1\n./Maildir/\n')
-    maildir(alice, make=True)
+    maildir_path(alice, make=True)
     d = ls.send([addr(alice)])
     assert qpytest.wait_for(lambda: os.path.exists(os.path.join(alice.pw_dir, "started")))
     ls.proc.send_signal(signal.SIGTERM)
     got, results = ls.recv()
     assert got == d and results[0][0] == b"K"
     assert ls.proc.wait(30) == 0
-    assert len(new_files(maildir(alice))) == 1
+    assert len(new_files(maildir_path(alice))) == 1
 
 
+@qpytest.needs_root
 def test_supplementary_groups_from_the_parent_follow_etc_group(ls, homes):
     """lspawn looks the groups up itself and caches them; a change of /etc/group
     reaches the very next delivery."""
@@ -820,12 +849,13 @@ def started(qroot):
         p.kill()
 
 
+@qpytest.needs_root
 def test_end_to_end_maildir_forward_ext_postmaster(started, homes):
     qroot = started
     alice, bob = homes
     put(alice, ".qmail-fwd", f"&{bob.pw_name}@test.example\n")
     put(alice, ".qmail", "./Maildir/\n./Mailbox\n")
-    maildir(alice, make=True)
+    maildir_path(alice, make=True)
     alias = qroot.paths.alias
     with open(os.path.join(alias, ".qmail-postmaster"), "w") as f:
         f.write(f"&{alice.pw_name}@test.example\n")
@@ -848,13 +878,13 @@ def test_end_to_end_maildir_forward_ext_postmaster(started, homes):
         r = qroot.run("qpy-sendmail", "-f", "carol@remote.example", rcpt + "@test.example",
                       input=msg, user=alice.pw_name)
         assert r.returncode == 0, r.stderr
-    assert qpytest.wait_for(lambda: len(new_files(maildir(alice))) == 2
-                            and len(new_files(maildir(bob))) == 1, timeout=60), \
-        (new_files(maildir(alice)), new_files(maildir(bob)))
-    got = [read(f) for f in new_files(maildir(alice))]
+    assert qpytest.wait_for(lambda: len(new_files(maildir_path(alice))) == 2
+                            and len(new_files(maildir_path(bob))) == 1, timeout=60), \
+        (new_files(maildir_path(alice)), new_files(maildir_path(bob)))
+    got = [read(f) for f in new_files(maildir_path(alice))]
     assert all(g.startswith(b"Return-Path: <carol@remote.example>\n") for g in got)
     assert any(b"Delivered-To: postmaster@test.example\n" in g for g in got)
-    fwd = read(new_files(maildir(bob))[0])
+    fwd = read(new_files(maildir_path(bob))[0])
     assert b"Delivered-To: qtlalice-fwd@test.example\n" in fwd
     assert fwd.startswith(b"Return-Path: <carol@remote.example>\n"
                           b"Delivered-To: qtlbob@test.example\n")

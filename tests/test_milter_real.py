@@ -92,7 +92,7 @@ def test_opendkim_signs_relay_client_mail(qroot, listen, opendkim, dnsd):
 
 def test_opendkim_signs_mail_submitted_with_auth_on_587(qroot, opendkim, dnsd):
     import tlshelp
-    d = qpytest.test_dir("cert")
+    d = qpytest.scratch_dir("cert")
     tlshelp.install_cert(qroot, tlshelp.make_cert(d))
     tlshelp.set_password(qroot, "alice", "correct horse")
     tlshelp.start_authd(qroot)
@@ -138,7 +138,7 @@ def test_opendkim_verifies_inbound_signed_and_tampered(qroot, listen, opendkim, 
 
 
 def test_sendmail_through_nonsmtpmilters_signed_and_delivered(qroot, opendkim, dnsd):
-    base = qpytest.test_dir("home")
+    base = qpytest.scratch_dir("home")
     alice = qpytest.make_user("malice", home=os.path.join(base, "alice"))
     qroot.control("nonsmtpmilters", opendkim.endpoint)
     p = qroot.start("qpy-start", qroot.path, stdout=subprocess.DEVNULL)

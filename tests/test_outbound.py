@@ -39,7 +39,7 @@ USER, PASSWORD = "relayuser", "s3cret-pw"
 
 @pytest.fixture(scope="module")
 def ca():
-    d = qpytest.test_dir("ca")
+    d = qpytest.scratch_dir("ca")
     yield TestCA(d)
     qpytest.remove_tree(d)
 
@@ -296,7 +296,7 @@ def test_tlspolicy_encrypt_failed_handshake_never_retried_in_clear(stack, raw):
 def test_tlspolicy_encrypt_takes_any_certificate(stack, aiotls):
     qroot, dnssrv, port, rs = stack
     policy(qroot, rs, ".test encrypt")                       # a suffix matches below it
-    d = qpytest.test_dir("selfsigned")
+    d = qpytest.scratch_dir("selfsigned")
     try:
         own = TestCA(d, "somebody else")                     # not trusted by anyone here
         h = aiotls(server_context(*own.issue("wrong.name.example")))
@@ -531,7 +531,7 @@ def test_dane_ta_chain_and_name(stack, aiotls, ca):
     h = aiotls(server_context(with_ca(ca, cert), key))
     status, text = one(rs)
     assert status == b"K" and b" DANE)" in text, text
-    d = qpytest.test_dir("otherca")                      # the right name, another CA
+    d = qpytest.scratch_dir("otherca")                      # the right name, another CA
     try:
         own = TestCA(d, "qpy test CA")                   # even with the same CA name
         cert, key = own.issue("mx.a.test")

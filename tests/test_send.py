@@ -22,11 +22,9 @@ import time
 import psutil
 import pytest
 import qpytest
-from qpytest import needs_root, wait_for
+from qpytest import maildir_messages, needs_root, wait_for
 
 from qpy.common.state import StateError, StateFile, read_state
-
-pytestmark = [needs_root]
 
 ME = "test.example"
 CRASH_MESSAGES = int(os.environ.get("QPY_CRASH_MESSAGES", "1000"))
@@ -81,12 +79,6 @@ def user(name: str, qroot, dot: dict[str, str] | None = None) -> pwd.struct_pass
     return qpytest.mail_user(qroot, name, dot)
 
 
-def maildir(pw: pwd.struct_passwd) -> list[email.message.Message]:
-    md = mailbox.Maildir(os.path.join(pw.pw_dir, "Maildir"), factory=None, create=False)
-    return [email.message_from_bytes(md.get_bytes(k), policy=email.policy.default)
-            for k in md.keys()]
-
-
 def sendmail(qroot, sender: str, *rcpts: str, body: str = "hello\n",
              headers: str = "Subject: test\n") -> None:
     r = qroot.run("qpy-sendmail", "-f", sender, *rcpts, input=(headers + "\n" + body).encode())
@@ -107,10 +99,11 @@ def qpy(qroot):
 
 
 def bounces(pw) -> list[email.message.Message]:
-    return [m for m in maildir(pw) if m.get_content_type() == "multipart/report"]
+    return [m for m in maildir_messages(pw) if m.get_content_type() == "multipart/report"]
 
 
 # --- bounces, retries, lifetime --------------------------------------------------
+@needs_root
 def test_delivery_and_bounce_with_reason(qroot):
     a = user("sa", qroot)
     b = user("sb", qroot, {"fail": "|echo 'the fail program says no'; exit 100\n"})
@@ -118,7 +111,7 @@ def test_delivery_and_bounce_with_reason(qroot):
     sendmail(qroot, "qtsa@%s" % ME, "qtsb@%s" % ME, "qtsb-fail@%s" % ME, body="payload 42\n")
     assert wait_for(lambda: bounces(a), 30), q.log()
     assert wait_for(lambda: queue_empty(qroot), 30), q.log()
-    delivered = maildir(b)
+    delivered = maildir_messages(b)
     assert len(delivered) == 1 and "payload 42" in delivered[0].get_content()
     [bnc] = bounces(a)
     assert bnc["From"] == "MAILER-DAEMON@%s" % ME
@@ -144,6 +137,7 @@ def test_delivery_and_bounce_with_reason(qroot):
     assert q.stop() == 0
 
 
+@needs_root
 def test_retry_on_sigalrm_after_111(qroot):
     user("sa", qroot)
     b = user("sb", qroot, {"flaky": "|if [ -e flag ]; then exit 0; fi; touch flag; "
@@ -154,12 +148,13 @@ def test_retry_on_sigalrm_after_111(qroot):
     r = qroot.run("qpy-qread", qroot.path)
     assert re.search(r"deferred\s+local\s+<qtsb-flaky@test.example>\s+next .*: not yet",
                      r.stdout.decode()), r.stdout
-    assert maildir(b) == []
+    assert maildir_messages(b) == []
     q.signal(signal.SIGALRM)             # forwarded to queue-send: retry now, not in 100 s
-    assert wait_for(lambda: maildir(b), 30), q.log()
+    assert wait_for(lambda: maildir_messages(b), 30), q.log()
     assert wait_for(lambda: queue_empty(qroot), 30)
 
 
+@needs_root
 def test_queuelifetime_expiry_bounces(qroot):
     a = user("sa", qroot)
     user("sb", qroot, {"never": "|echo still busy; exit 111\n"})
@@ -174,6 +169,7 @@ def test_queuelifetime_expiry_bounces(qroot):
     assert wait_for(lambda: queue_empty(qroot), 30)
 
 
+@needs_root
 def test_double_and_triple_bounce(qroot):
     user("sa", qroot)
     user("sb", qroot, {"fail": "|echo refused; exit 100\n"})
@@ -200,6 +196,7 @@ def test_double_and_triple_bounce(qroot):
 
 
 # --- concurrency, removal, SIGTERM -----------------------------------------------
+@needs_root
 def test_concurrencylocal_2_observed(qroot):
     user("sa", qroot)
     prog = ("|mkdir -p run; touch run/$$; ls run | wc -l >> counts; sleep 0.4; "
@@ -216,6 +213,7 @@ def test_concurrencylocal_2_observed(qroot):
     assert not re.search(r"status: local [3-9]/2", q.log())
 
 
+@needs_root
 def test_qrm_removes_without_bounce(qroot):
     a = user("sa", qroot)
     user("sb", qroot, {"never": "|echo later; exit 111\n"})
@@ -232,6 +230,7 @@ def test_qrm_removes_without_bounce(qroot):
     assert bounces(a) == [] and "bounce msg" not in q.log()
 
 
+@needs_root
 def test_sigterm_waits_for_deliveries_in_flight(qroot):
     user("sa", qroot)
     b = user("sb", qroot, {"slow": "|sleep 2\n./Maildir/\n"})
@@ -243,12 +242,13 @@ def test_sigterm_waits_for_deliveries_in_flight(qroot):
     assert "status: exiting" in log and "stopped" in log
     # the delivery in flight finished and was recorded before queue-send exited
     assert log.index("delivery 1: success") < log.index("status: exiting")
-    assert len(maildir(b)) == 1
+    assert len(maildir_messages(b)) == 1
     assert queue_empty(qroot)
     for prog in ("queue-send", "lspawn", "clean", "pickup"):
         assert q.pid(prog) is None
 
 
+@needs_root
 def test_uids_and_titles_of_the_send_group(qpy, qroot):
     want = {"queue-send": "qpys", "clean": "qpyq", "lspawn": "root", "pickup": "qpyq"}
     if os.path.exists(qroot.bin("qpy-rspawn")):
@@ -266,6 +266,7 @@ def test_uids_and_titles_of_the_send_group(qpy, qroot):
         assert os.stat(os.path.join(qroot.paths.run, prog + ".pid")).st_uid == 0
 
 
+@needs_root
 def test_restart_after_kill_of_each_part(qroot):
     a = user("sa", qroot)
     q = Qpy(qroot)
@@ -276,7 +277,7 @@ def test_restart_after_kill_of_each_part(qroot):
         assert wait_for(lambda prog=prog, old=old: q.pid(prog) not in (None, old), 30), q.log()
         assert wait_for(lambda: q.pid("queue-send") and q.pid("lspawn") and q.pid("clean"), 30)
     sendmail(qroot, "qtsa@%s" % ME, "qtsa@%s" % ME)
-    assert wait_for(lambda: maildir(a), 30), q.log()
+    assert wait_for(lambda: maildir_messages(a), 30), q.log()
     assert "restarting in" in q.log()
 
 
@@ -291,6 +292,7 @@ def _seqs(pw) -> dict[int, int]:
     return seen
 
 
+@needs_root
 @pytest.mark.slow
 def test_crash_safety_kill9_during_delivery(qroot):
     """N messages to 5 users; kill -9 queue-send, lspawn or a delivery child at random."""
@@ -377,13 +379,20 @@ def test_crash_safety_kill9_during_delivery(qroot):
 
 
 # --- qpy-clean and the state file on their own ------------------------------------
+def _queue_owner(name: str) -> tuple[int, int]:
+    """uid and gid of a queue user: the system user as root, else this one-user root's."""
+    if not qpytest.IS_ROOT:
+        return os.getuid(), os.getgid()
+    pw = pwd.getpwnam(name)
+    return pw.pw_uid, pw.pw_gid
+
+
 def test_clean_refuses_what_is_not_an_id(qroot):
     p = qroot.paths
-    qpyq = pwd.getpwnam("qpyq")
     for d in (p.mess, p.todo):
         with open(os.path.join(d, "123"), "w"):
             pass
-        os.chown(os.path.join(d, "123"), qpyq.pw_uid, qpyq.pw_gid)
+        os.chown(os.path.join(d, "123"), *_queue_owner("qpyq"))
     victim = os.path.join(os.path.dirname(qroot.path), "victim")
     with open(victim, "w"):
         pass
@@ -423,6 +432,7 @@ def test_state_file_torn_record_and_done_stays_done(tmp_path):
     assert read_state(sf.path).finished()
 
 
+@needs_root
 def test_one_user_mode(qroot):
     """A root installed by a plain user: qpy-start runs everything as that user."""
     home = os.path.join(os.path.dirname(qroot.path), "home-sou")
@@ -459,6 +469,7 @@ def test_one_user_mode(qroot):
         assert p.wait(timeout=90) == 0
 
 
+@needs_root
 def test_new_mail_is_read_while_deliveries_block(qroot):
     """A delivery that hangs (and a full local channel) never stops preprocessing."""
     a = user("sa", qroot)
@@ -487,9 +498,11 @@ def _hold_and_inject(q, qroot, a, b, go) -> None:
     with open(go, "w"):
         pass
     q.wait_log(r"delivery 1: success")
-    assert wait_for(lambda: len(maildir(a)) == 10 and len(maildir(b)) == 1, 30), q.log()
+    assert wait_for(lambda: len(maildir_messages(a)) == 10 and len(maildir_messages(b)) == 1,
+                    30), q.log()
 
 
+@needs_root
 def test_bounce_that_cannot_be_injected_is_retried(qroot):
     a = user("sa", qroot)
     user("sb", qroot, {"fail": "|echo nope; exit 100\n"})
@@ -508,6 +521,7 @@ def test_bounce_that_cannot_be_injected_is_retried(qroot):
     assert wait_for(lambda: queue_empty(qroot), 30)
 
 
+@needs_root
 def test_without_rspawn_remote_mail_waits(qroot):
     """qpy-start skips a missing qpy-rspawn; remote recipients stay queued, deferred."""
     import shutil
@@ -529,7 +543,7 @@ def test_without_rspawn_remote_mail_waits(qroot):
     try:
         assert wait_for(lambda: "qpy-rspawn is missing" in text(), 30), text()
         sendmail(qroot, "qtsa@%s" % ME, "someone@remote.example", "qtsa@%s" % ME)
-        assert wait_for(lambda: maildir(a), 30), text()
+        assert wait_for(lambda: maildir_messages(a), 30), text()
         assert wait_for(lambda: "no qpy-rspawn connection" in text(), 30), text()
         r = qroot.run("qpy-qread", qroot.path)
         assert wait_for(lambda: re.search(
@@ -541,6 +555,7 @@ def test_without_rspawn_remote_mail_waits(qroot):
         assert p.wait(timeout=90) == 0
 
 
+@needs_root
 def test_bounce_of_a_big_message_returns_its_header_only(qroot):
     a = user("sa", qroot)
     user("sb", qroot, {"fail": "|exit 100\n"})
@@ -566,7 +581,6 @@ def _write_queue_files(qroot, msgid: str, body: bytes | None, rcpts: list[bytes]
     from qpy.common import envelope
     from qpy.common.queue import todo_encode
     p = qroot.paths
-    qpyq, qpys = pwd.getpwnam("qpyq"), pwd.getpwnam("qpys")
     todo = todo_encode(int(time.time()), 0, len(body or b""),
                        envelope.encode(b"qtsa@%s" % ME.encode(), rcpts), qp)
     files = [(os.path.join(p.todo, msgid), todo)]
@@ -575,10 +589,11 @@ def _write_queue_files(qroot, msgid: str, body: bytes | None, rcpts: list[bytes]
     for path, data in files:
         with open(path, "wb") as f:
             f.write(data)
-        os.chown(path, qpyq.pw_uid, qpys.pw_gid)
+        os.chown(path, _queue_owner("qpyq")[0], _queue_owner("qpys")[1])
         os.chmod(path, 0o640)
 
 
+@needs_root
 def test_first_pass_success_creates_no_state_file(qroot):
     """One recipient delivered on the first try: state/ID is never created (inotify
     sees every creation in state/, however short-lived)."""
@@ -599,10 +614,11 @@ def test_first_pass_success_creates_no_state_file(qroot):
             notifier.process_events()
     finally:
         notifier.stop()
-    assert len(maildir(pw)) == 3
+    assert len(maildir_messages(pw)) == 3
     assert created == [], created
 
 
+@needs_root
 @pytest.mark.skipif(not os.path.exists("/usr/bin/strace"), reason="no strace")
 def test_queue_send_fsyncs_nothing_for_first_pass_successes(qroot, tmp_path):
     """The fsyncs of qpy-queue-send itself, counted with strace attached to it."""
@@ -621,12 +637,13 @@ def test_queue_send_fsyncs_nothing_for_first_pass_successes(qroot, tmp_path):
     finally:
         tracer.send_signal(signal.SIGINT)       # detach; the trace is complete then
         tracer.wait(timeout=30)
-    assert len(maildir(pw)) == 5
+    assert len(maildir_messages(pw)) == 5
     with open(out) as f:
         calls = [ln for ln in f if re.match(r"(fsync|fdatasync|syncfs)\(", ln)]
     assert calls == [], calls
 
 
+@needs_root
 def test_deferral_in_first_pass_persists_done_and_deferred(qroot):
     """Two recipients, one delivered and one deferred: state/ID gets the K of the
     delivered one and the Z, todo/ID goes; the retry ends the message."""
@@ -650,13 +667,15 @@ def test_deferral_in_first_pass_persists_done_and_deferred(qroot):
         records = f.read().split(b"\nE\n", 1)[1].splitlines()
     assert b"K\t0" in records and [r for r in records if r.startswith(b"Z\t1\t")], records
     assert not os.path.exists(os.path.join(qroot.paths.todo, msgid))
-    assert len(maildir(a)) == 1 and maildir(b) == []
+    assert len(maildir_messages(a)) == 1 and maildir_messages(b) == []
     q.signal(signal.SIGALRM)
     q.wait_log(r"end msg %s" % msgid)
     assert wait_for(lambda: queue_empty(qroot), 30), q.log()
-    assert len(maildir(a)) == 1 and len(maildir(b)) == 1      # qtsa not delivered again
+    # qtsa not delivered again
+    assert len(maildir_messages(a)) == 1 and len(maildir_messages(b)) == 1
 
 
+@needs_root
 def test_todo_without_mess_is_removed_at_start(qroot):
     """qpy-clean removes mess/ID, then todo/ID: a crash between the two leaves a
     todo/ID that queue-send removes at start, delivering and bouncing nothing."""
@@ -670,7 +689,7 @@ def test_todo_without_mess_is_removed_at_start(qroot):
     time.sleep(0.5)
     log = q.log()
     assert "new msg" not in log and "starting delivery" not in log
-    assert "bounce msg" not in log and maildir(a) == []
+    assert "bounce msg" not in log and maildir_messages(a) == []
     assert q.stop() == 0
 
 
@@ -798,6 +817,7 @@ def test_state_file_refuses_records_before_it_exists(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@needs_root
 def test_torn_state_head_is_rebuilt_from_todo(qroot):
     """A crash while queue-send wrote a state head (O_EXCL, one fsync, no directory
     fsync) leaves todo/ID and a torn state/ID: the message is still delivered, once."""
@@ -824,6 +844,55 @@ def test_torn_state_head_is_rebuilt_from_todo(qroot):
     q = Qpy(qroot)
     q.wait_log(r"state/%s torn .*rebuilding it from todo/%s" % (msgid, msgid))
     assert wait_for(lambda: queue_empty(qroot), 30), q.log()
-    [m] = maildir(pw)
+    [m] = maildir_messages(pw)
     assert "torn head body" in m.get_content()
     q.stop()
+
+
+# --- the retry schedule and the clean-up protocol on their own ----------------------
+def test_retry_schedule_is_qmails_with_a_last_try_at_the_end_of_the_lifetime():
+    from qpy.common.state import LOCAL, REMOTE
+    from qpy.send.schedule import dying, next_try
+    birth, week = 1_000_000, 7 * 86400
+    assert next_try(birth, birth, LOCAL, week) == birth + 100           # (0 + 10)^2
+    assert next_try(birth, birth, REMOTE, week) == birth + 400          # (0 + 20)^2
+    assert next_try(birth, birth + 400, REMOTE, week) == birth + 40 ** 2
+    assert next_try(birth, birth + 9999, LOCAL, week) == birth + (99 + 10) ** 2
+    # the try that would fall past the lifetime is moved to its end, once
+    late = birth + week - 10
+    assert next_try(birth, late, REMOTE, week) == birth + week
+    assert not dying(birth, late, week) and dying(birth, birth + week, week)
+    after = next_try(birth, birth + week, REMOTE, week)
+    assert after > birth + week                                         # no end in sight
+    for now in range(birth, birth + 3 * week, 3607):                    # always later
+        assert next_try(birth, now, LOCAL, week) > now
+
+
+def test_clean_protocol_framing():
+    """Replies in order, an endless line refused once and skipped, a lost peer noticed."""
+    from qpy.common import cleanreq
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    os.write(w1, b"17\n" + b"9" * 5000 + b"\nx\n18\n")
+    os.close(w1)
+    seen: list[bytes] = []
+
+    def handle(line: bytes) -> bytes:
+        seen.append(line)
+        return cleanreq.OK if line.isdigit() else cleanreq.REFUSED
+    assert cleanreq.serve(r1, w2, handle) == 0
+    os.close(w2)
+    with os.fdopen(r2, "rb") as f:
+        assert f.read() == b"+\nx\nx\n+\n"
+    assert seen == [b"17", b"x", b"18"]
+    # the asking side: one request, its reply; a closed peer is CleanLost
+    r3, w3 = os.pipe()
+    r4, w4 = os.pipe()
+    os.write(w4, b"!mess/19: I/O error\n")
+    assert cleanreq.ask(w3, r4, "19") == b"!mess/19: I/O error"
+    assert os.read(r3, 100) == b"19\n"
+    os.close(w4)
+    with pytest.raises(cleanreq.CleanLost):
+        cleanreq.ask(w3, r4, "20")
+    for fd in (r3, w3, r4):
+        os.close(fd)

@@ -392,7 +392,7 @@ def test_one_user_mode_mail_to_yourself(tmp_path):
     lands in that user's Maildir; nothing bounces."""
     import pwd
     import signal
-    base = qpytest.test_dir("solo")
+    base = qpytest.scratch_dir("solo")
     user = qpytest.make_user("qtsmsolo", os.path.join(base, "home"))
     os.chown(base, user.pw_uid, user.pw_gid)
     root = os.path.join(base, "qpy")

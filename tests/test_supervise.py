@@ -31,8 +31,8 @@ class Host:
 
     def __init__(self, user: str):
         self.port = qpytest.free_port()
-        self.svdir = qpytest.test_dir("svdir")
-        home = os.path.join(qpytest.test_dir("home"), user)
+        self.svdir = qpytest.scratch_dir("svdir")
+        home = os.path.join(qpytest.scratch_dir("home"), user)
         self.pw = qpytest.make_user(user, home=home)
         self.home = home
         self.qroot = qpytest.install_root("test.example", "--smtp", "127.0.0.1:%d" % self.port,
@@ -100,7 +100,7 @@ class Scan:
     """svscan over a scan directory holding links to the filled-in service dirs."""
 
     def __init__(self, host: Host, names: tuple[str, ...]):
-        self.dir = qpytest.test_dir("scan")
+        self.dir = qpytest.scratch_dir("scan")
         for n in names:
             os.symlink(os.path.join(host.svdir, "qpy-" + n), os.path.join(self.dir, "qpy-" + n))
         self.proc = subprocess.Popen(["env", "-", "PATH=/usr/bin:/bin", "svscan", self.dir],
@@ -192,7 +192,7 @@ def test_service_files_are_filled_in_and_systemd_verifies_them(host):
 
 def test_one_user_root_service_files_name_that_user():
     pw = qpytest.make_user("ou1")
-    base = qpytest.test_dir("oneuser")
+    base = qpytest.scratch_dir("oneuser")
     os.chown(base, pw.pw_uid, pw.pw_gid)
     root, svdir = os.path.join(base, "qpy"), os.path.join(base, "sv")
     try:

@@ -27,7 +27,7 @@ RCPT = "postmaster@test.example"
 
 @pytest.fixture
 def certdir():
-    d = qpytest.test_dir("cert")
+    d = qpytest.scratch_dir("cert")
     yield d
     qpytest.remove_tree(d)
 
@@ -153,7 +153,7 @@ def _bad_cert_case(qroot, certdir, kind: str) -> str:
         tlshelp.install_cert(qroot, good, owner="root", mode=0o400)
     elif kind == "mismatch":
         cert = good.split(b"-----BEGIN PRIVATE KEY-----")[0]
-        other = tlshelp.make_cert(qpytest.test_dir("cert2"))
+        other = tlshelp.make_cert(qpytest.scratch_dir("cert2"))
         key = b"-----BEGIN PRIVATE KEY-----" + other.split(b"-----BEGIN PRIVATE KEY-----")[1]
         tlshelp.install_cert(qroot, cert + key)
     else:

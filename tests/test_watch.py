@@ -18,7 +18,7 @@ def queued_events_limit() -> int:
 def test_rename_into_the_directory_wakes_the_watcher():
     """Queue files arrive by rename (drop files, todo/ID): that is the one event watched.
     A file merely created in place wakes nobody; the periodic rescan finds it."""
-    d = qpytest.test_dir("watch")
+    d = qpytest.scratch_dir("watch")
     w = Watcher([d], rescan_seconds=3600)
     assert w.rescan_due()                       # a full listing is due at start
     assert not w.rescan_due()
@@ -43,7 +43,7 @@ def test_rename_into_the_directory_wakes_the_watcher():
 
 
 def test_periodic_rescan_without_events():
-    d = qpytest.test_dir("watch")
+    d = qpytest.scratch_dir("watch")
     w = Watcher([d], rescan_seconds=0.5)
     assert w.rescan_due()
     w.wait(30)                                  # nothing happens: the rescan wakes it
@@ -54,10 +54,10 @@ def test_periodic_rescan_without_events():
 def test_queue_overflow_forces_a_rescan():
     """More events than the kernel queues: IN_Q_OVERFLOW, and a full rescan is due."""
     limit = queued_events_limit()
-    d = qpytest.test_dir("watch")
+    d = qpytest.scratch_dir("watch")
     w = Watcher([d], rescan_seconds=3600)
     assert w.rescan_due()
-    src = qpytest.test_dir("watch")
+    src = qpytest.scratch_dir("watch")
     for i in range(limit + 100):                # nobody reads events meanwhile: they are lost
         os.close(os.open(os.path.join(src, "f%d" % i), os.O_CREAT | os.O_WRONLY, 0o600))
         os.rename(os.path.join(src, "f%d" % i), os.path.join(d, "f%d" % i))
