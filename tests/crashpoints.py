@@ -501,7 +501,7 @@ def resident(rig: Rig, prog: str, every: int, tmp: str, tally: Tally) -> None:
 
 def sweep(programs: list[str], every: int = 1) -> dict[str, Tally]:
     rig = Rig()
-    tmp = qpytest.test_dir("crashtrace")
+    tmp = qpytest.scratch_dir("crashtrace")
     result: dict[str, Tally] = {}
     try:
         for prog in programs:

@@ -172,7 +172,7 @@ def test_malformed_ordinary_setting_is_logged_and_defaulted(qroot):
 def test_authd_listens_and_answers_under_a_root_path_too_long_for_a_socket_name():
     """ROOT/queue/run/auth/socket longer than sun_path's 107 bytes: qpy-authd must
     still listen, and smtpd's side (qpy.smtp.auth.check, as qpyd) still reach it."""
-    top = qpytest.test_dir("long")
+    top = qpytest.scratch_dir("long")
     deep = os.path.join(top, "a-directory-name-long-enough" * 3)
     os.makedirs(deep, mode=0o755)
     path = os.path.join(deep, "qpy")
