@@ -800,3 +800,62 @@ def test_trickling_peer_cannot_hold_a_worker_past_the_deadline(stack, raw):
     took = time.monotonic() - start
     assert status == b"Z" and b"ran past its deadline (control/timeoutremotetotal)" in text
     assert 1.5 < took < 5, took
+
+
+# --- outgoing address, HELO per route, the memory of dead hosts -------------------------------
+
+def test_outgoingip_and_helo_per_route(stack, raw):
+    qroot, dnssrv, port, rs = stack
+    qroot.control("outgoingip", "::1\n127.0.0.9")        # the IPv4 one for an IPv4 peer
+    qroot.control("helohosts", "a.test helo.for.a.test\nmx.b.test helo.for.mx.b")
+    dnssrv.add("b.test", "MX", "10 mx.b.test.")
+    dnssrv.add("mx.b.test", "A", PEER)
+    peers: list[tuple] = []
+
+    def script(c):
+        peers.append(c.c.getpeername())
+        basic_session(c)
+    peer = raw(script)
+    assert one(rs)[0] == b"K"
+    assert one(rs, b"x@b.test")[0] == b"K"               # by the next hop's name
+    assert [p[0] for p in peers] == ["127.0.0.9", "127.0.0.9"]
+    assert b"EHLO helo.for.a.test\r\n" in peer.transcripts[0]
+    assert b"EHLO helo.for.mx.b\r\n" in peer.transcripts[1]
+
+
+def test_tcpto_skips_a_host_that_timed_out_twice(stack, aiotls):
+    import socket
+    qroot, dnssrv, port, rs = stack
+    qroot.control("timeoutconnect", "1")
+    hole = socket.socket()                                # a full accept queue: SYNs
+    hole.bind(("127.0.0.8", port))                        # are dropped, connects time out
+    hole.listen(0)
+    fill = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.8", port))
+        fill.append(s)
+    try:
+        h = aiotls(None)
+        dnssrv.add("dead.test", "A", "127.0.0.8")
+        took = []
+        for dom in ("a.test", "b.test", "c.test"):        # no connection reuse between them
+            dnssrv.zone[dom + "."] = {"MX": ["10 dead.test.", "20 mx.a.test."]}
+            start = time.monotonic()
+            status, text = one(rs, b"x@" + dom.encode())
+            took.append(time.monotonic() - start)
+            assert status == b"K", text
+        assert took[0] > 0.9 and took[1] > 0.9 and took[2] < 0.9, took
+        assert len(h.messages) == 3
+        r = qroot.run("qpy-status", qroot.path)
+        assert re.search(rb"tcpto: 127\.0\.0\.8 skipped, 2 timeouts in a row, \d+ s left",
+                         r.stdout), r.stdout
+        dnssrv.zone["d.test."] = {"MX": ["10 dead.test."]}    # nothing else: deferred
+        status, text = one(rs, b"x@d.test")
+        assert status == b"Z" and b"127.0.0.8 timed out 2 times in a row lately; it is" \
+            b" skipped for an hour (tcpto)" in text, text
+    finally:
+        for s in fill:
+            s.close()
+        hole.close()

@@ -21,7 +21,9 @@ DESCRIPTION
     `up` or `DOWN`. A service under daemontools (a directory `qpy-NAME` in a --svdir
     DIR, or in /etc/service or /service with a run script naming ROOT) that supervise
     reports down (`svstat`: stopped on purpose with `svc -d`) is DOWN whatever runs.
-    Last the queue: messages, not yet preprocessed, the oldest message's age.
+    Then the queue: messages, not yet preprocessed, the oldest message's age. Last
+    the remote hosts qpy-remote skips because they timed out repeatedly
+    (qpy.common.tcpto; ROOT/remote/tcpto), with their count and the time left.
 
 RUNS AS
     root (psutil needs it to see other users' processes and their open files);
@@ -43,6 +45,7 @@ import time
 import psutil
 
 from qpy.admin import queueinfo
+from qpy.common import tcpto
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.privilege import preamble
 from qpy.common.queue import Paths, root_from
@@ -241,6 +244,11 @@ def report(root: str, svdirs: list[str]) -> tuple[list[str], int]:
     oldest = queueinfo.oldest(paths)
     age = "%d s" % max(0, time.time() - oldest) if oldest is not None else "-"
     out.append("queue: %d messages, %d not yet preprocessed, oldest %s" % (total, todo, age))
+    now = time.time()
+    for addr, (count, last) in sorted(tcpto.read(root).items()):
+        if tcpto.dead({addr: (count, last)}, addr, now):
+            out.append("tcpto: %s skipped, %d timeouts in a row, %d s left"
+                       % (addr, count, last + tcpto.SKIP - now))
     out.append("status: %s" % ("ok" if not problems else "%d problem%s" %
                                (problems, "s" * (problems > 1))))
     return out, problems

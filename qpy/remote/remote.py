@@ -32,7 +32,13 @@ CONTROL FILES (defaults in brackets; docs/outbound.md has examples)
     tlscafile       [system CAs only] a PEM file of CAs also trusted by `verify`
                     and by MTA-STS policy fetches (qpy.remote.mtasts).
     tlsclientcert   [none] `HOST[:PORT] CERTFILE [KEYFILE]`: a client certificate.
-    timeoutconnect  [60] seconds for the TCP connection.
+    timeoutconnect  [60] seconds for the TCP connection. An address whose
+                    connection timed out twice in a row is skipped for an hour
+                    (qpy.common.tcpto; qpy-status lists them).
+    outgoingip      [the kernel's choice] local addresses to connect from, one
+                    IPv4 and/or one IPv6; the one of the peer's family is used.
+    helohosts       [helohost, else me] `DOMAIN-OR-HOST NAME` lines: the EHLO
+                    name by recipient domain, then by next hop.
     timeoutremote   [1200] seconds for each read or write.
     timeoutremotetotal [3600] seconds one delivery (all its connections) may
                     take, however its peers trickle their bytes.

@@ -12,10 +12,12 @@ from __future__ import annotations
 import socket
 import time
 
+from qpy.common import tcpto
 from qpy.common.control import Control
+from qpy.common.resolver import literal
 from qpy.remote import dane, tlspolicy
 from qpy.remote.route import Target
-from qpy.remote.smtpauth import AuthFailed, authenticate
+from qpy.remote.smtpauth import AuthFailed, authenticate, hop_keys
 from qpy.remote.tlspolicy import Plan, PolicyError
 from qpy.remote.wire import Conn, PeerError, Reply, TLSHandshakeFailed, literal_free, why
 
@@ -44,14 +46,47 @@ def connect(ctl: Control, t: Target, deadline: float) -> Conn:
     if timeout <= 0:
         raise Refused(Z, "The delivery ran past its deadline (control/timeoutremotetotal)"
                       " before %s was tried. (#4.4.7)" % t.address)
+    if tcpto.skipped(ctl.root, t.address):
+        raise Refused(Z, "Sorry, %s timed out %d times in a row lately; it is skipped for"
+                      " an hour (tcpto). (#4.4.1)" % (t.address, tcpto.FAILURES))
     try:
-        sock = socket.create_connection((t.address, t.port), timeout=timeout)
+        sock = socket.create_connection((t.address, t.port), timeout=timeout,
+                                        source_address=source_for(ctl, t.address))
+    except TimeoutError as e:
+        tcpto.record(ctl.root, t.address, True)
+        raise Refused(Z, "Sorry, I wasn't able to establish an SMTP connection to %s: %s."
+                      " (#4.4.1)" % (t.address, why(e)))
     except OSError as e:
         raise Refused(Z, "Sorry, I wasn't able to establish an SMTP connection to %s: %s."
                       " (#4.4.1)" % (t.address, why(e)))
+    tcpto.record(ctl.root, t.address, False)
     conn = Conn(sock, max(1, ctl.integer("timeoutremote")), t.host)
     conn.deadline = deadline
     return conn
+
+
+def source_for(ctl: Control, ip: str) -> tuple[str, int] | None:
+    """The address of control/outgoingip of the target's family (IPv4 or IPv6), or None
+    (the kernel chooses)."""
+    v6 = ":" in ip
+    for line in ctl.lines("outgoingip"):
+        if literal(line) is not None and (":" in line) == v6:
+            return literal(line), 0      # type: ignore[return-value]
+    return None
+
+
+def helo_name(ctl: Control, domain: str, t: Target) -> bytes:
+    """The EHLO name: control/helohosts by the recipient's domain, then by the next hop
+    (as control/tlspolicy is looked up), else helohost, else me."""
+    rows = {}
+    for line in ctl.lines("helohosts"):
+        f = line.split()
+        if len(f) == 2:
+            rows.setdefault(f[0].lower(), f[1])
+    for key in [domain.lower()] + hop_keys(t.hop or t.host, t.port):
+        if key in rows:
+            return rows[key].encode("ascii", "replace")
+    return (ctl.line("helohost") or ctl.line("me")).encode("ascii", "replace")
 
 
 def check_421(r: Reply, ip: str, conn: Conn) -> None:
@@ -90,7 +125,8 @@ def _handshake(ctl: Control, conn: Conn, t: Target, p: Plan) -> None:
         conn.tls += " DANE"
 
 
-def start(ctl: Control, conn: Conn, t: Target, p: Plan, tls: bool = True) -> dict[str, str]:
+def start(ctl: Control, conn: Conn, t: Target, p: Plan, tls: bool = True,
+          domain: str = "") -> dict[str, str]:
     """Implicit TLS (smtps), greeting, EHLO, STARTTLS, AUTH as the plan says: the EHLO
     keywords. `tls` False: the retry in clear text after a failed handshake (`may`)."""
     ip = t.address
@@ -110,7 +146,7 @@ def start(ctl: Control, conn: Conn, t: Target, p: Plan, tls: bool = True) -> dic
             raise Refused(D if greet.code // 100 == 5 else Z,
                           "Connected to %s but greeting failed. %s"
                           % (ip, conn.said(greet)))
-        helo = (ctl.line("helohost") or ctl.line("me")).encode("ascii", "replace")
+        helo = helo_name(ctl, domain, t)
         ext = ehlo(conn, helo, ip)
         if not conn.tls and tls and p.level != "none" and "STARTTLS" in ext:
             r = conn.command(b"STARTTLS")

@@ -186,7 +186,7 @@ class Job:
             return e.status, e.text
         ours = True             # until release() takes the connection over
         try:
-            ext = session.start(self.ctl, conn, t, p, tls)
+            ext = session.start(self.ctl, conn, t, p, tls, self.domain)
             clean = self.transaction(conn, t.address, ext)
             ours = False
             self.release(Cached(conn, self.domain, t, ext, p, opened), clean)
