@@ -255,3 +255,32 @@ def is_utf8(addr: bytes) -> bool:
 
 def domain_part(addr: bytes) -> bytes:
     return split(addr)[1]
+
+
+# --- VERP (qmail's variable envelope return path) -------------------------------------
+# A sender `pre@host-@[]` asks for a return path per recipient: to `box@dom` the
+# message goes with the sender `pre` `box` `=` `dom` `@host` (`owner-@list.example-@[]`
+# to joe@x.example: `owner-joe=x.example@list.example`), so that a bounce names the
+# recipient it is about. ezmlm and other list managers send so.
+VERP = b"-@[]"
+
+
+def is_verp(sender: bytes) -> bool:
+    return sender.endswith(VERP) and b"@" in sender[:-len(VERP)]
+
+
+def parse_sender(addr: bytes, utf8: bool = False, need_domain: bool = True) -> bytes:
+    """parse_mailbox() for an envelope sender: also the VERP form `mailbox-@[]`
+    (whose mailbox needs its domain), returned as its canonical mailbox + VERP."""
+    if addr.endswith(VERP):
+        return parse_mailbox(addr[:-len(VERP)], utf8) + VERP
+    return parse_mailbox(addr, utf8, need_domain)
+
+
+def verp(sender: bytes, rcpt: bytes) -> bytes:
+    """The return path for `rcpt` of the VERP sender `pre@host-@[]` (is_verp): the
+    local part `pre` + the recipient's local part + `=` + its domain, at host; quoted
+    only when it is not a dot-atom. Its length is checked where it is parsed."""
+    pre, host = split(sender[:-len(VERP)])
+    box, dom = split(rcpt)
+    return quote(unquote(pre) + unquote(box) + b"=" + dom) + b"@" + host

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, tuple[str, object]] = {
     "greetdelay": ("int", 0),
     "concurrencylocal": ("int", 10),
     "concurrencyremote": ("int", 20),
+    "concurrencyperdomain": ("int", 10),
     "queuelifetime": ("int", 604800),
     "delaywarning": ("line", "4"),
     "databytes": ("int", 52428800),

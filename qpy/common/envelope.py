@@ -39,6 +39,8 @@ def _check(addr: bytes, is_sender: bool) -> bytes:
     if is_sender and addr == b"":
         return addr
     try:
+        if is_sender:       # the VERP form `pre@host-@[]` too (qpy.common.address.verp)
+            return address.parse_sender(addr, utf8=True, need_domain=False)
         return address.parse_mailbox(addr, utf8=True, need_domain=False)
     except address.AddressError as e:
         raise EnvelopeError(EXIT_FORMAT, "bad address: %s" % e)

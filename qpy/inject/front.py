@@ -88,8 +88,11 @@ class Front:
                 return v.encode("ascii", "replace")
         return self.control.line("defaulthost").encode("ascii", "replace")
 
-    def qualify(self, addr: bytes) -> bytes:
-        """Check an address; add @defaulthost to a bare local part."""
+    def qualify(self, addr: bytes, is_sender: bool = False) -> bytes:
+        """Check an address (a sender may have the VERP form `pre@host-@[]`); add
+        @defaulthost to a bare local part."""
+        if is_sender and addr.endswith(address.VERP):
+            return address.parse_sender(addr, utf8=True)
         addr = address.parse_mailbox(addr, utf8=True, need_domain=False)
         if not address.split(addr)[1]:
             addr += b"@" + self.control.line("defaulthost").encode("ascii", "replace")
@@ -104,7 +107,7 @@ class Front:
             # -t and arguments may name one address twice: it gets one copy
             rcpts = list(dict.fromkeys(self.qualify(r) for r in recipients + found))
             if sender:
-                sender = self.qualify(sender)
+                sender = self.qualify(sender, is_sender=True)
         except (address.AddressError, headers.HeaderError) as e:
             return self.fail(self.exits["data"], "bad address: %s" % e)
         if not rcpts:

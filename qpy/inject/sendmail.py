@@ -14,7 +14,8 @@ DESCRIPTION
     the options. An option this page does not list is an error (exit 64) with
     a one-line message, never silently ignored.
 
-    -f ADDR, -r ADDR  envelope sender (`-f ''` or `-f '<>'`: the null sender).
+    -f ADDR, -r ADDR  envelope sender (`-f ''` or `-f '<>'`: the null sender;
+                      `-f 'pre@host-@[]'`: VERP, see qpy-queue-send(8)).
     -F NAME           full name for the From: line qpy adds when there is none.
     -t                recipients also from To:, Cc:, Bcc: (Bcc: removed); those
                       on the command line are added, as Postfix does.

@@ -2,7 +2,11 @@
 
 A due recipient goes to its channel's spawner (qpy.common.spawn) with mess/ID
 passed as an fd; remote recipients of one message and domain go in one request
-(at most spawn.MAX_RCPTS). Each result is recorded as qpy-queue-send's WRITES
+(at most spawn.MAX_RCPTS), except for a VERP sender (`pre@host-@[]`), whose
+message goes to each recipient alone with its own return path
+(qpy.common.address.verp). At most `conc_domain` (control/concurrencyperdomain)
+remote deliveries to one recipient domain run at once: a due recipient over it
+waits aside (held) until one of them reports. Each result is recorded as qpy-queue-send's WRITES
 says: a K for a todo-backed message stays in memory unless others remain, a
 deferral or failure is an fsync'd record in state/ID (persist first). A lost or
 failing spawner connection raises Lost: qpy-queue-send exits 111 and qpy-start
@@ -36,6 +40,7 @@ class Delivery:
     channel: str
     indexes: list[int]
     dying: bool
+    domain: bytes = b""     # a remote delivery's recipient domain
 
 
 class Deliveries:
@@ -46,6 +51,7 @@ class Deliveries:
     msgs: dict[str, Msg]
     heaps: dict[str, list[tuple[int, str, int]]]
     conc: dict[str, int]
+    conc_domain: int
     lifetime: int
     term_deadline: float
     warn_if_due: Callable[[Msg, int], None]
@@ -55,6 +61,14 @@ class Deliveries:
         self.busy = {LOCAL: 0, REMOTE: 0}
         self.deliveries: dict[int, Delivery] = {}
         self.dnum = 0
+        self.domain_busy: dict[bytes, int] = {}
+        self.held: dict[bytes, list[tuple[int, str, int]]] = {}  # over conc_domain
+
+    def release_held(self, domain: bytes | None = None) -> None:
+        """The held entries of `domain` (None: of all) back into the remote heap."""
+        for dom in list(self.held) if domain is None else [domain]:
+            for entry in self.held.pop(dom, []):
+                heapq.heappush(self.heaps[REMOTE], entry)
 
     def status(self) -> None:
         log("status: local %d/%d remote %d/%d%s" % (
@@ -71,19 +85,27 @@ class Deliveries:
                     continue
                 if not due(m.st.recipients[i], now):
                     continue
+                if channel == REMOTE:
+                    dom = _domain(m.st.recipients[i].delivery_address)
+                    if self.domain_busy.get(dom, 0) >= self.conc_domain:
+                        self.held.setdefault(dom, []).append((0, msgid, i))
+                        continue
                 self.start(m, channel, i, now)
 
     def start(self, m: Msg, channel: str, i: int, now: int) -> None:
         st = m.st
         last = dying(st.arrival, now, self.lifetime)
         indexes = [i]
-        if channel == REMOTE:   # one request per message and domain
-            dom = address.domain_part(st.recipients[i].delivery_address).lower()
+        dom = _domain(st.recipients[i].delivery_address) if channel == REMOTE else b""
+        sender = st.sender
+        if address.is_verp(sender):     # each recipient alone, with its return path
+            sender = address.verp(sender, st.recipients[i].address)
+        elif channel == REMOTE:         # one request per message and domain
             for j, r in enumerate(st.recipients):
                 if len(indexes) >= spawn.MAX_RCPTS:
                     break
                 if j != i and r.channel == REMOTE and j not in m.inflight \
-                        and due(r, now) and address.domain_part(r.delivery_address).lower() == dom:
+                        and due(r, now) and _domain(r.delivery_address) == dom:
                     indexes.append(j)
         sock = self.socks[channel]
         if sock is None:
@@ -112,14 +134,16 @@ class Deliveries:
         d = self.dnum
         rcpts = [st.recipients[j].delivery_address for j in indexes]
         try:
-            spawn.send_request(sock, d, st.sender, rcpts, fd)
+            spawn.send_request(sock, d, sender, rcpts, fd)
         except OSError as e:
             raise Lost("unable to write to the %s spawner: %s" % (channel, e.strerror))
         finally:
             os.close(fd)
-        self.deliveries[d] = Delivery(st.id, channel, indexes, last)
+        self.deliveries[d] = Delivery(st.id, channel, indexes, last, dom)
         m.inflight.update(indexes)
         self.busy[channel] += 1
+        if channel == REMOTE:
+            self.domain_busy[dom] = self.domain_busy.get(dom, 0) + 1
         log("starting delivery %d: msg %s to %s %s" % (
             d, st.id, channel, ",".join(clean(a) for a in rcpts)))
         self.status()
@@ -166,6 +190,11 @@ class Deliveries:
             return
         m = self.msgs[dl.msgid]
         self.busy[dl.channel] -= 1
+        if dl.channel == REMOTE:
+            left = self.domain_busy.pop(dl.domain, 1) - 1
+            if left:
+                self.domain_busy[dl.domain] = left
+            self.release_held(dl.domain)
         m.inflight.difference_update(dl.indexes)
         now = int(time.time())
         nxt = next_try(m.st.arrival, now, dl.channel, self.lifetime)
@@ -203,3 +232,8 @@ class Deliveries:
         self.status()
         self.warn_if_due(m, now)
         self.settle(m)
+
+
+def _domain(addr: bytes) -> bytes:
+    """The recipient domain that groups and limits remote deliveries."""
+    return address.domain_part(addr).lower()

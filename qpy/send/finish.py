@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-from qpy.common import cleanreq
+from qpy.common import address, cleanreq
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, is_id
 from qpy.common.state import DEFERRED, WAITING, MessageState
@@ -67,6 +67,16 @@ class Finishing:
             self.finish(m, "", now)
 
     def send_bounce(self, m: Msg, owed: list[int]) -> bool:
+        """The bounce for the `owed` recipients; for a VERP sender one per recipient,
+        each to that recipient's return path (a failed injection sends those already
+        injected again at the retry, as a crash would)."""
+        if address.is_verp(m.st.sender):
+            return all(self._bounce(m, [i], address.verp(m.st.sender,
+                                                         m.st.recipients[i].address))
+                       for i in owed)
+        return self._bounce(m, owed, m.st.sender)
+
+    def _bounce(self, m: Msg, owed: list[int], sender: bytes) -> bool:
         st = m.st
         failures = [bounce.Entry(st.recipients[i].address, st.recipients[i].error,
                                  st.recipients[i].last_attempt) for i in owed]
@@ -80,7 +90,7 @@ class Finishing:
                 return True
             to, double = self.doublebounce, True
         else:
-            to, double = st.sender, False
+            to, double = sender, False
         try:
             original, whole = bounce.read_original(os.path.join(self.paths.mess, st.id))
         except OSError:
@@ -117,11 +127,15 @@ class Finishing:
             original, _ = bounce.read_original(os.path.join(self.paths.mess, st.id))
         except OSError:
             original = b""
-        text = bounce.build_warning(self.bouncehost, self.bouncefrom, st.sender, delayed,
+        to = st.sender
+        if address.is_verp(to):     # the return path of the first recipient delayed
+            to = address.verp(to, next(r.address for r in st.recipients
+                                       if r.state == DEFERRED))
+        text = bounce.build_warning(self.bouncehost, self.bouncefrom, to, delayed,
                                     bounce.header_of(original), st.arrival,
                                     st.arrival + self.lifetime)
         try:
-            inject(self.root, text, b"", [st.sender])
+            inject(self.root, text, b"", [to])
         except (InjectError, OSError) as e:
             log("warning: trouble injecting delay warning, will try later: %s"
                 % clean(str(e)))

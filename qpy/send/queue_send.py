@@ -19,6 +19,8 @@ READS
     passed to the spawner as an fd), `state/ID`, `rm/ID` (qpy-qrm's requests),
     control: locals, virtualdomains, percenthack, envnoathost (the routing of
     qpy.common.rewrite: docs/addresses.md), concurrencylocal, concurrencyremote,
+    concurrencyperdomain (remote deliveries to one recipient domain at once;
+    default 10),
     queuelifetime, bouncefrom, bouncehost, doublebounceto, doublebouncehost, me,
     delaywarning (hours, fractions allowed, after which a sender whose message is
     still deferred gets one warning, RFC 3464 Action: delayed; 0: none; default 4).
@@ -49,6 +51,15 @@ CRASH SAFETY
     power cut (not a process crash) within the filesystem's commit interval after it
     can bring todo/ID and mess/ID back, and the message is delivered again.
 
+VERP
+    A sender of the form `pre@host-@[]` (qmail's VERP, sent by ezmlm and other
+    list managers; qpy-sendmail -f and qpy-queue-inject take it) is rewritten per
+    recipient `box@dom` to `pre` `box` `=` `dom` `@host` (qpy.common.address.verp),
+    so each recipient's delivery, local or remote, goes alone with its own return
+    path, never grouped with others of its domain. A failed recipient's bounce
+    goes to its own return path, one bounce per recipient; a delay warning to
+    the return path of the first recipient delayed.
+
 RECIPIENTS
     Each recipient is routed once, when its message is taken in, by
     qpy.common.rewrite (the code qpy-smtpd's RCPT check uses, so both agree):
@@ -64,8 +75,11 @@ SCHEDULING
     that is ready and starts what the concurrency limits allow, so neither a flood
     of new mail nor a backlog of deliveries stalls the other. A temporary failure is
     retried on qmail's schedule: next = birth + (floor(sqrt(age)) + c)^2 with c = 10
-    (local) or 20 (remote). Past queuelifetime a message gets one more attempt;
-    a temporary failure then becomes permanent, mess/ID that cannot be opened
+    (local) or 20 (remote). At most concurrencyperdomain remote deliveries to one
+    recipient domain run at once; a due recipient over it waits aside until one
+    of them reports (qmail has no such limit; Postfix's is 20). Past
+    queuelifetime a message gets one more attempt; a temporary failure then
+    becomes permanent, mess/ID that cannot be opened
     included (the bounce then quotes nothing; for a bounce it is the double bounce
     to doublebounceto). One bounce per message and failure batch, sent when no
     delivery of the message is in flight or untried. A `queue/rm/.tmp.*` older
@@ -164,6 +178,7 @@ class QueueSend(Intake, Deliveries, Finishing):
         self.rewrite = Rewrite.from_control(c)   # locals, virtualdomains, percenthack
         self.conc = {LOCAL: c.integer("concurrencylocal"),
                      REMOTE: c.integer("concurrencyremote")}
+        self.conc_domain = max(1, c.integer("concurrencyperdomain"))
         self.lifetime = c.integer("queuelifetime")
         self.delaywarning = delay_hours(c.line("delaywarning"))
         me = c.line("me")
@@ -177,6 +192,7 @@ class QueueSend(Intake, Deliveries, Finishing):
     def retry_all(self) -> None:
         for channel in (LOCAL, REMOTE):
             self.heaps[channel] = []
+        self.held.clear()           # each pending recipient is pushed again below
         for msgid, m in self.msgs.items():
             for i, r in enumerate(m.st.recipients):
                 if r.state in PENDING:
