@@ -12,10 +12,11 @@ import time
 import pytest
 import qpytest
 import test_remote
+from qpytest import maildir_messages as maildir
 from remote_peers import PeerConn
 from test_outbound import remote_root
 from test_remote import PEER2, Recorder
-from test_send import Qpy, bounces, maildir, sendmail, user
+from test_send import Qpy, bounces, sendmail, user
 
 from qpy.common import address
 
