@@ -10,9 +10,13 @@ queue/mess/), in CHUNK-sized pieces, as many times as a delivery needs.
     MIME structure is walked (multipart/* by its boundary, message/rfc822 into
     the message), and every leaf part whose body has 8-bit bytes, or a line
     over 998 bytes, and whose Content-Transfer-Encoding is absent, 7bit, 8bit or
-    binary, is re-encoded as quoted-printable (lines of at most 76 bytes): its
-    Content-Transfer-Encoding field is replaced (or added, with MIME-Version on
-    a message that has none). Nothing else changes: headers, other parts,
+    binary, is re-encoded as quoted-printable (lines of at most 76 bytes; a bare
+    CR or any control byte as =XX, so binary-ish text decodes to what it was):
+    its Content-Transfer-Encoding field is replaced (or added, with MIME-Version
+    on a message that has none). A multipart or message/rfc822 labelled 8bit or
+    binary is relabelled 7bit (a 7-bit peer must not get an 8bit label; one
+    labelled base64 or quoted-printable cannot be converted, RFC 2045 6.4).
+    Nothing else changes: headers, other parts,
     boundaries, preamble and epilogue are copied byte for byte (line ends
     become LF, as DATA makes them CRLF anyway). What cannot be converted raises
     CannotConvert: 8-bit bytes in a header (that needs SMTPUTF8), in a
@@ -143,23 +147,36 @@ def _entity(entity: bytes, depth: int, top: bool) -> bytes:
         return entity
     fields = _header_fields(header)
     ctype = (_field(fields, b"content-type") or b"text/plain").lower()
-    if ctype.startswith(b"multipart/"):
+    cte = (_field(fields, b"content-transfer-encoding") or b"7bit").lower()
+    if ctype.startswith((b"multipart/", b"message/rfc822")):
+        if cte not in (b"7bit", b"8bit", b"binary"):
+            raise CannotConvert("8-bit bytes in a composite part declared %s"
+                                % cte.decode("ascii", "replace"))
+        if cte != b"7bit":
+            header = _relabel(fields, b"7bit")
+        if ctype.startswith(b"message/rfc822"):
+            return header + b"\n" + _entity(body, depth + 1, False)
         m = _BOUNDARY.search(_field(fields, b"content-type") or b"")
         if m is None:
             raise CannotConvert("a multipart without a boundary")
         return header + b"\n" + _multipart(body, m.group(1) or m.group(2), depth)
-    if ctype.startswith(b"message/rfc822"):
-        return header + b"\n" + _entity(body, depth + 1, False)
-    cte = (_field(fields, b"content-transfer-encoding") or b"7bit").lower()
     if cte not in (b"7bit", b"8bit", b"binary"):
         raise CannotConvert("8-bit bytes in a part declared %s" % cte.decode("ascii", "replace"))
-    qp = binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
+    # line by line, not istext: that would leave a bare CR, which DATA makes a line end
+    qp = b"\n".join(binascii.b2a_qp(ln, quotetabs=False, istext=False, header=False)
+                    for ln in body.split(b"\n"))
+    mime = not top or _field(fields, b"mime-version") is not None
+    return _relabel(fields, b"quoted-printable", mime) + b"\n" + qp
+
+
+def _relabel(fields: list[bytes], cte: bytes, mime: bool = True) -> bytes:
+    """The header with its Content-Transfer-Encoding fields replaced by one saying
+    cte (after a MIME-Version field when `mime` is False: the message had none)."""
     kept = [f for f in fields if f.partition(b":")[0].strip().lower()
             != b"content-transfer-encoding"]
-    if top and _field(fields, b"mime-version") is None:
+    if not mime:
         kept.append(b"MIME-Version: 1.0")
-    kept.append(b"Content-Transfer-Encoding: quoted-printable")
-    return b"\n".join(kept) + b"\n\n" + qp
+    return b"\n".join(kept + [b"Content-Transfer-Encoding: " + cte]) + b"\n"
 
 
 def _multipart(body: bytes, boundary: bytes, depth: int) -> bytes:
