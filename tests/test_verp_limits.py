@@ -77,6 +77,25 @@ def test_verp_bounce_goes_to_the_recipients_return_path(qroot, dnssrv, port, aio
         assert q.stop() == 0
 
 
+def test_list_owner_default_forwards_with_verp(qroot, dnssrv, port, aiopeer):
+    """qmail-local's rule: a list's .qmail-EXT-owner and -owner-default make its
+    forwards go with the VERP sender LOCAL-owner-@DOMAIN-@[] (through a drop file and
+    qpy-pickup's envelope check), so each subscriber gets its own return path."""
+    remote_root(qroot, dnssrv, port)
+    user("vw", qroot, {"list": "&x@a.test\n&y@a.test\n", "list-owner": "./Maildir/\n",
+                       "list-owner-default": "./Maildir/\n"})
+    h = Recorder()
+    aiopeer(h)
+    q = Qpy(qroot)
+    try:
+        sendmail(qroot, "s@test.example", "qtvw-list@test.example", body="to the list\n")
+        assert qpytest.wait_for(lambda: len(h.messages) == 2, 30), q.log()
+        assert sorted(frm for frm, _, _ in h.messages) == [
+            "qtvw-list-owner-x=a.test@test.example", "qtvw-list-owner-y=a.test@test.example"]
+    finally:
+        assert q.stop() == 0
+
+
 def holding(peer_release: threading.Event):
     """A peer script that answers DATA's end only once `peer_release` is set."""
     def script(conn: PeerConn) -> None:

@@ -39,8 +39,8 @@ WHAT IT DOES
                        permanent; anything else or a signal: temporary.
         &address       collected; sent at the end in one injection, through
                        qpy.inject.drop, with DTLINE prepended and NEWSENDER
-                       as sender (SENDER, or LOCAL-owner@DOMAIN when a
-                       .qmail<DASH><EXT>-owner file exists).
+                       as sender (SENDER; LOCAL-owner@DOMAIN with .qmail<DASH><EXT>-owner;
+                       with -owner-default too, VERP: LOCAL-owner-@DOMAIN-@[]).
     Environment of a program: SENDER NEWSENDER RECIPIENT USER HOME HOST HOST2-4
     LOCAL EXT EXT2-4 DEFAULT DTLINE RPLINE UFLINE, PATH. Addresses reach it only
     after the strict address parser; a value that starts with `()` (a bash
@@ -317,7 +317,9 @@ class Local:
                 if d.sender not in (b"", b"#@[]"):
                     owner = b".qmail" + d.dash + dotqmail.safe_ext(d.ext) + b"-owner"
                     if dotqmail.exists(homefd, owner):
-                        self.newsender = d.local + b"-owner@" + d.domain
+                        tail = b"-@%s-@[]" if dotqmail.exists(homefd, owner + b"-default") \
+                            else b"@%s"     # -owner-default too: VERP (qmail-local)
+                        self.newsender = d.local + b"-owner" + tail % d.domain
             finally:
                 os.close(homefd)
             lines = dotqmail.parse(data)
