@@ -33,7 +33,7 @@ class Dns53(DNSServer):
     """DNSServer on port 53 of an address of its own in 127.0.0.0/8."""
 
     def __init__(self):
-        self.zone, self.servfail, self.stopped = {}, set(), False
+        self.zone, self.servfail, self.stopped, self.ad = {}, set(), False, False
         for n in range(2, 250):
             host = "127.53.%d.%d" % (os.getpid() % 250, n)
             self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -164,3 +164,22 @@ def test_quarantine_is_logged_and_marked(qroot, smtp):
     (msg, _, _), = drops(qroot)
     assert msg.startswith(b"X-Qpy-Quarantine: looks odd really\n")
     assert s.wait_log("quarantine requested: looks odd")
+
+
+def test_foreign_authentication_results_removed_without_filters(qroot):
+    s = Listener(qroot, ipv6=False)
+    try:
+        msg = (b"Authentication-Results: TEST.example;\r\n\tdkim=pass (forged, folded)\r\n"
+               b"Authentication-Results: other.example; spf=pass\r\n"
+               b"Subject: hi\r\n\r\nAuthentication-Results: test.example; in the body\r\n"
+               b".\r\n")
+        replies = send(s.port, msg)
+        assert replies[-2].startswith(b"250 "), replies
+        (got, _, _), = drops(qroot)
+        head, body = got.split(b"\n\n", 1)
+        assert b"forged" not in head
+        assert b"Authentication-Results: other.example; spf=pass\n" in head
+        assert body == b"Authentication-Results: test.example; in the body\n"
+        assert s.wait_log("removed 1 Authentication-Results")
+    finally:
+        s.stop()

@@ -16,6 +16,7 @@ from qpy.common.exits import permanent
 from qpy.common.log import clean, log
 from qpy.common.rfcdate import rfc5322_date
 from qpy.inject.drop import Drop, InjectError
+from qpy.smtp import authres
 from qpy.smtp.channel import MAX_HOPS
 from qpy.smtp.command import CommandError, received_line
 from qpy.smtp.config import PROGRAM
@@ -96,7 +97,10 @@ class DataCommand:
         # the message's id from the start: the same in this line, the 250 and the logs;
         # with filters the message goes to a spool first and into the drop once they agree
         spool = self.filters.spool() if self.filters else None
-        sink = spool.write if spool is not None else drop.write
+        # without filters, forged Authentication-Results go here (with them: milters.py)
+        gate = None if spool is not None else authres.HeaderGate(drop.write,
+                                                                  self.cfg.me.encode())
+        sink = spool.write if gate is None else gate.write
         sink(received_line(self.helo or b"unknown", self.remote_host, self.remote_ip,
                            self.cfg.me, self.protocol(), drop.id, rfc5322_date()))
         size = 0
@@ -122,6 +126,14 @@ class DataCommand:
         if hops >= MAX_HOPS:
             raise CommandError(554, "5.4.6 Too many hops, this message is looping")
         sender, recipients = self.sender or b"", self.recipients
+        if gate is not None and failure is None:
+            try:
+                gate.close()
+            except InjectError as e:
+                failure = e
+            if gate.removed:
+                log("%s %s: removed %d Authentication-Results field(s) claiming %s"
+                    % (PROGRAM, self.remote_ip, gate.removed, clean(self.cfg.me)))
         if spool is not None and failure is None:
             try:
                 edited = self.filters.finish(self, spool, drop)   # None: answered already

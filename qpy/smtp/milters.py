@@ -26,6 +26,7 @@ from qpy.common.filters import Filters, Message, Verdict
 from qpy.common.log import clean, log
 from qpy.common.milter import Spec
 from qpy.inject.drop import Drop
+from qpy.smtp import authres
 
 
 def load_specs(ctl: Control) -> tuple[list[Spec], str]:
@@ -40,20 +41,9 @@ def load_specs(ctl: Control) -> tuple[list[Spec], str]:
         return [], clean(str(e), 200)
 
 
-def authserv_id(value: bytes) -> bytes:
-    """The authserv-id of an Authentication-Results value (before ';', no version)."""
-    head = value.split(b";", 1)[0].strip()
-    return head.split()[0].lower() if head.split() else b""
-
-
 def strip_foreign_ar(msg: Message, me: bytes) -> int:
-    kept, removed = [], 0
-    for field in msg.headers:
-        if field[0].lower() == b"authentication-results" and \
-                authserv_id(Message.value(field[1], False).replace(b"\n", b" ")) == me.lower():
-            removed += 1
-            continue
-        kept.append(field)
+    kept = [f for f in msg.headers if not authres.forged(f[0], f[1], me)]
+    removed = len(msg.headers) - len(kept)
     msg.headers = kept
     return removed
 

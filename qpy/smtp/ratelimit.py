@@ -41,7 +41,7 @@ class RateLimits:
             if len(words) == 2 and words[0] in self.limits and words[1].isdigit():
                 self.limits[words[0]] = int(words[1])
             else:
-                log("qpy-tcpserver: control/ratelimits: ignored line %r" % line[:60])
+                log("control/ratelimits: ignored line %r" % line[:60])
         self.mem: mmap.mmap | None = None
         self.lock = None
         if any(self.limits.values()):

@@ -20,8 +20,9 @@ READS
     TCPREMOTEHOST, TCPLOCALIP, RELAYCLIENT, DATABYTES) and QPY_LISTENER;
     control/: me, smtpgreeting, locals, rcpthosts, morercpthosts,
     virtualdomains, percenthack, envnoathost, badmailfrom, databytes,
-    timeoutsmtpd, timeoutsession, maxrcpt, acceptunknown, milters;
-    users/recipients (built by qpy-newrcpt).
+    timeoutsmtpd, timeoutsession, maxrcpt, acceptunknown, milters, rbls,
+    greetdelay, resolvers; RBLSMTPD from the client rules; users/recipients
+    (built by qpy-newrcpt).
 
 WRITES
     replies on fd 1; accepted messages through qpy.inject.drop (the one door):
@@ -75,9 +76,20 @@ FILTERS
     come, with Postfix's macros (i = the queue id of "queued as"); with
     filters, DATA is spooled, the filters see it after the final dot, and the
     message they leave (headers, body, envelope) is what is queued, before the
-    250. Authentication-Results fields from outside that claim this host's
-    authserv-id (me) are removed first. A filter that fails gets its
-    default_action, logged. See docs/milter.md.
+    250. A filter that fails gets its default_action, logged. See
+    docs/milter.md. With or without filters, Authentication-Results fields
+    from outside that claim this host's authserv-id (me) are removed (RFC 8601
+    section 5), logged.
+
+BEFORE ANY FILTER (qpy.smtp.screen, docs/smtp.md)
+    control/greetdelay S (default 0, off): `220-` at once, the final `220 `
+    S seconds later; a client that speaks in between gets 554 5.5.1 and is
+    disconnected (postscreen's pregreet test). control/rbls: DNS blocklists
+    (`zone` or `zone=127.0.0.2`), looked up at connect through
+    control/resolvers; a listed client that may not relay gets every RCPT
+    refused with 554 5.7.1 and the list's TXT record; RBLSMTPD from the rules
+    overrides as with ucspi-tcp's rblsmtpd. control/ratelimits (qpy-tcpserver
+    only): over `messages N` a minute per client address, 421 4.7.0 at MAIL.
 
 SECURITY
     Every byte from the client is parsed as bytes with a bound. Addresses pass

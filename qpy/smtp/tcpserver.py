@@ -17,7 +17,9 @@ READS
     control/smtpsrules (tcprules' text syntax, see qpy.smtp.rules);
     control/maxsmtpd (sessions at once, default 40), control/maxperip
     (sessions at once per client, default 10), control/smtpdsessions
-    (sessions per worker, default 100) and what qpy-smtpd reads.
+    (sessions per worker, default 100), control/ratelimits (`connections N`,
+    `messages N` per client address per minute, qpy.smtp.ratelimit: over it
+    `421 4.7.0`, logged as `rate limit`) and what qpy-smtpd reads.
 
 DOES
     The parent alone accepts. For each connection: the listener's rules
