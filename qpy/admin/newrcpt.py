@@ -65,8 +65,8 @@ def build(root: str) -> bytes:
     """The table's bytes for this root."""
     valid = valid_locals(root)
     for why in valid.unsure:
-        log("%s: warning: %s; all of that user's addresses are accepted, their "
-            "delivery deferred until it can be" % (PROGRAM, clean(why)))
+        log("warning: %s; all of that user's addresses are accepted, their "
+            "delivery deferred until it can be" % clean(why))
     lines = [MAGIC]
     lines += sorted(b"=" + e for e in valid.exact if e and _ok(e))
     lines += sorted({b"+" + p for p in valid.prefixes if _ok(p)})

@@ -40,6 +40,12 @@ DEFAULTS = {"reject": (550, ["5.7.1 Command rejected"]),
             "tempfail": (451, ["4.7.1 Service unavailable - try again later"])}
 
 
+
+def named(who: str) -> str:
+    """`who: ` before a log line's text, when who (a drop, a session) is not already the
+    line's program name (qpy.common.log)."""
+    return who + ": " if who else ""
+
 class Verdict:
     """A filter's refusal or discard, as the SMTP reply to give (or the note to log)."""
 
@@ -227,8 +233,8 @@ class Filters:
         return bool(self.entries)
 
     def _fail(self, e: Entry, stage: str, err: Exception) -> Verdict | None:
-        log("%s: milter %s failed at %s: %s; default_action %s" % (
-            self.who, e.spec.endpoint, stage, clean(str(err), 200), e.spec.default_action))
+        log("%smilter %s failed at %s: %s; default_action %s" % (
+            named(self.who), e.spec.endpoint, stage, clean(str(err), 200), e.spec.default_action))
         if e.milter is not None:
             e.milter.close()
         e.done = True
@@ -278,8 +284,8 @@ class Filters:
                    else Verdict(action, who=e.spec.endpoint))
         if action == "discard" and not message:
             return None          # discard means nothing before there is a message
-        log("%s: milter %s %s at %s: %s" % (self.who, e.spec.endpoint, verdict.action,
-                                            stage, verdict.text()))
+        log("%smilter %s %s at %s: %s" % (named(self.who), e.spec.endpoint, verdict.action,
+                                          stage, verdict.text()))
         if stage in ("connect", "helo"):
             self.refusal = verdict
         return verdict

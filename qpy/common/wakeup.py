@@ -57,6 +57,10 @@ class Wakeup:
         signal.set_wakeup_fd(-1)
         for sig in self.signals + (signal.SIGPIPE,):
             signal.signal(sig, signal.SIG_DFL)
+        self.close()
+
+    def close(self) -> None:
+        """In a forked child that has set its own handlers: the pipe closed."""
         for fd in (self.fd, self._w):
             try:
                 os.close(fd)

@@ -61,7 +61,7 @@ class Config:
         self.recipients.refresh()
         self._table_state = self.recipients.state
         if self.recipients.state not in ("ok", before) and not self.acceptunknown:
-            log("%s: recipient table %s: %s" % (PROGRAM, self.recipients.state,
+            log("recipient table %s: %s" % (self.recipients.state,
                 "accepting every local recipient" if self.recipients.state == "missing"
                 else "local recipients deferred"))
 

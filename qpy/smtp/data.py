@@ -19,7 +19,6 @@ from qpy.inject.drop import Drop, InjectError
 from qpy.smtp import authres
 from qpy.smtp.channel import MAX_HOPS
 from qpy.smtp.command import CommandError, received_line
-from qpy.smtp.config import PROGRAM
 
 
 class DataCommand:
@@ -79,7 +78,7 @@ class DataCommand:
             # through pickup's door when it is open: written once, by the queue
             self.drop = Drop(self.cfg.root, door=True)
         except InjectError as e:
-            log("%s %s: cannot open the queue: %s" % (PROGRAM, self.remote_ip, e))
+            log("cannot open the queue: %s" % e)
             raise CommandError(451, "4.3.0 Cannot queue the message now, try again later")
 
     def protocol(self) -> str:
@@ -151,9 +150,8 @@ class DataCommand:
             else:
                 self.drop = None
                 self.messages += 1
-                log("%s %s: accepted %s bytes %d from <%s> recipients %d"
-                    % (PROGRAM, self.remote_ip, name, size, clean(self.sender or b"", 200),
-                       len(self.recipients)))
+                log("accepted %s bytes %d from <%s> recipients %d"
+                    % (name, size, clean(self.sender or b"", 200), len(self.recipients)))
                 self.reply(250, "2.0.0 Ok: queued as %s" % name)
                 return
         reason = clean(str(failure), 200)

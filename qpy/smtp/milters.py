@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import BinaryIO
 
 from qpy.common.control import Control
-from qpy.common.filters import Filters, Message, Verdict
+from qpy.common.filters import Filters, Message, Verdict, named
 from qpy.common.log import clean, log
 from qpy.common.milter import Spec
 from qpy.inject.drop import Drop
@@ -57,7 +57,7 @@ class SessionFilters:
         self.me = me.encode()
         self.who = who
         if problem:
-            log("%s: control/milters unusable (%s): mail tempfailed" % (who, problem))
+            log("%scontrol/milters unusable (%s): mail tempfailed" % (named(who), problem))
             self.filters.refusal = Verdict("tempfail")
         self.env = env
         self.ip = env.get("TCPREMOTEIP", "")
@@ -116,8 +116,8 @@ class SessionFilters:
         msg = Message(spool, sender, rcpts)
         removed = strip_foreign_ar(msg, self.me)
         if removed:
-            log("%s: removed %d Authentication-Results field(s) claiming %s"
-                % (self.who, removed, clean(self.me)))
+            log("%sremoved %d Authentication-Results field(s) claiming %s"
+                % (named(self.who), removed, clean(self.me)))
         verdict = self.filters.message(msg, {b"i": queue_id.encode()})
         self.active = False
         if verdict is None and not msg.recipients:
@@ -133,12 +133,12 @@ class SessionFilters:
             session.refuse(verdict)
             return None
         if verdict is not None:
-            log("%s: discarded %s: milter %s" % (self.who, drop.id, verdict.who))
+            log("%sdiscarded %s: milter %s" % (named(self.who), drop.id, verdict.who))
             session.reply(250, "2.0.0 Ok: queued as %s" % drop.id)
             return None
         if msg.quarantine is not None:
             # no hold queue yet: the request is logged and marked, the mail goes on
-            log("%s: %s quarantine requested: %s" % (self.who, drop.id,
+            log("%s%s quarantine requested: %s" % (named(self.who), drop.id,
                                                     clean(msg.quarantine, 200)))
             msg.headers.insert(0, [b"X-Qpy-Quarantine",
                                    b"X-Qpy-Quarantine: " + msg.quarantine.replace(b"\r", b" ")

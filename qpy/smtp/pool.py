@@ -88,7 +88,7 @@ class Pool:
         except OSError as e:
             mine.close()
             theirs.close()
-            log("%s: cannot fork a worker: %s" % (self.program, e.strerror))
+            log("cannot fork a worker: %s" % (e.strerror))
             return None
         if pid == 0:
             mine.close()
@@ -98,7 +98,7 @@ class Pool:
         self.children.add(pid)
         self.workers[pid] = w
         self.sel.register(mine, selectors.EVENT_READ, w)
-        log("%s: worker %d started" % (self.program, pid))
+        log("worker %d started" % (pid))
         return w
 
     def _ended(self, w: Worker) -> None:
@@ -189,7 +189,7 @@ class Pool:
             try:
                 w.chan.sendmsg([order], fds)
             except OSError as e:          # it died while idle: the next one
-                log("%s: worker %d: hand-over: %s" % (self.program, w.pid, e.strerror))
+                log("worker %d: hand-over: %s" % (w.pid, e.strerror))
                 self.retire(w)
                 continue
             w.busy = True
@@ -209,7 +209,7 @@ class Pool:
                 return
             if pid in self.children:
                 self.children.discard(pid)
-                log("%s: end %d status %d" % (self.program, pid,
+                log("end %d status %d" % (pid,
                                               os.waitstatus_to_exitcode(status)))
             w = self.workers.get(pid)
             if w is not None:
@@ -221,7 +221,7 @@ class Pool:
         self.stopping = True
         deadline = time.monotonic() + grace
         if self.nbusy:
-            log("%s: stopping; waiting for %d sessions" % (self.program, self.nbusy))
+            log("stopping; waiting for %d sessions" % (self.nbusy))
         for w in list(self.workers.values()):
             if not w.busy:
                 self.retire(w)
@@ -275,7 +275,7 @@ class Pool:
                         break
         except BaseException as e:  # never let a worker return into the parent's loop
             if not isinstance(e, SystemExit):
-                log("%s: session error: %s" % (self.program, clean(repr(e))))
+                log("session error: %s" % (clean(repr(e))))
         finally:
             os._exit(0)
 

@@ -29,16 +29,16 @@ from qpy.common.log import clean, log
 from qpy.smtp import auth, tls
 from qpy.smtp.channel import Channel
 from qpy.smtp.command import CommandError
-from qpy.smtp.config import PROGRAM, Config
+from qpy.smtp.config import Config
 from qpy.smtp.session import Session
 
 _SAFE_USER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_@+=")
 
 
 class Settings:
-    def __init__(self, root: str, program: str):
+    def __init__(self, root: str):
         c = Control(root)
-        self.ctx: ssl.SSLContext | None = tls.server_context(root, program)
+        self.ctx: ssl.SSLContext | None = tls.server_context(root)
         self.tlsrequired = c.flag("tlsrequired")
         self.authsenders = c.lines("authsenders")
 
@@ -46,9 +46,9 @@ class Settings:
 _settings: dict[str, Settings] = {}
 
 
-def load(root: str, program: str = PROGRAM) -> Settings:
+def load(root: str) -> Settings:
     """(Re)read certificate and TLS/AUTH control files for root; kept for the sessions."""
-    _settings[root] = Settings(root, program)
+    _settings[root] = Settings(root)
     return _settings[root]
 
 
@@ -84,7 +84,7 @@ class SecureSession(Session):
         try:
             sock = tls.secure_channel(self.ch, self.ctx, self.remote_ip)
         except tls.HandshakeError as e:
-            log("%s %s: %s" % (PROGRAM, self.remote_ip, clean(str(e), 300)))
+            log(clean(str(e), 300))
             self.closing = True
             return
         self.tls = True
@@ -92,7 +92,7 @@ class SecureSession(Session):
         self.tls_info = tls.received_comment(sock)
         self.reset()            # RFC 3207 4.2: nothing said before TLS counts
         self._advertise()
-        log("%s %s: TLS %s" % (PROGRAM, self.remote_ip, tls.describe(sock)))
+        log("TLS %s" % tls.describe(sock))
 
     def cmd_starttls(self, arg: bytes) -> None:
         if self.tls:
@@ -141,7 +141,7 @@ class SecureSession(Session):
         answer = auth.check(self.cfg.root, user, password, self.remote_ip)
         if answer == b"Y":
             self.auth_user = user.decode("ascii")
-            log("%s %s: authenticated user %s" % (PROGRAM, self.remote_ip, clean(user)))
+            log("authenticated user %s" % clean(user))
             self._error(auth.OK)
             return
         if answer == b"N":

@@ -35,7 +35,7 @@ from qpy.smtp.command import (
     parse_size,
     split_line,
 )
-from qpy.smtp.config import PROGRAM, Config
+from qpy.smtp.config import Config
 from qpy.smtp.data import DataCommand
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class Session(DataCommand):
         if cfg.milters or cfg.milters_problem:
             from qpy.smtp import milters
             self.filters = milters.SessionFilters(cfg.milters, cfg.milters_problem, cfg.me,
-                                                  env, "%s %s" % (PROGRAM, self.remote_ip))
+                                                  env, "")   # the log names the session
         self.env = env
         self.blocked: tuple[int, str] | None = None     # a DNS blocklist names the client
         self.reset()
@@ -121,8 +121,7 @@ class Session(DataCommand):
         if code in ERROR_CODES:
             self.errors += 1
         if code >= 400:
-            log("%s %s: refused %s: %d %s" % (PROGRAM, self.remote_ip, clean(self.command, 200),
-                                              code, lines[-1]))
+            log("refused %s: %d %s" % (clean(self.command, 200), code, lines[-1]))
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> str:
@@ -156,8 +155,7 @@ class Session(DataCommand):
             result = "disconnect"
         except Exception as e:
             result = "error %s" % type(e).__name__
-            log("%s %s: internal error: %s" % (PROGRAM, self.remote_ip,
-                                               clean(traceback.format_exc(limit=3), 600)))
+            log("internal error: %s" % clean(traceback.format_exc(limit=3), 600))
             self._last_words(421, "4.3.0 Internal error, closing connection")
         finally:
             if self.drop is not None:
@@ -169,9 +167,8 @@ class Session(DataCommand):
                 self.ch.flush()
             except (Closed, Timeout, OSError):
                 pass
-            log("%s %s end: helo %s messages %d recipients %d result %s"
-                % (PROGRAM, self.remote_ip, clean(self.helo or b"-", 100), self.messages,
-                   self.rcpt_total, result))
+            log("end: helo %s messages %d recipients %d result %s"
+                % (clean(self.helo or b"-", 100), self.messages, self.rcpt_total, result))
         return result
 
     def refuse(self, verdict: Verdict) -> None:
@@ -214,9 +211,8 @@ class Session(DataCommand):
         except (Timeout, Closed):
             raise
         except Exception:
-            log("%s %s: internal error in %s: %s" % (
-                PROGRAM, self.remote_ip, clean(self.command), clean(traceback.format_exc(limit=4),
-                                                                    600)))
+            log("internal error in %s: %s" % (clean(self.command),
+                                               clean(traceback.format_exc(limit=4), 600)))
             self.reset_transaction()
             self.reply(451, "4.3.0 Internal error, try again later")
             self.errors += 1

@@ -109,6 +109,7 @@ import sys
 from collections.abc import Mapping
 
 from qpy.common.log import clean, log
+from qpy.common.log import name as logname
 from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
 from qpy.smtp.channel import Channel
@@ -125,7 +126,11 @@ def _stop(signum: int, frame: object) -> None:
 def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> int:
     """Run one session on rfd/wfd (a forked qpy-tcpserver child or qpy-smtpd itself).
     The caller has set SIGTERM to end the session (SystemExit) and SIGPIPE to SIG_IGN:
-    main() here, once per worker in qpy-tcpserver (not per session: it costs)."""
+    main() here, once per worker in qpy-tcpserver (not per session: it costs). The
+    session's log lines are named `qpy-smtpd IP` (qpy-tcpserver names its worker's
+    again after the session)."""
+    logname("%s %s" % (PROGRAM, env.get("TCPREMOTEIP", "")) if env.get("TCPREMOTEIP")
+            else PROGRAM)
     if cfg.unusable:
         log("%s: 421 to %s" % (cfg.unusable, env.get("TCPREMOTEIP", "")))
         try:
@@ -159,7 +164,7 @@ def main() -> int:
         # what has no owner, as it does for sendmail
         cfg = Config(root, acceptunknown=caller)
     except Exception as e:
-        log("%s: cannot read control files: %s" % (PROGRAM, clean(str(e))))
+        log("cannot read control files: %s" % clean(str(e)))
         try:
             os.write(1, b"421 4.3.0 Unable to read controls\r\n")
         except OSError:

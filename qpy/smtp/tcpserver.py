@@ -93,8 +93,10 @@ import time
 from qpy.common.control import Control, ControlError
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
+from qpy.common.log import name as logname
 from qpy.common.privilege import preamble, set_title
 from qpy.common.queue import root_from
+from qpy.common.wakeup import Wakeup
 from qpy.smtp import ratelimit, secure, smtpd
 from qpy.smtp import rules as rulesmod
 from qpy.smtp.listen import PROFILES, Listener
@@ -131,7 +133,7 @@ class Server:
         for profile, listen_name, rules_name in PROFILES:
             for entry in control.lines(listen_name):
                 self.listeners.append(Listener(profile, rules_name, entry))
-                log("%s: listening on %s (%s)" % (PROGRAM, entry, profile))
+                log("listening on %s (%s)" % (entry, profile))
         if not self.listeners:
             raise ValueError("no listen address in control/smtplisten")
         self.listen_config = [(lst.profile, lst.entry) for lst in self.listeners]
@@ -140,7 +142,7 @@ class Server:
         """Read control files, rules and the recipient table (at start and on SIGHUP)."""
         control = Control(self.root)
         self.cfg = smtpd.Config(self.root)
-        secure.load(self.root, PROGRAM)   # the certificate: read once, before any fork
+        secure.load(self.root)            # the certificate: read once, before any fork
         try:
             self.pool.limit = max(1, control.integer("maxsmtpd"))
             self.maxperip = control.integer("maxperip")
@@ -151,37 +153,36 @@ class Server:
         for lst in self.listeners:
             lst.rules, problems = rulesmod.parse("\n".join(control.lines(lst.rules_name)))
             for p in problems:
-                log("%s: control/%s %s" % (PROGRAM, lst.rules_name, p))
+                log("control/%s %s" % (lst.rules_name, p))
         wanted = [(p, e) for p, listen_name, _ in PROFILES for e in control.lines(listen_name)]
         if wanted != self.listen_config:
-            log("%s: listen addresses changed; they take effect at restart" % PROGRAM)
+            log("listen addresses changed; they take effect at restart")
 
     # -- the loop ----------------------------------------------------------------------
     def signals(self) -> None:
         """Catch signals from the very start: a SIGHUP while binding must not kill us."""
-        rfd, wfd = os.pipe()
-        os.set_blocking(rfd, False)
-        os.set_blocking(wfd, False)
-        self.wakeup = (rfd, wfd)
-        signal.set_wakeup_fd(wfd)
-        signal.signal(signal.SIGCHLD, lambda s, f: None)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.sigs = Wakeup((signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+
+    def take_signals(self) -> None:
+        for sig in self.sigs.take():
+            if sig == signal.SIGHUP:
+                self.reload_wanted = True
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
 
     def run(self) -> int:
         sel, pool = self.sel, self.pool
-        sel.register(self.wakeup[0], selectors.EVENT_READ, None)
+        sel.register(self.sigs.fd, selectors.EVENT_READ, None)
         for lst in self.listeners:
             sel.register(lst.sock, selectors.EVENT_READ, lst)
         pool.tend()
         while not self.stopping:
             # session ends before new connections: they free workers the new ones need
             events = sorted(sel.select(TICK), key=lambda ev: not isinstance(ev[0].data, Worker))
+            self.take_signals()
             for key, _ in events:
                 if key.data is None:
-                    self._drain_wakeup()
+                    continue                # the signals: taken above
                 elif isinstance(key.data, Worker):
                     pool.readable(key.data)
                 elif not self.stopping:
@@ -194,32 +195,19 @@ class Server:
                 try:
                     self.load()
                     pool.recycle()        # workers forked before this are retired
-                    log("%s: control files re-read" % PROGRAM)
+                    log("control files re-read")
                 except Exception as e:
-                    log("%s: cannot re-read control files: %s" % (PROGRAM, clean(str(e))))
+                    log("cannot re-read control files: %s" % (clean(str(e))))
             pool.tend()
         for lst in self.listeners:
             sel.unregister(lst.sock)
             lst.sock.close()
-        pool.shutdown(SHUTDOWN_GRACE, lambda data: self._drain_wakeup())
-        log("%s: stopped" % PROGRAM)
+        pool.shutdown(SHUTDOWN_GRACE, lambda data: self.take_signals())
+        log("stopped")
         return 0
 
-    def _on_hup(self, signum: int, frame: object) -> None:
-        self.reload_wanted = True
-
-    def _on_term(self, signum: int, frame: object) -> None:
-        self.stopping = True
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self.wakeup[0], 512):
-                pass
-        except BlockingIOError:
-            pass
-
     def _status(self) -> None:
-        log("%s: status: %d/%d" % (PROGRAM, self.pool.nbusy, self.pool.limit))
+        log("status: %d/%d" % (self.pool.nbusy, self.pool.limit))
 
     def _before_fork(self) -> None:
         assert self.cfg is not None
@@ -242,7 +230,7 @@ class Server:
             return False
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log("%s: accept: %s" % (PROGRAM, e.strerror))
+                log("accept: %s" % (e.strerror))
                 time.sleep(0.1)
                 return False
             if e.errno in (errno.ECONNABORTED, errno.EPROTO):
@@ -259,11 +247,11 @@ class Server:
         pool = self.pool
         rule = rulesmod.match(lst.rules, ip)
         if rule is not None and not rule.allow:
-            log("%s: deny %s (%s)" % (PROGRAM, ip, lst.profile))
+            log("deny %s (%s)" % (ip, lst.profile))
             return
         if ratelimit.shared is not None and ratelimit.shared.over("connections", ip):
-            log("%s: rate limit %s: 421, over %d connections a minute"
-                % (PROGRAM, ip, ratelimit.shared.limits["connections"]))
+            log("rate limit %s: 421, over %d connections a minute"
+                % (ip, ratelimit.shared.limits["connections"]))
             self._refuse(conn, RATE_REPLY)
             return
         key = rulesmod.client_key(ip)
@@ -271,25 +259,24 @@ class Server:
         if self.maxperip and not trusted and self.per_ip.get(key, 0) >= self.maxperip:
             pool.collect(0)           # no wait: a flood of 421s must stay cheap
             if self.per_ip.get(key, 0) >= self.maxperip:
-                log("%s: maxperip %s: 421, %d sessions from %s" % (
-                    PROGRAM, ip, self.per_ip[key], key))
+                log("maxperip %s: 421, %d sessions from %s" % (ip, self.per_ip[key], key))
                 self._refuse(conn, PERIP_REPLY)
                 return
         if pool.nbusy >= pool.limit:
             pool.collect(0)
         if pool.nbusy >= pool.limit:
-            log("%s: busy %s: 421, %d sessions (maxsmtpd)" % (PROGRAM, ip, pool.nbusy))
+            log("busy %s: 421, %d sessions (maxsmtpd)" % (ip, pool.nbusy))
             self._refuse(conn, BUSY_REPLY)
             return
         order = json.dumps({"listener": lst.profile,
                             "env": rule.env if rule is not None else {}}).encode()
         w = pool.hand_over(conn, order, key)
         if w is None:
-            log("%s: no worker for %s: 421" % (PROGRAM, ip))
+            log("no worker for %s: 421" % (ip))
             self._refuse(conn, TROUBLE_REPLY)
             return
         self.per_ip[key] = self.per_ip.get(key, 0) + 1
-        log("%s: pid %d from %s (%s)" % (PROGRAM, w.pid, ip, lst.profile))
+        log("pid %d from %s (%s)" % (w.pid, ip, lst.profile))
         self._status()
 
     @staticmethod
@@ -303,8 +290,7 @@ class Server:
     def _in_child(self) -> None:
         """A new worker: close what only the parent uses; note the environment to
         restore before each session and a /dev/null for fd 0 and 1 between them."""
-        for fd in self.wakeup:
-            os.close(fd)
+        self.sigs.close()
         for lst in self.listeners:
             lst.sock.close()
         set_title("qpy-smtpd idle")
@@ -353,6 +339,7 @@ class Server:
             os.dup2(self._null, 0)
             os.dup2(self._null, 1)
             set_title("qpy-smtpd idle")
+            logname(PROGRAM)
 
 
 def main() -> int:
@@ -367,12 +354,12 @@ def main() -> int:
     try:
         server.bind()
     except (OSError, ValueError) as e:
-        log("%s: cannot listen: %s" % (PROGRAM, clean(str(e))))
+        log("cannot listen: %s" % (clean(str(e))))
         return EXIT_TEMP
     preamble(PROGRAM, root, "qpyd")   # bound: drop to qpyd before any connection
     try:
         server.load()
     except Exception as e:
-        log("%s: cannot read control files: %s" % (PROGRAM, clean(str(e))))
+        log("cannot read control files: %s" % (clean(str(e))))
         return EXIT_TEMP
     return server.run()

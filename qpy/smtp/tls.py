@@ -51,7 +51,7 @@ def _validity(path: str) -> tuple[float, float] | None:
             ssl.cert_time_to_seconds(info["notAfter"]))
 
 
-def server_context(root: str, program: str = "qpy-smtpd") -> ssl.SSLContext | None:
+def server_context(root: str) -> ssl.SSLContext | None:
     """The server context from control/servercert.pem, or None (with a log line why)."""
     path = cert_path(root)
     if not os.path.lexists(path):
@@ -69,28 +69,28 @@ def server_context(root: str, program: str = "qpy-smtpd") -> ssl.SSLContext | No
         ctx.load_cert_chain(path)
         validity = _validity(path)
     except (ssl.SSLError, ValueError) as e:  # before OSError: SSLError is one
-        log("%s: tls: cannot use %s (chain and key in one PEM file?): %s; "
-            "STARTTLS not offered" % (program, why, getattr(e, "reason", None) or e))
+        log("tls: cannot use %s (chain and key in one PEM file?): %s; "
+            "STARTTLS not offered" % (why, getattr(e, "reason", None) or e))
         return None
     except OSError as e:
-        log("%s: tls: cannot read %s: %s; STARTTLS not offered"
-            % (program, why, e.strerror or e))
+        log("tls: cannot read %s: %s; STARTTLS not offered"
+            % (why, e.strerror or e))
         return None
     if validity is not None:
         now = time.time()
         not_before, not_after = validity
         if now >= not_after:
-            log("%s: tls: certificate in %s expired on %s; STARTTLS not offered"
-                % (program, why, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))))
+            log("tls: certificate in %s expired on %s; STARTTLS not offered"
+                % (why, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))))
             return None
         if now < not_before:
-            log("%s: tls: certificate in %s is not valid before %s; STARTTLS not offered"
-                % (program, why, time.strftime("%Y-%m-%d %H:%M:%S UTC",
+            log("tls: certificate in %s is not valid before %s; STARTTLS not offered"
+                % (why, time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                 time.gmtime(not_before))))
             return None
         if not_after - now < EXPIRY_WARNING:
-            log("%s: tls: warning: certificate in %s expires on %s"
-                % (program, why, time.strftime("%Y-%m-%d", time.gmtime(not_after))))
+            log("tls: warning: certificate in %s expires on %s"
+                % (why, time.strftime("%Y-%m-%d", time.gmtime(not_after))))
     return ctx
 
 
@@ -127,8 +127,8 @@ def start(ctx: ssl.SSLContext, sock: socket.socket, leftover: bytes = b"",
     in it as `leftover`: bytes pipelined after STARTTLS are never executed.
     """
     if leftover:
-        log("qpy-smtpd: %s: discarded %d bytes sent after STARTTLS in plaintext"
-            % (who, len(leftover)))
+        log("discarded %d bytes sent after STARTTLS in plaintext from %s"
+            % (len(leftover), who or "the client"))
     sock.settimeout(timeout)
     try:
         tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
