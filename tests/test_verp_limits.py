@@ -14,6 +14,7 @@ import qpytest
 import test_remote
 from qpytest import maildir_messages as maildir
 from remote_peers import PeerConn
+from test_inject import queue_inject
 from test_outbound import remote_root
 from test_remote import PEER2, Recorder
 from test_send import Qpy, bounces, sendmail, user
@@ -56,6 +57,27 @@ def test_verp_sender_one_delivery_per_recipient(qroot, dnssrv, port, aiopeer):
         [m] = maildir(local)
         assert m["Return-Path"] == "<owner-qtvl=test.example@list.example>"
         assert not re.search(r"starting delivery \d+: msg \S+ to remote x@a.test,", q.log())
+    finally:
+        assert q.stop() == 0
+
+
+def test_verp_through_qmail_queue_interface(qroot, dnssrv, port, aiopeer):
+    """ezmlm's way in: qpy-queue-inject (qmail-queue's interface) with the VERP sender in
+    the envelope; a VERP sender with a control byte is refused (exit 91, qmail's bad
+    envelope)."""
+    remote_root(qroot, dnssrv, port)
+    h = Recorder()
+    aiopeer(h)
+    q = Qpy(qroot)
+    try:
+        r = queue_inject(qroot, b"Subject: post\n\nbody\n",
+                         b"Fl-return-7-@lists.example-@[]\0Tx@a.test\0\0")
+        assert r.returncode == 0, r.stderr
+        assert qpytest.wait_for(lambda: h.messages, 30), q.log()
+        assert h.messages[0][0] == "l-return-7-x=a.test@lists.example"
+        r = queue_inject(qroot, b"Subject: post\n\nbody\n",
+                         b"Fl-ret\x01urn-@lists.example-@[]\0Tx@a.test\0\0")
+        assert r.returncode == 91, r
     finally:
         assert q.stop() == 0
 
