@@ -479,6 +479,12 @@ def test_valid_locals_assign_and_alias_default(qroot, homes):
     with open(os.path.join(qroot.paths.users, "assign"), "w") as f:
         f.write(f"=info:{alice.pw_name}:{alice.pw_uid}:{alice.pw_gid}:{alice.pw_dir}:-:i:\n"
                 f"+Sales-:{alice.pw_name}:{alice.pw_uid}:{alice.pw_gid}:{alice.pw_dir}:-::\n.\n")
+    # with a dash, delivery needs .qmail-i (info) and .qmail-x or .qmail-default
+    # (sales-x) in that home, else it bounces them as unknown: not valid before
+    valid = users.valid_locals(qroot.path)
+    assert b"info" not in valid and b"sales-x" not in valid
+    put(alice, ".qmail-i", "./Maildir/\n")
+    put(alice, ".qmail-default", "./Maildir/\n")
     valid = users.valid_locals(qroot.path)
     assert b"INFO" in valid and b"sales-x" in valid and b"info-x" not in valid
     assert b"nosuchname" not in valid
