@@ -27,6 +27,18 @@ def _echo(sock: socket.socket) -> int:
         sock.send(b"%d %s" % (os.getpid(), data))
 
 
+def _reap(pool: Pool, count: int) -> dict[int, int]:
+    """Exit codes of `count` workers, by pid, as the pool reaps them (10 s at most)."""
+    deadline = time.monotonic() + 10
+    codes: dict[int, int] = {}
+    while len(codes) < count and time.monotonic() < deadline:
+        for w, status in pool.reap():
+            codes[w.pid] = os.waitstatus_to_exitcode(status)
+            pool.forget(w)
+        time.sleep(0.02)
+    return codes
+
+
 def _open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
@@ -53,14 +65,7 @@ def test_pool_forks_reuses_retires_and_reaps():
         pool.retire_idle(0.0, most=1)                   # the one unused the longest
         assert pool.unpark("bob") is None and b.pid in pool.leaving
         pool.retire(a)                                  # end of file: it exits 7
-        deadline = time.monotonic() + 10
-        gone: dict[int, int] = {}
-        while len(gone) < 2 and time.monotonic() < deadline:
-            for w, status in pool.reap():
-                gone[w.pid] = os.waitstatus_to_exitcode(status)
-                pool.forget(w)
-            time.sleep(0.02)
-        assert gone == {a.pid: 7, b.pid: 7}
+        assert _reap(pool, 2) == {a.pid: 7, b.pid: 7}
         assert pool.all() == [] and not pool.idle
         assert a.sock.fileno() == -1 and b.sock.fileno() == -1
     finally:
@@ -99,14 +104,7 @@ def test_pool_child_keeps_only_its_socket_and_never_returns():
         pool.retire(w)
         bad = pool.fork(None, explode)
         assert bad is not None
-        deadline = time.monotonic() + 10
-        codes = {}
-        while len(codes) < 2 and time.monotonic() < deadline:
-            for x, status in pool.reap():
-                codes[x.pid] = os.waitstatus_to_exitcode(status)
-                pool.forget(x)
-            time.sleep(0.02)
-        assert codes == {w.pid: 0, bad.pid: 111}
+        assert _reap(pool, 2) == {w.pid: 0, bad.pid: 111}
     finally:
         os.close(parent_secret)
         for x in pool.all():
