@@ -131,8 +131,8 @@ class DataCommand:
             except InjectError as e:
                 failure = e
             if gate.removed:
-                log("%s %s: removed %d Authentication-Results field(s) claiming %s"
-                    % (PROGRAM, self.remote_ip, gate.removed, clean(self.cfg.me)))
+                log("removed %d Authentication-Results field(s) claiming %s"
+                    % (gate.removed, clean(self.cfg.me)))
         if spool is not None and failure is None:
             try:
                 edited = self.filters.finish(self, spool, drop)   # None: answered already
