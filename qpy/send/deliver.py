@@ -6,11 +6,12 @@ passed as an fd; remote recipients of one message and domain go in one request
 message goes to each recipient alone with its own return path
 (qpy.common.address.verp). At most `conc_domain` (control/concurrencyperdomain)
 remote deliveries to one recipient domain run at once: a due recipient over it
-waits aside (held) until one of them reports. Each result is recorded as qpy-queue-send's WRITES
-says: a K for a todo-backed message stays in memory unless others remain, a
-deferral or failure is an fsync'd record in state/ID (persist first). A lost or
-failing spawner connection raises Lost: qpy-queue-send exits 111 and qpy-start
-restarts the group; an unreported delivery is simply tried again.
+waits aside (held) until one of them reports. Each result is recorded as
+qpy-queue-send's WRITES says: a K for a todo-backed message stays in memory
+unless others remain, a deferral or failure is an fsync'd record in state/ID
+(persist first). A lost or failing spawner connection raises Lost:
+qpy-queue-send exits 111 and qpy-start restarts the group; an unreported
+delivery is simply tried again.
 """
 
 from __future__ import annotations
@@ -64,11 +65,10 @@ class Deliveries:
         self.domain_busy: dict[bytes, int] = {}
         self.held: dict[bytes, list[tuple[int, str, int]]] = {}  # over conc_domain
 
-    def release_held(self, domain: bytes | None = None) -> None:
-        """The held entries of `domain` (None: of all) back into the remote heap."""
-        for dom in list(self.held) if domain is None else [domain]:
-            for entry in self.held.pop(dom, []):
-                heapq.heappush(self.heaps[REMOTE], entry)
+    def release_held(self, domain: bytes) -> None:
+        """The entries held for `domain` back into the remote heap: a slot is free."""
+        for entry in self.held.pop(domain, []):
+            heapq.heappush(self.heaps[REMOTE], entry)
 
     def status(self) -> None:
         log("status: local %d/%d remote %d/%d%s" % (
