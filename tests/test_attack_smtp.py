@@ -418,46 +418,40 @@ def test_finding8_system_accounts_are_not_mail_users(server, qroot):
 
 # -- finding 12: how many sessions one worker serves ---------------------------------------
 
-def _worker_pid(server, c: Client) -> int:
-    """The pid of the worker serving c (the one whose title names no idle state)."""
-    pids = wait_for(lambda: [p.pid for p in server.sessions()], 10)
-    assert pids and len(pids) == 1, pids
-    return pids[0]
+def _session_pids(qroot, n: int) -> list[int]:
+    """Start qpy-tcpserver; n sessions one after another; the pid that served each."""
+    s = Listener(qroot, ipv6=False)
+    try:
+        assert s.wait_idle()
+        pids = []
+        for _ in range(n):
+            c = Client(s.port)
+            assert c.reply().startswith(b"220 ")
+            serving = wait_for(lambda: [p.pid for p in s.sessions()], 10)
+            assert serving and len(serving) == 1, serving
+            pids.append(serving[0])
+            assert c.cmd(b"QUIT").startswith(b"221")
+            c.close()
+            assert s.wait_idle()
+        return pids
+    finally:
+        s.stop()
 
 
 def test_finding12_smtpdsessions_one_is_a_fresh_process_per_connection(qroot):
     """control/smtpdsessions 1: five sessions one after another, five worker pids."""
     qroot.control("smtpdsessions", "1")
-    s = Listener(qroot, ipv6=False)
-    try:
-        assert s.wait_idle()
-        pids = []
-        for _ in range(5):
-            c = Client(s.port)
-            assert c.reply().startswith(b"220 ")
-            pids.append(_worker_pid(s, c))
-            assert c.cmd(b"QUIT").startswith(b"221")
-            c.close()
-            assert s.wait_idle()
-        assert len(set(pids)) == 5, pids
-    finally:
-        s.stop()
+    pids = _session_pids(qroot, 5)
+    assert len(set(pids)) == 5, pids
 
 
-def test_finding12_smtpdsessions_default_reuses_and_retires_workers(qroot):
-    """By default a worker serves up to 100 sessions: with maxsmtpd 1 the same pid
-    serves one session after another."""
+def test_finding12_smtpdsessions_reuse_and_retirement(qroot):
+    """By default a worker serves many sessions (one worker: maxsmtpd 1, the same pid
+    each time); with smtpdsessions 2 each worker serves two, then is replaced."""
     qroot.control("maxsmtpd", "1")
-    s = Listener(qroot, ipv6=False)
-    try:
-        pids = []
-        for _ in range(3):
-            c = Client(s.port)
-            assert c.reply().startswith(b"220 ")
-            pids.append(_worker_pid(s, c))
-            assert c.cmd(b"QUIT").startswith(b"221")
-            c.close()
-            assert s.wait_idle()
-        assert len(set(pids)) == 1, pids
-    finally:
-        s.stop()
+    pids = _session_pids(qroot, 3)
+    assert len(set(pids)) == 1, pids
+    qroot.control("smtpdsessions", "2")
+    pids = _session_pids(qroot, 4)
+    # Listener's readiness probe was the first worker's first session
+    assert pids[0] != pids[1] == pids[2] != pids[3] and len(set(pids)) == 3, pids
