@@ -64,6 +64,9 @@ def test_attack_local_finding3_hostile_drops_under_memory_limit(qroot):
     each, stays up, stays small, and admits every acknowledged message injected around
     them."""
     drop = qroot.paths.drop
+    # databytes 0: the 1 GiB ceiling, so that the ~1 GiB file below is refused for its
+    # holes, not first for its size (the 50 MiB default would catch it earlier)
+    qroot.control("databytes", "0")
     _inject_good(qroot, b"before")
     env = envelope.encode(b"a@b.example", [b"c@test.example"])
     # a header claiming a ~1 GiB envelope; the file is that long, but all holes
@@ -106,7 +109,8 @@ def test_attack_local_finding3_hostile_drops_under_memory_limit(qroot):
     for name, reason in (("100.1.1", "sparse file"), ("101.1.1", "sparse file"),
                          ("106.1.1", "envelope too large")):
         assert [ln for ln in text.splitlines()
-                if ln.startswith("quarantine drop %s " % name) and reason in ln], text
+                if ln.removeprefix("qpy-pickup: ").startswith("quarantine drop %s " % name)
+                and reason in ln], text
     for reason in ("lengths do not match", "not a plain file", "cannot open", "links"):
         assert reason in text, (reason, text)
     with open(victim, "rb") as f:
