@@ -86,11 +86,12 @@ class Tally:
 class Rig:
     """One installed root, a recipient with extensions, smtp-sink, qpy-start."""
 
-    def __init__(self) -> None:
+    def __init__(self, user: str = USER) -> None:
+        self.user = user
         self.qroot = qpytest.install_root(ME)
         top = os.path.dirname(self.qroot.path)
         self.home = os.path.join(top, "home")
-        self.pw = qpytest.make_user(USER, self.home)
+        self.pw = qpytest.make_user(user, self.home)
         for ext, text in (("fail", "|echo no such mailbox here; exit 100\n"),
                           ("bad", "|exit 100\n"), ("later", "|exit 111\n")):
             p = os.path.join(self.home, ".qmail-" + ext)
@@ -137,12 +138,13 @@ class Rig:
                 % (m.tok, "filler line\n" * 40, m.tok)).encode()
 
     def rcpt(self, m: Msg) -> tuple[str, list[str]]:
-        local = "%s@%s" % (USER, ME)
+        u = self.user
+        local = "%s@%s" % (u, ME)
         return {"local": (local, [local]), "smtp": (local, [local]),
                 "remote": (local, ["someone@far.example"]),
-                "bounce": (local, ["%s-fail@%s" % (USER, ME)]),
-                "double": ("%s-bad@%s" % (USER, ME), ["%s-fail@%s" % (USER, ME)]),
-                "qrm": (local, ["%s-later@%s" % (USER, ME)])}[m.kind]
+                "bounce": (local, ["%s-fail@%s" % (u, ME)]),
+                "double": ("%s-bad@%s" % (u, ME), ["%s-fail@%s" % (u, ME)]),
+                "qrm": (local, ["%s-later@%s" % (u, ME)])}[m.kind]
 
     def cmd(self, prog: str, m: Msg) -> tuple[list[str], bytes, dict]:
         """The command line, standard input and extra Popen arguments of one injection."""
@@ -380,8 +382,11 @@ def fired(tracefile: str) -> bool:
         return False
 
 
-def attach(pids: list[int], call: str, out: str, when: int | None) -> subprocess.Popen:
-    argv = trace_args(call, out, when)
+def attach(pids: list[int], call: str, out: str, when: int | None,
+           fault: str = "") -> subprocess.Popen:
+    """strace attached to pids (and what they fork): counting `call`, killing at its
+    when-th call, or with fault (strace's inject=SET:error=E...) injecting that."""
+    argv = trace_args(call, out, when) + (["-e", "inject=" + fault] if fault else [])
     for p in pids:
         argv += ["-p", str(p)]
     t = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -499,8 +504,8 @@ def resident(rig: Rig, prog: str, every: int, tmp: str, tally: Tally) -> None:
         os.unlink(out)
 
 
-def sweep(programs: list[str], every: int = 1) -> dict[str, Tally]:
-    rig = Rig()
+def sweep(programs: list[str], every: int = 1, user: str = USER) -> dict[str, Tally]:
+    rig = Rig(user)
     tmp = qpytest.scratch_dir("crashtrace")
     result: dict[str, Tally] = {}
     try:
