@@ -13,6 +13,7 @@ import glob
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -265,3 +266,42 @@ def test_queue_send_removes_the_temporary_request_of_a_killed_qrm(qroot):
     os.utime(p, (time.time() - 60, time.time() - 60))
     qroot.start("qpy-start", qroot.path, "--only", "send")
     assert wait_for(lambda: not os.path.exists(p), 30), os.listdir(os.path.dirname(p))
+
+
+@qpytest.needs_root
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")
+def test_smtpd_unit_rebuilds_the_table_outside_protecthome(qroot):
+    """qpy-smtpd.service runs with ProtectHome=yes, which hides the homes qpy-newrcpt
+    must stat: systemd runs it with full privileges ("+") at start and on reload, and
+    qpy-start --no-newrcpt leaves the table alone. (No systemd runs as PID 1 here:
+    the unit is checked by systemd-analyze and the flag by running qpy-start.)"""
+    svdir = qpytest.test_dir("units")
+    try:
+        r = subprocess.run([qpytest.bin_path("qpy-install"), qroot.path, "--supervise", svdir],
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0, r
+        unit = os.path.join(svdir, "systemd", "qpy-smtpd.service")
+        with open(unit) as f:
+            text = f.read()
+        newrcpt = "%s %s\n" % (qpytest.bin_path("qpy-newrcpt"), qroot.path)
+        assert "\nExecStartPre=+" + newrcpt in text
+        assert "\nExecReload=+" + newrcpt + "ExecReload=/bin/kill -HUP $MAINPID\n" in text
+        assert "--only smtpd --no-newrcpt\n" in text and "\nProtectHome=yes\n" in text
+        r = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True,
+                           text=True, timeout=60, cwd=os.path.dirname(unit))
+        assert r.returncode == 0 and "qpy-smtpd.service" not in r.stderr, r.stderr
+    finally:
+        qpytest.remove_tree(svdir)
+    table = os.path.join(qroot.path, "users", "recipients")
+    if os.path.exists(table):
+        os.unlink(table)
+    qroot.control("smtplisten", "127.0.0.1:%d" % qpytest.free_port())
+    logpath = os.path.join(os.path.dirname(qroot.path), "start.log")
+    with open(logpath, "wb") as log:
+        p = qroot.start("qpy-start", qroot.path, "--only", "smtpd", "--no-newrcpt",
+                        stdout=log, stderr=subprocess.STDOUT)
+    assert wait_for(lambda: read_pid(qroot, "tcpserver"), 30), open(logpath).read()
+    p.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert not os.path.exists(table), "qpy-start ran qpy-newrcpt despite --no-newrcpt"
+    assert "qpy-newrcpt" not in open(logpath).read()

@@ -1,7 +1,8 @@
 """qpy-start — start qpy's services with the wiring between them, supervise, collect logs.
 
 SYNOPSIS
-    qpy-start [ROOT] [--only NAME]       (ROOT: first argument, else QPY_ROOT, else /var/qpy)
+    qpy-start [ROOT] [--only NAME] [--no-newrcpt]
+                                         (ROOT: first argument, else QPY_ROOT, else /var/qpy)
 
 RUNS AS
     root, doing nothing else but start, wire, watch and signal: it must be able to
@@ -39,6 +40,8 @@ SIGNALS
     ALRM: to queue-send.  HUP: to queue-send and pickup at once; qpy-newrcpt is
     run as a child like the others (killed after NEWRCPT_TIMEOUT) and tcpserver gets
     its HUP when the table is built. At start, smtpd waits for that first table.
+    --no-newrcpt: the service manager runs qpy-newrcpt (qpy-smtpd.service does, with
+    ExecStartPre=+ and ExecReload=+, outside the ProtectHome=yes that hides homes).
     TERM, INT: queue-send, pickup, tcpserver and authd get TERM; the
     spawners and clean end when queue-send closes their pipes; whatever is still
     running after STOP_WAIT seconds is killed; exit 0.
@@ -50,6 +53,7 @@ EXIT CODES
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -126,7 +130,7 @@ class Service:
 
 
 class Starter:
-    def __init__(self, root: str, only: str | None):
+    def __init__(self, root: str, only: str | None, table: bool = True):
         self.root = root
         self.paths = Paths(root)
         self.only = only
@@ -137,6 +141,7 @@ class Starter:
         self.rcpt_deadline = 0.0
         self.rcpt_again = False
         self.table_first = True                 # smtpd starts after the first table
+        self.table = table                      # False: the service manager runs newrcpt
 
     # --- starting -----------------------------------------------------------------
     def exists(self, prog: str) -> bool:
@@ -160,10 +165,8 @@ class Starter:
         """fork, put fdmap's sources on its target fds, exec the launcher: (pid, log fd)."""
         path = program("qpy-" + prog)
         logr, logw = os.pipe2(os.O_CLOEXEC)
-        try:
+        with contextlib.suppress(OSError):   # above pipe-max-size the default still works
             fcntl.fcntl(logr, fcntl.F_SETPIPE_SZ, LOG_PIPE)
-        except OSError:
-            pass        # above /proc/sys/fs/pipe-max-size: the default size still works
         fdmap = dict(fdmap)
         fdmap[2] = logw
         if log_stdout:
@@ -172,31 +175,12 @@ class Starter:
         for fd in (0, 1):
             fdmap.setdefault(fd, devnull)
         fdmap = {t: (devnull if src == -1 else src) for t, src in fdmap.items()}
-        pid = os.fork()
-        if pid == 0:
-            try:
-                high = 1000
-                # first out of the way, so no dup2 overwrites a source still needed
-                for tgt, src in fdmap.items():
-                    os.dup2(src, high + tgt, inheritable=False)
-                for tgt in fdmap:
-                    os.dup2(high + tgt, tgt, inheritable=True)
-                os.closerange(max(fdmap) + 1, os.sysconf("SC_OPEN_MAX"))
-                os.chdir("/")
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-                # a forwarded signal must not kill a program still starting up:
-                # queue-send gets them blocked (it unblocks once its handlers are
-                # set, so an early SIGALRM still counts); the others ignore HUP until
-                # they set a handler
-                if prog == "queue-send":
-                    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-                elif prog in HUP_TO:
-                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                os.execve(path, [path, *args], self.env)
-            except BaseException:
-                pass
-            os._exit(127)
+        # a forwarded signal must not kill a program still starting up: queue-send
+        # gets them blocked (it unblocks once its handlers are set, so an early SIGALRM
+        # still counts); the others ignore HUP until they set a handler
+        pid = children.fork_exec(path, [path, *args], self.env, fdmap,
+                                 FORWARDED if prog == "queue-send" else set(),
+                                 {signal.SIGHUP} if prog in HUP_TO else set())
         os.close(logw)
         os.close(devnull)
         os.set_blocking(logr, False)
@@ -360,7 +344,7 @@ class Starter:
         if self.rcpt is not None:
             self.rcpt_again = True
             return
-        if not self.exists("newrcpt"):
+        if not self.table or not self.exists("newrcpt"):
             self.rcpt_finished()
             return
         try:
@@ -464,6 +448,8 @@ def describe(status: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     only = None
+    table = "--no-newrcpt" not in args      # the systemd unit runs it (ExecReload=+)
+    args = [a for a in args if a != "--no-newrcpt"]
     if "--only" in args:
         i = args.index("--only")
         if i + 1 >= len(args) or args[i + 1] not in SERVICES:
@@ -486,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir("/")
     sigs = Wakeup((signal.SIGALRM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
                    signal.SIGCHLD))
-    return Starter(root, only).run(sigs)
+    return Starter(root, only, table).run(sigs)
 
 
 if __name__ == "__main__":
