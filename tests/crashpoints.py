@@ -272,7 +272,13 @@ class Rig:
                 self.inject(m, "sendmail")
                 nudged.append(m)
             for m in list(pending_qrm):
-                if self.qrm(m):
+                m.msgid = self.find_id(m) or ""
+                if not m.msgid:
+                    # gone: an earlier request (qpy-qrm's 111 leaves it in rm/ for
+                    # queue-send's next start) was acted on; or not admitted yet
+                    if not os.listdir(self.qroot.paths.drop):
+                        pending_qrm.remove(m)
+                elif self.qrm(m):
                     pending_qrm.remove(m)
             if not pending_qrm and not self.queue_busy() and \
                     all(self.pid(p) for p in RESIDENT):
@@ -537,9 +543,10 @@ def main() -> int:
     ap.add_argument("--programs", default=",".join(ONESHOT + RESIDENT))
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--user", default=USER, help="the test recipient (one per parallel run)")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(1))    # stop the rig on TERM too
-    result = sweep(a.programs.split(","), a.every)
+    result = sweep(a.programs.split(","), a.every, a.user)
     print(table(result))
     for prog, t in result.items():
         for note in t.notes:
