@@ -275,7 +275,7 @@ def test_smtpd_unit_rebuilds_the_table_outside_protecthome(qroot):
     must stat: systemd runs it with full privileges ("+") at start and on reload, and
     qpy-start --no-newrcpt leaves the table alone. (No systemd runs as PID 1 here:
     the unit is checked by systemd-analyze and the flag by running qpy-start.)"""
-    svdir = qpytest.test_dir("units")
+    svdir = qpytest.scratch_dir("units")
     try:
         r = subprocess.run([qpytest.bin_path("qpy-install"), qroot.path, "--supervise", svdir],
                            capture_output=True, timeout=120)

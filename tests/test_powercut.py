@@ -151,7 +151,7 @@ def probe_is_volatile(disk: Disk, top: str) -> None:
 
 
 def test_power_cut_images_keep_every_acknowledged_message():
-    top = qpytest.test_dir("power")
+    top = qpytest.scratch_dir("power")
     disk = Disk(top)
     images: list[tuple[str, set[str]]] = []
     try:
