@@ -25,8 +25,8 @@ from test_send import Qpy, bounces, sendmail, user
 from tlshelp import TestCA
 
 # test_remote's fixtures: a DNS server, a free port, peers, and qpy-rspawn on a root
-dnssrv, port, raw, stack = test_remote.dnssrv, test_remote.port, test_remote.raw, \
-    test_remote.stack
+dnssrv, port, raw, stack, aiopeer = test_remote.dnssrv, test_remote.port, test_remote.raw, \
+    test_remote.stack, test_remote.aiopeer
 
 pytestmark = [qpytest.needs_root,
               pytest.mark.skipif(not os.path.exists("/usr/sbin/postfix")
@@ -348,21 +348,6 @@ def test_tlspolicy_domain_before_host_and_unknown_level(stack, aiotls):
 
 
 # --- bounces and delay warnings (RFC 3464) --------------------------------------------------
-
-@pytest.fixture
-def aiopeer(port):
-    from aiosmtpd.controller import Controller
-    started = []
-
-    def start(handler):
-        c = Controller(handler, hostname=PEER, port=port)
-        c.start()
-        started.append(c)
-        return c
-    yield start
-    for c in started:
-        c.stop()
-
 
 def remote_root(qroot, dnssrv, port: int) -> None:
     """Remote mail by MX through `dnssrv` to peers on `port`: a.test is mx.a.test at PEER;
