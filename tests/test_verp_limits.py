@@ -34,6 +34,8 @@ def test_verp_rewrite_rule():
     assert address.verp(b"l-return-7-@h.example-@[]", b'"j d"@x.example') == \
         b'"l-return-7-j d=x.example"@h.example'
     assert address.parse_sender(b"Owner-@LIST.example-@[]") == b"Owner-@list.example-@[]"
+    long = b"x" * 60 + b"@y.example"        # the return path's local part over 64 bytes
+    assert address.verp(b"owner-@list.example-@[]", long) == b"owner-@list.example"
     assert address.is_verp(b"a-@b.example-@[]") and not address.is_verp(b"-@[]")
     with pytest.raises(address.AddressError):
         address.parse_sender(b"a\n-@b.example-@[]")

@@ -280,7 +280,14 @@ def parse_sender(addr: bytes, utf8: bool = False, need_domain: bool = True) -> b
 def verp(sender: bytes, rcpt: bytes) -> bytes:
     """The return path for `rcpt` of the VERP sender `pre@host-@[]` (is_verp): the
     local part `pre` + the recipient's local part + `=` + its domain, at host; quoted
-    only when it is not a dot-atom. Its length is checked where it is parsed."""
-    pre, host = split(sender[:-len(VERP)])
+    only when it is not a dot-atom. One that is no valid address (a local part over
+    MAX_LOCAL bytes) is `pre@host`: a delivery or a bounce must have a sender that
+    every later stage accepts."""
+    base = sender[:-len(VERP)]
+    pre, host = split(base)
     box, dom = split(rcpt)
-    return quote(unquote(pre) + unquote(box) + b"=" + dom) + b"@" + host
+    try:
+        return parse_mailbox(quote(unquote(pre) + unquote(box) + b"=" + dom) + b"@" + host,
+                             utf8=True)
+    except AddressError:
+        return base
