@@ -2,8 +2,11 @@
 
 A socket's path is limited to 108 bytes (sun_path). qpy's sockets live under the root
 (`queue/door/socket`, `queue/run/auth/socket`), whose path the admin chooses; so each is
-reached through an O_PATH descriptor of its directory: `/proc/self/fd/N/NAME` is short
-for any root, and the kernel resolves it to the same inode as the long path.
+reached, when its path is too long, through an O_PATH descriptor of its directory:
+`/proc/self/fd/N/NAME` is short for any root, and the kernel resolves it to the same
+inode as the long path. A path that fits is used as it is, so that the socket's name
+(/proc/net/unix, ss, lsof) still says which root it serves; qpy-status relies on that
+to tell whose qpy-authd runs.
 """
 
 from __future__ import annotations
@@ -11,12 +14,18 @@ from __future__ import annotations
 import os
 import socket
 
+SUN_PATH_MAX = 107          # bytes of sun_path, less its terminating NUL
+
 
 class _InDir:
     def __init__(self, directory: str):
+        self.directory = directory
         self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def name(self, leaf: str) -> str:
+        path = os.path.join(self.directory, leaf)
+        if len(os.fsencode(path)) <= SUN_PATH_MAX:
+            return path
         return "/proc/self/fd/%d/%s" % (self.fd, leaf)
 
     def __enter__(self) -> _InDir:
