@@ -16,6 +16,8 @@ import socket
 import struct
 import threading
 
+from smtphelp import Listener
+
 NEEDS_REPLY = set(b"CHMRTLNBE")   # commands that get an answer (unless NR_ was negotiated)
 NR_FLAGS = {ord("C"): 0x1000, ord("H"): 0x2000, ord("M"): 0x4000, ord("R"): 0x8000,
             ord("T"): 0x10000, ord("N"): 0x40000, ord("B"): 0x80000, ord("L"): 0x80}
@@ -146,3 +148,24 @@ class ScriptFilter:
             return
         finally:
             conn.close()
+
+
+class Listeners:
+    """qpy-tcpserver listeners (IPv4) a test starts, with control/milters naming
+    the given filters (each with `opts`, or the whole file `control`)."""
+
+    def __init__(self, qroot):
+        self.qroot = qroot
+        self.made: list[Listener] = []
+
+    def start(self, *filters, opts: str = "", control: str | None = None) -> Listener:
+        if filters or control is not None:
+            self.qroot.control("milters", control if control is not None else "\n".join(
+                ("%s %s" % (f.endpoint, opts)).strip() for f in filters))
+        s = Listener(self.qroot, ipv6=False)
+        self.made.append(s)
+        return s
+
+    def stop(self) -> None:
+        for s in self.made:
+            s.stop()

@@ -16,9 +16,10 @@ import dns.message
 import dns.query
 import pytest
 import qpytest
+from milterhelp import Listeners
 from qpytest import needs_root
 from realfilters import EICAR, GTUBE, ClamavMilter, Dns53, OpenDKIM, OpenDMARC, Rspamd
-from smtphelp import Client, Listener, drops
+from smtphelp import Client, drops
 
 pytestmark = [needs_root,
               pytest.mark.skipif(not shutil.which("opendkim"), reason="opendkim not installed")]
@@ -69,16 +70,9 @@ def smtp_send(port: int, msg: bytes, source: str | None = None,
 
 @pytest.fixture
 def listen(qroot):
-    made = []
-
-    def start(*filters) -> Listener:
-        qroot.control("milters", "\n".join(f.endpoint for f in filters))
-        s = Listener(qroot, ipv6=False)
-        made.append(s)
-        return s
-    yield start
-    for s in made:
-        s.stop()
+    ls = Listeners(qroot)
+    yield ls.start
+    ls.stop()
 
 
 def test_opendkim_signs_relay_client_mail(qroot, listen, opendkim, dnsd):

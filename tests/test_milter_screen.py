@@ -8,8 +8,9 @@ import time
 
 import pytest
 import qpytest
+from milterhelp import Listeners
 from remote_peers import DNSServer
-from smtphelp import Client, Listener
+from smtphelp import Client
 
 RULES = ('127.0.0.1:allow,RELAYCLIENT=""\n'
          '127.0.0.6:allow,RBLSMTPD="-Go away, said the rules"\n'
@@ -27,15 +28,9 @@ def dnsd():
 
 @pytest.fixture
 def server(qroot):
-    made = []
-
-    def start() -> Listener:
-        s = Listener(qroot, ipv6=False)
-        made.append(s)
-        return s
-    yield start
-    for s in made:
-        s.stop()
+    ls = Listeners(qroot)
+    yield ls.start
+    ls.stop()
 
 
 def rcpt_reply(port: int, source: str, rcpt: bytes = b"postmaster@test.example") -> bytes:

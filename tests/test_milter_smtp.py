@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from milterhelp import ScriptFilter, addheader, chgheader
+from milterhelp import Listeners, ScriptFilter, addheader, chgheader
 from smtphelp import Client, Listener, drops
 
 MSG = b"From: a@b.example\r\nSubject: hi\r\n\r\nhello\r\n.\r\n"
@@ -16,18 +16,9 @@ MSG = b"From: a@b.example\r\nSubject: hi\r\n\r\nhello\r\n.\r\n"
 
 @pytest.fixture
 def smtp(qroot):
-    made: list = []
-
-    def start(*filters: ScriptFilter, opts: str = "", control: str | None = None) -> Listener:
-        text = control if control is not None else "\n".join(
-            "%s %s" % (f.endpoint, opts) for f in filters)
-        qroot.control("milters", text)
-        s = Listener(qroot, ipv6=False)
-        made.append(s)
-        return s
-    yield start
-    for s in made:
-        s.stop()
+    ls = Listeners(qroot)
+    yield ls.start
+    ls.stop()
 
 
 def send(port: int, msg: bytes = MSG, rcpts=(b"postmaster@test.example",),
