@@ -305,3 +305,26 @@ def test_smtpd_unit_rebuilds_the_table_outside_protecthome(qroot):
     time.sleep(1.0)
     assert not os.path.exists(table), "qpy-start ran qpy-newrcpt despite --no-newrcpt"
     assert "qpy-newrcpt" not in open(logpath).read()
+
+
+@qpytest.needs_root
+def test_qrm_request_for_a_message_pickup_has_not_committed_is_kept(qroot):
+    """qpy-qrm accepts an id that has mess/ID only (pickup between the message and
+    its todo/ID); queue-send dropped such a request as "nothing left to remove", and
+    the message lived on although qpy-qrm had said yes. Found by bench/soak."""
+    msgid = "17965900000000000000001"
+    mess = os.path.join(qroot.paths.mess, msgid)
+    with open(mess, "wb") as f:
+        f.write(b"Subject: x\n\nbody\n")
+    req = os.path.join(qroot.paths.queue, "rm", msgid)
+    open(req, "w").close()
+    start = qroot.start("qpy-start", qroot.path, "--only", "send")
+    assert wait_for(lambda: read_pid(qroot, "queue-send"), 30)
+    for _ in range(3):
+        time.sleep(1.0)
+        start.send_signal(signal.SIGALRM)      # queue/rm/ is read on every SIGALRM
+    time.sleep(1.0)
+    assert os.path.exists(req), "the removal request was dropped"
+    os.unlink(mess)
+    start.send_signal(signal.SIGALRM)
+    assert wait_for(lambda: not os.path.exists(req), 20), "a request for nothing stays"

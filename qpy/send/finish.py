@@ -197,9 +197,12 @@ class Finishing:
                     m.retry_at = 0.0
                     self.retrying.discard(name)
                     self.settle(m)
-            elif name not in self.todo_known and \
-                    not os.path.lexists(os.path.join(self.paths.todo, name)):
-                unlink(os.path.join(self.rmdir, name))   # nothing left to remove
+            elif name not in self.todo_known and not any(
+                    os.path.lexists(os.path.join(d, name))
+                    for d in (self.paths.todo, self.paths.mess, self.paths.state)):
+                # nothing left to remove; a mess/ID alone is pickup between writing it
+                # and its todo/ID (qpy-qrm accepts that id): the request waits for it
+                unlink(os.path.join(self.rmdir, name))
 
 
 RM_TMP_AGE = 5.0    # seconds; qpy-qrm writes an empty file: its temporary lives for ms
