@@ -1,7 +1,7 @@
 """Every durable step crashed on purpose (issue 17): tests/crashpoints.py in CI.
 
 CI runs every point of the one-shot programs and every QPY_CRASH_EVERY-th point
-(default 16) of the resident ones, about four minutes on two cores; the full sweep
+(default 6) of the resident ones, about four minutes on two cores; the full sweep
 (about 40 minutes) runs with QPY_CRASH_FULL=1 (test_every_crash_point), or as
 tests/crashpoints.py by hand; docs/durability.md has its figures.
 """
@@ -19,7 +19,7 @@ pytestmark = [qpytest.needs_root,
               pytest.mark.skipif(not shutil.which("strace"), reason="no strace"),
               pytest.mark.skipif(not shutil.which("smtp-sink"), reason="no smtp-sink")]
 
-EVERY = int(os.environ.get("QPY_CRASH_EVERY", "16"))
+EVERY = int(os.environ.get("QPY_CRASH_EVERY", "6"))
 
 
 def run(programs: tuple[str, ...], every: int) -> None:
