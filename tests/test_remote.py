@@ -242,7 +242,9 @@ def test_runs_as_qpyr_and_cannot_read_queue(stack, raw, aiopeer):
     qpyr = pwd.getpwnam("qpyr").pw_uid
     assert spawner.uids().real == qpyr and spawner.uids().effective == qpyr
     assert child[0].uids().real == qpyr and child[0].uids().effective == qpyr
-    assert child[0].cmdline()[0].startswith("qpy-remote")
+    # the worker names itself just after the fork (the pool's start-up hook)
+    assert qpytest.wait_for(lambda: child[0].cmdline()[0].startswith("qpy-remote"), 10), \
+        child[0].cmdline()
     stall.release.set()
     d, res = rs.result()
     assert d == n and res[0][0] == b"Z"
