@@ -16,8 +16,10 @@ that the harness works and that qpy delivers; exit 1 when it does not (CI runs t
 Workloads (issue 7): W1 smtp-source to Maildir at 1 and 16 sessions; W2 sendmail in a shell
 loop; W3 relay to smtp-sink on 127.0.0.2; W4 one message at a time, 250-after-DATA to file
 in Maildir/new; W5 peak RSS of all the system's processes during W1 at 16 sessions; W6 W1 at
-500, 2,000 and 8,000 messages; W7 the disk's durable-rename rate. Plus fsyncs per message,
-counted with `strace -f -c` over one W1 run per system.
+500, 2,000 and 8,000 messages; W7 the disk's durable-rename rate; W1M W1 at 16 sessions
+through one pass-through milter (bench/passmilter.py, the same filter for both systems:
+smtpd_milters for Postfix, control/milters for qpy). Plus fsyncs per message, counted with
+`strace -f -c` over one W1 run per system.
 
 EXIT: 0 when every run delivered, 1 when one failed, 2 on a setup error.
 """
@@ -49,6 +51,9 @@ ROWS = [
     ("w1s16.accept", "W1 SMTP to Maildir, 16 sessions", "accepted msg/s", "high", None),
     ("w1s16.deliver", "", "delivered msg/s", "high", (">=", 1.0)),
     ("w1s16.cpu", "", "CPU ms/msg, all processes", "low", None),
+    ("w1m.deliver", "W1 + one pass-through milter, 16 sessions", "delivered msg/s", "high",
+     None),
+    ("w1m.cpu", "", "CPU ms/msg, all processes", "low", None),
     ("w2.inject", "W2 sendmail in a shell loop", "injected msg/s", "high", None),
     ("w2.deliver", "", "delivered msg/s", "high", (">=", 1.0)),
     ("w2.ms", "", "ms per sendmail call", "low", None),
@@ -75,7 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
     ap.add_argument("--big-rounds", type=int, default=1,
                     help="rounds of W6's largest run (default 1)")
-    ap.add_argument("--only", default="", help="comma list of W1..W7, idle, fsync")
+    ap.add_argument("--only", default="",
+                    help="comma list of W1..W7, W1M (W1 through a milter), idle, fsync")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     ap.add_argument("--no-postfix", action="store_true")
     ap.add_argument("--no-qpy", action="store_true")
@@ -187,6 +193,8 @@ class Bench:
                     {"accept": "w1s16.accept", "deliver": "w1s16.deliver",
                      "ms_per_msg": "w1s16.ms_per_msg", "rss": "w5.rss",
                      "cpu_ms": "w1s16.cpu"})
+        if self.wanted("W1M"):
+            self.with_milter(rounds)
         if self.wanted("W2"):
             self.ab("W2", rounds, lambda s: lambda: wl.w2(s, pw, nd, n["w2"]),
                     {"inject": "w2.inject", "deliver": "w2.deliver", "ms_per_call": "w2.ms"})
@@ -243,6 +251,26 @@ class Bench:
                 if isinstance(s, systems.Qpy):
                     parts.append(profile_qpy.latency_stages(s, pw, nd, n["w4"]))
             self.profile = "\n\n".join(parts)
+
+    def with_milter(self, rounds: int) -> None:
+        """W1 at 16 sessions through one pass-through filter (bench/passmilter.py, which
+        asks for every stage and answers continue), the same filter for both systems:
+        what one milter costs per message (issue 16)."""
+        port = systems.free_port()
+        filt = subprocess.Popen([sys.executable, os.path.join(HERE, "passmilter.py"),
+                                 str(port)])
+        try:
+            wl._wait_port("127.0.0.1", port)
+            for s in self.systems:
+                s.set_milter("inet:127.0.0.1:%d" % port)
+            self.ab("W1 + milter s=16", rounds,
+                    lambda s: lambda: wl.w1(s, self.pw, self.newdir, self.n["w1"], SESSIONS),
+                    {"deliver": "w1m.deliver", "cpu_ms": "w1m.cpu"})
+        finally:
+            for s in self.systems:
+                s.set_milter(None)
+            filt.terminate()
+            filt.wait(timeout=10)
 
     def table(self) -> str:
         names = [s.name for s in self.systems]

@@ -241,6 +241,14 @@ biff = no
         """Retry deferred mail now (after a run that left some)."""
         subprocess.run(["postqueue", "-c", self.etc, "-f"], capture_output=True)
 
+    def set_milter(self, endpoint: str | None) -> None:
+        """smtpd_milters = endpoint (None: none), and a reload."""
+        subprocess.run(["postconf", "-c", self.etc, "-e",
+                        "smtpd_milters=%s" % (endpoint or ""),
+                        "milter_default_action=tempfail"], check=True, capture_output=True)
+        self._postfix("reload")
+        time.sleep(1.0)                 # its smtpd processes are replaced as they finish
+
 
 class Qpy:
     name = "qpy"
@@ -310,6 +318,16 @@ class Qpy:
     def flush(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGALRM)
+
+    def set_milter(self, endpoint: str | None) -> None:
+        """control/milters = endpoint (None: none), and a SIGHUP to qpy-start."""
+        path = os.path.join(self.root, "control", "milters")
+        if endpoint:
+            _write(path, endpoint + "\n")
+        elif os.path.exists(path):
+            os.unlink(path)
+        self.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)                 # qpy-tcpserver replaces its workers
 
     def log_tail(self) -> str:
         return _tail(self.log)

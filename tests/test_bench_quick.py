@@ -42,6 +42,9 @@ def test_quick_run_delivers_and_reports_every_figure():
     # each message took at least one fsync on its way (drop file, queue, Maildir)
     fs = [line for line in table.splitlines() if "fsync+fdatasync+syncfs" in line][0]
     assert float(fs.split("|")[3]) >= 1.0, fs
+    # W1 through one pass-through milter (issue 16): the harness points qpy at the filter
+    row = [line for line in table.splitlines() if "W1 + one pass-through milter" in line]
+    assert row and float(row[0].split("|")[3].split()[0]) > 0, table
     assert "Failed runs" not in table
     # no resident part spins while no mail flows (pickup once busy-looped on its watcher)
     idle = [line for line in table.splitlines() if "| % of one core |" in line][0]
