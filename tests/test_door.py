@@ -87,6 +87,14 @@ def ask(conn: socket.socket, fds: list[int], data: bytes = door.REQUEST) -> byte
     return conn.recv(door.MAX_DATAGRAM)
 
 
+def knock_as(ids: list[str], path: str, then: str) -> subprocess.CompletedProcess:
+    """A SEQPACKET socket made by another identity (setpriv IDS), then `then` with it."""
+    return subprocess.run(["setpriv", *ids, qpytest.PYTHON, "-c",
+                           "import socket,sys\n"
+                           "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n" + then,
+                           path], capture_output=True, timeout=30)
+
+
 def test_smtp_message_goes_through_the_door_with_one_id(qroot):
     pw = user("da", qroot)
     q, port = smtp_system(qroot)
@@ -113,24 +121,16 @@ def test_door_refuses_strangers_and_lies(qroot):
     st = os.stat(door.directory(qroot.path))
     assert (st.st_mode & 0o7777, st.st_gid) == (0o750, pwd.getpwnam("qpyd").pw_gid)
     # a uid outside group qpyd cannot even reach the socket
-    r = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
-                        qpytest.PYTHON, "-c",
-                        "import socket,sys\n"
-                        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
-                        "try: s.connect(sys.argv[1])\n"
-                        "except PermissionError: sys.exit(13)\n", path],
-                       capture_output=True, timeout=30)
+    r = knock_as(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"], path,
+                 "try: s.connect(sys.argv[1])\n"
+                 "except PermissionError: sys.exit(13)\n")
     assert r.returncode == 13, r
     # a uid that reaches it (group qpyd) but is not qpyd: shut out by SO_PEERCRED
     stranger = qpytest.make_user("dstr")
-    r = subprocess.run(["setpriv", "--reuid", str(stranger.pw_uid), "--regid",
-                        str(stranger.pw_gid), "--groups", str(pwd.getpwnam("qpyd").pw_gid),
-                        qpytest.PYTHON, "-c",
-                        "import socket,sys\n"
-                        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
-                        "s.connect(sys.argv[1]); s.settimeout(20)\n"
-                        "sys.exit(0 if s.recv(10) == b'' else 1)\n", path],
-                       capture_output=True, timeout=30)
+    r = knock_as(["--reuid", str(stranger.pw_uid), "--regid", str(stranger.pw_gid),
+                  "--groups", str(pwd.getpwnam("qpyd").pw_gid)], path,
+                 "s.connect(sys.argv[1]); s.settimeout(20)\n"
+                 "sys.exit(0 if s.recv(10) == b'' else 1)\n")
     assert r.returncode == 0, r
     q.wait_log(r"door: refused a connection from uid %d" % stranger.pw_uid)
 

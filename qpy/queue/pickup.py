@@ -87,7 +87,7 @@ EXIT CODES
     0 after SIGTERM; 111 when the queue cannot be used.
 
 NOTES
-    This module is over 400 lines (427) because this page, the crash argument of
+    This module is over 400 lines (428) because this page, the crash argument of
     every step, is 94 of them; the code is the batch and the loop only (one
     message's admission is qpy.queue.admit, the journal qpy.queue.journal, the door
     qpy.queue.door).
@@ -102,6 +102,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 from qpy.common import door, dropfile, durable
 from qpy.common.control import Control
@@ -233,7 +234,7 @@ class Pickup:
             self.door.answer(req, door.REFUSED, "cannot admit: %s" % type(e).__name__)
         return None
 
-    def admit_batch(self, names: list[str], dfd: int, requests: list[Request] = ()) -> bool:
+    def admit_batch(self, names: list[str], dfd: int, requests: Sequence[Request] = ()) -> bool:
         """Admit what it can of names and door requests; False when the queue refused a
         write. Every request is answered: its id once durable, else why not."""
         admitted: list[tuple[str, str, int, int]] = []
@@ -282,7 +283,7 @@ class Pickup:
         self._answer_rest(requests, "cannot write the queue now")
         return ok
 
-    def _answer_rest(self, requests: list[Request], why: str) -> None:
+    def _answer_rest(self, requests: Sequence[Request], why: str) -> None:
         for req in requests:
             if not req.answered:
                 self.door.answer(req, door.TEMPORARY, why)
