@@ -4,10 +4,12 @@ SYNOPSIS
     bench/local.py [--messages N] [--concurrency C] [--size BYTES] [--mbox]
 
 Runs as root after ./setup.sh install. Lays out a root under /var/tmp/qpy-bench-local,
-a real user `qtbench` with a fresh home, starts bin/qpy-lspawn with a SOCK_SEQPACKET
+a real user `qtbench` with a fresh home (QPY_BENCH_BASE and QPY_BENCH_USER override
+both, so that two runs on one machine stay apart), starts bin/qpy-lspawn with a SOCK_SEQPACKET
 socketpair on its fd 0 (as qpy-start does) and keeps C requests in flight (as
 queue-send does under concurrencylocal) until N deliveries have answered K. Prints
-deliveries per second and checks that N files arrived (or N messages in the mbox).
+deliveries per second, the CPU of qpy-lspawn and its workers per delivery (user and
+system, from wait4), and checks that N files arrived (or N messages in the mbox).
 The queue, pickup and queue-send are not involved: bench/delivery.py measures the
 whole path.
 """
@@ -25,8 +27,8 @@ import sys
 import time
 
 PREFIX = os.environ.get("QPY_PREFIX", "/opt/qpy")
-BASE = "/var/tmp/qpy-bench-local"
-USER = "qtbench"
+BASE = os.environ.get("QPY_BENCH_BASE", "/var/tmp/qpy-bench-local")
+USER = os.environ.get("QPY_BENCH_USER", "qtbench")
 
 
 def main() -> int:
@@ -92,7 +94,8 @@ def main() -> int:
         took = time.monotonic() - start
     finally:
         mine.close()
-        proc.wait(60)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     if a.mbox:
         import mailbox
         got = len(mailbox.mbox(os.path.join(home, "Mailbox")))
@@ -102,6 +105,9 @@ def main() -> int:
     print(f"qpy-lspawn: {a.messages} deliveries of {len(body)} bytes into a {kind}, "
           f"concurrency {a.concurrency}: {took:.2f} s, {a.messages / took:.0f} deliveries/s; "
           f"{got} arrived, {failed} failed")
+    print(f"CPU of qpy-lspawn and its workers, ms per delivery: "
+          f"{1000 * usage.ru_utime / a.messages:.3f} user + "
+          f"{1000 * usage.ru_stime / a.messages:.3f} sys")
     return 0 if got == a.messages and not failed else 1
 
 

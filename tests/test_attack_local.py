@@ -13,6 +13,7 @@ import stat
 import subprocess
 import zlib
 
+import psutil
 import pytest
 import qpytest
 from qpytest import needs_root, wait_for
@@ -303,3 +304,45 @@ def test_attack_local_finding11_newrcpt_skips_a_home_it_cannot_stat(qroot):
         assert b"=qtnrgood" in table and b"=qtnrloop" in table and b"+qtnrloop-" in table
     finally:
         qpytest.remove_tree(base)
+
+
+@needs_root
+def test_attack_local_finding6_maildir_swapped_for_a_link_between_two_deliveries(
+        ls, homes, sticky_spool):  # noqa: F811
+    """A worker serves one user's deliveries one after another; between two of them bob
+    swaps alice's Maildir, in a spool he may write (not sticky), for his symbolic link
+    to a Maildir of his own: the same worker refuses the second delivery, and nothing
+    reaches bob's directory. A link of alice's own to her Maildir is followed."""
+    alice, bob = homes
+    spool = sticky_spool
+    os.chmod(spool, 0o777)                   # no sticky bit: bob may rename her entry
+    mine = os.path.join(spool, "amd")
+    for sub in ("", "tmp", "new", "cur"):
+        os.mkdir(os.path.join(mine, sub), 0o700)
+        _as(alice, os.path.join(mine, sub))
+    bobmd = os.path.join(spool, "bobmd")
+    for sub in ("", "tmp", "new", "cur"):
+        os.mkdir(os.path.join(bobmd, sub))
+        _as(bob, os.path.join(bobmd, sub))
+        os.chmod(os.path.join(bobmd, sub), 0o777)
+    put(alice, ".qmail", mine + "/\n")
+
+    def workers() -> set[int]:
+        return {p.pid for p in psutil.Process(ls.proc.pid).children()}
+
+    assert ls.deliver(addr(alice))[0] == b"K"
+    before = workers()
+    os.rename(mine, mine + ".old")           # as bob would
+    os.symlink(bobmd, mine)
+    _as(bob, mine)
+    status, text = ls.deliver(addr(alice))
+    assert status == b"Z" and "symbolic link of uid %d" % bob.pw_uid in text, text
+    assert workers() == before               # the same worker, which refused
+    assert os.listdir(os.path.join(bobmd, "new")) == os.listdir(os.path.join(bobmd, "tmp")) \
+        == []
+    os.unlink(mine)
+    os.symlink(mine + ".old", mine)          # alice's own link: followed
+    _as(alice, mine)
+    assert ls.deliver(addr(alice))[0] == b"K"
+    assert len(os.listdir(os.path.join(mine + ".old", "new"))) == 2
+    assert os.listdir(os.path.join(mine + ".old", "tmp")) == []

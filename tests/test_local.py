@@ -925,3 +925,27 @@ def test_maildir_fsyncs_new_only_off_the_queue_filesystem(tmp_path, monkeypatch)
     finally:
         os.close(fd)
     assert len(os.listdir(box / "new")) == 2 and os.listdir(box / "tmp") == []
+
+
+def test_maildir_move_never_replaces_a_file_in_new(tmp_path):
+    """The move from tmp/ into new/ (renameat2 RENAME_NOREPLACE) refuses a name that
+    exists in new/ and leaves both files as they were, as qmail's link would."""
+    from qpy.common.durable import rename_noreplace
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "tmp" / "a").write_bytes(b"new mail")
+    (tmp_path / "new" / "a").write_bytes(b"old mail")
+    (tmp_path / "tmp" / "b").write_bytes(b"more mail")
+    tmpfd = os.open(tmp_path / "tmp", os.O_RDONLY | os.O_DIRECTORY)
+    newfd = os.open(tmp_path / "new", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            rename_noreplace("a", "a", tmpfd, newfd)
+        assert (tmp_path / "new" / "a").read_bytes() == b"old mail"
+        assert (tmp_path / "tmp" / "a").read_bytes() == b"new mail"
+        assert rename_noreplace("b", "b", tmpfd, newfd) is True   # ext4 has it
+        assert (tmp_path / "new" / "b").read_bytes() == b"more mail"
+        assert not (tmp_path / "tmp" / "b").exists()
+    finally:
+        os.close(tmpfd)
+        os.close(newfd)

@@ -10,6 +10,7 @@ each marked `# durable:`.
 
 from __future__ import annotations
 
+import errno
 import os
 
 FILE_MODE = 0o640
@@ -72,6 +73,36 @@ def append_line(path: str, line: bytes, sync: bool = True) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+RENAME_NOREPLACE = 1          # renameat2(2) flag
+_renameat2 = None
+
+
+def rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> bool:
+    """Rename src to dst unless dst exists (FileExistsError then), in one atomic step,
+    where link + unlink takes two directory changes. False when the kernel or the
+    filesystem has no renameat2(RENAME_NOREPLACE): the caller links instead."""
+    global _renameat2
+    if _renameat2 is None:
+        import ctypes  # here, not at import: the front ends never need it
+        try:
+            f = ctypes.CDLL(None, use_errno=True).renameat2
+            f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+            f.restype = ctypes.c_int
+            _renameat2 = (f, ctypes.get_errno)
+        except AttributeError:      # a libc without it (glibc < 2.28)
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    f, get_errno = _renameat2
+    if f(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+        return True
+    err = get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False        # this filesystem or kernel cannot: link and unlink
+    raise OSError(err, os.strerror(err), src)
 
 
 def _unlink_quietly(name: str, dfd: int) -> None:
