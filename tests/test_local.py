@@ -28,7 +28,7 @@ import pytest
 import qpytest
 from qpytest import maildir_path
 
-from qpy.common import dropfile, spawn
+from qpy.common import dropfile, durable, spawn
 
 SENDER = b"sender@remote.example"
 MSG = b"Subject: hello\nFrom: sender@remote.example\n\nFrom the start\nbody line\n>From quoted\n"
@@ -949,3 +949,42 @@ def test_maildir_move_never_replaces_a_file_in_new(tmp_path):
     finally:
         os.close(tmpfd)
         os.close(newfd)
+
+
+@qpytest.needs_root
+@pytest.mark.skipif(not shutil.which("losetup") or not shutil.which("mkfs.ext4"),
+                    reason="no losetup or mkfs.ext4")
+def test_maildir_new_is_fsynced_on_an_ext4_without_journal(tmp_path):
+    """Skipping new/'s fsync rests on the queue filesystem's journal ordering metadata
+    changes: an ext4 with a journal keeps qpy-lspawn's queue_dev, one made without a
+    journal (it writes directory blocks back in any order) gets -1 (fsync new/)."""
+    from qpy.local.identity import queue_dev
+    mounted: list[tuple[str, str]] = []
+    try:
+        for name, opts in (("journal", []), ("nojournal", ["-O", "^has_journal"])):
+            image, mnt = str(tmp_path / (name + ".img")), str(tmp_path / name)
+            os.mkdir(mnt)
+            with open(image, "wb") as f:
+                f.truncate(16 << 20)
+            subprocess.run(["mkfs.ext4", "-q", "-F", *opts, image], check=True,
+                           capture_output=True, timeout=60)
+            r = subprocess.run(["losetup", "-f", "--show", image], capture_output=True,
+                               text=True, timeout=60)
+            if r.returncode:
+                pytest.skip("no loop device here: %s" % r.stderr.strip())
+            dev = r.stdout.strip()
+            mounted.append((dev, ""))
+            subprocess.run(["mount", "-t", "ext4", dev, mnt], check=True,
+                           capture_output=True, timeout=60)
+            mounted[-1] = (dev, mnt)
+            os.mkdir(os.path.join(mnt, "queue"))
+        (jdev, jmnt), (ndev, nmnt) = mounted
+        assert durable.orders_metadata(jmnt) and not durable.orders_metadata(nmnt)
+        assert queue_dev(jmnt) == os.stat(jmnt).st_dev
+        assert queue_dev(nmnt) == -1
+        assert not durable.orders_metadata("/proc")         # not a filesystem for mail
+    finally:
+        for dev, mnt in reversed(mounted):
+            if mnt:
+                subprocess.run(["umount", mnt], capture_output=True, timeout=60)
+            subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)

@@ -105,6 +105,45 @@ def rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> bo
     raise OSError(err, os.strerror(err), src)
 
 
+ORDERED_FILESYSTEMS = ("ext4", "xfs", "btrfs")   # with a journal (ext4: when it has one)
+
+
+def orders_metadata(path: str) -> bool:
+    """True when the filesystem holding path makes metadata changes durable in the order
+    they were made (the journal of ext4, xfs, btrfs: what lets a Maildir's new/ go
+    without an fsync of its own, qpy.local.maildir). False for any other filesystem,
+    for one that cannot be told, and for an ext4 made or mounted without a journal,
+    which writes directory blocks back in no particular order."""
+    try:
+        dev = os.stat(path).st_dev
+        kind = _fs_type(dev)
+        if kind not in ORDERED_FILESYSTEMS:
+            return False
+        if kind != "ext4":
+            return True
+        # ext4 names itself by its block device (s_id) under /sys/fs/ext4/
+        name = os.path.basename(os.path.realpath(
+            "/sys/dev/block/%d:%d" % (os.major(dev), os.minor(dev))))
+        try:
+            with open("/sys/fs/ext4/%s/journal_task" % name) as f:
+                return f.read().strip() != "<none>"
+        except FileNotFoundError:       # a kernel before that file: jbd2's own entry
+            return os.path.isdir("/proc/fs/jbd2/%s-8" % name)
+    except OSError:
+        return False
+
+
+def _fs_type(dev: int) -> str:
+    """The filesystem type of the mount whose device is dev (/proc/self/mountinfo)."""
+    want = b"%d:%d" % (os.major(dev), os.minor(dev))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 3 and fields[2] == want and b"-" in fields:
+                return fields[fields.index(b"-") + 1].decode("ascii", "replace")
+    return ""
+
+
 def _unlink_quietly(name: str, dfd: int) -> None:
     try:
         os.unlink(name, dir_fd=dfd)

@@ -8,7 +8,8 @@ until /etc/passwd or users/assign changes, groups for GROUPS_TTL seconds or
 until /etc/group or /etc/passwd changes; clear() (SIGHUP) drops both. Whom
 nothing may be delivered as (root; another uid in a one-user root) is refused
 here with a temporary failure; screen() answers at once for an address no
-delivery may serve.
+delivery may serve. queue_dev() tells the workers whether a Maildir's new/ on the
+queue's filesystem may go without an fsync (qpy.local.maildir).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import pwd
 
-from qpy.common import address, privilege, rewrite, users
+from qpy.common import address, durable, privilege, rewrite, users
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths
 from qpy.common.stamped import StampedCache
@@ -85,6 +86,22 @@ def queue_uid(root: str) -> int:
         return privilege.user_ids(privilege.resolve_user(root, "qpyq"))[0]
     except KeyError:
         return -1
+
+
+def queue_dev(root: str) -> int:
+    """The queue's st_dev, for qpy.local.maildir (no fsync of new/ on that filesystem);
+    -1 (always fsync new/) when unknown or when that filesystem does not keep metadata
+    changes in order (qpy.common.durable.orders_metadata: an ext4 without a journal)."""
+    queue = Paths(root).queue
+    try:
+        dev = os.stat(queue).st_dev
+    except OSError:
+        return -1
+    if not durable.orders_metadata(queue):
+        log("info: the queue's filesystem keeps no order of metadata changes (not ext4 "
+            "with a journal, xfs or btrfs): every Maildir delivery fsyncs new/")
+        return -1
+    return dev
 
 
 def _groups(user: str, gid: int) -> list[int]:

@@ -85,7 +85,7 @@ from qpy.common.session import become_subreaper, kill_session
 from qpy.common.wakeup import Wakeup
 from qpy.local import local as qlocal
 from qpy.local import worker
-from qpy.local.identity import Identities, Refused, queue_uid, screen
+from qpy.local.identity import Identities, Refused, queue_dev, queue_uid, screen
 
 GRACE = 30              # seconds past timeoutlocal before the parent kills a worker
 MAX_WORKERS = 2000      # a hard cap; queue-send's concurrencylocal is far lower
@@ -126,10 +126,7 @@ class LSpawn:
         self.seq = 0
         self.stopping = False
         self.queue_uid = queue_uid(root)
-        try:
-            self.queue_dev = os.stat(Paths(root).queue).st_dev
-        except OSError:
-            self.queue_dev = -1     # unknown: every Maildir delivery fsyncs new/
+        self.queue_dev = queue_dev(root)    # -1: every Maildir delivery fsyncs new/
         self.ids = Identities(root)
         self._settings()
 

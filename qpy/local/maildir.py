@@ -29,7 +29,10 @@ that filesystem, and its journal (ext4, xfs, btrfs: the filesystems qpy
 supports for its queue) makes metadata changes durable in the order they were
 made, so no crash can keep the queue's unlink and lose the move into `new/`.
 The worst a crash can do is lose both: the message is delivered again. On
-another filesystem nothing orders the two, so `new/` is fsync'd.
+another filesystem nothing orders the two, so `new/` is fsync'd; so it is on an
+ext4 without a journal (made with `-O ^has_journal`, as some cloud images' root
+filesystems are), which writes directory blocks back in no particular order:
+qpy-lspawn passes queue_dev -1 there (qpy.common.durable.orders_metadata).
 """
 
 from __future__ import annotations
