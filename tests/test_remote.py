@@ -892,7 +892,9 @@ def _gone(p: psutil.Process) -> bool:
 
 @pytest.mark.parametrize("garbage", [b"S2\0Dsomeone else's delivery\0", b"S1\0K\0K\0",
                                      b"S1\0Xbad status\0", b"hello", b"I\x01\x02",
-                                     b"I" + b"a" * 600, b"S1\0K" + b"x" * 2000 + b"\0"])
+                                     b"I" + b"a" * 600, b"S1\0K" + b"x" * 2000 + b"\0",
+                                     b"Ia.test\nS2\0Dsomeone else's delivery\0",
+                                     b"I\x01\nS1\0Ksent\0"])
 def test_worker_garbage_settles_nothing_else(stack, raw, aiopeer, garbage):
     rs2 = restart(stack, 2)
     qroot, dnssrv, port = stack[:3]

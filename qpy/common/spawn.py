@@ -24,14 +24,28 @@ MAX_TEXT = 1000
 MAX_RCPTS = 100
 MAX_NUMBER = 20             # digits of a delivery number (int() of more is slow, or refused)
 
+# every byte but printable ASCII becomes "_" (one C call, not a Python loop per byte)
+_PRINTABLE = bytes(c if 0x20 <= c <= 0x7E else 0x5F for c in range(256))
+# Datagrams are read into this one buffer (the programs have no threads): a fresh
+# MAX_DATAGRAM-sized bytes per datagram is past malloc's mmap threshold, i.e. an mmap,
+# an mremap and a munmap for every request and result.
+_BUF = bytearray(MAX_DATAGRAM)
+_VIEW = memoryview(_BUF)
+
 
 class SpawnError(ValueError):
     pass
 
 
 def _clean(text: bytes) -> bytes:
-    out = bytes(c if 0x20 <= c <= 0x7E else 0x5F for c in text[:MAX_TEXT])
-    return out
+    return text[:MAX_TEXT].translate(_PRINTABLE)
+
+
+def receive(sock: socket.socket, ancbufsize: int = 0, flags: int = 0) -> tuple[bytes, list, int]:
+    """One datagram of at most MAX_DATAGRAM bytes: (data, ancillary data, flags), as
+    socket.recvmsg gives them."""
+    n, ancdata, got_flags, _ = sock.recvmsg_into([_BUF], ancbufsize, flags)
+    return _VIEW[:n].tobytes(), ancdata, got_flags
 
 
 def send_request(sock: socket.socket, delivery: int, sender: bytes, rcpts: list[bytes],
@@ -45,7 +59,7 @@ def send_request(sock: socket.socket, delivery: int, sender: bytes, rcpts: list[
 def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | None:
     """(delivery, sender, recipients, message fd); None at end of file."""
     fds = array.array("i")
-    data, ancdata, flags, _ = sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(fds.itemsize))
+    data, ancdata, flags = receive(sock, socket.CMSG_SPACE(fds.itemsize))
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
@@ -67,19 +81,23 @@ def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | N
     return int(fields[0]), fields[1], fields[2:], fds[0]
 
 
-def send_result(sock: socket.socket, delivery: int, results: list[tuple[bytes, bytes]]) -> None:
-    """results: (status K/Z/D, text) per recipient, in request order."""
+def encode_result(delivery: int, results: list[tuple[bytes, bytes]]) -> bytes:
+    """The result datagram; results: (status K/Z/D, text) per recipient, in request order."""
     parts = [b"S%d\0" % delivery]
     for status, text in results:
         if status not in (b"K", b"Z", b"D"):
             raise SpawnError("bad status")
         parts.append(status + _clean(text) + b"\0")
-    sock.send(b"".join(parts))
+    return b"".join(parts)
+
+
+def send_result(sock: socket.socket, delivery: int, results: list[tuple[bytes, bytes]]) -> None:
+    sock.send(encode_result(delivery, results))
 
 
 def recv_result(sock: socket.socket) -> tuple[int, list[tuple[bytes, bytes]]] | None:
     """(delivery, [(status, text)]); None at end of file."""
-    data = sock.recv(MAX_DATAGRAM)
+    data = receive(sock)[0]
     if not data:
         return None
     return decode_result(data)

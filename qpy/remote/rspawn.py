@@ -26,9 +26,9 @@ HOW
     so that there is no fork per delivery, and each keeping the SMTP
     connection of its last delivery open for a while (qpy.remote.remote,
     "Connection reuse"). A request is forwarded as it came (the request
-    datagram and the message fd); the worker answers with b"I" DOMAIN (the
-    domain whose connection it holds, or none) and the result datagram, which
-    is checked (spawn.decode_result; it must name the delivery that worker was
+    datagram and the message fd); the worker answers with one datagram, b"I"
+    DOMAIN (the domain whose connection it holds, or none), LF and the result,
+    which is checked (spawn.decode_result; it must name the delivery that worker was
     given, with one status per recipient) and then sent on to queue-send.
 
     A request goes, in this order of preference, to: an idle worker that holds
@@ -99,12 +99,17 @@ class _Recorder:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.last = b""
+        self.buf: bytearray | None = None
+        self.n = 0
 
-    def recvmsg(self, *args: int) -> tuple:
-        got = self.sock.recvmsg(*args)
-        self.last = got[0]
+    def recvmsg_into(self, bufs: list[bytearray], *args: int) -> tuple:
+        got = self.sock.recvmsg_into(bufs, *args)
+        self.buf, self.n = bufs[0], got[0]      # copied only when it is bad (last)
         return got
+
+    @property
+    def last(self) -> bytes:
+        return bytes(self.buf[:self.n]) if self.buf is not None else b""
 
 
 class RemoteWorker(Worker):
@@ -239,7 +244,7 @@ class Spawner:
     def readable(self, w: RemoteWorker) -> None:
         """One datagram from a worker, or its end of file."""
         try:
-            data, _, flags, _ = w.sock.recvmsg(spawn.MAX_DATAGRAM, 0, socket.MSG_DONTWAIT)
+            data, _, flags = spawn.receive(w.sock, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -252,12 +257,15 @@ class Spawner:
             self.answer(w, data)
 
     def answer(self, w: RemoteWorker, data: bytes) -> None:
-        if data[:1] == b"I":
+        if data[:1] == b"I":        # the note alone, or the note, LF and the result
+            note, nl, data = data.partition(b"\n")
             try:
-                w.holds = worker.decode_idle(data)
+                w.holds = worker.decode_idle(note)
             except worker.WorkerError as e:
                 self.garbage(w, str(e))
-            return
+                return
+            if not nl:
+                return
         if w.job is None:
             self.garbage(w, "an answer without a request")
             return
@@ -297,8 +305,7 @@ class Spawner:
         for w, status in self.pool.reap():
             while w.sock.fileno() >= 0:     # what it said before it went still counts
                 try:
-                    data, _, flags, _ = w.sock.recvmsg(spawn.MAX_DATAGRAM, 0,
-                                                       socket.MSG_DONTWAIT)
+                    data, _, flags = spawn.receive(w.sock, 0, socket.MSG_DONTWAIT)
                 except OSError:
                     break
                 if not data or flags & socket.MSG_TRUNC:

@@ -11,11 +11,13 @@ WHAT IT DOES
     time: qpy.common.spawn's request datagram with the message fd (SCM_RIGHTS),
     as queue-send sent it. It runs the delivery in-process
     (qpy.remote.transaction.deliver) with its connection cache, titled
-    `qpy-remote DOMAIN`, and answers with two datagrams:
+    `qpy-remote DOMAIN`, and answers with one datagram (one send, one wakeup of
+    qpy-rspawn):
 
         b"I" DOMAIN     the domain of the SMTP connection it now holds, at most
                         MAX_DOMAIN bytes of printable, non-space characters;
                         b"I" alone: it holds none
+        b"\n"
         b"S" ...        qpy.common.spawn's result for that delivery
 
     Then it waits again, titled `qpy-remote idle`, in select() on its socket and
@@ -23,7 +25,7 @@ WHAT IT DOES
     (qpy.remote.conncache.ConnCache: CONN_IDLE seconds unused, CONN_MAX_AGE seconds
     old). An expired connection gets QUIT and is closed; one that the server
     closes, or speaks on unasked (a 421 before it hangs up), is closed at once;
-    either way the worker then sends b"I" so that qpy-rspawn stops counting on
+    either way the worker then sends b"I" alone so that qpy-rspawn stops counting on
     it. End of file on fd 0 ends the worker: QUIT on the held connection, exit
     0. qpy-rspawn retires a worker after WORKER_IDLE idle seconds, after
     MAX_DELIVERIES deliveries, on SIGHUP and on SIGTERM, by closing its end.
@@ -131,7 +133,7 @@ def serve(sock: socket.socket, ctl: Control) -> int:
                 results = deliver(ctl, sender, rcpts, fd, cache=cache)
             finally:
                 os.close(fd)
-            sock.send(encode_idle(cache.domain()))
-            spawn.send_result(sock, delivery, results)
+            sock.send(encode_idle(cache.domain()) + b"\n"
+                      + spawn.encode_result(delivery, results))
     finally:
         cache.close()
