@@ -82,9 +82,13 @@ fi
 # The package itself, copied (not linked) so that it is readable outside this checkout.
 "$venvpy" -m pip install -q --no-deps --no-build-isolation --force-reinstall "$here" 2>&1 \
     | grep -v 'already\|^$' || true
+site=$("$venvpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# Byte code for the venv's interpreter, checked against nothing at import (no stat of
+# each .py: the front ends import a dozen modules per message). The installed copy
+# changes only through this script, which compiles it again (-f) every time.
+"$venvpy" -m compileall -q -f --invalidation-mode unchecked-hash "$site/qpy" >/dev/null
 
 # Launchers: absolute interpreter, isolated (-I), no site processing (-S), fixed sys.path.
-site=$("$venvpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p "$prefix/bin"
 for f in "$here"/bin/qpy-*; do
     name=$(basename "$f")

@@ -15,9 +15,9 @@ controls"), rather than run with no limit.
 
 from __future__ import annotations
 
-import os
+import posix
 
-from qpy.common.log import log
+from qpy.common.queue import join
 
 MAX_CONTROL_BYTES = 4 * 1024 * 1024   # a control file larger than this is malformed
 
@@ -112,13 +112,13 @@ def effective_limit(databytes: int, lower: str | None = None) -> int:
 
 def _read(path: str) -> bytes | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise ControlError("cannot open: %s" % e.strerror)
     try:
-        with os.fdopen(fd, "rb") as f:
+        with open(fd, "rb") as f:
             data = f.read(MAX_CONTROL_BYTES + 1)
     except OSError as e:
         raise ControlError("cannot read: %s" % e.strerror)
@@ -171,7 +171,7 @@ class Control:
 
     def __init__(self, root: str):
         self.root = root
-        self.dir = os.path.join(root, "control")
+        self.dir = join(root, "control")
         self._cache: dict[str, object] = {}
 
     def reload(self) -> None:
@@ -180,7 +180,7 @@ class Control:
     def explain(self, name: str) -> tuple[object, str]:
         """(value, source): source is 'file', 'default' or 'malformed: reason'."""
         try:
-            data = _read(os.path.join(self.dir, name))
+            data = _read(join(self.dir, name))
         except ControlError as e:
             return self._default(name), "malformed: %s" % e
         if data is None:
@@ -202,6 +202,7 @@ class Control:
         if name not in self._cache:
             value, source = self.explain(name)
             if source.startswith("malformed"):
+                from qpy.common.log import log  # only then: the front ends never log
                 what = "control/%s is %s" % (name, source)    # log() names the program
                 if name in PROTECTIVE:
                     log("warning: %s: refusing with a temporary error until it is fixed"

@@ -20,7 +20,7 @@ drop files left by an older qpy are admitted after an upgrade.
 from __future__ import annotations
 
 import fcntl
-import os
+import posix
 import zlib
 
 MAGIC = b"QPYDROP2"
@@ -96,8 +96,8 @@ def orphaned(dfd: int, name: str, age: float) -> bool:
     if age < ORPHAN_MIN_AGE:
         return False
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dfd)
+        fd = posix.open(name, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK
+                        | posix.O_CLOEXEC, dir_fd=dfd)
     except OSError:
         return False
     try:
@@ -106,7 +106,7 @@ def orphaned(dfd: int, name: str, age: float) -> bool:
     except OSError:
         return False
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def is_final_name(name: str) -> bool:

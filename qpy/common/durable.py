@@ -11,23 +11,23 @@ each marked `# durable:`.
 from __future__ import annotations
 
 import errno
-import os
+import posix
 
 FILE_MODE = 0o640
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        posix.fsync(fd)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
+        n = posix.write(fd, view)
         view = view[n:]
 
 
@@ -38,41 +38,41 @@ def write_file(directory: str, name: str, data: bytes, mode: int = FILE_MODE,
     temporary name, write, fsync, rename, fsync the directory: after this returns
     the file is on disk under its final name with exactly these bytes.
     """
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    dfd = posix.open(directory, posix.O_RDONLY | posix.O_DIRECTORY)
     try:
-        tmp = ".tmp.%s.%d" % (name, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode,
-                     dir_fd=dfd)
+        tmp = ".tmp.%s.%d" % (name, posix.getpid())
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW,
+                        mode, dir_fd=dfd)
         try:
-            os.fchmod(fd, mode)
+            posix.fchmod(fd, mode)
             write_all(fd, data)
-            os.fsync(fd)
+            posix.fsync(fd)
         except BaseException:
-            os.close(fd)
+            posix.close(fd)
             _unlink_quietly(tmp, dfd)
             raise
-        os.close(fd)
+        posix.close(fd)
         try:
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            posix.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             _unlink_quietly(tmp, dfd)
             raise
         if sync_dir:
-            os.fsync(dfd)
+            posix.fsync(dfd)
     finally:
-        os.close(dfd)
+        posix.close(dfd)
 
 
 def append_line(path: str, line: bytes, sync: bool = True) -> None:
     """Append one record and fsync it: the record counts only once this returns.
     sync=False: the caller makes it durable otherwise (a syncfs of its filesystem)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    fd = posix.open(path, posix.O_WRONLY | posix.O_APPEND | posix.O_NOFOLLOW)
     try:
         write_all(fd, line)
         if sync:
-            os.fsync(fd)
+            posix.fsync(fd)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 RENAME_NOREPLACE = 1          # renameat2(2) flag
@@ -97,12 +97,13 @@ def rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> bo
     if not _renameat2:
         return False
     f, get_errno = _renameat2
-    if f(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+    if f(src_dir_fd, src.encode("utf-8", "surrogateescape"), dst_dir_fd,
+          dst.encode("utf-8", "surrogateescape"), RENAME_NOREPLACE) == 0:
         return True
     err = get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False        # this filesystem or kernel cannot: link and unlink
-    raise OSError(err, os.strerror(err), src)
+    raise OSError(err, posix.strerror(err), src)
 
 
 ORDERED_FILESYSTEMS = ("ext4", "xfs", "btrfs")   # with a journal (ext4: when it has one)
@@ -114,6 +115,7 @@ def orders_metadata(path: str) -> bool:
     without an fsync of its own, qpy.local.maildir). False for any other filesystem,
     for one that cannot be told, and for an ext4 made or mounted without a journal,
     which writes directory blocks back in no particular order."""
+    import os  # not at the top: the front ends import this module, never this function
     try:
         dev = os.stat(path).st_dev
         kind = _fs_type(dev)
@@ -135,7 +137,7 @@ def orders_metadata(path: str) -> bool:
 
 def _fs_type(dev: int) -> str:
     """The filesystem type of the mount whose device is dev (/proc/self/mountinfo)."""
-    want = b"%d:%d" % (os.major(dev), os.minor(dev))
+    want = b"%d:%d" % (posix.major(dev), posix.minor(dev))
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
@@ -146,6 +148,6 @@ def _fs_type(dev: int) -> str:
 
 def _unlink_quietly(name: str, dfd: int) -> None:
     try:
-        os.unlink(name, dir_fd=dfd)
+        posix.unlink(name, dir_fd=dfd)
     except OSError:
         pass

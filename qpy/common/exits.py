@@ -27,3 +27,20 @@ EXIT_FORMAT = 91            # envelope format error
 def permanent(code: int) -> bool:
     """A qmail-queue exit code that means the message will never be taken."""
     return 11 <= code <= 40
+
+
+def leave(code: int) -> None:
+    """Exit with `code` at once, skipping the interpreter's teardown (about 1 ms, an
+    eighth of a front end's run): for the front ends that shell loops start once per
+    message, once their work is durable and their files closed. Only stdio's buffers
+    are left, and they are flushed here; a flush that fails turns an exit 0 into 120,
+    as the interpreter's own exit does."""
+    import posix  # imported at start-up already; `os` would cost more than it saves
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            code = code or 120
+    posix._exit(code)

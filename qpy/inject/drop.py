@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import os
+import posix
 import time
 import zlib
 
-from qpy.common import door, dropfile, envelope
+from qpy.common import dropfile, envelope
 from qpy.common.durable import write_all
 from qpy.common.exits import EXIT_QUEUE, EXIT_REFUSED, EXIT_WRITE
 from qpy.common.queue import drop_dir, is_id, make_id
@@ -61,7 +61,7 @@ def new_id() -> str:
     even if the clock steps back."""
     global _last_usec
     _last_usec = max(time.time_ns() // 1000, _last_usec + 1)
-    return make_id(_last_usec, os.getpid())
+    return make_id(_last_usec, posix.getpid())
 
 
 class InjectError(Exception):
@@ -94,7 +94,8 @@ class Drop:
         self._dfd = -1
         self._memory = door
         if door:
-            self._fd = os.memfd_create("qpy-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            self._fd = posix.memfd_create("qpy-message",
+                                          posix.MFD_CLOEXEC | posix.MFD_ALLOW_SEALING)
         else:
             self._fd = self._create()
         try:
@@ -105,23 +106,23 @@ class Drop:
 
     def _create(self) -> int:
         """The drop file under its temporary name; its descriptor."""
-        tmp = "%s%s.%s" % (dropfile.TMP_PREFIX, self.id, os.urandom(4).hex())
+        tmp = "%s%s.%s" % (dropfile.TMP_PREFIX, self.id, posix.urandom(4).hex())
         # drop/ is not readable by the injecting user (nobody may list it): an O_PATH
         # descriptor is enough for openat/renameat, and the directory is never fsync'd
         try:
-            self._dfd = os.open(drop_dir(self._root), os.O_PATH | os.O_DIRECTORY)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         DROP_MODE, dir_fd=self._dfd)
+            self._dfd = posix.open(drop_dir(self._root), posix.O_PATH | posix.O_DIRECTORY)
+            fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW,
+                            DROP_MODE, dir_fd=self._dfd)
         except OSError as e:
             raise _io_error(e, "create")
         self._tmp = tmp
         try:
-            os.fchmod(fd, DROP_MODE)
+            posix.fchmod(fd, DROP_MODE)
             # held until the file is closed, i.e. as long as this writer lives: pickup
             # removes a temporary file nobody holds (qpy.common.dropfile.orphaned)
             fcntl.flock(fd, fcntl.LOCK_SH)
         except OSError as e:
-            os.close(fd)
+            posix.close(fd)
             raise _io_error(e, "create")
         return fd
 
@@ -129,15 +130,15 @@ class Drop:
         """Move what the memfd holds into a drop file and go on writing there."""
         fd = self._create()
         try:
-            length = os.fstat(self._fd).st_size
+            length = posix.fstat(self._fd).st_size
             done = 0
             while done < length:
-                done += os.sendfile(fd, self._fd, done, length - done)
-            os.lseek(fd, 0, os.SEEK_END)
+                done += posix.sendfile(fd, self._fd, done, length - done)
+            posix.lseek(fd, 0, 2)                # SEEK_END
         except OSError as e:
-            os.close(fd)
+            posix.close(fd)
             raise _io_error(e, "write")
-        os.close(self._fd)
+        posix.close(self._fd)
         self._fd, self._memory = fd, False
 
     def write(self, data: bytes) -> None:
@@ -176,7 +177,7 @@ class Drop:
             self._flush()
             write_all(self._fd, env)
             crc = zlib.crc32(env, self._crc)
-            os.pwrite(self._fd, dropfile.header(os.getpid(), self.size, len(env), crc), 0)
+            posix.pwrite(self._fd, dropfile.header(posix.getpid(), self.size, len(env), crc), 0)
             if self._memory:
                 # sealed: pickup checks it, so what it copies is what was checked
                 fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, SEALS)
@@ -187,8 +188,8 @@ class Drop:
                     self._spill()            # nobody at the door: drop/, as ever
             for _ in range(3):
                 try:
-                    os.rename(self._tmp, self.id, src_dir_fd=self._dfd,
-                              dst_dir_fd=self._dfd)
+                    posix.rename(self._tmp, self.id, src_dir_fd=self._dfd,
+                                 dst_dir_fd=self._dfd)
                     break
                 except PermissionError:   # sticky drop/: another user's file has the name
                     self.id = new_id()
@@ -197,7 +198,7 @@ class Drop:
             self._tmp = self.id   # until the fsync returns, abort() removes the final name
             # durable: rename, then one fsync of the file commits its bytes and the
             # rename together (the module docstring says why; pickup checks the CRC)
-            os.fsync(self._fd)
+            posix.fsync(self._fd)
             self._tmp = ""
         except OSError as e:
             if self._tmp == self.id:
@@ -213,23 +214,23 @@ class Drop:
         retries. Spoil its header first (a pickup that has it open but not yet read
         it quarantines it), then abort() unlinks it."""
         try:
-            os.pwrite(self._fd, b"\0" * dropfile.HEADER_LEN, 0)
+            posix.pwrite(self._fd, b"\0" * dropfile.HEADER_LEN, 0)
         except OSError:
             pass
 
     def abort(self) -> None:
         """Forget the message (a no-op after commit)."""
         if self._fd >= 0:
-            os.close(self._fd)
+            posix.close(self._fd)
             self._fd = -1
         if self._tmp:
             try:
-                os.unlink(self._tmp, dir_fd=self._dfd)
+                posix.unlink(self._tmp, dir_fd=self._dfd)
             except OSError:
                 pass
             self._tmp = ""
         if self._dfd >= 0:
-            os.close(self._dfd)
+            posix.close(self._dfd)
             self._dfd = -1
 
 
@@ -258,7 +259,7 @@ def through_door(root: str, fd: int, want: str) -> str:
     global _door
     import socket  # here, not at the top: the sendmail front ends never need it
 
-    from qpy.common import unixsock
+    from qpy.common import door, unixsock
     for attempt in (1, 2):
         if _door is None:
             try:

@@ -7,7 +7,7 @@ wrapper.
 
 from __future__ import annotations
 
-import os
+import posix
 import pwd
 import sys
 
@@ -76,16 +76,16 @@ class Front:
 
     def user(self, env_names: tuple[str, ...]) -> bytes:
         for name in env_names:
-            v = os.environ.get(name)
+            v = posix.environ.get(name.encode())
             if v:
-                return v.encode("utf-8", "surrogateescape")
-        return pwd.getpwuid(os.getuid()).pw_name.encode()
+                return v
+        return pwd.getpwuid(posix.getuid()).pw_name.encode()
 
     def host(self, env_names: tuple[str, ...]) -> bytes:
         for name in env_names:
-            v = os.environ.get(name)
+            v = posix.environ.get(name.encode())
             if v:
-                return v.encode("ascii", "replace")
+                return v.decode("utf-8", "surrogateescape").encode("ascii", "replace")
         return self.control.line("defaulthost").encode("ascii", "replace")
 
     def qualify(self, addr: bytes, is_sender: bool = False) -> bytes:

@@ -9,7 +9,7 @@ removes `Bcc:`. The body is never touched: its bytes reach the queue intact.
 
 from __future__ import annotations
 
-import os
+import posix
 import time
 
 from qpy.common.rfcdate import rfc5322_date
@@ -143,7 +143,7 @@ def complete(message: bytes, from_addr: bytes, full_name: bytes, idhost: bytes,
         added.append(b"Date: " + rfc5322_date(local=True).encode() + nl)
     if b"message-id" not in names:
         added.append(b"Message-ID: <%d.%d.%s.qpy@%s>" % (
-            time.time_ns(), os.getpid(), os.urandom(3).hex().encode(), idhost) + nl)
+            time.time_ns(), posix.getpid(), posix.urandom(3).hex().encode(), idhost) + nl)
     if rest[:1] not in (b"\n", b"\r"):
         rest = nl + rest                           # no blank line: keep the body a body
     return b"".join(kept) + b"".join(added) + rest, found

@@ -22,7 +22,7 @@ EXIT CODES
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 from qpy.common.exits import EXIT_PERM
@@ -56,6 +56,5 @@ def main(argv: list[str] | None = None) -> int:
     if sender is None:
         sender = front.user(("QMAILSUSER", "QMAILUSER", "LOGNAME", "USER")) + b"@" + \
             front.host(("QMAILSHOST", "QMAILHOST"))
-    name = (os.environ.get("QMAILNAME") or os.environ.get("NAME") or "").encode(
-        "utf-8", "surrogateescape")
+    name = posix.environ.get(b"QMAILNAME") or posix.environ.get(b"NAME") or b""
     return front.queue(message, sender, rcpts, from_addr, name, take)

@@ -85,7 +85,7 @@ EXIT CODES (sysexits, as sendmail's callers expect)
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 from qpy.inject.front import SYSEXITS, Front
@@ -190,7 +190,7 @@ def _option(cmd: Command, c: str, value: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    program = os.path.basename(sys.argv[0]) if sys.argv else "sendmail"
+    program = sys.argv[0].rpartition("/")[2] if sys.argv else "sendmail"
     try:
         cmd = parse(args, program)
     except Usage as e:
@@ -206,6 +206,5 @@ def main(argv: list[str] | None = None) -> int:
     user = front.user(("QMAILUSER", "LOGNAME", "USER"))
     from_addr = user + b"@" + front.host(("QMAILHOST",))
     sender = from_addr if cmd.sender is None else cmd.sender
-    name = cmd.name or (os.environ.get("QMAILNAME") or os.environ.get("NAME") or "").encode(
-        "utf-8", "surrogateescape")
+    name = cmd.name or posix.environ.get(b"QMAILNAME") or posix.environ.get(b"NAME") or b""
     return front.queue(message, sender, cmd.operands, from_addr, name, cmd.take)
