@@ -3,7 +3,8 @@ conversion to 7 bits for a peer without 8BITMIME.
 
 Used by qpy-remote and qpy-rspawn's workers (as `qpyr`); no program of its own.
 The message is read from an open fd with pread (never a path: qpyr cannot open
-queue/mess/), in CHUNK-sized pieces, as many times as a delivery needs.
+queue/mess/), in CHUNK-sized pieces, as many times as a delivery needs; one of
+at most CHUNK bytes is read once (scan() keeps it).
 
 7-BIT CONVERSION (downgrade)
     As Postfix does for a peer that offers neither 8BITMIME nor SMTPUTF8: the
@@ -38,14 +39,18 @@ MAX_DEPTH = 20                  # nested multiparts and messages
 MAX_LINE = 998                  # RFC 5321 4.5.3.1.6, without the CRLF
 
 
-def scan(fd: int) -> tuple[int, bool, bool]:
-    """(size, 8-bit bytes in the header, 8-bit bytes in the body) of the message."""
+def scan(fd: int) -> tuple[int, bool, bool, bytes | None]:
+    """(size, 8-bit bytes in the header, 8-bit bytes in the body, the message itself
+    when it came in one read of at most CHUNK bytes, else None: read it again with
+    chunks())."""
     size = os.fstat(fd).st_size
     off, head8, body8, in_head, tail = 0, False, False, True, b""
+    whole: bytes | None = None
     while True:
         chunk = os.pread(fd, CHUNK, off)
         if not chunk:
             break
+        whole = chunk if off == 0 else None
         off += len(chunk)
         if in_head:
             data = tail + chunk
@@ -54,13 +59,15 @@ def scan(fd: int) -> tuple[int, bool, bool]:
             if end == -1:
                 head8 = head8 or not data.isascii()
                 tail = data[-2:]
-                continue
-            head8 = head8 or not data[:end].isascii()
-            body8 = not data[end:].isascii()
-            in_head = False
+            else:
+                head8 = head8 or not data[:end].isascii()
+                body8 = not data[end:].isascii()
+                in_head = False
         elif not body8:
             body8 = not chunk.isascii()
-    return max(size, off), head8, body8
+        if len(chunk) < CHUNK and off >= size:
+            break       # a short read up to the size fstat gave: the end (no read for "")
+    return max(size, off), head8, body8, whole
 
 
 def chunks(fd: int) -> Iterator[bytes]:

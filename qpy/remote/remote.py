@@ -89,7 +89,9 @@ PROTOCOL
     kept in a ConnCache under the job's domain, one connection per worker.
     The next job for that domain sends RSET on it and, on 250 within
     RSET_WAIT seconds, runs its transaction there without greeting, EHLO or
-    STARTTLS. A refused or unanswered RSET, a broken connection, or a 421
+    STARTTLS; to a peer that offers PIPELINING the RSET goes in one write with
+    MAIL, RCPT and DATA (RFC 2920), so a reused connection costs no round trip
+    of its own. A refused or unanswered RSET, a broken connection, or a 421
     anywhere before the answer to the message's final dot closes it, and the
     recipients still open go through the targets on fresh connections in
     the same delivery: a dead cached connection costs no deferral. Only a

@@ -48,7 +48,7 @@ class Job:
         self.fd = fd
         self.domain = domain
         self.results: list[tuple[bytes, bytes] | None] = [None] * len(rcpts)
-        self.size, head8, body8 = scan(fd)
+        self.size, head8, body8, self.whole = scan(fd)
         self.utf8 = head8 or address.is_utf8(sender) or any(address.is_utf8(r) for r in rcpts)
         self.eight = body8 or head8
         self._auth: smtpauth.Table | None = None
@@ -138,20 +138,16 @@ class Job:
     def reuse(self, c: Cached) -> bool:
         """The transaction on a cached connection; False when it is stale: go on afresh.
 
-        RSET first (answered within RSET_WAIT seconds with 250, or the connection
-        is stale). A broken connection or a 421 before the answer to the message's
+        RSET first (pipelined with MAIL, RCPT and DATA when the peer offers
+        PIPELINING), answered within RSET_WAIT seconds with 250, or the connection
+        is stale. A broken connection or a 421 before the answer to the message's
         final dot leaves the recipients still open for a fresh connection; only a
         connection that breaks after the dot settles them (Possible duplicate!).
         """
         conn = c.conn
         self.reusing = True
         try:
-            per_read, conn.deadline = conn.timeout, self.deadline
-            conn.timeout = min(RSET_WAIT, per_read)
-            r = conn.command(b"RSET")
-            conn.timeout = per_read
-            if r.code != 250:
-                raise Stale("RSET answered %d" % r.code)
+            conn.deadline = self.deadline
             c.uses += 1
             clean = self.transaction(conn, c.target.address, c.ext)
         except (PeerError, Stale):
@@ -164,6 +160,18 @@ class Job:
             self.reusing = False
         self.release(c, clean)
         return True
+
+    @staticmethod
+    def _rset_answered(conn: Conn) -> None:
+        """The answer to the RSET sent on a cached connection: 250 within RSET_WAIT
+        seconds, or Stale (a PeerError when it does not come)."""
+        per_read, conn.timeout = conn.timeout, min(RSET_WAIT, conn.timeout)
+        try:
+            r = conn.reply()
+        finally:
+            conn.timeout = per_read
+        if r.code != 250:
+            raise Stale("RSET answered %d" % r.code)
 
     def release(self, c: Cached, clean: bool) -> None:
         """After a transaction: keep the connection for the next job, or end it."""
@@ -255,10 +263,16 @@ class Job:
         mail = b"MAIL FROM:<%s>%s\r\n" % (self.sender, params)
         rcpts = [b"RCPT TO:<%s>\r\n" % self.rcpts[i] for i in todo]
         piped = "PIPELINING" in ext
-        if piped:
-            conn.send(mail + b"".join(rcpts) + b"DATA\r\n")
+        rset = b"RSET\r\n" if self.reusing else b""    # a cached connection: prove it
+        if piped:                           # one round trip (RFC 2920: DATA ends the group)
+            conn.send(rset + mail + b"".join(rcpts) + b"DATA\r\n")
+            if rset:
+                self._rset_answered(conn)
             r = conn.reply()
         else:
+            if rset:
+                conn.send(rset)
+                self._rset_answered(conn)
             r = conn.command(mail[:-2])
         if r.code // 100 != 2:
             self._check_421(r, ip, conn)
@@ -294,7 +308,10 @@ class Job:
                         " %s" % (ip, tls, conn.said(r)), accepted)
             return True
         held = b""
-        pieces = chunks(self.fd) if converted is None else iter([converted])
+        if converted is not None:
+            pieces = iter([converted])
+        else:
+            pieces = iter([self.whole]) if self.whole is not None else chunks(self.fd)
         for block in smtp_data(pieces):     # the short ending goes with the last block
             if len(block) <= 5:
                 held += block

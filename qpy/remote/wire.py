@@ -76,6 +76,7 @@ class Conn:
         self.host = host            # the name connected to: what a bounce names
         self.timeout = timeout
         sock.settimeout(timeout)
+        self._armed: float | None = timeout     # the socket's timeout now
         try:        # our writes are whole commands or message blocks: no Nagle delays
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -93,7 +94,9 @@ class Conn:
             wait = min(wait, self.deadline - time.monotonic())
             if wait <= 0:
                 raise PeerError(DEADLINE)
-        self.sock.settimeout(wait)
+        if wait != self._armed:     # each settimeout() is an ioctl: only when it changes
+            self.sock.settimeout(wait)
+            self._armed = wait
 
     def _failed(self, what: str, e: BaseException) -> PeerError:
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -153,7 +156,9 @@ class Conn:
         try:
             self.sock = ctx.wrap_socket(self.sock, server_hostname=name)
         except (OSError, ssl.SSLError, ValueError) as e:
+            self._armed = None
             raise TLSHandshakeFailed("TLS handshake failed: %s" % why(e))
+        self._armed = None          # a new socket object: set its timeout afresh
         self.tls = "%s %s" % (self.sock.version(), self.sock.cipher()[0])  # type: ignore
 
     def peer_chain(self) -> list[bytes]:
