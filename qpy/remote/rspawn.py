@@ -350,7 +350,10 @@ class Spawner:
         self.sel.register(sigs.fd, selectors.EVENT_READ, "wake")
         while True:
             events = self.sel.select(self.wait())
-            for sig in sigs.take():     # first: a SIGHUP sent before a request applies to it
+            # the pipe is read, and children waited for, only when a signal came (the
+            # byte is in the pipe before select() returns, the handler has run after)
+            got = sigs.take() if any(k.data == "wake" for k, _ in events) else []
+            for sig in got:             # first: a SIGHUP sent before a request applies to it
                 if sig == signal.SIGHUP:
                     self.hangup()
                 elif sig == signal.SIGTERM:
@@ -361,7 +364,8 @@ class Spawner:
                         self.take()
                 elif isinstance(key.data, RemoteWorker) and key.data.sock.fileno() >= 0:
                     self.readable(key.data)     # (not retired earlier in this round)
-            self.reap()
+            if signal.SIGCHLD in got:
+                self.reap()
             self.pool.retire_idle(WORKER_IDLE)
             self.start()
             if self.stopping and not self.pool.all():
