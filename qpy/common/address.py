@@ -21,7 +21,7 @@ qpy-queue-send, qpy-lspawn) sees that one form, so all classify alike.
 `email.utils.parseaddr` is not used: it misparses hostile input (CVE-2023-27043).
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 MAX_LOCAL = 64          # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255        # RFC 5321 4.5.3.1.2

@@ -13,7 +13,7 @@ refuses with a temporary error until it is fixed, as qmail does ("unable to read
 controls"), rather than run with no limit.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 import posix
 
@@ -88,7 +88,7 @@ DATABYTES_CEILING = 1 << 30     # what databytes 0 (qmail: "no limit") means, an
                                 # any setting gives: the queue's own hard cap
 
 
-def message_limit(control: Control, lower: str | None = None) -> int:
+def message_limit(control: "Control", lower: str | None = None) -> int:
     """The one size limit (bytes of message) every program that acknowledges mail
     applies before it says yes: qpy-smtpd (SIZE, DATA), qpy-queue-inject (exit 31),
     qpy-sendmail and qpy-inject; qpy-pickup checks the same value again, as a

@@ -17,7 +17,7 @@ no checksum; their writer fsync'd the data before the rename), are still read:
 drop files left by an older qpy are admitted after an upgrade.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 import fcntl
 import posix

@@ -8,9 +8,8 @@ table, requests) go through here; the per-message paths that need fewer syncs
 each marked `# durable:`.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
-import errno
 import posix
 
 FILE_MODE = 0o640
@@ -101,6 +100,7 @@ def rename_noreplace(src: str, dst: str, src_dir_fd: int, dst_dir_fd: int) -> bo
           dst.encode("utf-8", "surrogateescape"), RENAME_NOREPLACE) == 0:
         return True
     err = get_errno()
+    import errno  # not at the top: the front ends import this module
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False        # this filesystem or kernel cannot: link and unlink
     raise OSError(err, posix.strerror(err), src)

@@ -7,7 +7,7 @@ queue's `todo/` files. `decode` checks every address with the strict parser and
 maps every fault to qmail-queue's exit code for it.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 from qpy.common import address
 from qpy.common.exits import EXIT_FORMAT, EXIT_READ, EXIT_TOO_LONG

@@ -20,7 +20,7 @@ malformed, taken, or its time is not near the drop file's ctime (a local
 user chooses drop names); then pickup assigns one of its own and logs both.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 import posix
 

@@ -5,7 +5,7 @@ qpy-sendmail writes a Date: on every injection. Names of days and months are
 RFC 5322's, never the locale's.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 import time
 

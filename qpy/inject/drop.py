@@ -32,9 +32,8 @@ bounded and mail is still accepted while pickup is down.
 Failures raise InjectError carrying qmail-queue's exit code for them.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
-import errno
 import fcntl
 import posix
 import time
@@ -71,6 +70,7 @@ class InjectError(Exception):
 
 
 def _io_error(e: OSError, what: str) -> InjectError:
+    import errno  # only on failure
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return InjectError(EXIT_WRITE, "%s: %s" % (what, e.strerror))
     return InjectError(EXIT_QUEUE if what == "create" else EXIT_WRITE,

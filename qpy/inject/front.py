@@ -5,10 +5,9 @@ header code and the drop writer: no `email`, no `socket`, no console-script
 wrapper.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 import posix
-import pwd
 import sys
 
 from qpy.common import address
@@ -79,6 +78,7 @@ class Front:
             v = posix.environ.get(name.encode())
             if v:
                 return v
+        import pwd  # only without those variables: NSS lookups cost more than its import
         return pwd.getpwuid(posix.getuid()).pw_name.encode()
 
     def host(self, env_names: tuple[str, ...]) -> bytes:

@@ -7,7 +7,7 @@ missing, and for `-t` collects the recipients of `To:`, `Cc:` and `Bcc:` and
 removes `Bcc:`. The body is never touched: its bytes reach the queue intact.
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 import posix
 import time

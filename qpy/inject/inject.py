@@ -20,7 +20,7 @@ EXIT CODES
     0 queued; 100 permanent; 111 temporary.
 """
 
-from __future__ import annotations
+# (no __future__ import: a front end; docs/queue.md)
 
 import posix
 import sys

@@ -28,7 +28,7 @@ EXIT CODES (qmail-queue(8))
     directory; 81 internal bug; 91 envelope format error.
 """
 
-from __future__ import annotations
+# (no __future__ import: a front end; docs/queue.md)
 
 # signal.py wraps these functions in IntEnums: its import (enum, functools,
 # collections) costs more than the rest of a run; _signal is the same functions

@@ -83,7 +83,7 @@ EXIT CODES (sysexits, as sendmail's callers expect)
     0 or 111; newaliases: 0, 65 for a malformed file, 75 when it cannot write).
 """
 
-from __future__ import annotations
+# (no __future__ import: the front ends load this module on every run; docs/queue.md)
 
 import posix
 import sys
