@@ -5,6 +5,7 @@ scripted server), DNS from the test server.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -17,7 +18,7 @@ from remote_peers import PeerConn
 from test_inject import queue_inject
 from test_outbound import remote_root
 from test_remote import PEER2, Recorder
-from test_send import Qpy, bounces, sendmail, user
+from test_send import Qpy, bounces, queue_empty, sendmail, user
 
 from qpy.common import address
 
@@ -171,3 +172,44 @@ def test_concurrency_per_domain(qroot, dnssrv, port, raw):
     finally:
         go.set()
         assert q.stop() == 0
+
+
+def test_held_recipients_start_in_order_and_a_removed_one_is_skipped(qroot, dnssrv, port, raw):
+    """concurrencyperdomain 1: of four messages to a.test one is in flight and three
+    are held; the second is removed with qpy-qrm while held. Once the peer lets go,
+    the third and fourth follow the first over the one connection, in the order they
+    came, the removed one never goes, and the queue empties: each held entry is
+    started once, and one gone stale is dropped without losing a slot."""
+    remote_root(qroot, dnssrv, port)
+    qroot.control("concurrencyperdomain", "1")
+    qroot.control("timeoutremote", "60")
+    go = threading.Event()
+    a = raw(holding(go))
+    q = Qpy(qroot)
+    try:
+        for n in range(4):
+            sendmail(qroot, "s@test.example", "r%d@a.test" % n, body="m%d\n" % n,
+                     headers="Subject: held %d\n" % n)
+            if n == 0:
+                assert qpytest.wait_for(lambda: a.connections == 1, 30), q.log()
+        second = qpytest.wait_for(lambda: _queued_with(qroot, b"Subject: held 1\n"), 30)
+        assert second and "msg %s to" % second not in q.log(), q.log()   # held: not started
+        r = qroot.run("qpy-qrm", qroot.path, second)
+        assert r.returncode == 0, r.stderr
+        go.set()
+        assert qpytest.wait_for(lambda: queue_empty(qroot), 60), q.log()
+        got = b"".join(a.transcripts)
+        assert [int(n) for n in re.findall(rb"\r\nm(\d)\r\n\.\r\n", got)] == [0, 2, 3], got
+        assert a.connections == 1
+    finally:
+        go.set()
+        assert q.stop() == 0
+
+
+def _queued_with(qroot, text: bytes) -> str | None:
+    """The id of the message in queue/mess/ that has `text`."""
+    for name in os.listdir(qroot.paths.mess):
+        with open(os.path.join(qroot.paths.mess, name), "rb") as f:
+            if text in f.read():
+                return name
+    return None

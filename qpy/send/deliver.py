@@ -6,7 +6,11 @@ passed as an fd; remote recipients of one message and domain go in one request
 message goes to each recipient alone with its own return path
 (qpy.common.address.verp). At most `conc_domain` (control/concurrencyperdomain)
 remote deliveries to one recipient domain run at once: a due recipient over it
-waits aside (held) until one of them reports. Each result is recorded as
+waits aside (held, in the order it came) until one of them reports; then the
+domain's held entries are started while its slots last, before the heap: each
+entry is held once and started once (pushing them all back into the heap at
+every report made a backlog of B recipients to one relay cost O(B) a message).
+Each result is recorded as
 qpy-queue-send's WRITES says: a K for a todo-backed message stays in memory
 unless others remain, a deferral or failure is an fsync'd record in state/ID
 (persist first). A lost or failing spawner connection raises Lost:
@@ -16,6 +20,7 @@ delivery is simply tried again.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import os
 import select
@@ -63,12 +68,34 @@ class Deliveries:
         self.deliveries: dict[int, Delivery] = {}
         self.dnum = 0
         self.domain_busy: dict[bytes, int] = {}
-        self.held: dict[bytes, list[tuple[int, str, int]]] = {}  # over conc_domain
+        self.held: dict[bytes, collections.deque[tuple[int, str, int]]] = {}  # conc_domain
+        self.freed: set[bytes] = set()      # domains with entries held and a slot free
 
     def release_held(self, domain: bytes) -> None:
-        """The entries held for `domain` back into the remote heap: a slot is free."""
-        for entry in self.held.pop(domain, []):
-            heapq.heappush(self.heaps[REMOTE], entry)
+        """A slot of `domain` is free: its held entries go first at the next start."""
+        if domain in self.held:
+            self.freed.add(domain)
+
+    def start_held(self, now: int) -> None:
+        """The held entries of the domains with a free slot, oldest first, while the
+        domain's and the channel's slots last; one gone stale meanwhile (its message
+        removed, its recipient in flight with another of its message's, or no longer
+        due: a new heap entry stands for it) is dropped."""
+        for dom in list(self.freed):
+            q = self.held.get(dom)
+            while q and self.busy[REMOTE] < self.conc[REMOTE] \
+                    and self.domain_busy.get(dom, 0) < self.conc_domain:
+                _, msgid, i = q.popleft()
+                m = self.msgs.get(msgid)
+                if m is None or m.removing or i in m.inflight \
+                        or not due(m.st.recipients[i], now):
+                    continue
+                self.start(m, REMOTE, i, now)
+            if not q:
+                self.held.pop(dom, None)
+                self.freed.discard(dom)
+            elif self.domain_busy.get(dom, 0) >= self.conc_domain:
+                self.freed.discard(dom)     # full again: its next report frees it
 
     def status(self) -> None:
         log("status: local %d/%d remote %d/%d%s" % (
@@ -76,6 +103,8 @@ class Deliveries:
             " exitasap" if self.term_deadline else ""))
 
     def start_deliveries(self, now: int) -> None:
+        if self.freed:
+            self.start_held(now)
         for channel in (LOCAL, REMOTE):
             heap = self.heaps[channel]
             while heap and heap[0][0] <= now and self.busy[channel] < self.conc[channel]:
@@ -88,7 +117,7 @@ class Deliveries:
                 if channel == REMOTE:
                     dom = _domain(m.st.recipients[i].delivery_address)
                     if self.domain_busy.get(dom, 0) >= self.conc_domain:
-                        self.held.setdefault(dom, []).append((0, msgid, i))
+                        self.held.setdefault(dom, collections.deque()).append((0, msgid, i))
                         continue
                 self.start(m, channel, i, now)
 

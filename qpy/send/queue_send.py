@@ -193,6 +193,7 @@ class QueueSend(Intake, Deliveries, Finishing):
         for channel in (LOCAL, REMOTE):
             self.heaps[channel] = []
         self.held.clear()           # each pending recipient is pushed again below
+        self.freed.clear()
         for msgid, m in self.msgs.items():
             for i, r in enumerate(m.st.recipients):
                 if r.state in PENDING:
