@@ -196,6 +196,25 @@ def test_sendmail_dot_ends_message_without_i(qroot):
     assert m.endswith(b"before\n") and b"after" not in m
 
 
+@needs_root
+def test_sendmail_looks_the_user_up_only_for_a_missing_from(qroot):
+    """`sendmail -f ADDR` of a message with From: and Message-ID: needs no user name
+    (an NSS lookup per call, when LOGNAME and USER are unset): a uid with no passwd
+    entry queues it. Without From: the name comes from LOGNAME, @defaulthost."""
+    nobody = ["setpriv", "--reuid", "54321", "--regid", "54321", "--clear-groups", "--",
+              qroot.bin("qpy-sendmail"), "-f", "s@x.example", "d@test.example"]
+    r = subprocess.run(nobody, input=b"From: s@x.example\nMessage-ID: <1@x>\n\nb\n",
+                       env=qroot.env(), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(nobody, input=b"Subject: no from\n\nb\n", capture_output=True,
+                       env=qroot.env({"LOGNAME": "carol"}), timeout=60)
+    assert r.returncode == 0, r.stderr
+    data = b"".join(open(os.path.join(qroot.paths.drop, n), "rb").read()
+                    for n in os.listdir(qroot.paths.drop))
+    assert b"From: s@x.example\nMessage-ID: <1@x>\n" in data, data
+    assert re.search(rb"From: carol@[a-z0-9.-]+\n", data), data
+
+
 @pytest.mark.parametrize("rcpt", ["a b@c.example", "<() { :;}; echo x@y>", "a@b@c", "x@-bad-",
                                   "a\rb@c.example"])
 def test_sendmail_refuses_bad_addresses(qroot, rcpt):

@@ -88,6 +88,12 @@ class Front:
                 return v.decode("utf-8", "surrogateescape").encode("ascii", "replace")
         return self.control.line("defaulthost").encode("ascii", "replace")
 
+    def from_address(self) -> bytes:
+        """The caller's address for a missing From: (and sendmail's missing -f):
+        QMAILUSER, LOGNAME or USER (else the uid's name) @ QMAILHOST (else
+        control/defaulthost), as qmail-inject."""
+        return self.user(("QMAILUSER", "LOGNAME", "USER")) + b"@" + self.host(("QMAILHOST",))
+
     def qualify(self, addr: bytes, is_sender: bool = False) -> bytes:
         """Check an address (a sender may have the VERP form `pre@host-@[]`); add
         @defaulthost to a bare local part."""
@@ -98,12 +104,24 @@ class Front:
             addr += b"@" + self.control.line("defaulthost").encode("ascii", "replace")
         return addr
 
-    def queue(self, message: bytes, sender: bytes, recipients: list[bytes],
-              from_addr: bytes, full_name: bytes, take_recipients: bool) -> int:
+    def queue(self, message: bytes, sender: bytes | None, recipients: list[bytes],
+              full_name: bytes, take_recipients: bool) -> int:
+        """Queue the message; sender None: from_address(). Exit code."""
+        # the user's address (an NSS lookup without LOGNAME or USER, and a control
+        # file) and idhost only where they are used: the usual `sendmail -f ADDR` of a
+        # message with From: and Message-ID: lines needs none of them
+        present = headers.names(message)
+        from_addr = b""
+        if sender is None or b"from" not in present:
+            from_addr = self.from_address()
+        if sender is None:
+            sender = from_addr
+        idhost = b""
+        if b"message-id" not in present:
+            idhost = self.control.line("idhost").encode("ascii", "replace")
         try:
-            message, found = headers.complete(
-                message, from_addr, full_name,
-                self.control.line("idhost").encode("ascii", "replace"), take_recipients)
+            message, found = headers.complete(message, from_addr, full_name, idhost,
+                                              take_recipients)
             # -t and arguments may name one address twice: it gets one copy
             rcpts = list(dict.fromkeys(self.qualify(r) for r in recipients + found))
             if sender:

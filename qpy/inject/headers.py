@@ -115,10 +115,17 @@ def _split_commas(value: bytes) -> list[bytes]:
     return parts
 
 
+def names(message: bytes) -> set[bytes]:
+    """The header's field names, lowercased."""
+    return {n for n, _ in fields(split(message)[0])}
+
+
 def complete(message: bytes, from_addr: bytes, full_name: bytes, idhost: bytes,
              take_recipients: bool) -> tuple[bytes, list[bytes]]:
     """Add missing From:/Date:/Message-ID:; with take_recipients, collect To/Cc/Bcc
-    and drop Bcc. Returns (new message, recipients found in the header)."""
+    and drop Bcc. Returns (new message, recipients found in the header). from_addr
+    and idhost are used only for a missing From: and Message-ID: (b"" will do when
+    names() has them)."""
     lines, rest = split(message)
     flds = fields(lines)
     names = {n for n, _ in flds}

@@ -51,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     message = front.read_message(False)
     if isinstance(message, int):
         return message
-    from_addr = front.user(("QMAILUSER", "LOGNAME", "USER")) + b"@" + \
-        front.host(("QMAILHOST",))
     if sender is None:
         sender = front.user(("QMAILSUSER", "QMAILUSER", "LOGNAME", "USER")) + b"@" + \
             front.host(("QMAILSHOST", "QMAILHOST"))
     name = posix.environ.get(b"QMAILNAME") or posix.environ.get(b"NAME") or b""
-    return front.queue(message, sender, rcpts, from_addr, name, take)
+    return front.queue(message, sender, rcpts, name, take)

@@ -203,8 +203,5 @@ def main(argv: list[str] | None = None) -> int:
     message = front.read_message(cmd.dot_ends)
     if isinstance(message, int):
         return message
-    user = front.user(("QMAILUSER", "LOGNAME", "USER"))
-    from_addr = user + b"@" + front.host(("QMAILHOST",))
-    sender = from_addr if cmd.sender is None else cmd.sender
     name = cmd.name or posix.environ.get(b"QMAILNAME") or posix.environ.get(b"NAME") or b""
-    return front.queue(message, sender, cmd.operands, from_addr, name, cmd.take)
+    return front.queue(message, cmd.sender, cmd.operands, name, cmd.take)
