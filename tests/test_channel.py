@@ -98,3 +98,39 @@ def test_long_line_passes_through_in_pieces():
     assert run([data[i:i + 4096] for i in range(0, len(data), 4096)]) == model(data)
     got = run([data])
     assert got is not None and got[0].endswith(b"x\n.\n") and got[3] == b"QUIT\r\n"
+
+
+SAMPLE = (b"Received: from a\r\n.Delivered-To: b\r\nSubject: s\r\n\r\n..stuffed\r\n.\r\r\n"
+          b"bare\nLF\r\n\r\n.x\r\n.\r\nMAIL FROM:<a@b>\r\n")
+
+
+def test_every_cut_of_the_end_and_of_crlf():
+    """The reader works on whole buffers: a CRLF, a stuffed dot or the final
+    <CRLF>.<CRLF> cut between two reads at any byte, or the input read one byte at a
+    time, gives what the line model gives."""
+    want = model(SAMPLE)
+    assert want is not None and want[1] and want[2] == 2 and want[3] == b"MAIL FROM:<a@b>\r\n"
+    for cut in range(1, len(SAMPLE)):
+        assert run([SAMPLE[:cut], SAMPLE[cut:]]) == want, cut
+    assert run([SAMPLE[i:i + 1] for i in range(len(SAMPLE))]) == want
+
+
+def test_clean_message_in_one_read():
+    data = b"Subject: s\r\n\r\nline\r\n..dot\r\n.\r\n"
+    assert run([data]) == (b"Subject: s\n\nline\n.dot\n", False, 0, b"")
+    assert run([b".\r\n"]) == (b"", False, 0, b"")
+
+
+def test_line_at_the_command_limit():
+    """read_line: a line of exactly `limit` bytes with its CRLF is a line; one byte more
+    is too long, and the line after it is read as it should be, in one read or in
+    one-byte reads."""
+    limit = 20
+    exact = b"x" * (limit - 2) + b"\r\n"
+    over = b"y" * (limit - 1) + b"\r\n"
+    data = exact + over + b"NOOP\r\n"
+    for chunks in ([data], [data[i:i + 1] for i in range(len(data))]):
+        ch = Fed(list(chunks))
+        assert ch.read_line(limit) == (b"x" * (limit - 2), False)
+        assert ch.read_line(limit) == (b"", True)
+        assert ch.read_line(limit) == (b"NOOP", False)

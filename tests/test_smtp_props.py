@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from smtphelp import Client, Listener, drops
 
 from qpy.common import address
-from qpy.smtp import command, rules
+from qpy.smtp import authres, command, rules
 from qpy.smtp.command import CommandError
 
 ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
@@ -79,6 +79,67 @@ def test_address_parser_total(raw, utf8):
     assert utf8 or all(c < 0x80 for c in got)
     if got:
         assert address.parse_mailbox(got, utf8=utf8) == got     # idempotent
+
+
+def _dot_string_model(local: bytes, utf8: bool) -> str:
+    """The local-part rules one byte at a time (as the parser checked them before its
+    bytes.translate fast path): the reason it is refused, or '' when it passes."""
+    if not local:
+        return "empty local part"
+    for atom in local.split(b"."):
+        if not atom:
+            return "empty atom in local part"
+        if any(c not in ATEXT.encode() and not (c >= 0x80 and utf8) for c in atom):
+            return "bad character in local part"
+    if utf8 and any(c >= 0x80 for c in local):
+        try:
+            local.decode("utf-8")
+        except UnicodeDecodeError:
+            return "local part is not UTF-8"
+    return ""
+
+
+def _domain_model(domain: bytes, utf8: bool) -> str:
+    """check_domain's rules for a name (no literal) one label at a time: reason or ''."""
+    for label in domain.split(b"."):
+        if not label or len(label) > address.MAX_LABEL:
+            return "bad domain label"
+        if label[0] == 0x2D or label[-1] == 0x2D:
+            return "domain label starts or ends with a hyphen"
+        if any(not (chr(c).isascii() and (chr(c).isalnum() or c == 0x2D))
+               and not (c >= 0x80 and utf8) for c in label):
+            return "bad character in domain"
+    return ""
+
+
+near_atoms = st.binary(max_size=80) | st.text(alphabet=ATEXT + ".-\x80\xe9 _", max_size=80).map(
+    str.encode) | st.text(alphabet="ab-.", max_size=140).map(str.encode)
+
+
+@PROPS
+@given(near_atoms, st.booleans())
+def test_local_and_domain_checks_agree_with_the_byte_loop(raw, utf8):
+    """The fast path of the local-part and domain checks refuses and passes exactly
+    what the byte-by-byte rules do, with the same reason."""
+    try:
+        address._check_dot_string(raw, utf8)
+        got = ""
+    except address.AddressError as e:
+        got = str(e)
+    assert got == _dot_string_model(raw, utf8)
+    if raw and not raw.startswith(b"[") and not raw.endswith(b".") \
+            and len(raw) <= address.MAX_DOMAIN:
+        try:
+            out = address.check_domain(raw, utf8)
+            got = ""
+        except address.AddressError as e:
+            got, out = str(e), b""
+        want = _domain_model(raw, utf8)
+        if want == "" and utf8 and any(c >= 0x80 for c in raw):
+            return                          # then its UTF-8 is checked as before
+        assert got == want
+        if not got:
+            assert out == raw.lower()
 
 
 @PROPS
@@ -179,3 +240,36 @@ def test_fuzz_sessions_fixed_seed(qroot):
             assert rcpts and b"\r" not in msg
     finally:
         s.stop()
+
+
+ar_parts = st.sampled_from([b"\n", b"\n\n", b"Authentication-Results: me.example; dkim=pass\n",
+                            b"Authentication-Results: other; spf=pass\n", b"\tfolded\n",
+                            b"Subject: s\n", b"body", b"a", b"\r"])
+
+
+@PROPS
+@given(st.lists(ar_parts, max_size=30), st.lists(st.integers(0, 9), max_size=12))
+def test_header_gate_same_in_any_pieces(parts, cuts):
+    """authres.HeaderGate finds the header's end and removes the fields claiming this
+    host alike however the message is cut into writes (the blank line split between
+    two pieces among them)."""
+    data = b"".join(parts)
+
+    def gate(pieces: list[bytes]) -> tuple[bytes, int]:
+        out: list[bytes] = []
+        g = authres.HeaderGate(out.append, b"me.example")
+        for p in pieces:
+            g.write(p)
+        g.close()
+        return b"".join(out), g.removed
+
+    pieces, pos = [], 0
+    for c in cuts:
+        pieces.append(data[pos:pos + c])
+        pos += c
+    pieces.append(data[pos:])
+    end = data.find(b"\n\n")
+    header = data[:end + 1] if end != -1 else data
+    want = authres.strip(header, b"me.example")
+    assert gate(pieces) == (want[0] + (data[end + 1:] if end != -1 else b""), want[1])
+    assert gate([data]) == gate(pieces)

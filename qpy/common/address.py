@@ -34,6 +34,9 @@ _ATEXT = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
                    b"!#$%&'*+-/=?^_`{|}~")
 _PRINTABLE = bytes(range(0x20, 0x7F))
 _LDH = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+# for the common case, checked in C (bytes.translate) before any byte-by-byte loop
+_ATEXT_DOT = bytes(sorted(_ATEXT)) + b"."
+_LDH_DOT = bytes(sorted(_LDH)) + b"."
 
 
 class AddressError(ValueError):
@@ -83,6 +86,9 @@ def canonical_local(local: bytes) -> bytes:
 def _check_dot_string(local: bytes, utf8: bool) -> None:
     if not local:
         raise AddressError("empty local part")
+    if (not local.translate(None, _ATEXT_DOT) and local[0] != 0x2E and local[-1] != 0x2E
+            and b".." not in local):
+        return          # a plain ASCII dot-atom; anything else gets the loop and its reason
     for atom in local.split(b"."):
         if not atom:
             raise AddressError("empty atom in local part")
@@ -139,6 +145,13 @@ def check_domain(domain: bytes, utf8: bool = False) -> bytes:
         return domain
     if domain.endswith(b"."):
         raise AddressError("domain ends with a dot")
+    if not domain.translate(None, _LDH_DOT):     # ASCII letters, digits, hyphens, dots
+        for label in domain.split(b"."):
+            if (not label or len(label) > MAX_LABEL or label[0] == 0x2D
+                    or label[-1] == 0x2D):
+                break       # the loop below says what is wrong
+        else:
+            return domain.lower()
     for label in domain.split(b"."):
         if not label or len(label) > MAX_LABEL:
             raise AddressError("bad domain label")

@@ -55,7 +55,9 @@ def strip(header: bytes, me: bytes) -> tuple[bytes, int]:
 
 
 class HeaderGate:
-    """A write() in front of another: the header section is held, cleaned, passed."""
+    """A write() in front of another: the header section is held, cleaned, passed.
+    Each piece is searched once for the header's end (a header trickled in a line at
+    a time costs its length, not its length times its lines)."""
 
     def __init__(self, write: Callable[[bytes], None], me: bytes):
         self.write_on = write
@@ -65,16 +67,22 @@ class HeaderGate:
         self.removed = 0
 
     def write(self, piece: bytes) -> None:
-        if self.held is None:
+        held = self.held
+        if held is None:
             self.write_on(piece)
             return
-        self.held.append(piece)
-        self.size += len(piece)
-        data = b"".join(self.held)
-        end = data.find(b"\n\n")
-        if end == -1 and self.size <= MAX_HEADER:
-            self.held = [data]
+        if not piece:
             return
+        if held and held[-1][-1:] == b"\n" and piece[:1] == b"\n":
+            end = self.size - 1            # the blank line began in the last piece
+        else:
+            end = piece.find(b"\n\n")
+            end = -1 if end == -1 else self.size + end
+        held.append(piece)
+        self.size += len(piece)
+        if end == -1 and self.size <= MAX_HEADER:
+            return
+        data = b"".join(held)
         self.held = None
         if end == -1:
             self.write_on(data)

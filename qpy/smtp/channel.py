@@ -60,6 +60,7 @@ class Channel:
         self.inbuf = bytearray()
         self._out: list[bytes] = []
         self._outlen = 0
+        self._polls: dict[int, select.poll] = {}
         self.begin()
 
     # -- deadlines ---------------------------------------------------------------------
@@ -83,8 +84,11 @@ class Channel:
 
     # -- raw I/O: a TLS layer replaces these two -------------------------------
     def _wait(self, fd: int, event: int, left: Callable[[], float]) -> None:
-        p = select.poll()
-        p.register(fd, event)
+        # one poll object per descriptor and event for the Channel's life
+        p = self._polls.get(fd * 8 + event)
+        if p is None:
+            p = self._polls[fd * 8 + event] = select.poll()
+            p.register(fd, event)
         while True:
             try:
                 if p.poll(left() * 1000):
@@ -173,6 +177,10 @@ class Channel:
         emit() gets the message in pieces. Returns (bad_line_end, hops): whether a
         bare CR or LF occurred anywhere, and how many Received:/Delivered-To:
         lines the header had.
+
+        Whole buffers at a time, not line by line: what has arrived up to its last
+        CRLF is checked and converted with bytes methods (tests/test_channel.py holds
+        it to a line-by-line model of the rules).
         """
         self.begin()
         bad = False
@@ -183,31 +191,31 @@ class Channel:
         while True:
             last = buf.rfind(b"\r\n")
             if last != -1:
-                records = bytes(buf[:last]).split(b"\r\n")
-                del buf[:last + 2]
-                out = []
-                for n, rec in enumerate(records):
-                    if line_start:
-                        if rec == b".":
-                            if out:
-                                emit(b"".join(out))
-                            rest = records[n + 1:]
-                            if rest:  # pipelined commands after the end: put them back
-                                buf[:0] = b"\r\n".join(rest) + b"\r\n"
-                            return bad, hops
-                        if rec[:1] == b".":
-                            rec = rec[1:]
-                        if in_header:
-                            if not rec:
-                                in_header = False
-                            elif rec[:13].lower().startswith((b"received:", b"delivered-to:")):
-                                hops += 1
-                    line_start = True
-                    if b"\r" in rec or b"\n" in rec:
+                chunk = bytes(buf[:last + 2])          # whole lines, each ending in CRLF
+                if line_start and chunk[:3] == b".\r\n":
+                    end = 0
+                else:
+                    end = chunk.find(b"\r\n.\r\n")
+                    if end != -1:
+                        end += 2                         # where the final dot is
+                if end != -1:
+                    del buf[:end + 3]    # pipelined commands after the end stay unread
+                    chunk = chunk[:end]
+                else:
+                    del buf[:last + 2]
+                if chunk:
+                    crlf = chunk.count(b"\r\n")
+                    # every CR and every LF in a CRLF pair (pairs cannot overlap)
+                    if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
                         bad = True
-                    out.append(rec)
-                    out.append(b"\n")
-                emit(b"".join(out))
+                    if in_header:
+                        hops, in_header = _header_hops(chunk, line_start, hops)
+                    if line_start and chunk[:1] == b".":
+                        chunk = chunk[1:]
+                    emit(chunk.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n"))
+                    line_start = True
+                if end != -1:
+                    return bad, hops
                 continue
             elif len(buf) > PIECE:
                 # A long line: pass on all but the last byte (it may be the CR of a CRLF).
@@ -216,7 +224,7 @@ class Channel:
                 if line_start and piece[:1] == b".":
                     piece = piece[1:]
                 if in_header and line_start:
-                    if piece[:13].lower().startswith((b"received:", b"delivered-to:")):
+                    if piece[:13].lower().startswith(HOP_FIELDS):
                         hops += 1
                 line_start = False
                 if b"\r" in piece or b"\n" in piece:
@@ -224,3 +232,24 @@ class Channel:
                 emit(piece)
                 continue
             self.fill()
+
+
+HOP_FIELDS = (b"received:", b"delivered-to:")
+
+
+def _header_hops(chunk: bytes, line_start: bool, hops: int) -> tuple[int, bool]:
+    """Count the hop fields among the header lines of chunk (whole CRLF-ended lines,
+    dot-stuffed; the first one continues a long line unless line_start): (hops, whether
+    the header goes on past chunk). The header ends at the first empty line."""
+    if line_start and chunk[:2] == b"\r\n":
+        return hops, False
+    blank = chunk.find(b"\r\n\r\n")
+    lines = chunk[:blank + 2] if blank != -1 else chunk
+    for n, line in enumerate(lines.split(b"\r\n")):
+        if n == 0 and not line_start:
+            continue
+        if line[:1] == b".":
+            line = line[1:]
+        if line[:13].lower().startswith(HOP_FIELDS):
+            hops += 1
+    return hops, blank == -1

@@ -18,8 +18,10 @@ MAX_RECEIVED_TEXT = 120  # longest HELO or host name copied into a Received line
 
 _KEYCHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 # Characters copied verbatim into the Received line; everything else becomes '?'.
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                  b".-_:@+=/%[]")
+_SAFE_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:@+=/%[]"
+_SAFE = frozenset(_SAFE_BYTES)
+# C0 controls but TAB, and DEL: no place in a command line
+_CONTROLS = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
 
 
 class CommandError(ValueError):
@@ -37,9 +39,8 @@ def split_line(line: bytes) -> tuple[bytes, bytes]:
     Control characters (NUL, a CR inside the line, ...) are refused: they have no
     place in a command, and letting them through invites injection further on.
     """
-    for c in line:
-        if c < 0x20 and c != 0x09 or c == 0x7F:
-            raise CommandError(500, "5.5.2 Syntax error: control character in command")
+    if len(line.translate(None, _CONTROLS)) != len(line):
+        raise CommandError(500, "5.5.2 Syntax error: control character in command")
     verb, _, arg = line.partition(b" ")
     if not verb:
         raise CommandError(500, "5.5.2 Syntax error: empty command")
@@ -113,7 +114,10 @@ def safe_text(text: bytes | str, limit: int = MAX_RECEIVED_TEXT) -> str:
     """Text from the client made safe for a header: unusual characters become '?'."""
     if isinstance(text, str):
         text = text.encode("utf-8", "replace")
-    return "".join(chr(c) if c in _SAFE else "?" for c in text[:limit]) or "unknown"
+    text = text[:limit]
+    if not text.translate(None, _SAFE_BYTES):       # the common case: all of it is safe
+        return text.decode("ascii") or "unknown"
+    return "".join(chr(c) if c in _SAFE else "?" for c in text) or "unknown"
 
 
 def received_line(helo: bytes, host: str, ip: str, me: str, protocol: str, ident: str,

@@ -113,14 +113,15 @@ class Session(DataCommand):
 
     # -- replies ---------------------------------------------------------------------
     def reply(self, code: int, *lines: str) -> None:
-        out = []
-        for n, text in enumerate(lines):
-            sep = " " if n == len(lines) - 1 else "-"
-            out.append(("%d%s%s\r\n" % (code, sep, text)).encode("utf-8", "replace"))
-        self.ch.write(b"".join(out))
-        if code in ERROR_CODES:
-            self.errors += 1
+        if len(lines) == 1:
+            self.ch.write(("%d %s\r\n" % (code, lines[0])).encode("utf-8", "replace"))
+        else:
+            last = len(lines) - 1
+            self.ch.write("".join("%d%s%s\r\n" % (code, " " if n == last else "-", text)
+                                  for n, text in enumerate(lines)).encode("utf-8", "replace"))
         if code >= 400:
+            if code in ERROR_CODES:
+                self.errors += 1
             log("refused %s: %d %s" % (clean(self.command, 200), code, lines[-1]))
 
     # -- the loop ----------------------------------------------------------------------
