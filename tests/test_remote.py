@@ -711,8 +711,16 @@ def bodies(transcript: bytes) -> list[bytes]:
 
 
 def workers(rs: Rspawn) -> list[psutil.Process]:
-    return [c for c in psutil.Process(rs.proc.pid).children()
-            if c.cmdline() and c.cmdline()[0].startswith("qpy-remote")]
+    """rspawn's live workers: one that has exited (a zombie until rspawn reaps it) is
+    not one, and psutil cannot read its command line."""
+    out = []
+    for c in psutil.Process(rs.proc.pid).children():
+        try:
+            if c.cmdline() and c.cmdline()[0].startswith("qpy-remote"):
+                out.append(c)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return out
 
 
 def test_same_domain_back_to_back_over_one_connection(stack, raw):

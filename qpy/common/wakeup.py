@@ -42,6 +42,12 @@ class Wakeup:
     def fileno(self) -> int:
         return self.fd
 
+    def pending(self) -> bool:
+        """Signals have come since the last take() (their handler has run): a loop
+        that reads the pipe only when select() says so must still take() then, for a
+        signal that came after select() had gathered its events."""
+        return bool(self._got)
+
     def take(self) -> list[int]:
         """The signals that came since the last call, in order; empties the pipe."""
         try:

@@ -350,9 +350,9 @@ class Spawner:
         self.sel.register(sigs.fd, selectors.EVENT_READ, "wake")
         while True:
             events = self.sel.select(self.wait())
-            # the pipe is read, and children waited for, only when a signal came (the
-            # byte is in the pipe before select() returns, the handler has run after)
-            got = sigs.take() if any(k.data == "wake" for k, _ in events) else []
+            # the pipe is read, and children waited for, only when a signal came
+            woke = sigs.pending() or any(k.data == "wake" for k, _ in events)
+            got = sigs.take() if woke else []
             for sig in got:             # first: a SIGHUP sent before a request applies to it
                 if sig == signal.SIGHUP:
                     self.hangup()
