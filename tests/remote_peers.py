@@ -207,6 +207,13 @@ def basic_session(conn: PeerConn, ehlo: bytes = b"250-peer\r\n250 PIPELINING\r\n
                   greet: bytes = b"220 peer ESMTP\r\n") -> None:
     """Greeting, EHLO, then commands one by one until QUIT."""
     conn.send(greet)
+    commands(conn, ehlo, rcpt, final)
+
+
+def commands(conn: PeerConn, ehlo: bytes = b"250-peer\r\n250 PIPELINING\r\n",
+             rcpt: bytes = b"250 ok\r\n", final: bytes = b"250 queued\r\n") -> None:
+    """basic_session without its greeting: commands one by one until QUIT (also the
+    rest of a connection a script has begun)."""
     while True:
         ln = conn.line().upper()
         if ln.startswith(b"EHLO"):

@@ -15,7 +15,7 @@ import time
 import pytest
 import qpytest
 import test_remote
-from remote_peers import basic_session
+from remote_peers import basic_session, commands
 from test_remote import MSG, Recorder, bodies, stuffed, wire
 
 from qpy.remote import encode
@@ -39,21 +39,6 @@ def first_transaction(c, ehlo: bytes = b"250-peer\r\n250 PIPELINING\r\n") -> Non
     c.send(b"250 queued\r\n")
 
 
-def until_quit(c) -> None:
-    """basic_session's commands, without its greeting: the rest of a kept connection."""
-    while True:
-        ln = c.line().upper()
-        if ln.startswith(b"DATA"):
-            c.send(b"354 go\r\n")
-            c.data()
-            c.send(b"250 queued\r\n")
-        elif ln.startswith(b"QUIT"):
-            c.send(b"221 bye\r\n")
-            return
-        else:
-            c.send(b"250 ok\r\n")
-
-
 def test_rset_pipelined_with_the_next_transaction(stack, raw):
     """The peer reads RSET, MAIL, both RCPTs and DATA before it answers anything: a
     client that waited for RSET's answer would stall here (and time out)."""
@@ -68,7 +53,7 @@ def test_rset_pipelined_with_the_next_transaction(stack, raw):
             c.send(b"250 reset\r\n250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n354 go\r\n")
             c.data()
             c.send(b"250 queued\r\n")
-        until_quit(c)
+        commands(c)
     peer = raw(script)
     assert rs.deliver([b"x@a.test"])[0][0] == b"K"
     for m in (MSG + b"second\n", MSG + b"third\n"):
@@ -98,7 +83,7 @@ def test_every_recipient_refused_mid_pipeline_on_reuse(stack, raw):
         c.expect(b"DATA", b"354 go, for nobody\r\n")
         empty.append(c.data())
         c.send(b"554 no valid recipients\r\n")
-        until_quit(c)
+        commands(c)
     peer = raw(script)
     assert rs.deliver([b"x@a.test"])[0][0] == b"K"
     res = rs.deliver([b"bad@a.test", b"temp@a.test"])
