@@ -311,6 +311,17 @@ class Qpy:
     def sendmail(self) -> tuple[list[str], dict[str, str]]:
         return [self.bin("qpy-sendmail")], {"QPY_ROOT": self.root}
 
+    def idle_root(self) -> str:
+        """A second root, installed but never started: W2's front end measured alone."""
+        root = os.path.join(os.path.dirname(self.root), "qpy-idle")
+        if not os.path.isdir(os.path.join(root, "queue", "drop")):
+            r = subprocess.run([self.bin("qpy-install"), root, "--me", self.domain],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError("qpy-install: exit %d: %s" % (r.returncode,
+                                                                 r.stderr[-1000:]))
+        return root
+
     def queued(self) -> int:
         q = os.path.join(self.root, "queue")
         return count_files(os.path.join(q, "drop"), os.path.join(q, "mess"))
