@@ -177,6 +177,14 @@ class Control:
     def reload(self) -> None:
         self._cache.clear()
 
+    def derived(self, key: str, make) -> object:
+        """A value worked out from control files (a parsed table, a resolver): made by
+        make() at the first call, kept, like the files' values, until reload()."""
+        key = "\0" + key               # no control file's name starts with NUL
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     def explain(self, name: str) -> tuple[object, str]:
         """(value, source): source is 'file', 'default' or 'malformed: reason'."""
         try:

@@ -136,13 +136,19 @@ class Router:
     @property
     def res(self) -> dns.resolver.Resolver:
         if self._res is None:       # made when needed: a relay by address needs no DNS
-            lines, source = self.ctl.explain("resolvers")
-            self._res = make_resolver(None if source == "default" else lines,
-                                      DNS_TIMEOUT, DNS_LIFETIME)  # type: ignore
-            # AD in the query asks a validating resolver to say what it validated
-            # (RFC 6840 5.7); DANE trusts only that (qpy.remote.dane)
-            self._res.flags = dns.flags.RD | dns.flags.AD
-        return self._res
+            # one per Control (a worker's, until SIGHUP makes new workers): not
+            # control/resolvers and /etc/resolv.conf read again for every delivery
+            self._res = self.ctl.derived("route.resolver", self._make_resolver)
+        return self._res  # type: ignore[return-value]
+
+    def _make_resolver(self) -> dns.resolver.Resolver:
+        lines, source = self.ctl.explain("resolvers")
+        res = make_resolver(None if source == "default" else lines,  # type: ignore[arg-type]
+                            DNS_TIMEOUT, DNS_LIFETIME)
+        # AD in the query asks a validating resolver to say what it validated
+        # (RFC 6840 5.7); DANE trusts only that (qpy.remote.dane)
+        res.flags = dns.flags.RD | dns.flags.AD
+        return res
 
     def _query(self, name: str, rdtype: str) -> list:
         """Records of one type; [] when there are none; RouteError on NXDOMAIN/soft."""

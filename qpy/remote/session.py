@@ -75,14 +75,19 @@ def source_for(ctl: Control, ip: str) -> tuple[str, int] | None:
     return None
 
 
-def helo_name(ctl: Control, domain: str, t: Target) -> bytes:
-    """The EHLO name: control/helohosts by the recipient's domain, then by the next hop
-    (as control/tlspolicy is looked up), else helohost, else me."""
-    rows = {}
+def _helo_rows(ctl: Control) -> dict[str, str]:
+    rows: dict[str, str] = {}
     for line in ctl.lines("helohosts"):
         f = line.split()
         if len(f) == 2:
             rows.setdefault(f[0].lower(), f[1])
+    return rows
+
+
+def helo_name(ctl: Control, domain: str, t: Target) -> bytes:
+    """The EHLO name: control/helohosts by the recipient's domain, then by the next hop
+    (as control/tlspolicy is looked up), else helohost, else me."""
+    rows: dict[str, str] = ctl.derived("helohosts", lambda: _helo_rows(ctl))
     for key in [domain.lower()] + hop_keys(t.hop or t.host, t.port):
         if key in rows:
             return rows[key].encode("ascii", "replace")

@@ -92,7 +92,7 @@ def table(lines: list[str]) -> dict[str, str]:
 
 def level_for(ctl: Control, domain: str, t: Target) -> tuple[str, str]:
     """(level, where it came from) before smtproutes and smtpauth raise it."""
-    pol = table(ctl.lines("tlspolicy"))
+    pol: dict[str, str] = ctl.derived("tlspolicy", lambda: table(ctl.lines("tlspolicy")))
     for names in ([domain.lower()], hop_keys(t.hop or t.host, t.port)):
         m = _match(pol, names)
         if m is not None:
@@ -103,18 +103,25 @@ def level_for(ctl: Control, domain: str, t: Target) -> tuple[str, str]:
                 raise PolicyError("control/tlspolicy names an unknown level %r for %s. (#4.7.5)"
                                   % (clean(level, 40), clean(key, 100)))
             return level, "control/tlspolicy (%s)" % key
-    if _match({d.lower(): "" for d in ctl.lines("tlsverify")}, [domain.lower()]):
+    verify: dict[str, str] = ctl.derived("tlsverify", lambda: {d.lower(): ""
+                                                                 for d in ctl.lines("tlsverify")})
+    if _match(verify, [domain.lower()]):
         return "verify", "control/tlsverify"
     return "may", "default"
 
 
-def client_cert(ctl: Control, t: Target) -> tuple[str, str] | None:
-    """(certfile, keyfile) from control/tlsclientcert for the next hop, or None."""
+def _cert_rows(ctl: Control) -> dict[str, tuple[str, str]]:
     rows: dict[str, tuple[str, str]] = {}
     for line in ctl.lines("tlsclientcert"):
         f = line.split()
         if len(f) in (2, 3):
             rows.setdefault(f[0].lower(), (f[1], f[-1]))
+    return rows
+
+
+def client_cert(ctl: Control, t: Target) -> tuple[str, str] | None:
+    """(certfile, keyfile) from control/tlsclientcert for the next hop, or None."""
+    rows: dict[str, tuple[str, str]] = ctl.derived("tlsclientcert", lambda: _cert_rows(ctl))
     m = _match(rows, hop_keys(t.hop or t.host, t.port))
     return m[1] if m else None
 
