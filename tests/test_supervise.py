@@ -14,10 +14,13 @@ import shutil
 import signal
 import smtplib
 import subprocess
+import tempfile
+import time
 
 import psutil
 import pytest
 import qpytest
+import tlshelp
 
 pytestmark = [qpytest.needs_root,
               pytest.mark.skipif(not os.path.exists("/usr/bin/svscan"), reason="no daemontools")]
@@ -466,3 +469,57 @@ def test_qpy_start_restarts_each_killed_program_and_loses_nothing(host):
             start.kill()
             start.wait()
         out.close()
+
+
+def test_authd_starts_once_configured_and_its_files_are_looked_at_once_a_second(host):
+    """qpy-start looks at authd's files (control/checkpassword, control/dovecotauth,
+    auth/passwd) once a second while authd is not running, not at every line it
+    collects from its children's logs: mail flows, the first qpy-passwd still starts
+    authd within seconds."""
+    out = open(os.path.join(host.root, "log", "start.log"), "wb")
+    start = host.qroot.start("qpy-start", host.root, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert qpytest.wait_for(lambda: host.status().returncode == 0, timeout=60), \
+            host.status().stdout
+        pidfile = os.path.join(host.qroot.paths.run, "authd.pid")
+        assert not os.path.exists(pidfile)
+        sent = ["auth-look-%d" % i for i in range(10)]
+        looks, seconds, lines = _stats_of(
+            start.pid, lambda: [host.sendmail(s) for s in sent], 2.0)
+        assert qpytest.wait_for(lambda: set(host.subjects()) >= set(sent), timeout=120)
+        # a look is three stats, at most one a second; it used to be one for every
+        # wake by a log line (qpy-pickup, qpy-queue-send, ... for each message)
+        assert lines >= 2 * len(sent), lines
+        assert 0 < looks <= 3 * (seconds + 2), (looks, seconds)
+        tlshelp.set_password(host.qroot, "alice", "s3cret")
+        assert qpytest.wait_for(lambda: os.path.exists(pidfile), timeout=10)
+    finally:
+        start.terminate()
+        try:
+            start.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            start.kill()
+            start.wait()
+        out.close()
+
+
+def _stats_of(pid: int, work, settle: float) -> tuple[int, float, int]:
+    """While work() runs and settle seconds after, under strace: the stats of authd's
+    files by pid, the seconds traced, and the log lines pid read from its children."""
+    log = os.path.join(tempfile.mkdtemp(prefix="qpystrace"), "trace")
+    tracer = subprocess.Popen(["strace", "-q", "-e", "trace=stat,newfstatat,statx,read",
+                               "-e", "read=none", "-p", str(pid), "-o", log])
+    try:
+        time.sleep(1.0)                 # strace attached
+        began = time.monotonic()
+        work()
+        time.sleep(settle)
+        seconds = time.monotonic() - began + 1.0
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+    with open(log) as f:
+        text = f.read()
+    shutil.rmtree(os.path.dirname(log), ignore_errors=True)
+    looks = sum(text.count(n) for n in ("checkpassword", "dovecotauth", "auth/passwd"))
+    return looks, seconds, len(re.findall(r'read\(\d+, "qpy-', text))

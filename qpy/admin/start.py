@@ -51,7 +51,7 @@ EXIT CODES
     0 after TERM; 100 usage; 111 cannot start.
 
 NOTES
-    This module is over 400 lines (485, 58 of them this page): the supervisor
+    This module is over 400 lines (488, 58 of them this page): the supervisor
     loop, the wiring of the send group's pipes, log collection with its bounded
     buffers, and qpy-newrcpt as a child share one event loop and its state, and
     cutting them apart would pass that state between modules.
@@ -146,6 +146,7 @@ class Starter:
         self.rcpt: Child | None = None          # a running qpy-newrcpt
         self.rcpt_deadline = 0.0
         self.rcpt_again = False
+        self.auth_look = 0.0                    # when authd's files are looked at next
         self.table_first = True                 # smtpd starts after the first table
         self.table = table                      # False: the service manager runs newrcpt
 
@@ -419,10 +420,12 @@ class Starter:
                     svc.stopping = now      # and wait for the kill to be reaped
                 if svc.restart_at and now >= svc.restart_at and not self.terminating:
                     self.start(svc)
-                elif svc.name == "authd" and not (svc.children or svc.restart_at
-                                                  or self.terminating) and self.wanted("authd"):
-                    say("authd: configured now")    # the first qpy-passwd: no restart
-                    self.start(svc)
+                elif svc.name == "authd" and not (svc.children or svc.restart_at or
+                                                  self.terminating or now < self.auth_look):
+                    self.auth_look = now + 1.0      # once a second, not at every log line
+                    if self.wanted("authd"):
+                        say("authd: configured now")    # the first qpy-passwd: no restart
+                        self.start(svc)
             timeout = 1.0
             fds = [sigs.fd] + [c.logfd for c in live]
             try:

@@ -131,8 +131,7 @@ class Admitter:
             mfd = os.open(os.path.join(self.paths.mess, msg_id),
                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             try:
-                durable.write_all(mfd, received)
-                crc = self._copy_range(src, mfd, offset, length)
+                crc = self._copy_range(src, mfd, offset, length, received)
                 if crc_want is not None and zlib.crc32(env, crc) != crc_want:
                     # torn by a crash before its writer's fsync returned: never
                     # acknowledged, so its sender still has it
@@ -170,9 +169,13 @@ class Admitter:
         return True
 
     @staticmethod
-    def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
-        """Copy count bytes from offset; the CRC-32 of exactly the bytes copied."""
+    def _copy_range(src: int, dst: int, offset: int, count: int, head: bytes) -> int:
+        """Write head, then copy count bytes from offset (the head goes out with the
+        first piece: one write for a message under COPY_BYTES); the CRC-32 of exactly
+        the bytes copied."""
         crc = 0
+        if not count:
+            durable.write_all(dst, head)
         while count > 0:
             try:
                 data = os.pread(src, min(count, COPY_BYTES), offset)
@@ -181,7 +184,8 @@ class Admitter:
             if not data:
                 raise Rejected("file shrank while being read")
             crc = zlib.crc32(data, crc)
-            durable.write_all(dst, data)
+            durable.write_all(dst, head + data if head else data)
+            head = b""
             offset += len(data)
             count -= len(data)
         return crc

@@ -42,9 +42,20 @@ class Journal:
         self.path = os.path.join(paths.pickup, "journal")
         self.records = 0                  # records written since it was last emptied
         self.void_owed = False            # records of a failed batch wait for their "X"
+        self.fd: int | None = None        # open for appending, once needed
+
+    def _fd(self) -> int:
+        """The journal, opened for appending once and kept (two opens and closes a
+        batch less)."""
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        return self.fd
 
     def append(self, data: bytes, sync: bool) -> None:
-        durable.append_line(self.path, data, sync=sync)
+        """Append records; with sync they count only once this returns."""
+        durable.write_all(self._fd(), data)
+        if sync:
+            os.fsync(self._fd())
 
     def add(self, records: bytes, count: int, sync: bool) -> None:
         """Records of a batch; its "X" first when a failed batch's records precede."""
@@ -61,12 +72,8 @@ class Journal:
             return
         durable.fsync_dir(self.paths.todo)      # the renames to todo/ID
         durable.fsync_dir(self.paths.drop)      # the removals of the drop files
-        fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            os.ftruncate(fd, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.ftruncate(self._fd(), 0)
+        os.fsync(self._fd())
         self.records = 0
         self.void_owed = False
 

@@ -87,7 +87,7 @@ EXIT CODES
     0 after SIGTERM; 111 when the queue cannot be used.
 
 NOTES
-    This module is over 400 lines (428) because this page, the crash argument of
+    This module is over 400 lines (425) because this page, the crash argument of
     every step, is 94 of them; the code is the batch and the loop only (one
     message's admission is qpy.queue.admit, the journal qpy.queue.journal, the door
     qpy.queue.door).
@@ -150,7 +150,8 @@ class Pickup:
         self.admitter = Admitter(root, self.paths, self.control)
         self.door = Door.shut()           # opened by run()
         self.syncfs = _load_syncfs()
-        if os.stat(self.paths.mess).st_dev != os.stat(self.paths.todo).st_dev:
+        self.mess_fd = os.open(self.paths.mess, os.O_RDONLY | os.O_DIRECTORY)  # for syncfs
+        if os.fstat(self.mess_fd).st_dev != os.stat(self.paths.todo).st_dev:
             self.syncfs = None            # one syncfs would not cover both
 
     def _open_door(self) -> Door:
@@ -320,13 +321,9 @@ class Pickup:
     def _syncfs_queue(self) -> bool:
         """syncfs(2) of the queue's filesystem; on failure, fsync each file from now on."""
         assert self.syncfs is not None
-        fd = os.open(self.paths.mess, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if self.syncfs(fd) == 0:
-                return True
-            err = ctypes.get_errno()
-        finally:
-            os.close(fd)
+        if self.syncfs(self.mess_fd) == 0:
+            return True
+        err = ctypes.get_errno()
         log("warning: syncfs failed (%s): batch not admitted; fsync each file from now on"
             % os.strerror(err))
         self.syncfs = None

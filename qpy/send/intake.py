@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from qpy.common import envelope
 from qpy.common.log import clean, log
-from qpy.common.queue import Paths, is_id, todo_decode
+from qpy.common.queue import Paths, is_id, read_small, todo_decode
 from qpy.common.rewrite import Rewrite
 from qpy.common.state import (
     DONE,
@@ -159,9 +159,7 @@ class Intake:
                 unlink(todo_path)
             return
         try:
-            fd = os.open(todo_path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(MAX_TODO_BYTES + 1)
+            data = read_small(todo_path, MAX_TODO_BYTES)
             if len(data) > MAX_TODO_BYTES:
                 raise ValueError("todo file too large")
             todo = todo_decode(data)
