@@ -606,6 +606,44 @@ def test_pickup_recovery_finishes_committed_batches_and_undoes_the_rest(qroot):
     assert bodies() == [b"body %s\n" % t for t in (b"a", b"b", b"c", b"d", b"e")]
 
 
+@needs_root
+def test_pickup_recovery_keeps_an_answered_door_message_whose_commit_a_power_cut_took(qroot):
+    """Pickup answers a message from the door once its batch's syncfs returned, before
+    the "C" record and the rename to todo/ID reach the disk: a power cut then leaves
+    only the record and the temporaries. At start such a door message is finished
+    when its temporaries are whole (it may hold a 250), and dropped when they are
+    torn or its batch was voided by "X" (never answered). Before the fix every door
+    message of a batch without its "C" was dropped."""
+    qpyq = pwd.getpwnam("qpyq")
+    env = envelope.encode(b"a@b.example", [b"c@test.example"])
+    journal = os.path.join(qroot.paths.queue, "pickup", "journal")
+
+    def put(path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, qpyq.pw_uid, qpyq.pw_gid)
+        os.chmod(path, 0o640)
+
+    def leave(msg_id: str, torn: bool = False) -> bytes:
+        """The temporaries of a door message as the syncfs left them; its record."""
+        mess = b"Received: (qpy 1 invoked from network) id %s; now\n" % msg_id.encode() \
+            + b"Subject: door %s\n\nbody\n" % msg_id.encode()
+        put(os.path.join(qroot.paths.mess, msg_id), mess[:-3] if torn else mess)
+        put(os.path.join(qroot.paths.todo, ".tmp." + msg_id),
+            todo_encode(int(time.time()), 0, len(mess), env))
+        return b"- %s\n" % msg_id.encode()
+
+    put(journal, leave("2000001") + b"X\n" + leave("2000002") + leave("2000003", torn=True))
+    p = start_pickup(qroot)
+    assert wait_for(lambda: "2000002" in todo_ready(qroot), 30), (
+        os.listdir(qroot.paths.todo), pickup_log(qroot))
+    assert p.poll() is None
+    qroot.stop_all()
+    assert todo_ready(qroot) == ["2000002"]                 # whole, perhaps answered
+    assert sorted(queued_messages(qroot)) == ["2000002"]    # voided and torn: gone
+    assert not [n for n in os.listdir(qroot.paths.todo) if n.startswith(".tmp.")]
+
+
 # --- full disk ------------------------------------------------------------------------
 
 @needs_root

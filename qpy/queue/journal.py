@@ -14,19 +14,29 @@ RECOVERY (recover(), at start)
     Any other record may have been written before that point: its temporaries go,
     and its drop file is admitted again (at worst a second copy, never a lost one),
     as is every batch followed by "X". Whether a drop file is gone proves nothing:
-    its owner may remove it.
+    its owner may remove it. A message from the door (record "-") has no drop file
+    to come again, and pickup answers it once the batch's syncfs returned, before
+    the "C" and the renames are on disk: a power cut then takes both, and the
+    client holds a 250. So a door record without its "C" is finished when its
+    temporaries are whole (todo/.tmp.ID parses, mess/ID has its size and begins
+    with pickup's Received: line): if it was never answered its client sends it
+    again, a second copy, never a lost one. One that is not whole was never
+    answered and goes.
 """
 
 from __future__ import annotations
 
 import os
 
-from qpy.common import dropfile, durable
-from qpy.common.queue import Paths
+from qpy.common import dropfile, durable, envelope
+from qpy.common.queue import Paths, read_small, todo_decode
 
 TODO_TMP = ".tmp."
 COMMIT = b"C\n"                    # the records before it reached their commit point
 VOID = b"X\n"                      # the records before it were never committed
+DOOR = "-"                         # the record's name for a message from the door
+RECEIVED = b"Received: (qpy "     # how pickup begins every mess/ID
+TODO_LIMIT = envelope.MAX_ENVELOPE + 120
 
 
 def unlink_quietly(directory: str, name: str) -> None:
@@ -77,6 +87,21 @@ class Journal:
         self.records = 0
         self.void_owed = False
 
+    def _whole(self, msg_id: str) -> bool:
+        """The temporaries of a door message are complete (see RECOVERY)."""
+        try:
+            todo = todo_decode(read_small(os.path.join(self.paths.todo, TODO_TMP + msg_id),
+                                          TODO_LIMIT))
+            envelope.decode(todo.env)
+            fd = os.open(os.path.join(self.paths.mess, msg_id), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                head, size = os.pread(fd, len(RECEIVED), 0), os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            return False
+        return size == todo.size and head == RECEIVED
+
     def recover(self) -> None:
         """Finish every batch that reached its commit point; undo the others."""
         with open(self.path, "rb") as f:
@@ -100,11 +125,15 @@ class Journal:
         paths = self.paths
         for n, batch in enumerate(batches):
             self.records += len(batch)
+            voided = n + 1 < len(batches) and n not in marked   # followed by "X"
             if not (n in marked or any(
                     os.path.lexists(os.path.join(paths.todo, i)) for _, i in batch)):
-                for _, msg_id in batch:        # perhaps never durable: admitted again
-                    unlink_quietly(paths.mess, msg_id)
-                continue
+                kept = [] if voided else [(name, i) for name, i in batch
+                                          if name == DOOR and self._whole(i)]
+                for record in batch:           # perhaps never durable: admitted again
+                    if record not in kept:
+                        unlink_quietly(paths.mess, record[1])
+                batch = kept                   # door messages perhaps answered: kept
             for name, msg_id in batch:
                 committed.add(msg_id)
                 tmp = os.path.join(paths.todo, TODO_TMP + msg_id)

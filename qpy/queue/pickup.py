@@ -40,9 +40,9 @@ HOW A BATCH IS ADMITTED (crash safety)
        is answered with its id (qpy-smtpd says 250 only then). Messages that
        arrive at the door while a batch is being written wait for the next one,
        so one syncfs commits every message that came in meanwhile (group commit).
-       A message from the door has no drop file: its journal record names "-",
-       and a batch undone at start just loses its temporaries (it was never
-       answered, so its client still has it).
+       A message from the door has no drop file: its journal record names "-";
+       at start one without its "C" is finished when its temporaries are whole
+       (it may have been answered), else dropped (never answered: journal.py).
     At start (qpy.queue.journal's recover()), a batch whose "C" is in the journal, or one of whose
     todo/ID exists, is finished (steps 3 and 4); any other batch is undone (its
     temporaries removed, its drop files admitted again). A power cut can lose
