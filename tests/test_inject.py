@@ -68,6 +68,15 @@ def drop_empty(qroot) -> bool:
     return not os.listdir(qroot.paths.drop)
 
 
+def put(path: str, data: bytes) -> None:
+    """A queue file as pickup would leave it: qpyq's, mode 0640."""
+    qpyq = pwd.getpwnam("qpyq")
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chown(path, qpyq.pw_uid, qpyq.pw_gid)
+    os.chmod(path, 0o640)
+
+
 # --- qpy-queue-inject: qmail-queue's interface and exit codes ---------------------
 
 def test_queue_inject_writes_one_drop_file(qroot):
@@ -548,15 +557,9 @@ def test_pickup_recovery_finishes_committed_batches_and_undoes_the_rest(qroot):
     renamed (the rename comes after the commit point: a power cut took the "C"): it
     is finished, its drop file removed, nothing admitted twice. (3) a batch voided by
     "X" (its syncfs failed) before a committed one: its drop file is admitted again."""
-    qpyq = pwd.getpwnam("qpyq")
     env = envelope.encode(b"a@b.example", [b"c@test.example"])
     journal = os.path.join(qroot.paths.queue, "pickup", "journal")
 
-    def put(path: str, data: bytes) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-        os.chown(path, qpyq.pw_uid, qpyq.pw_gid)
-        os.chmod(path, 0o640)
 
     def leave(tag: str, msg_id: str, renamed: bool) -> bytes:
         """A drop file and the queue files pickup wrote for it; its journal record."""
@@ -614,15 +617,9 @@ def test_pickup_recovery_keeps_an_answered_door_message_whose_commit_a_power_cut
     when its temporaries are whole (it may hold a 250), and dropped when they are
     torn or its batch was voided by "X" (never answered). Before the fix every door
     message of a batch without its "C" was dropped."""
-    qpyq = pwd.getpwnam("qpyq")
     env = envelope.encode(b"a@b.example", [b"c@test.example"])
     journal = os.path.join(qroot.paths.queue, "pickup", "journal")
 
-    def put(path: str, data: bytes) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-        os.chown(path, qpyq.pw_uid, qpyq.pw_gid)
-        os.chmod(path, 0o640)
 
     def leave(msg_id: str, torn: bool = False) -> bytes:
         """The temporaries of a door message as the syncfs left them; its record."""

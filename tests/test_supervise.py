@@ -7,6 +7,7 @@ Everything runs as root with the real users; skipped otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -423,11 +424,26 @@ def test_daemontools(host):
         scan.stop()
 
 
-def test_qpy_start_restarts_each_killed_program_and_loses_nothing(host):
+@contextlib.contextmanager
+def _start(host):
+    """qpy-start on host's root, its output in log/start.log; stopped at the end."""
     out = open(os.path.join(host.root, "log", "start.log"), "wb")
     start = host.qroot.start("qpy-start", host.root, stdout=out, stderr=subprocess.STDOUT)
-    sent: list[str] = []
     try:
+        yield start
+    finally:
+        start.terminate()
+        try:
+            start.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            start.kill()
+            start.wait()
+        out.close()
+
+
+def test_qpy_start_restarts_each_killed_program_and_loses_nothing(host):
+    sent: list[str] = []
+    with _start(host):
         assert qpytest.wait_for(lambda: host.status().returncode == 0, timeout=60), \
             host.status().stdout
         run = host.qroot.paths.run
@@ -461,14 +477,6 @@ def test_qpy_start_restarts_each_killed_program_and_loses_nothing(host):
         print("qpy-start kill test: %d messages, %d duplicate deliveries %s"
               % (len(sent), len(got) - len(set(got)), dups))
         assert set(host.subjects()) == set(sent)
-    finally:
-        start.terminate()
-        try:
-            start.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            start.kill()
-            start.wait()
-        out.close()
 
 
 def test_authd_starts_once_configured_and_its_files_are_looked_at_once_a_second(host):
@@ -476,9 +484,7 @@ def test_authd_starts_once_configured_and_its_files_are_looked_at_once_a_second(
     auth/passwd) once a second while authd is not running, not at every line it
     collects from its children's logs: mail flows, the first qpy-passwd still starts
     authd within seconds."""
-    out = open(os.path.join(host.root, "log", "start.log"), "wb")
-    start = host.qroot.start("qpy-start", host.root, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with _start(host) as start:
         assert qpytest.wait_for(lambda: host.status().returncode == 0, timeout=60), \
             host.status().stdout
         pidfile = os.path.join(host.qroot.paths.run, "authd.pid")
@@ -493,14 +499,6 @@ def test_authd_starts_once_configured_and_its_files_are_looked_at_once_a_second(
         assert 0 < looks <= 3 * (seconds + 2), (looks, seconds)
         tlshelp.set_password(host.qroot, "alice", "s3cret")
         assert qpytest.wait_for(lambda: os.path.exists(pidfile), timeout=10)
-    finally:
-        start.terminate()
-        try:
-            start.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            start.kill()
-            start.wait()
-        out.close()
 
 
 def _stats_of(pid: int, work, settle: float) -> tuple[int, float, int]:
