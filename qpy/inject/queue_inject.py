@@ -12,8 +12,10 @@ READS
     `QPY_ROOT` (default /var/qpy); `control/databytes`.
 
 WRITES
-    one drop file in `queue/drop/`: temporary name, write, fsync, rename, fsync
-    of the directory. Exit 0 only after that.
+    one drop file in `queue/drop/`: written under a temporary name, renamed to
+    its final name, then fsync'd once, which makes the bytes and the rename
+    durable together (qpy.inject.drop says why; the injecting user cannot open
+    drop/ to fsync it). Exit 0 only after that fsync.
 
 SECURITY
     Addresses pass the strict parser before anything is written; the drop file
