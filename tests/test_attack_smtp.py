@@ -7,6 +7,7 @@ qpy-queue-inject, qpy-sendmail and qpy-pickup, started from the installed prefix
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -282,6 +283,31 @@ def test_finding5_session_limit(server, qroot):
     assert got.count(b"250 2.0.0 Ok") >= 2
     assert took < 10, took
     assert server.wait_log("result session too long")
+
+
+def test_finding5_client_that_never_reads_is_cut_off(server, qroot):
+    """Pipelined commands from a client that never reads a reply: once the replies
+    fill the socket, the write waits at most timeoutsmtpd and the session ends (the
+    worker's socket is non-blocking: a write that finds no room falls back to poll)."""
+    qroot.control("timeoutsmtpd", "2")
+    reload(server)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", server.port))
+    s.setblocking(False)
+    burst = b"NOOP\r\n" * 20000
+    end = time.monotonic() + 15
+    sent = 0
+    while time.monotonic() < end and not server.wait_log("result timeout", 0.05):
+        try:
+            sent += s.send(burst)
+        except BlockingIOError:
+            pass
+    try:
+        assert server.wait_log("result timeout", 30), server.log()[-2000:]
+        assert sent > 1 << 20          # far more replies than the socket buffers hold
+    finally:
+        s.close()
 
 
 # -- finding 7: nothing after a refused DATA runs as a command -------------------------------

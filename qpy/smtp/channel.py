@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import stat
 import time
 from collections.abc import Callable
 
@@ -52,9 +53,13 @@ class Closed(Exception):
 
 class Channel:
     def __init__(self, rfd: int = 0, wfd: int = 1, timeout: float = 1200.0,
-                 session: float = 0.0):
+                 session: float = 0.0, own_socket: bool = False):
         self.rfd = rfd
         self.wfd = wfd
+        # A connection's socket that no other process shares (own_socket: fd 0 and 1
+        # of qpy-tcpserver's worker or ucspi-tcp's child) is made non-blocking: a reply
+        # is written at once and waits (poll) only when the socket has no room.
+        self._try_write = own_socket and _make_nonblocking(wfd)
         self.timeout = timeout
         self.session_end = time.monotonic() + session if session > 0 else float("inf")
         self.inbuf = bytearray()
@@ -83,7 +88,8 @@ class Channel:
         raise SessionTimeout() if self.session_end <= deadline else Timeout()
 
     # -- raw I/O: a TLS layer replaces these two -------------------------------
-    def _wait(self, fd: int, event: int, left: Callable[[], float]) -> None:
+    def _wait(self, fd: int, event: int, deadline: float) -> None:
+        """Until fd is ready for event; Timeout at deadline, SessionTimeout at the end."""
         # one poll object per descriptor and event for the Channel's life
         p = self._polls.get(fd * 8 + event)
         if p is None:
@@ -91,32 +97,43 @@ class Channel:
             p.register(fd, event)
         while True:
             try:
-                if p.poll(left() * 1000):
+                if p.poll(self._left(deadline) * 1000):
                     return
             except InterruptedError:
                 continue
 
     def recv_raw(self, n: int) -> bytes:
         """Up to n bytes; b'' at end of input; raises Timeout."""
-        self._wait(self.rfd, select.POLLIN, self.read_wait)
-        try:
-            return os.read(self.rfd, n)
-        except OSError as e:
-            if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
-                return b""
-            raise
+        while True:
+            self._wait(self.rfd, select.POLLIN, self.deadline)
+            try:
+                return os.read(self.rfd, n)
+            except BlockingIOError:     # a non-blocking socket woke with nothing after all
+                continue
+            except OSError as e:
+                if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+                    return b""
+                raise
 
     def send_raw(self, data: bytes) -> None:
         view = memoryview(data)
+        if self._try_write:
+            view = view[self._write(view):]
         while view:
-            self._wait(self.wfd, select.POLLOUT, self.write_wait)
-            try:
-                n = os.write(self.wfd, view)
-            except OSError as e:
-                if e.errno in (errno.EPIPE, errno.ECONNRESET):
-                    raise Closed()
-                raise
-            view = view[n:]
+            # `timeout` for room from now: it starts again after each write that made
+            # progress, never at each wake-up (a client that reads nothing is cut off)
+            self._wait(self.wfd, select.POLLOUT, time.monotonic() + self.timeout)
+            view = view[self._write(view):]
+
+    def _write(self, view: memoryview) -> int:
+        try:
+            return os.write(self.wfd, view)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno in (errno.EPIPE, errno.ECONNRESET):
+                raise Closed()
+            raise
 
     # -- buffered output: replies wait until we would block on input -------------
     def write(self, data: bytes) -> None:
@@ -235,6 +252,17 @@ class Channel:
 
 
 HOP_FIELDS = (b"received:", b"delivered-to:")
+
+
+def _make_nonblocking(fd: int) -> bool:
+    """Make fd non-blocking if it is a socket; whether it is."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        os.set_blocking(fd, False)
+    except OSError:
+        return False
+    return True
 
 
 def _header_hops(chunk: bytes, line_start: bool, hops: int) -> tuple[int, bool]:

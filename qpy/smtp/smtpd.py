@@ -139,7 +139,9 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
             pass
         return 0
     # STARTTLS, implicit TLS and AUTH (qpy.smtp.secure); plain SMTP without a cert.
-    session = SecureSession(cfg, env, Channel(rfd, wfd, cfg.timeout, cfg.session_timeout))
+    # PROTO: a network connection (qpy-tcpserver, ucspi-tcp), never sendmail -bs's stdio
+    channel = Channel(rfd, wfd, cfg.timeout, cfg.session_timeout, own_socket="PROTO" in env)
+    session = SecureSession(cfg, env, channel)
     try:
         session.run()
     finally:
