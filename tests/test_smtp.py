@@ -331,7 +331,7 @@ def test_recipient_syntax_and_literals(server, qroot):
     r = session(server.port, b"MAIL FROM:<a@b.example>",
                 b"RCPT TO:<${run{touch /tmp/p}}@test.example>", b"RCPT TO:<${run{x}}@test.example>",
                 b"RCPT TO:<u@[IPv6:::1]>", b"RCPT TO:<u@[IPv6:zz]>", b"RCPT TO:<u@[1.2.3.999]>",
-                b"RCPT TO:<>", b"RCPT TO:<u@b.example> NOTIFY=NEVER",
+                b"RCPT TO:<>", b"RCPT TO:<u@b.example> XFOO=NEVER",
                 b"RCPT TO:<\xe2\x82\xac@b.example>", b'RCPT TO:<"a b"@b.example>')
     assert codes(r) == [250, 501, 550, 250, 501, 501, 501, 555, 553, 250]
     assert r[4].startswith(b"501 5.1.3 ") and r[8].startswith(b"553 5.6.7 ")

@@ -7,11 +7,17 @@ descriptor (SCM_RIGHTS), never a path: the spawner and its children need no
 access to `queue/mess/` at all.
 
     request:  b"R" DELIVERY \\0 SENDER \\0 RCPT \\0 RCPT ...      + 1 fd
+              b"N" DELIVERY \\0 MAIL-PARAMS \\0 SENDER \\0 (RCPT \\0 RCPT-PARAMS \\0)...
+                                                                    + 1 fd
     result:   b"S" DELIVERY \\0 (STATUS TEXT \\0) per recipient, in request order
 
 DELIVERY is a decimal number chosen by queue-send; STATUS is K (delivered),
-Z (temporary failure, retry) or D (permanent failure, bounce); TEXT is printable,
-at most MAX_TEXT bytes.
+R (delivered to a peer that does not offer DSN, for a recipient whose NOTIFY
+asks for SUCCESS: queue-send sends the `relayed` notice), Z (temporary failure,
+retry) or D (permanent failure, bounce); TEXT is printable, at most MAX_TEXT
+bytes. The N request carries the DSN parameters (qpy.common.dsnparam's canonical
+form, possibly empty) to qpy-rspawn; queue-send sends it only for a message that
+has some.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from __future__ import annotations
 import array
 import socket
 
+from qpy.common import dsnparam
+
 MAX_DATAGRAM = 256 * 1024
 MAX_TEXT = 1000
 MAX_RCPTS = 100
+STATUSES = (b"K", b"R", b"Z", b"D")
 MAX_NUMBER = 20             # digits of a delivery number (int() of more is slow, or refused)
 
 # every byte but printable ASCII becomes "_" (one C call, not a Python loop per byte)
@@ -48,16 +57,37 @@ def receive(sock: socket.socket, ancbufsize: int = 0, flags: int = 0) -> tuple[b
     return _VIEW[:n].tobytes(), ancdata, got_flags
 
 
+class Dsn:
+    """The DSN parameters of one request: the message's and each recipient's."""
+
+    __slots__ = ("mail", "rcpt")
+
+    def __init__(self, mail: bytes, rcpt: list[bytes]):
+        self.mail = mail
+        self.rcpt = rcpt
+
+
 def send_request(sock: socket.socket, delivery: int, sender: bytes, rcpts: list[bytes],
-                 fd: int) -> None:
+                 fd: int, dsn: Dsn | None = None) -> None:
     if not rcpts or len(rcpts) > MAX_RCPTS:
         raise SpawnError("bad recipient count")
-    data = b"R%d\0%s\0%s\0" % (delivery, sender, b"\0".join(rcpts))
+    if dsn is None:
+        data = b"R%d\0%s\0%s\0" % (delivery, sender, b"\0".join(rcpts))
+    else:
+        data = b"N%d\0%s\0%s\0%s\0" % (delivery, dsn.mail, sender, b"\0".join(
+            b"%s\0%s" % pair for pair in zip(rcpts, dsn.rcpt, strict=True)))
     sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
 
 def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | None:
     """(delivery, sender, recipients, message fd); None at end of file."""
+    got = recv_request_dsn(sock)
+    return None if got is None else got[:4]
+
+
+def recv_request_dsn(sock: socket.socket
+                     ) -> tuple[int, bytes, list[bytes], int, Dsn | None] | None:
+    """recv_request() with the DSN parameters of an N request (None for R)."""
     fds = array.array("i")
     data, ancdata, flags = receive(sock, socket.CMSG_SPACE(fds.itemsize))
     for level, kind, cdata in ancdata:
@@ -68,9 +98,21 @@ def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | N
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1:
             raise SpawnError("bad request framing")
-        if not data.startswith(b"R") or not data.endswith(b"\0"):
+        if data[:1] not in (b"R", b"N") or not data.endswith(b"\0"):
             raise SpawnError("bad request")
         fields = data[1:-1].split(b"\0")
+        dsn = None
+        if data[:1] == b"N":
+            if len(fields) < 5 or len(fields) % 2 == 0:
+                raise SpawnError("bad request fields")
+            dsn = Dsn(fields.pop(1), fields[3::2])
+            del fields[3::2]
+            try:        # what qpy-remote would send on the wire: checked as any input
+                dsnparam.mail_params(dsn.mail)
+                for p in dsn.rcpt:
+                    dsnparam.rcpt_params(p)
+            except dsnparam.DsnError as e:
+                raise SpawnError("bad DSN parameters: %s" % e)
         if len(fields) < 3 or not fields[0].isdigit() or len(fields[0]) > MAX_NUMBER \
                 or len(fields) - 2 > MAX_RCPTS:
             raise SpawnError("bad request fields")
@@ -78,14 +120,14 @@ def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | N
         for fd in fds:
             socket.close(fd)
         raise
-    return int(fields[0]), fields[1], fields[2:], fds[0]
+    return int(fields[0]), fields[1], fields[2:], fds[0], dsn
 
 
 def encode_result(delivery: int, results: list[tuple[bytes, bytes]]) -> bytes:
     """The result datagram; results: (status K/Z/D, text) per recipient, in request order."""
     parts = [b"S%d\0" % delivery]
     for status, text in results:
-        if status not in (b"K", b"Z", b"D"):
+        if status not in STATUSES:
             raise SpawnError("bad status")
         parts.append(status + _clean(text) + b"\0")
     return b"".join(parts)
@@ -112,7 +154,7 @@ def decode_result(data: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
         raise SpawnError("bad result delivery number")
     results = []
     for f in fields[1:]:
-        if not f or f[:1] not in (b"K", b"Z", b"D"):
+        if not f or f[:1] not in STATUSES:
             raise SpawnError("bad result status")
         if len(f) > 1 + MAX_TEXT or _clean(f[1:]) != f[1:]:
             raise SpawnError("bad result text")

@@ -11,7 +11,9 @@ FORMAT
 
         QPYSTATE1 <TAB> ID <TAB> ARRIVAL <TAB> SIZE <TAB> UID <TAB> QP
         F <TAB> sender
-        R <TAB> i <TAB> L|R <TAB> address <TAB> delivery address      (one per recipient)
+        P <TAB> mail-params                (only when the message has DSN parameters)
+        R <TAB> i <TAB> L|R <TAB> address <TAB> delivery address [<TAB> rcpt-params]
+                                           (one per recipient; rcpt-params: its DSN ones)
         E                                                             (end of the head)
         K <TAB> i             (one per recipient already delivered, in the same write)
 
@@ -23,11 +25,17 @@ FORMAT
     each fsync'd before it counts:
 
         K <TAB> i                        recipient i delivered (done; never undone)
+        K <TAB> i <TAB> R                delivered to a peer without DSN (relayed)
+        N <TAB> i                        the success notice for i is injected
         Z <TAB> i <TAB> NEXT <TAB> text  temporary failure, next try at NEXT
         D <TAB> i <TAB> WHEN <TAB> text  permanent failure at WHEN; a bounce is owed
                                          (older files: `D <TAB> i <TAB> text`)
         B <TAB> i                        the bounce for i is injected (bounced)
         W                                the delayed-delivery warning is injected
+
+    The DSN parameters (P, the sixth R field) are in their canonical form
+    (qpy.common.dsnparam, checked when read); a file without them, written before
+    they existed, reads as before: no parameters.
 
     A crash can tear only the last, unsynced record: readers ignore a final line
     without LF, and queue-send cuts it off before appending (`repair()`).
@@ -54,10 +62,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from qpy.common import durable
+from qpy.common import dsnparam, durable
 
 MAGIC = b"QPYSTATE1"
 MAX_STATE_BYTES = 64 * 1024 * 1024     # far past 100,000 recipients with their records
@@ -89,6 +97,17 @@ class RecipientState:
     error: str = ""                 # the last failure text
     bounce_owed: bool = False       # failed for good, bounce not yet injected
     last_attempt: int = 0           # when it last failed (0: unknown; kept for a D)
+    dsn: bytes = b""                # its DSN parameters (NOTIFY, ORCPT), canonical
+    relayed: bool = False           # handed to a peer that does not offer DSN
+    noticed: bool = False           # its success notice is injected
+
+    def notice_owed(self) -> bool:
+        """Delivered with NOTIFY=SUCCESS, here or to a peer that did not take DSN (a
+        peer that did was given NOTIFY and notifies itself: RFC 3461 5.2), and its
+        success notice not injected yet."""
+        return self.state == DONE and not self.noticed and bool(self.dsn) \
+            and (self.channel == LOCAL or self.relayed) \
+            and dsnparam.wants(self.dsn, b"SUCCESS")
 
 
 @dataclass
@@ -101,11 +120,13 @@ class MessageState:
     sender: bytes
     recipients: list[RecipientState] = field(default_factory=list)
     warned: bool = False            # the delayed-delivery warning went out
+    dsn: bytes = b""                # the message's DSN parameters (RET, ENVID), canonical
 
     def finished(self) -> bool:
-        """Every recipient done or bounced with the bounce injected."""
-        return all(r.state == DONE or (r.state == BOUNCED and not r.bounce_owed)
-                   for r in self.recipients)
+        """Every recipient done (its success notice injected, if owed) or bounced with
+        the bounce injected."""
+        return all((r.state == DONE and not r.notice_owed())
+                   or (r.state == BOUNCED and not r.bounce_owed) for r in self.recipients)
 
 
 def clean_text(text: bytes | str) -> bytes:
@@ -120,11 +141,14 @@ def encode_head(ms: MessageState, done: Iterable[int] = ()) -> bytes:
     lines = [b"\t".join([MAGIC, ms.id.encode(), b"%d" % ms.arrival, b"%d" % ms.size,
                          b"%d" % ms.uid, b"%d" % ms.qp]),
              b"F\t" + ms.sender]
+    if ms.dsn:
+        lines.append(b"P\t" + ms.dsn)
     for i, r in enumerate(ms.recipients):
         lines.append(b"R\t%d\t%s\t%s\t%s" % (i, b"L" if r.channel == LOCAL else b"R",
-                                           r.address, r.delivery_address))
+                                           r.address, r.delivery_address)
+                     + (b"\t" + r.dsn if r.dsn else b""))
     lines.append(b"E")
-    lines += [b"K\t%d" % i for i in done]
+    lines += [b"K\t%d\tR" % i if ms.recipients[i].relayed else b"K\t%d" % i for i in done]
     return b"\n".join(lines) + b"\n"
 
 
@@ -148,12 +172,17 @@ def decode(data: bytes) -> MessageState:
     ms = MessageState(head[1].decode("ascii", "replace"), _int(head[2]), _int(head[3]),
                       _int(head[4]), _int(head[5]), lines[1][2:])
     pos = 2
+    if len(lines) > 2 and lines[2].startswith(b"P\t"):
+        ms.dsn = _dsn(lines[2][2:], dsnparam.mail_params)
+        pos = 3
     while pos < len(lines) and lines[pos] != b"E":
         f = lines[pos].split(b"\t")
-        if len(f) != 5 or f[0] != b"R" or _int(f[1]) != len(ms.recipients) \
+        if len(f) not in (5, 6) or f[0] != b"R" or _int(f[1]) != len(ms.recipients) \
                 or f[2] not in (b"L", b"R"):
             raise StateError("bad recipient record")
-        ms.recipients.append(RecipientState(f[3], LOCAL if f[2] == b"L" else REMOTE, f[4]))
+        ms.recipients.append(RecipientState(f[3], LOCAL if f[2] == b"L" else REMOTE, f[4],
+                                            dsn=_dsn(f[5], dsnparam.rcpt_params)
+                                            if len(f) == 6 else b""))
         pos += 1
     if pos >= len(lines):
         raise StateError("state head not complete")
@@ -169,6 +198,9 @@ def decode(data: bytes) -> MessageState:
         kind = f[0]
         if kind == b"K":
             r.state, r.bounce_owed, r.error = DONE, False, ""
+            r.relayed = f[2:] == [b"R"]
+        elif kind == b"N":
+            r.noticed = True
         elif r.state == DONE:
             continue  # done stays done, whatever follows
         elif kind == b"Z" and len(f) == 4 and f[2].isdigit():
@@ -182,6 +214,16 @@ def decode(data: bytes) -> MessageState:
         elif kind == b"B":
             r.state, r.bounce_owed = BOUNCED, False
     return ms
+
+
+def _dsn(value: bytes, check: Callable[[bytes], dict]) -> bytes:
+    try:
+        if not value:
+            raise dsnparam.DsnError("empty")
+        check(value)
+    except dsnparam.DsnError as e:
+        raise StateError("bad DSN parameters: %s" % e)
+    return value
 
 
 def read_state(path: str) -> MessageState:
@@ -252,8 +294,12 @@ class StateFile:
         # durable: the records are fsync'd before append_line returns; only then they count
         durable.append_line(self.path, records)
 
-    def done(self, i: int) -> None:
-        self._append(b"K\t%d\n" % i)
+    def done(self, i: int, relayed: bool = False) -> None:
+        self._append(b"K\t%d\tR\n" % i if relayed else b"K\t%d\n" % i)
+
+    def noticed(self, indexes: list[int]) -> None:
+        # one write, one fsync for the whole batch of a success notice
+        self._append(b"".join(b"N\t%d\n" % i for i in indexes))
 
     def deferred(self, i: int, next_try: int, text: bytes | str) -> None:
         self._append(b"Z\t%d\t%d\t%s\n" % (i, next_try, clean_text(text)))

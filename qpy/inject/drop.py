@@ -164,10 +164,12 @@ class Drop:
         if self._memory and self.size > MEMORY_MAX:
             self._spill()
 
-    def commit(self, sender: bytes, recipients: list[bytes]) -> str:
+    def commit(self, sender: bytes, recipients: list[bytes], mail: bytes = b"",
+               rcpt: list[bytes] | None = None) -> str:
         """Append the envelope, fix the header, make it durable; returns the id (the
-        final name; a fresh one only if another user's file took this one)."""
-        env = envelope.encode(sender, recipients)
+        final name; a fresh one only if another user's file took this one). `mail`
+        and `rcpt`: the DSN parameters (qpy.common.envelope's P and Q records)."""
+        env = envelope.encode(sender, recipients, mail, rcpt)
         try:
             envelope.decode(env)  # the queue never holds an envelope pickup would refuse
         except envelope.EnvelopeError as e:
@@ -292,7 +294,7 @@ def through_door(root: str, fd: int, want: str) -> str:
 
 
 def inject(root: str, message: bytes, sender: bytes, recipients: list[bytes],
-           databytes: int = 0) -> str:
+           databytes: int = 0, mail: bytes = b"", rcpt: list[bytes] | None = None) -> str:
     """Queue a whole message; returns its id or raises InjectError."""
     d = Drop(root, databytes)
     try:
@@ -300,4 +302,4 @@ def inject(root: str, message: bytes, sender: bytes, recipients: list[bytes],
     except BaseException:
         d.abort()
         raise
-    return d.commit(sender, recipients)
+    return d.commit(sender, recipients, mail, rcpt)

@@ -105,8 +105,10 @@ class Front:
         return addr
 
     def queue(self, message: bytes, sender: bytes | None, recipients: list[bytes],
-              full_name: bytes, take_recipients: bool) -> int:
-        """Queue the message; sender None: from_address(). Exit code."""
+              full_name: bytes, take_recipients: bool, mail: bytes = b"",
+              rcpt: bytes = b"") -> int:
+        """Queue the message; sender None: from_address(). Exit code. `mail`, `rcpt`:
+        DSN parameters (qpy.common.dsnparam) for the message and for every recipient."""
         # the user's address (an NSS lookup without LOGNAME or USER, and a control
         # file) and idhost only where they are used: the usual `sendmail -f ADDR` of a
         # message with From: and Message-ID: lines needs none of them
@@ -135,7 +137,7 @@ class Front:
         except ControlError as e:
             return self.fail(EXIT_TEMP, str(e))   # malformed: 111 from every front end
         try:
-            inject(self.root, message, sender, rcpts, limit)
+            inject(self.root, message, sender, rcpts, limit, mail, [rcpt] * len(rcpts))
         except InjectError as e:
             why = "temp"
             if e.code == 31:                      # over databytes: the message itself

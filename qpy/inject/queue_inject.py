@@ -91,8 +91,8 @@ def run(root: str) -> int:
                 break
             drop.write(data)
         env = _read_all(1, envelope.MAX_ENVELOPE)
-        sender, rcpts = envelope.decode(env)
-        drop.commit(sender, rcpts)
+        e = envelope.decode_all(env)
+        drop.commit(e.sender, e.recipients, e.mail, e.rcpt)
     except InjectError as e:
         drop.abort()
         return _fail(e.code, str(e))

@@ -21,10 +21,20 @@ DESCRIPTION
                       on the command line are added, as Postfix does.
     -i, -oi           a line of a single dot does not end the message (without
                       it, such a line ends it, as sendmail's default).
-    -N DSN, -R RET, -V ENVID, -B TYPE, -L LABEL, -O OPT, -X FILE, -C FILE,
+    -N DSN            delivery status notifications wanted for every recipient
+                      (RFC 3461 NOTIFY, as Postfix's sendmail): `never`, or a
+                      comma-separated list of `success`, `delay`, `failure`
+                      (any case). Without it: failures and delays, as ever.
+    -R RET            `full` or `hdrs`: what of the message a failure notice
+                      returns (RFC 3461 RET).
+    -V ENVID          an envelope id (printable ASCII, at most 100 characters)
+                      that notices quote as Original-Envelope-Id (RFC 3461 ENVID).
+                      Each goes with the message to a peer that offers DSN; a bad
+                      value is a usage error (exit 64).
+    -B TYPE, -L LABEL, -O OPT, -X FILE, -C FILE,
     -h HOPS, -p PROTO, -e MODE, -M MACRO, -d FLAGS, -A ARG, -Q REASON
-                      accepted and ignored: qpy keeps no DSN parameters, its
-                      logs go where its services log, its config is the root.
+                      accepted and ignored: its logs go where its services log,
+                      its config is the root.
     -o X              -oi as above; every other -o (-odb, -odi, -oem, -om...)
                       is accepted and ignored.
     -v -m -n -c -G -U -x -s -T
@@ -118,6 +128,8 @@ class Command:
         self.dot_ends = True
         self.operands: list[bytes] = []
         self.alias_file = "/etc/aliases"
+        self.dsn_mail: dict[bytes, bytes] = {}   # RET, ENVID (qpy.common.dsnparam)
+        self.notify = b""
 
 
 def _b(a: str) -> bytes:
@@ -179,6 +191,17 @@ def _option(cmd: Command, c: str, value: str) -> None:
             cmd.dot_ends = False
         elif value[:1] == "A" and len(value) > 1:     # sendmail 8's AliasFile option
             cmd.alias_file = value[1:].lstrip("=")
+    elif c in ("N", "R", "V"):
+        from qpy.common import dsnparam  # only when asked: sendmail starts small
+        try:
+            if c == "N":
+                cmd.notify = b"NOTIFY=" + dsnparam.notify_value(_b(value).replace(b" ", b""))
+            elif c == "R":
+                cmd.dsn_mail[b"RET"] = dsnparam.ret_value(_b(value))
+            else:
+                cmd.dsn_mail[b"ENVID"] = dsnparam.envid_value(_b(value), encoded=False)
+        except dsnparam.DsnError as e:
+            raise Usage("-%s: %s" % (c, e))
     elif c == "b":
         if value in REFUSED_MODES:
             raise Usage(REFUSED_MODES[value])
@@ -204,4 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(message, int):
         return message
     name = cmd.name or posix.environ.get(b"QMAILNAME") or posix.environ.get(b"NAME") or b""
-    return front.queue(message, cmd.sender, cmd.operands, name, cmd.take)
+    mail = b""
+    if cmd.dsn_mail:
+        from qpy.common import dsnparam
+        mail = dsnparam.join_mail(cmd.dsn_mail)
+    return front.queue(message, cmd.sender, cmd.operands, name, cmd.take, mail, cmd.notify)

@@ -101,7 +101,8 @@ class Admitter:
             env = os.pread(fd, h.envlen, h.length + h.msglen)
             if len(env) != h.envlen:
                 raise Rejected("envelope truncated")
-            sender, rcpts = envelope.decode(env)
+            decoded = envelope.decode_all(env)
+            sender, rcpts = decoded.sender, decoded.recipients
         except (dropfile.DropError, envelope.EnvelopeError) as e:
             raise Rejected(str(e))
         except OSError as e:
@@ -122,9 +123,10 @@ class Admitter:
             received = b"Received: (qpy %d invoked %s) id %s; %s\n" % (
                 h.pid, who, msg_id.encode(), rfc5322_date(now, weekday=False).encode())
             size = len(received) + length
-            if self._reserve(msg_id, todo_encode(int(now), st.st_uid, size,
-                                                 envelope.encode(sender, rcpts), h.pid),
-                             sync):
+            # the DSN parameters ride along (a recipient a filter kept keeps its own)
+            todo = todo_encode(int(now), st.st_uid, size,
+                               decoded.with_recipients(sender, rcpts).encode(), h.pid)
+            if self._reserve(msg_id, todo, sync):
                 break
             msg_id = None
         try:

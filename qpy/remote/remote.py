@@ -130,7 +130,7 @@ import tempfile
 from qpy.common.control import Control
 from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
-from qpy.remote.transaction import D, K, Z, deliver
+from qpy.remote.transaction import RELAYED, D, K, Z, deliver
 
 EXIT_USAGE = 111
 
@@ -139,8 +139,8 @@ def report(results: list[tuple[bytes, bytes]]) -> bytes:
     """qmail-remote's output: r/h/s per recipient, then K/Z/D for the message."""
     out = []
     for status, text in results:
-        out.append({K: b"r", D: b"h", Z: b"s"}[status] + text + b"\0")
-    ok = [t for s, t in results if s == K]
+        out.append({K: b"r", RELAYED: b"r", D: b"h", Z: b"s"}[status] + text + b"\0")
+    ok = [t for s, t in results if s in (K, RELAYED)]
     if ok:
         out.append(K + ok[0] + b"\0")
     elif any(s == Z for s, _ in results):

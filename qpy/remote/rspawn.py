@@ -154,7 +154,7 @@ class Spawner:
     def take(self) -> None:
         """Receive one request; on end of file, stop."""
         try:
-            req = spawn.recv_request(self.rec)          # type: ignore[arg-type]
+            req = spawn.recv_request_dsn(self.rec)      # type: ignore[arg-type]
         except spawn.SpawnError as e:
             self.bad_request(str(e))
             return
@@ -172,7 +172,7 @@ class Spawner:
         self.pending.append(req)
 
     def bad_request(self, why: str) -> None:
-        fields = self.rec.last[1:].split(b"\0") if self.rec.last.startswith(b"R") else []
+        fields = self.rec.last[1:].split(b"\0") if self.rec.last[:1] in (b"R", b"N") else []
         if fields and fields[0].isdigit() and len(fields[0]) < 20:
             count = min(spawn.MAX_RCPTS, max(1, len(fields) - 3))
             log("bad request for delivery %s: %s" % (fields[0].decode(), why))
@@ -184,13 +184,13 @@ class Spawner:
     def start(self) -> None:
         """Hand waiting requests, in order, to workers while there are workers to have."""
         while self.pending:
-            delivery, sender, rcpts, fd = self.pending[0]
+            delivery, sender, rcpts, fd, dsn = self.pending[0]
             for _ in range(SEND_TRIES):
                 w = self.pick(request_domain(rcpts))
                 if w is None:
                     return                  # it waits for a worker to become free
                 try:
-                    spawn.send_request(w.sock, delivery, sender, rcpts, fd)
+                    spawn.send_request(w.sock, delivery, sender, rcpts, fd, dsn)
                     break
                 except OSError as e:        # it died just now; it had no delivery of ours
                     log("cannot reach qpy-remote %d: %s" % (w.pid, e.strerror))
@@ -327,7 +327,7 @@ class Spawner:
         self.stopping = True
         self.sel.unregister(self.sock)
         while self.pending:
-            delivery, _, rcpts, fd = self.pending.popleft()
+            delivery, _, rcpts, fd, _ = self.pending.popleft()
             os.close(fd)
             self.answer_z(delivery, len(rcpts), b"qpy-rspawn is stopping. (#4.3.0)")
         self.pool.retire_idle(0.0)

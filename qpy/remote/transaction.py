@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from qpy.common import address
+from qpy.common import address, dsnparam, spawn
 from qpy.common.control import Control
 from qpy.remote import dane, mtasts, session, smtpauth, tlspolicy
 from qpy.remote.conncache import Cached, ConnCache
@@ -25,6 +25,7 @@ from qpy.remote.wire import Conn, PeerError, Reply, TLSHandshakeFailed, end, lit
 RSET_WAIT = 20.0            # seconds for the RSET that proves a cached connection alive
 
 K, Z, D = b"K", b"Z", b"D"
+RELAYED = b"R"      # K to a peer without DSN, for a recipient whose NOTIFY has SUCCESS
 
 
 class Closed(Exception):
@@ -39,12 +40,13 @@ class Job:
     """One message to the recipients of one domain; results fill in as we go."""
 
     def __init__(self, ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, domain: str,
-                 cache: ConnCache | None = None):
+                 cache: ConnCache | None = None, dsn: spawn.Dsn | None = None):
         self.ctl = ctl
         self.cache = cache
         self.reusing = False        # a transaction on a cached connection is running
         self.sender = sender
         self.rcpts = rcpts
+        self.dsn = dsn          # RET/ENVID and NOTIFY/ORCPT, for a peer that offers DSN
         self.fd = fd
         self.domain = domain
         self.results: list[tuple[bytes, bytes] | None] = [None] * len(rcpts)
@@ -260,8 +262,13 @@ class Job:
         if self.eight and converted is None:
             params += b" BODY=8BITMIME"
         todo = self.open()
+        dsn = self.dsn if "DSN" in ext else None    # per connection: a cached one has its own
+        if dsn is not None and dsn.mail:
+            params += b" " + dsn.mail
         mail = b"MAIL FROM:<%s>%s\r\n" % (self.sender, params)
-        rcpts = [b"RCPT TO:<%s>\r\n" % self.rcpts[i] for i in todo]
+        rcpts = [b"RCPT TO:<%s>%s\r\n" % (self.rcpts[i], b" " + dsn.rcpt[i]
+                                           if dsn is not None and dsn.rcpt[i] else b"")
+                 for i in todo]
         piped = "PIPELINING" in ext
         rset = b"RSET\r\n" if self.reusing else b""    # a cached connection: prove it
         if piped:                           # one round trip (RFC 2920: DATA ends the group)
@@ -327,8 +334,11 @@ class Job:
                         " Possible duplicate!%s (#4.4.2)" % (ip, e, tls), accepted)
             return False
         if r.code // 100 == 2:
-            self.settle(K, "%s accepted message.%s %s"
-                        % (ip, tls, conn.said(r)), accepted)
+            text = "%s accepted message.%s %s" % (ip, tls, conn.said(r))
+            if dsn is None and self.dsn is not None:    # NOTIFY=SUCCESS ends here: relayed
+                self.settle(RELAYED, text, [i for i in accepted
+                                            if dsnparam.wants(self.dsn.rcpt[i], b"SUCCESS")])
+            self.settle(K, text, accepted)
         else:
             self._check_421(r, ip, conn)
             self.settle(D if r.code // 100 == 5 else Z, "%s failed after I sent the message.%s"
@@ -337,7 +347,8 @@ class Job:
 
 
 def deliver(ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, host: str = "",
-            cache: ConnCache | None = None) -> list[tuple[bytes, bytes]]:
+            cache: ConnCache | None = None, dsn: spawn.Dsn | None = None
+            ) -> list[tuple[bytes, bytes]]:
     """Deliver the message on `fd`; (status, text) per recipient, in order.
 
     Recipients are routed by their domain, or all by `host` when it is given.
@@ -363,7 +374,8 @@ def deliver(ctl: Control, sender: bytes, rcpts: list[bytes], fd: int, host: str 
     if cache is not None:
         cache.retain(set(groups))
     for dom, idx in groups.items():
-        job = Job(ctl, sender, [rcpts[i] for i in idx], fd, dom, cache)
+        part = None if dsn is None else spawn.Dsn(dsn.mail, [dsn.rcpt[i] for i in idx])
+        job = Job(ctl, sender, [rcpts[i] for i in idx], fd, dom, cache, part)
         try:
             job.run()
         except (PeerError, OSError) as e:      # e.g. the message fd cannot be read

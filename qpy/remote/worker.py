@@ -122,15 +122,15 @@ def serve(sock: socket.socket, ctl: Control) -> int:
             set_title(IDLE_TITLE)
             wait_for_request(sock, cache)
             try:
-                req = spawn.recv_request(sock)  # SpawnError: qpy-rspawn answers Z
+                req = spawn.recv_request_dsn(sock)  # SpawnError: qpy-rspawn answers Z
             except ConnectionResetError:        # it closed our pair with a note unread
                 req = None
             if req is None:
                 return 0
-            delivery, sender, rcpts, fd = req
+            delivery, sender, rcpts, fd, dsn = req
             try:
                 set_title("qpy-remote %s" % clean(rcpts[0].rpartition(b"@")[2], 100))
-                results = deliver(ctl, sender, rcpts, fd, cache=cache)
+                results = deliver(ctl, sender, rcpts, fd, cache=cache, dsn=dsn)
             finally:
                 os.close(fd)
             sock.send(encode_idle(cache.domain()) + b"\n"

@@ -1,5 +1,6 @@
 """bounce — the delivery status notifications qpy-queue-send sends: the bounce for
-failed recipients, and the warning for delayed ones.
+failed recipients, the warning for delayed ones, and the success notice for
+recipients whose NOTIFY asked for one (RFC 3461).
 
 An RFC 3464 `multipart/report; report-type=delivery-status`, built with the stdlib
 `email` package:
@@ -7,19 +8,21 @@ An RFC 3464 `multipart/report; report-type=delivery-status`, built with the stdl
 1. text/plain in qmail's bounce layout (QSBMF): it starts `Hi. This is the`, one
    paragraph per recipient starting `<address>:` with the reason, and a break
    paragraph starting `---`. People and qmail-era scripts read this part.
-2. message/delivery-status: `Reporting-MTA`, `Arrival-Date`, then per recipient
-   `Final-Recipient`, `Action` (failed, or delayed in a warning), `Status`,
+2. message/delivery-status: `Original-Envelope-Id` (the sender's ENVID, when
+   given), `Reporting-MTA`, `Arrival-Date`, then per recipient
+   `Original-Recipient` (from ORCPT, when given), `Final-Recipient`, `Action`
+   (failed; delayed in a warning; delivered, or relayed to a peer that does not
+   offer DSN, in a success notice), `Status`,
    `Remote-MTA` (when a server replied), `Diagnostic-Code`, `Last-Attempt-Date`
    (when known) and, in a warning, `Will-Retry-Until`. Status and Diagnostic-Code
    come from qpy.common.dsn: the server's enhanced code (RFC 3463) and
    `smtp; REPLY` with its whole reply when a server refused; else the basic
    code's class (`5.0.0`), or qpy's own `#x.y.z` code and `x-qpy; TEXT`. A
    warning never carries a class-5 Status. Modern clients read this part.
+   A success notice has Status 2.0.0 and no Diagnostic-Code.
 3. the original message (message/rfc822), or only its header (text/rfc822-headers)
-   when it is larger than MAX_FULL_COPY, and always in a warning.
-
-Original-Recipient is not written: qpy does not keep the address a recipient had
-before it reached this host (no DSN ORCPT in the queue).
+   when it is larger than MAX_FULL_COPY or the sender asked RET=HDRS, and always in
+   a warning and a success notice.
 
 The original is never parsed: it is copied byte for byte.
 """
@@ -58,6 +61,12 @@ WARN_INTRO = ("Hi. This is the qpy-queue-send program at {host}.\n"
               "is only a warning: qpy keeps trying until {until},\n"
               "and you need not send the message again. The last reason given for\n"
               "each address follows it.\n")
+SUCCESS_INTRO = ("Hi. This is the qpy-queue-send program at {host}.\n"
+                 "Your message was delivered to the addresses below, as you asked to\n"
+                 "be told.\n")
+DELIVERED = "Delivered to the mailbox.\n"
+RELAYED = ("Handed on to a mail server that does not report deliveries: no further\n"
+           "notice will come from there.\n")
 BREAK = "--- The delivery report and a copy of the message follow this text.\n"
 WARN_BREAK = "--- The delivery report and the header of the message follow this text.\n"
 DOUBLE_BREAK = "--- The delivery report and the original bounce follow this text.\n"
@@ -69,6 +78,7 @@ class Entry:
     address: bytes
     reason: str
     last_attempt: int = 0           # seconds since the epoch; 0: unknown
+    original: str = ""              # Original-Recipient (`rfc822;addr`, from ORCPT) or ""
 
 
 def status_code(reason: str) -> str:
@@ -107,7 +117,8 @@ def read_original(path: str, size_limit: int = MAX_FULL_COPY) -> tuple[bytes, bo
 
 
 def build(host: str, bounce_from: str, to: bytes, failures: list[Entry],
-          original: bytes, whole: bool, arrival: int, double: bool = False) -> bytes:
+          original: bytes, whole: bool, arrival: int, double: bool = False,
+          envid: str = "") -> bytes:
     """The bounce message (LF line ends) for the failed recipients."""
     human = (DOUBLE_INTRO if double else INTRO).format(host=host) + "\n"
     for e in failures:
@@ -115,11 +126,11 @@ def build(host: str, bounce_from: str, to: bytes, failures: list[Entry],
     human += DOUBLE_BREAK if double else BREAK
     blocks = [_block(e, "failed") for e in failures]
     return _report(host, bounce_from, to, "failure notice", human, arrival, blocks,
-                   original, whole)
+                   original, whole, envid)
 
 
 def build_warning(host: str, bounce_from: str, to: bytes, delayed: list[Entry],
-                  header: bytes, arrival: int, retry_until: int) -> bytes:
+                  header: bytes, arrival: int, retry_until: int, envid: str = "") -> bytes:
     """The delayed-delivery warning (RFC 3464 Action: delayed), with the header of
     the message only."""
     until = rfc5322_date(retry_until)
@@ -133,13 +144,36 @@ def build_warning(host: str, bounce_from: str, to: bytes, delayed: list[Entry],
         b["Will-Retry-Until"] = until
         blocks.append(b)
     return _report(host, bounce_from, to, "Delayed Mail (still being retried)", human,
-                   arrival, blocks, header, False)
+                   arrival, blocks, header, False, envid)
+
+
+def build_success(host: str, bounce_from: str, to: bytes, done: list[tuple[Entry, bool]],
+                  header: bytes, arrival: int, envid: str = "") -> bytes:
+    """The success notice (RFC 3461 NOTIFY=SUCCESS) for recipients delivered here
+    (Action: delivered) or handed to a peer that does not offer DSN (relayed,
+    the second of each pair True), with the header of the message only."""
+    human = SUCCESS_INTRO.format(host=host) + "\n"
+    blocks = []
+    for e, relayed in done:
+        human += "<%s>:\n%s\n" % (_text(e.address), RELAYED if relayed else DELIVERED)
+        b = Message()
+        if e.original:
+            b["Original-Recipient"] = _text(e.original)
+        b["Final-Recipient"] = "rfc822; " + _text(e.address)
+        b["Action"] = "relayed" if relayed else "delivered"
+        b["Status"] = "2.0.0"
+        blocks.append(b)
+    human += WARN_BREAK
+    return _report(host, bounce_from, to, "Successful Mail Delivery Report", human,
+                   arrival, blocks, header, False, envid)
 
 
 def _block(e: Entry, action: str) -> Message:
     """The per-recipient fields of RFC 3464 section 2.3, in its order."""
     f = dsn.facts(_text(e.reason)[:MAX_REASON], failed=action == "failed")
     b = Message()
+    if e.original:
+        b["Original-Recipient"] = _text(e.original)
     b["Final-Recipient"] = "rfc822; " + _text(e.address)
     b["Action"] = action
     b["Status"] = f.status
@@ -152,7 +186,7 @@ def _block(e: Entry, action: str) -> Message:
 
 
 def _report(host: str, bounce_from: str, to: bytes, subject: str, human: str, arrival: int,
-            blocks: list[Message], original: bytes, whole: bool) -> bytes:
+            blocks: list[Message], original: bytes, whole: bool, envid: str = "") -> bytes:
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = bounce_from
     report["To"] = _text(to) if to else "<>"
@@ -171,6 +205,8 @@ def _report(host: str, bounce_from: str, to: bytes, subject: str, human: str, ar
     status = Message()
     status["Content-Type"] = "message/delivery-status"
     top = Message()
+    if envid:
+        top["Original-Envelope-Id"] = _text(envid)
     top["Reporting-MTA"] = "dns; " + host
     top["Arrival-Date"] = rfc5322_date(arrival)
     status.set_payload([top] + blocks)

@@ -35,6 +35,8 @@ from qpy.common.state import BOUNCED, DEFERRED, DONE, LOCAL, REMOTE
 from qpy.send.intake import Msg
 from qpy.send.schedule import EXPIRED, NO_REMOTE, due, dying, next_try
 
+DELIVERED = (b"K", b"R")     # R: relayed to a peer without DSN (qpy.common.spawn)
+
 
 class Lost(Exception):
     """A spawner or qpy-clean went away: exit so that qpy-start restarts the group."""
@@ -162,8 +164,11 @@ class Deliveries:
         self.dnum += 1
         d = self.dnum
         rcpts = [st.recipients[j].delivery_address for j in indexes]
+        dsn = None      # the DSN parameters go to qpy-remote, to pass on to a peer
+        if channel == REMOTE and (st.dsn or any(st.recipients[j].dsn for j in indexes)):
+            dsn = spawn.Dsn(st.dsn, [st.recipients[j].dsn for j in indexes])
         try:
-            spawn.send_request(sock, d, sender, rcpts, fd)
+            spawn.send_request(sock, d, sender, rcpts, fd, dsn)
         except OSError as e:
             raise Lost("unable to write to the %s spawner: %s" % (channel, e.strerror))
         finally:
@@ -236,13 +241,14 @@ class Deliveries:
             if len(dl.indexes) > 1:
                 what = "%s: %s" % (clean(r.delivery_address), what)
             if m.removing:
-                log("delivery %d: %s" % (d, "success: " + what if status == b"K"
+                log("delivery %d: %s" % (d, "success: " + what if status in DELIVERED
                                          else "ignored for removed msg: " + what))
                 continue
-            if status == b"K":
+            if status in DELIVERED:
+                relayed = status == b"R"    # to a peer without DSN: the notice says relayed
                 if not m.backed_by_todo:
-                    m.sf.done(i)    # fsync'd: from here on the recipient stays done
-                r.state, r.error = DONE, ""     # todo-backed: in memory (see below)
+                    m.sf.done(i, relayed)   # fsync'd: from here on the recipient stays done
+                r.state, r.error, r.relayed = DONE, "", relayed  # todo-backed: in memory
                 log("delivery %d: success: %s" % (d, what))
             elif status == b"Z" and not dl.dying:
                 self.defer(m, i, nxt, text)

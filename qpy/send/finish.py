@@ -4,11 +4,18 @@ arrived, at a deferral).
 
 A message settles when none of its deliveries is in flight: the failures it owes
 a bounce for are bounced (one bounce per message and failure batch, once no
-recipient is still untried), and a message with nothing left is finished:
+recipient is still untried), the deliveries it owes a success notice for
+(RFC 3461 NOTIFY=SUCCESS) are reported, and a message with nothing left is finished:
 qpy-clean removes mess/ID and todo/ID (qpy.common.cleanreq), then state/ID goes.
 A bounce or clean-up that fails is tried again after RETRY_LATER seconds or on
 SIGALRM. A message named in `queue/rm/` (qpy-qrm) is finished as soon as its
 deliveries in flight are in, without bounces.
+
+NOTIFY (RFC 3461): a recipient whose NOTIFY lacks FAILURE (NEVER among them) gets
+no bounce (its B record is written and the log says so); one whose NOTIFY lacks
+DELAY is left out of the delay warning. A success notice is injected before its
+N records are fsync'd, as a bounce before its B records: a crash between the two
+sends it once more, never not at all.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ from __future__ import annotations
 import os
 import time
 
-from qpy.common import address, cleanreq
+from qpy.common import address, cleanreq, dsnparam
 from qpy.common.log import clean, log
 from qpy.common.queue import Paths, is_id
-from qpy.common.state import DEFERRED, WAITING, MessageState
+from qpy.common.state import DEFERRED, WAITING, MessageState, RecipientState
 from qpy.inject.drop import InjectError, inject
 from qpy.send import bounce
 from qpy.send.intake import Msg, unlink
@@ -63,13 +70,28 @@ class Finishing:
             if not self.send_bounce(m, owed):
                 self.later(m, now)
                 return
+        noticed = [i for i, r in enumerate(st.recipients) if r.notice_owed()]
+        if noticed and not self.send_notices(m, noticed):
+            self.later(m, now)
+            return
         if st.finished():
             self.finish(m, "", now)
 
     def send_bounce(self, m: Msg, owed: list[int]) -> bool:
         """The bounce for the `owed` recipients; for a VERP sender one per recipient,
         each to that recipient's return path (a failed injection sends those already
-        injected again at the retry, as a crash would)."""
+        injected again at the retry, as a crash would). A recipient whose NOTIFY
+        asks for no failure notice gets none."""
+        quiet = [i for i in owed if not dsnparam.wants(m.st.recipients[i].dsn, b"FAILURE")]
+        if quiet:
+            self.persist(m)
+            m.sf.bounced(quiet)      # fsync'd
+            _mark_bounced(m.st, quiet)
+            log("no bounce msg %s for %s: NOTIFY without FAILURE" % (m.st.id, ",".join(
+                clean(m.st.recipients[i].address) for i in quiet)))
+            owed = [i for i in owed if i not in quiet]
+            if not owed:
+                return True
         if address.is_verp(m.st.sender):
             return all(self._bounce(m, [i], address.verp(m.st.sender,
                                                          m.st.recipients[i].address))
@@ -78,8 +100,7 @@ class Finishing:
 
     def _bounce(self, m: Msg, owed: list[int], sender: bytes) -> bool:
         st = m.st
-        failures = [bounce.Entry(st.recipients[i].address, st.recipients[i].error,
-                                 st.recipients[i].last_attempt) for i in owed]
+        failures = [_entry(st.recipients[i]) for i in owed]
         if st.sender == b"":
             if all(st.recipients[i].address.lower() == self.doublebounce.lower()
                    for i in owed):
@@ -95,8 +116,10 @@ class Finishing:
             original, whole = bounce.read_original(os.path.join(self.paths.mess, st.id))
         except OSError:
             original, whole = b"", False
+        if whole and dsnparam.headers_only(st.dsn):      # RET=HDRS
+            original, whole = bounce.header_of(original), False
         text = bounce.build(self.bouncehost, self.bouncefrom, to, failures, original, whole,
-                            st.arrival, double)
+                            st.arrival, double, dsnparam.envid_of(st.dsn))
         try:
             inject(self.root, text, b"", [to])
         except (InjectError, OSError) as e:
@@ -119,8 +142,8 @@ class Finishing:
         if self.delaywarning <= 0 or st.warned or st.sender == b"" or m.removing \
                 or now - st.arrival < self.delaywarning * 3600:
             return
-        delayed = [bounce.Entry(r.address, r.error, r.last_attempt)
-                   for r in st.recipients if r.state == DEFERRED]
+        delayed = [_entry(r) for r in st.recipients
+                   if r.state == DEFERRED and dsnparam.wants(r.dsn, b"DELAY")]
         if not delayed:
             return
         try:
@@ -129,11 +152,10 @@ class Finishing:
             original = b""
         to = st.sender
         if address.is_verp(to):     # the return path of the first recipient delayed
-            to = address.verp(to, next(r.address for r in st.recipients
-                                       if r.state == DEFERRED))
+            to = address.verp(to, delayed[0].address)
         text = bounce.build_warning(self.bouncehost, self.bouncefrom, to, delayed,
                                     bounce.header_of(original), st.arrival,
-                                    st.arrival + self.lifetime)
+                                    st.arrival + self.lifetime, dsnparam.envid_of(st.dsn))
         try:
             inject(self.root, text, b"", [to])
         except (InjectError, OSError) as e:
@@ -144,6 +166,38 @@ class Finishing:
         m.sf.warned()       # fsync'd
         st.warned = True
         log("delay warning msg %s qp %d" % (st.id, os.getpid()))
+
+    def send_notices(self, m: Msg, owed: list[int]) -> bool:
+        """The success notices (RFC 3461 NOTIFY=SUCCESS) for the `owed` recipients:
+        one per message and batch, one per recipient for a VERP sender, none to <>."""
+        st = m.st
+        if st.sender == b"":
+            batches: list[tuple[bytes, list[int]]] = []
+        elif address.is_verp(st.sender):
+            batches = [(address.verp(st.sender, st.recipients[i].address), [i]) for i in owed]
+        else:
+            batches = [(st.sender, owed)]
+        try:
+            original, _ = bounce.read_original(os.path.join(self.paths.mess, st.id))
+        except OSError:
+            original = b""
+        for to, indexes in batches:
+            text = bounce.build_success(
+                self.bouncehost, self.bouncefrom, to,
+                [(_entry(st.recipients[i]), st.recipients[i].relayed) for i in indexes],
+                bounce.header_of(original), st.arrival, dsnparam.envid_of(st.dsn))
+            try:
+                inject(self.root, text, b"", [to])
+            except (InjectError, OSError) as e:
+                log("warning: trouble injecting success notice, will try later: %s"
+                    % clean(str(e)))
+                return False
+        self.persist(m)
+        m.sf.noticed(owed)      # fsync'd; a crash just before it sends the notice twice
+        for i in owed:
+            st.recipients[i].noticed = True
+        log("success notice msg %s qp %d" % (st.id, os.getpid()))
+        return True
 
     def later(self, m: Msg, now: float) -> None:
         """A bounce or clean-up failed: try again after RETRY_LATER (or on SIGALRM)."""
@@ -213,6 +267,11 @@ def stale(path: str) -> bool:
         return time.time() - os.lstat(path).st_mtime > RM_TMP_AGE
     except OSError:
         return False
+
+
+def _entry(r: RecipientState) -> bounce.Entry:
+    return bounce.Entry(r.address, r.error, r.last_attempt,
+                        dsnparam.original_recipient(r.dsn) if r.dsn else "")
 
 
 def _mark_bounced(st: MessageState, owed: list[int]) -> None:

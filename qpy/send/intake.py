@@ -163,7 +163,8 @@ class Intake:
             if len(data) > MAX_TODO_BYTES:
                 raise ValueError("todo file too large")
             todo = todo_decode(data)
-            sender, rcpts = envelope.decode(todo.env)
+            env = envelope.decode_all(todo.env)
+            sender = env.sender
         except FileNotFoundError:
             return
         except (OSError, ValueError) as e:
@@ -185,10 +186,11 @@ class Intake:
         log("new msg %s" % msgid)
         log("info msg %s: bytes %d from <%s> qp %d uid %d" % (
             msgid, todo.size, clean(sender), todo.qp, todo.uid))
-        st = MessageState(msgid, todo.arrival, todo.size, todo.uid, todo.qp, sender)
-        for r in rcpts:
+        st = MessageState(msgid, todo.arrival, todo.size, todo.uid, todo.qp, sender,
+                          dsn=env.mail)
+        for r, dsn in zip(env.recipients, env.rcpt, strict=True):
             route = self.rewrite.route(r)   # the classification qpy-smtpd's RCPT check made
-            st.recipients.append(RecipientState(r, route.channel, route.address))
+            st.recipients.append(RecipientState(r, route.channel, route.address, dsn=dsn))
         self.msgs[msgid] = m = Msg(st, sf)
         for i, r in enumerate(st.recipients):
             heapq.heappush(self.heaps[r.channel], (0, msgid, i))

@@ -7,12 +7,16 @@ raises CommandError with the SMTP reply to give; none can raise anything else.
 Addresses themselves are checked by qpy.common.address (the one parser); here
 we only find the path's end (respecting quoted local parts, so that `>` inside
 quotes does not end it) and parse the ESMTP parameters after it (RFC 5321
-4.1.2 esmtp-param; values limited to printable ASCII without `=` and space).
+4.1.2 esmtp-param; values limited to printable ASCII without `=` and space);
+the DSN parameters' values (RFC 3461) by qpy.common.dsnparam.
 """
 
 from __future__ import annotations
 
+from qpy.common import dsnparam
+
 MAX_COMMAND = 512        # RFC 5321 4.5.3.1.4: a command line with its CRLF
+MAX_DSN_COMMAND = MAX_COMMAND + 500   # RFC 3461 4: MAIL and RCPT with DSN parameters
 MAX_PARAMS = 10          # more ESMTP parameters than this is not a real client
 MAX_RECEIVED_TEXT = 120  # longest HELO or host name copied into a Received line
 
@@ -101,6 +105,27 @@ def parse_path_arg(arg: bytes, keyword: bytes) -> tuple[bytes, dict[bytes, bytes
     if tail and not tail.startswith(b" "):
         raise CommandError(501, "5.5.4 Syntax error after the address")
     return rest[:end + 1], parse_params(tail)
+
+
+def line_too_long(line: bytes) -> bool:
+    """A command line (without its CRLF) over its limit: MAX_COMMAND, and
+    MAX_DSN_COMMAND for MAIL and RCPT (RFC 3461 4)."""
+    limit = MAX_DSN_COMMAND if line[:5].upper() in (b"MAIL ", b"RCPT ") else MAX_COMMAND
+    return len(line) + 2 > limit
+
+
+def dsn_params(params: dict[bytes, bytes | None], keys: dict) -> dict[bytes, bytes]:
+    """The canonical values of those `params` that are among the DSN `keys`
+    (dsnparam.MAIL_KEYS or RCPT_KEYS); a malformed one is 501."""
+    have = {}
+    for key, value in params.items():
+        check = keys.get(key)
+        if check is not None:
+            try:
+                have[key] = check(value)
+            except dsnparam.DsnError as e:
+                raise CommandError(501, "5.5.4 %s" % e)
+    return have
 
 
 def parse_size(value: bytes | None) -> int:

@@ -12,6 +12,7 @@ in this read or a later one, and none of it may run as a command.
 
 from __future__ import annotations
 
+from qpy.common import dsnparam, envelope
 from qpy.common.exits import permanent
 from qpy.common.log import clean, log
 from qpy.common.rfcdate import rfc5322_date
@@ -124,7 +125,8 @@ class DataCommand:
             raise CommandError(552, "5.3.4 Message size exceeds fixed maximum message size")
         if hops >= MAX_HOPS:
             raise CommandError(554, "5.4.6 Too many hops, this message is looping")
-        sender, recipients = self.sender or b"", self.recipients
+        env = envelope.Envelope(self.sender or b"", self.recipients,
+                                dsnparam.join_mail(self.dsn_mail), self.dsn_rcpt)
         if gate is not None and failure is None:
             try:
                 gate.close()
@@ -141,10 +143,10 @@ class DataCommand:
             else:
                 if edited is None:
                     return
-                sender, recipients = edited
+                env = env.with_recipients(*edited)
         if failure is None:
             try:
-                name = drop.commit(sender, recipients)
+                name = drop.commit(env.sender, env.recipients, env.mail, env.rcpt)
             except InjectError as e:
                 failure = e
             else:

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from qpy.common import address, rewrite
+from qpy.common import address, dsnparam, rewrite
 from qpy.common.control import effective_limit
 from qpy.common.log import clean, log
 from qpy.common.state import LOCAL
@@ -29,8 +29,10 @@ from qpy.inject.drop import Drop
 from qpy.smtp import ratelimit, screen
 from qpy.smtp.channel import Channel, Closed, SessionTimeout, Timeout
 from qpy.smtp.command import (
-    MAX_COMMAND,
+    MAX_DSN_COMMAND,
     CommandError,
+    dsn_params,
+    line_too_long,
     parse_path_arg,
     parse_size,
     split_line,
@@ -104,6 +106,8 @@ class Session(DataCommand):
         self.sender: bytes | None = None
         self.recipients: list[bytes] = []
         self.smtputf8 = False
+        self.dsn_mail: dict[bytes, bytes] = {}     # RET, ENVID (qpy.common.dsnparam)
+        self.dsn_rcpt: list[bytes] = []            # each recipient's NOTIFY, ORCPT
 
     def close(self) -> None:
         """Release what the session holds besides rfd/wfd (the TLS layer's socket)."""
@@ -189,9 +193,9 @@ class Session(DataCommand):
         self.closing = True
 
     def one_command(self) -> None:
-        line, too_long = self.ch.read_line(MAX_COMMAND)
+        line, too_long = self.ch.read_line(MAX_DSN_COMMAND)
         self.command = line[:80]
-        if too_long:
+        if too_long or line_too_long(line):
             self.command = b"(line too long)"
             self.reply(500, "5.5.2 Line too long")
             return
@@ -256,7 +260,7 @@ class Session(DataCommand):
 
     def ehlo_keywords(self) -> list[str]:
         size = "SIZE %d" % self.databytes
-        return (["PIPELINING", "8BITMIME", size, "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        return (["PIPELINING", "8BITMIME", size, "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
                 + self.extensions)
 
     def cmd_ehlo(self, arg: bytes) -> None:
@@ -278,7 +282,10 @@ class Session(DataCommand):
         if params and not self.esmtp:
             raise CommandError(555, "5.5.4 Parameters need EHLO")
         self.smtputf8 = False
+        self.dsn_mail = dsn_params(params, dsnparam.MAIL_KEYS)     # RET, ENVID
         for key, value in params.items():
+            if key in self.dsn_mail:
+                continue
             handler = self.mail_params.get(key)
             if handler is None:
                 raise CommandError(555, "5.5.4 Unsupported parameter %s" % clean(key, 20))
@@ -322,7 +329,10 @@ class Session(DataCommand):
         if self.sender is None:
             raise CommandError(503, "5.5.1 Need MAIL before RCPT")
         path, params = parse_path_arg(arg, b"TO:")
-        if params:
+        if params and not self.esmtp:
+            raise CommandError(555, "5.5.4 Parameters need EHLO")
+        have = dsn_params(params, dsnparam.RCPT_KEYS)       # NOTIFY, ORCPT
+        if len(have) != len(params):
             raise CommandError(555, "5.5.4 Unsupported RCPT parameter")
         if path[1:-1].lower() == b"postmaster":
             rcpt = b"postmaster@" + self.cfg.me.lower().encode("utf-8")
@@ -355,10 +365,11 @@ class Session(DataCommand):
             raise CommandError(*self.blocked)
         is_local = self.check_local(route)
         if self.filters:
-            verdict = self.filters.rcpt(rcpt, [], is_local)
+            verdict = self.filters.rcpt(rcpt, [k + b"=" + v for k, v in have.items()], is_local)
             if verdict is not None:
                 return self.refuse(verdict)
         self.recipients.append(rcpt)
+        self.dsn_rcpt.append(dsnparam.join_rcpt(have))
         self.rcpt_total += 1
         self.reply(250, "2.1.5 Ok")
 
