@@ -67,6 +67,12 @@ PROTOCOL
     LOGIN after EHLO when control/smtpauth has credentials for the next hop
     (only inside TLS unless the line says cleartext-ok); a refused AUTH
     defers with the server's reply. PIPELINING and SIZE when offered.
+    DSN (RFC 3461): to a peer whose EHLO offers DSN (per connection: a cached
+    one keeps the keywords it was opened with), the message's RET and ENVID go
+    on MAIL and each recipient's NOTIFY and ORCPT on its RCPT, as queued
+    (canonical, xtext re-encoded); to one that does not, none of them, and a
+    recipient whose NOTIFY asks for SUCCESS is reported R (relayed) instead of
+    K so that qpy-queue-send sends the `Action: relayed` notice (RFC 3461 5.2).
     Per-recipient RCPT results; the DATA result applies to the accepted ones;
     421 at any point defers all that is left. The message goes with CRLF
     line ends, dot-stuffed; bare CR and LF become CRLF, a missing final line

@@ -196,7 +196,8 @@ class Finishing:
         m.sf.noticed(owed)      # fsync'd; a crash just before it sends the notice twice
         for i in owed:
             st.recipients[i].noticed = True
-        log("success notice msg %s qp %d" % (st.id, os.getpid()))
+        log("success notice msg %s qp %d" % (st.id, os.getpid()) if batches
+            else "no success notice msg %s: the sender is <>" % st.id)
         return True
 
     def later(self, m: Msg, now: float) -> None:

@@ -33,7 +33,16 @@ WRITES
     on fd 2.
 
 SMTP
-    RFC 5321 with PIPELINING, 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8.
+    RFC 5321 with PIPELINING, 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8, DSN.
+    DSN (RFC 3461, qpy.common.dsnparam): MAIL takes RET=FULL|HDRS and
+    ENVID=xtext (at most 100 characters, printable ASCII once decoded), RCPT
+    NOTIFY=NEVER or a list of SUCCESS, DELAY, FAILURE, and ORCPT=rfc822;xtext or
+    utf-8;utf-8-addr-xtext (at most 500 characters); each at most once, the
+    xtext decoded strictly (a NUL, CR, LF or bad `+XX` is refused). A
+    malformed one is 501 5.5.4, any other parameter 555 5.5.4, and any
+    parameter after HELO (not EHLO) 555 5.5.4. They are queued with the
+    message and the recipient (in the canonical form: upper-case keywords,
+    xtext re-encoded).
     RECIPIENTS (docs/addresses.md). The address is parsed strictly and its
     local part put in canonical form (`"joe"@d` is `joe@d`); C0 and C1
     controls, DEL, U+2028 and U+2029 are refused (501 5.1.3). When RELAYCLIENT
@@ -50,8 +59,9 @@ SMTP
     (control/databytes, 52428800 when absent, qpy.common.control.message_limit;
     a client rule's DATABYTES only lowers it) is advertised as SIZE n, refused at
     MAIL for a larger SIZE= and after the real end of a larger DATA (552 5.3.4,
-    nothing queued, the session goes on). A command line over 512 bytes gets
-    500 5.5.2; bytes sent before the 354 reply to DATA close the session.
+    nothing queued, the session goes on). A command line over 512 bytes (1012
+    for MAIL and RCPT, the room RFC 3461 gives ENVID and ORCPT) gets 500 5.5.2;
+    bytes sent before the 354 reply to DATA close the session.
 
 LIMITS (against clients that harvest, trickle or stay; docs/security.md)
     timeoutsmtpd (default 1200 s): a whole command line must arrive within it,
