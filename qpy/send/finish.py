@@ -112,19 +112,12 @@ class Finishing:
             to, double = self.doublebounce, True
         else:
             to, double = sender, False
-        try:
-            original, whole = bounce.read_original(os.path.join(self.paths.mess, st.id))
-        except OSError:
-            original, whole = b"", False
+        original, whole = self.original(st.id)
         if whole and dsnparam.headers_only(st.dsn):      # RET=HDRS
             original, whole = bounce.header_of(original), False
         text = bounce.build(self.bouncehost, self.bouncefrom, to, failures, original, whole,
                             st.arrival, double, dsnparam.envid_of(st.dsn))
-        try:
-            inject(self.root, text, b"", [to])
-        except (InjectError, OSError) as e:
-            log("warning: trouble injecting bounce message, will try later: %s"
-                % clean(str(e)))
+        if not self.report(text, to, "bounce message"):
             return False
         self.persist(m)
         m.sf.bounced(owed)  # fsync'd; a crash just before it sends the bounce twice
@@ -146,21 +139,14 @@ class Finishing:
                    if r.state == DEFERRED and dsnparam.wants(r.dsn, b"DELAY")]
         if not delayed:
             return
-        try:
-            original, _ = bounce.read_original(os.path.join(self.paths.mess, st.id))
-        except OSError:
-            original = b""
+        original, _ = self.original(st.id)
         to = st.sender
         if address.is_verp(to):     # the return path of the first recipient delayed
             to = address.verp(to, delayed[0].address)
         text = bounce.build_warning(self.bouncehost, self.bouncefrom, to, delayed,
                                     bounce.header_of(original), st.arrival,
                                     st.arrival + self.lifetime, dsnparam.envid_of(st.dsn))
-        try:
-            inject(self.root, text, b"", [to])
-        except (InjectError, OSError) as e:
-            log("warning: trouble injecting delay warning, will try later: %s"
-                % clean(str(e)))
+        if not self.report(text, to, "delay warning"):
             return
         self.persist(m)
         m.sf.warned()       # fsync'd
@@ -177,20 +163,13 @@ class Finishing:
             batches = [(address.verp(st.sender, st.recipients[i].address), [i]) for i in owed]
         else:
             batches = [(st.sender, owed)]
-        try:
-            original, _ = bounce.read_original(os.path.join(self.paths.mess, st.id))
-        except OSError:
-            original = b""
+        original, _ = self.original(st.id)
         for to, indexes in batches:
             text = bounce.build_success(
                 self.bouncehost, self.bouncefrom, to,
                 [(_entry(st.recipients[i]), st.recipients[i].relayed) for i in indexes],
                 bounce.header_of(original), st.arrival, dsnparam.envid_of(st.dsn))
-            try:
-                inject(self.root, text, b"", [to])
-            except (InjectError, OSError) as e:
-                log("warning: trouble injecting success notice, will try later: %s"
-                    % clean(str(e)))
+            if not self.report(text, to, "success notice"):
                 return False
         self.persist(m)
         m.sf.noticed(owed)      # fsync'd; a crash just before it sends the notice twice
@@ -198,6 +177,22 @@ class Finishing:
             st.recipients[i].noticed = True
         log("success notice msg %s qp %d" % (st.id, os.getpid()) if batches
             else "no success notice msg %s: the sender is <>" % st.id)
+        return True
+
+    def original(self, msgid: str) -> tuple[bytes, bool]:
+        """mess/ID for a report (bounce.read_original), or nothing when unreadable."""
+        try:
+            return bounce.read_original(os.path.join(self.paths.mess, msgid))
+        except OSError:
+            return b"", False
+
+    def report(self, text: bytes, to: bytes, what: str) -> bool:
+        """Inject a bounce, warning or notice from <>; False (logged) when it failed."""
+        try:
+            inject(self.root, text, b"", [to])
+        except (InjectError, OSError) as e:
+            log("warning: trouble injecting %s, will try later: %s" % (what, clean(str(e))))
+            return False
         return True
 
     def later(self, m: Msg, now: float) -> None:
