@@ -18,6 +18,7 @@ import test_remote
 from qpytest import maildir_messages, needs_root, wait_for
 from remote_peers import PrivatePostfix, RawPeer, basic_session
 from smtphelp import Client, Listener
+from test_door import smtp_system
 from test_remote import MSG, PEER
 from test_send import Qpy, _queue_owner, bounces, queue_empty, user
 
@@ -189,10 +190,9 @@ def test_notify_never_success_and_default_through_smtp(qroot):
     qroot.control("acceptunknown", "1")
     a = user("da", qroot)
     b = user("db", qroot)
-    q = Qpy(qroot)
-    s = Listener(qroot)
+    q, smtp_port = smtp_system(qroot)      # qpy-start's own smtpd service
     try:
-        c = session(s.port)
+        c = session(smtp_port)
         for cmd in (b"MAIL FROM:<qtda@test.example> RET=FULL ENVID=env+2B42",
                     b"RCPT TO:<qtdsnnobody1@test.example> NOTIFY=NEVER",
                     b"RCPT TO:<qtdsnnobody2@test.example>",
@@ -229,7 +229,6 @@ def test_notify_never_success_and_default_through_smtp(qroot):
         assert [m["Subject"] for m in maildir_messages(b)] == ["dsn path"]
         assert re.search(r"success notice msg \d+", q.log())
     finally:
-        s.stop()
         assert q.stop() == 0
 
 

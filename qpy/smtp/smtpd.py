@@ -60,7 +60,8 @@ SMTP
     a client rule's DATABYTES only lowers it) is advertised as SIZE n, refused at
     MAIL for a larger SIZE= and after the real end of a larger DATA (552 5.3.4,
     nothing queued, the session goes on). A command line over 512 bytes (1012
-    for MAIL and RCPT, the room RFC 3461 gives ENVID and ORCPT) gets 500 5.5.2;
+    for MAIL and RCPT: RFC 3461 gives RCPT 500 more for ORCPT, MAIL 100 for
+    ENVID) gets 500 5.5.2;
     bytes sent before the 354 reply to DATA close the session.
 
 LIMITS (against clients that harvest, trickle or stay; docs/security.md)
