@@ -84,7 +84,7 @@ def _params(data: bytes, pos: int, kind: bytes) -> tuple[bytes, int]:
     """The P or Q record at pos, if there is one: (its parameters, the next pos)."""
     if data[pos:pos + 1] != kind:
         return b"", pos
-    from qpy.common import dsnparam   # only for an envelope with DSN: front ends start small
+    from qpy.common import dsnparam  # only for an envelope with DSN: front ends start small
     check = dsnparam.mail_params if kind == b"P" else dsnparam.rcpt_params
     end = data.find(b"\0", pos + 1)
     if end == -1:
