@@ -276,6 +276,8 @@ def test_old_format_state_file_in_the_queue_still_delivers(qroot):
     q = Qpy(qroot)
     try:
         assert wait_for(lambda: maildir_messages(b), 30), q.log()
+        # the bounce is a message of its own: in a Maildir, not merely out of the queue
+        assert wait_for(lambda: bounces(a), 30), q.log()
         assert wait_for(lambda: queue_empty(qroot), 30), q.log()
         [bnc] = bounces(a)
         assert bnc.get_payload()[1].get_payload()[1]["Action"] == "failed"
