@@ -37,6 +37,10 @@ _LDH = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 # for the common case, checked in C (bytes.translate) before any byte-by-byte loop
 _ATEXT_DOT = bytes(sorted(_ATEXT)) + b"."
 _LDH_DOT = bytes(sorted(_LDH)) + b"."
+# ASCII names that passed check_domain, lowercased: a session checks its domains again
+# and again (MAIL, RCPT, the envelope). Bounded; a pure function of the name.
+GOOD_DOMAINS = 256
+_good_domains: dict[bytes, bytes] = {}
 
 
 class AddressError(ValueError):
@@ -145,13 +149,19 @@ def check_domain(domain: bytes, utf8: bool = False) -> bytes:
         return domain
     if domain.endswith(b"."):
         raise AddressError("domain ends with a dot")
+    known = _good_domains.get(domain)
+    if known is not None:
+        return known
     if not domain.translate(None, _LDH_DOT):     # ASCII letters, digits, hyphens, dots
         for label in domain.split(b"."):
             if (not label or len(label) > MAX_LABEL or label[0] == 0x2D
                     or label[-1] == 0x2D):
                 break       # the loop below says what is wrong
         else:
-            return domain.lower()
+            if len(_good_domains) >= GOOD_DOMAINS:
+                _good_domains.clear()
+            known = _good_domains[domain] = domain.lower()
+            return known
     for label in domain.split(b"."):
         if not label or len(label) > MAX_LABEL:
             raise AddressError("bad domain label")

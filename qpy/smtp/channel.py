@@ -170,22 +170,23 @@ class Channel:
         A line longer than `limit` (with its line end) is thrown away as it
         arrives, however long it gets, and returned as (b"", True).
         """
-        self.begin()
+        self.deadline = time.monotonic() + self.timeout      # begin()
+        buf = self.inbuf
         too_long = False
         scanned = 0
         while True:
-            i = self.inbuf.find(b"\n", scanned)
+            i = buf.find(b"\n", scanned)
             if i != -1:
-                if too_long or i + 1 > limit:
-                    del self.inbuf[:i + 1]
+                if too_long or i >= limit:
+                    del buf[:i + 1]
                     return b"", True
-                line = bytes(self.inbuf[:i])
-                del self.inbuf[:i + 1]
-                return (line[:-1] if line.endswith(b"\r") else line), False
-            if len(self.inbuf) > limit:
+                line = bytes(buf[:i - 1] if i and buf[i - 1] == 0x0D else buf[:i])
+                del buf[:i + 1]
+                return line, False
+            if len(buf) > limit:
                 too_long = True
-                del self.inbuf[:]
-            scanned = len(self.inbuf)
+                del buf[:]
+            scanned = len(buf)
             self.fill()
 
     def read_data(self, emit: Callable[[bytes], None]) -> tuple[bool, int]:
@@ -273,11 +274,9 @@ def _header_hops(chunk: bytes, line_start: bool, hops: int) -> tuple[int, bool]:
         return hops, False
     blank = chunk.find(b"\r\n\r\n")
     lines = chunk[:blank + 2] if blank != -1 else chunk
-    for n, line in enumerate(lines.split(b"\r\n")):
-        if n == 0 and not line_start:
-            continue
-        if line[:1] == b".":
-            line = line[1:]
-        if line[:13].lower().startswith(HOP_FIELDS):
-            hops += 1
+    # a line starts after a CRLF (the first one only at a line start); one stuffed dot
+    # before the field name is the client's, two are not
+    low = (b"\r\n" + lines if line_start else lines).lower()
+    hops += (low.count(b"\r\nreceived:") + low.count(b"\r\n.received:")
+             + low.count(b"\r\ndelivered-to:") + low.count(b"\r\n.delivered-to:"))
     return hops, blank == -1

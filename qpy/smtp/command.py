@@ -53,6 +53,9 @@ def split_line(line: bytes) -> tuple[bytes, bytes]:
 
 def path_end(text: bytes) -> int:
     """Index of the `>` that closes the path opening at text[0] == `<`."""
+    end = text.find(b">", 1)
+    if end != -1 and b'"' not in text[1:end]:
+        return end          # no quoted part before it: the first `>` closes the path
     quoted = False
     i = 1
     n = len(text)

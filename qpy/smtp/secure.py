@@ -64,7 +64,6 @@ class SecureSession(Session):
         self.tls_info = ""
         self.tls_sock: ssl.SSLSocket | None = None
         self.auth_failures = 0
-        self._checking_sender = False
         self.verbs[b"AUTH"] = self.cmd_auth
         self.verbs[b"MAIL"] = self.cmd_mail
         self.mail_params[b"AUTH"] = self.param_auth
@@ -161,20 +160,15 @@ class SecureSession(Session):
     def cmd_mail(self, arg: bytes) -> None:
         if self.sec.tlsrequired and not self.tls:
             raise CommandError(530, "5.7.0 Must issue a STARTTLS command first")
-        self._checking_sender = self.auth_user is not None and bool(self.sec.authsenders)
-        try:
-            super().cmd_mail(arg)
-        finally:
-            self._checking_sender = False
+        super().cmd_mail(arg)
 
-    def reply(self, code: int, *lines: str) -> None:
-        # The one moment the parsed sender exists and its 250 is not yet said.
-        if self._checking_sender and code == 250 and self.auth_user is not None:
-            self._checking_sender = False
-            if not auth.sender_allowed(self.sec.authsenders, self.auth_user, self.sender or b""):
-                self.reset_transaction()
-                code, lines = 553, (auth.SENDER_REFUSED[4:],)
-        super().reply(code, *lines)
+    def sender_refusal(self) -> str | None:
+        """control/authsenders: an authenticated user sends as its own addresses only."""
+        if (self.auth_user is not None and self.sec.authsenders
+                and not auth.sender_allowed(self.sec.authsenders, self.auth_user,
+                                            self.sender or b"")):
+            return auth.SENDER_REFUSED[4:]
+        return None
 
     def protocol(self) -> str:
         word = super().protocol()

@@ -117,12 +117,10 @@ class Session(DataCommand):
 
     # -- replies ---------------------------------------------------------------------
     def reply(self, code: int, *lines: str) -> None:
-        if len(lines) == 1:
-            self.ch.write(("%d %s\r\n" % (code, lines[0])).encode("utf-8", "replace"))
-        else:
-            last = len(lines) - 1
-            self.ch.write("".join("%d%s%s\r\n" % (code, " " if n == last else "-", text)
-                                  for n, text in enumerate(lines)).encode("utf-8", "replace"))
+        last = len(lines) - 1       # a one-line reply is the common case: no join
+        self.ch.write(("%d %s\r\n" % (code, lines[0]) if not last else "".join(
+            "%d%s%s\r\n" % (code, " " if n == last else "-", text)
+            for n, text in enumerate(lines))).encode("utf-8", "replace"))
         if code >= 400:
             if code in ERROR_CODES:
                 self.errors += 1
@@ -309,7 +307,15 @@ class Session(DataCommand):
                 self.smtputf8 = False
                 return self.refuse(verdict)
         self.sender = sender
+        refusal = self.sender_refusal()
+        if refusal is not None:
+            self.reset_transaction()
+            return self.reply(553, refusal)
         self.reply(250, "2.1.0 Ok")
+
+    def sender_refusal(self) -> str | None:
+        """A 553's text for self.sender, or None (secure.py: control/authsenders)."""
+        return None
 
     def param_size(self, value: bytes | None) -> None:
         size = parse_size(value)
