@@ -1,4 +1,5 @@
-"""screen — the cheap checks before any filter: DNS blocklists and the pregreet test.
+"""screen — the cheap checks before any filter: DNS blocklists, the pregreet test,
+and the brake on refused recipients.
 
 DNS BLOCKLISTS (control/rbls, as ucspi-tcp's rblsmtpd and Postfix's
 reject_rbl_client)
@@ -19,6 +20,12 @@ PREGREET (control/greetdelay, seconds, default 0: off; Postfix's postscreen)
     after the delay. A client that sends anything in between is a bot that
     does not wait for the greeting (RFC 5321 4.3.1): `554 5.5.1` and the
     connection is closed, logged. Not on the smtps listener (TLS comes first).
+
+HARVEST (refused recipients: 550 unknown user, 553 relaying; Postfix's
+smtpd_error_sleep_time and smtpd_hard_error_limit)
+    The first RCPT_SOFT_ERRORS are answered at once, each later one after
+    RCPT_ERROR_SLEEP seconds times its number past them, and the
+    RCPT_HARD_ERRORS-th is followed by 421 4.7.0 and the session's end.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from collections.abc import Mapping
 from qpy.common.control import Control
 from qpy.common.log import clean
 
+RCPT_SOFT_ERRORS = 3         # refused recipients answered at once; then each one waits
+RCPT_ERROR_SLEEP = 0.25      # seconds times the refusals past the soft limit (growing)
+RCPT_HARD_ERRORS = 10        # refused recipients in one session before 421 and close
+RCPT_ERROR_CODES = (550, 553)   # unknown user, not a domain of mine: a harvest's answers
 DNS_TIMEOUT = 3           # seconds per query: the client is waiting for its greeting
 DNS_LIFETIME = 5
 MAX_REASON = 200
@@ -124,3 +135,17 @@ def _speaks(rfd: int, delay: float) -> bool:
                 return True
         except InterruptedError:
             continue
+
+
+def recipient_refused(session, e) -> None:  # session: a Session; e: its CommandError
+    """Answer a refused RCPT on a qpy-smtpd Session, against directory harvest."""
+    session.rcpt_errors += 1
+    if session.rcpt_errors > RCPT_SOFT_ERRORS:
+        session.ch.flush()
+        time.sleep(RCPT_ERROR_SLEEP * (session.rcpt_errors - RCPT_SOFT_ERRORS))
+    session.reply(e.code, e.text)
+    if session.rcpt_errors >= RCPT_HARD_ERRORS:
+        session.reply(421, "4.7.0 %s Too many refused recipients, closing connection"
+                      % session.cfg.me)
+        session.ch.discard_input()
+        session.closing = True

@@ -5,10 +5,7 @@ which adds STARTTLS and AUTH. What it answers and why is in qpy-smtpd's man
 page; the limits that protect the host are in docs/security.md:
 
     MAX_ERRORS           syntax and sequence errors, then 421 and close
-    RCPT_SOFT_ERRORS,    refused recipients (550 unknown user, 553 relaying):
-    RCPT_ERROR_SLEEP,    the first RCPT_SOFT_ERRORS at once, then each waits
-    RCPT_HARD_ERRORS     RCPT_ERROR_SLEEP times its number past them, and the
-                         RCPT_HARD_ERRORS-th ends the session (421 4.7.0)
+    refused recipients   slowed down, then the session ended (screen.py, HARVEST)
     timeoutsmtpd,        a whole command line, and a whole DATA, each within
     timeoutsession       the first; the whole session within the second (421 4.4.2)
 DATA and its limits are in data.py.
@@ -44,10 +41,6 @@ if TYPE_CHECKING:
     from qpy.common.filters import Verdict
 
 MAX_ERRORS = 10              # syntax and sequence errors before 421 and close
-RCPT_SOFT_ERRORS = 3         # refused recipients answered at once; then each one waits
-RCPT_ERROR_SLEEP = 0.25      # seconds times the refusals past the soft limit (growing)
-RCPT_HARD_ERRORS = 10        # refused recipients in one session before 421 and close
-RCPT_ERROR_CODES = (550, 553)   # unknown user, not a domain of mine: a harvest's answers
 LAST_WORDS = 5.0             # seconds the 421 of an expired session may take to go out
 ERROR_CODES = (500, 501, 502, 503, 555)
 NOT_IMPLEMENTED = (b"EXPN", b"TURN", b"ETRN", b"ATRN", b"BDAT", b"STARTTLS", b"AUTH")
@@ -207,8 +200,8 @@ class Session(DataCommand):
                 raise CommandError(500, "5.5.1 Command unrecognized")
             handler(arg)
         except CommandError as e:
-            if self.command == b"RCPT" and e.code in RCPT_ERROR_CODES:
-                self.recipient_refused(e)
+            if self.command == b"RCPT" and e.code in screen.RCPT_ERROR_CODES:
+                screen.recipient_refused(self, e)
                 return
             self.reply(e.code, e.text)
         except (Timeout, Closed):
@@ -219,19 +212,6 @@ class Session(DataCommand):
             self.reset_transaction()
             self.reply(451, "4.3.0 Internal error, try again later")
             self.errors += 1
-
-    def recipient_refused(self, e: CommandError) -> None:
-        """Against directory harvest: Postfix's error sleep and hard error limit."""
-        self.rcpt_errors += 1
-        if self.rcpt_errors > RCPT_SOFT_ERRORS:
-            self.ch.flush()
-            time.sleep(RCPT_ERROR_SLEEP * (self.rcpt_errors - RCPT_SOFT_ERRORS))
-        self.reply(e.code, e.text)
-        if self.rcpt_errors >= RCPT_HARD_ERRORS:
-            self.reply(421, "4.7.0 %s Too many refused recipients, closing connection"
-                       % self.cfg.me)
-            self.ch.discard_input()
-            self.closing = True
 
     # -- commands ------------------------------------------------------------------------
     def _hello(self, arg: bytes, esmtp: bool) -> bytes:
