@@ -13,15 +13,20 @@ RECOVERY (recover(), at start)
     come after the "C"). Then its renames are finished and its drop files removed.
     Any other record may have been written before that point: its temporaries go,
     and its drop file is admitted again (at worst a second copy, never a lost one),
-    as is every batch followed by "X". Whether a drop file is gone proves nothing:
-    its owner may remove it. A message from the door (record "-") has no drop file
-    to come again, and pickup answers it once the batch's syncfs returned, before
-    the "C" and the renames are on disk: a power cut then takes both, and the
-    client holds a 250. So a door record without its "C" is finished when its
-    temporaries are whole (todo/.tmp.ID parses, mess/ID has its size and begins
-    with pickup's Received: line): if it was never answered its client sends it
-    again, a second copy, never a lost one. One that is not whole was never
-    answered and goes.
+    as is every batch followed by "X". A record with nothing to come again from
+    is different: a message from the door (record "-") has no drop file, and
+    pickup answers it once the batch's syncfs returned, before the "C" and the
+    renames are on disk, so a power cut can take both while the client holds a
+    250; and a drop file is unlinked only after the commit point, but on a
+    filesystem that keeps no metadata order (an ext4 without a journal,
+    docs/durability.md §5) its unlink may reach the disk while the "C" and the
+    renames do not. So a record without its "C" whose drop file is gone (or that
+    has none) is finished when its temporaries are whole (todo/.tmp.ID parses,
+    mess/ID has its size and begins with pickup's Received: line): if it was never
+    committed, a door client sends it again, and a drop file that is gone was
+    removed by its owner after its injector reported success: either way a second
+    copy or a delivery its injector was promised, never a lost one. One that is
+    not whole was never committed and goes.
 """
 
 from __future__ import annotations
@@ -87,6 +92,10 @@ class Journal:
         self.records = 0
         self.void_owed = False
 
+    def _nothing_to_redo(self, name: str) -> bool:
+        """No drop file will bring this record's message again (see RECOVERY)."""
+        return name == DOOR or not os.path.lexists(os.path.join(self.paths.drop, name))
+
     def _whole(self, msg_id: str) -> bool:
         """The temporaries of a door message are complete (see RECOVERY)."""
         try:
@@ -129,11 +138,11 @@ class Journal:
             if not (n in marked or any(
                     os.path.lexists(os.path.join(paths.todo, i)) for _, i in batch)):
                 kept = [] if voided else [(name, i) for name, i in batch
-                                          if name == DOOR and self._whole(i)]
+                                          if self._nothing_to_redo(name) and self._whole(i)]
                 for record in batch:           # perhaps never durable: admitted again
                     if record not in kept:
                         unlink_quietly(paths.mess, record[1])
-                batch = kept                   # door messages perhaps answered: kept
+                batch = kept                   # perhaps answered, nothing comes again: kept
             for name, msg_id in batch:
                 committed.add(msg_id)
                 tmp = os.path.join(paths.todo, TODO_TMP + msg_id)

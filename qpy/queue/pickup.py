@@ -43,14 +43,16 @@ HOW A BATCH IS ADMITTED (crash safety)
        A message from the door has no drop file: its journal record names "-";
        at start one without its "C" is finished when its temporaries are whole
        (it may have been answered), else dropped (never answered: journal.py).
-    At start (qpy.queue.journal's recover()), a batch whose "C" is in the journal, or one of whose
-    todo/ID exists, is finished (steps 3 and 4); any other batch is undone (its
-    temporaries removed, its drop files admitted again). A power cut can lose
-    the unsynced "C", but the renames and unlinks that follow it become durable
-    only after it on the filesystems qpy supports for its queue (ext4, xfs,
-    btrfs keep metadata changes in order), so a batch whose drop files are gone
-    always has its "C" or its todo/ID (or was delivered and removed already):
-    no message is lost, and a kill -9 admits none twice. Once no drop
+    At start (qpy.queue.journal's recover()), a batch whose "C" is in the
+    journal, or one of whose todo/ID exists, is finished (steps 3 and 4); in
+    any other batch a record whose drop file is still there is undone (its
+    temporaries removed, the drop file admitted again), and one with nothing to
+    come again from (a door message, or a drop file already unlinked, which
+    happens only after the commit point) is finished when its temporaries are
+    whole. So a power cut that keeps a drop file's unlink but loses the
+    unsynced "C" and the renames (possible where the filesystem keeps no
+    metadata order: an ext4 without a journal) loses no message, and a kill -9
+    admits none twice. Once no drop
     file has come for JOURNAL_LINGER seconds (or the journal holds
     JOURNAL_MAX_RECORDS), todo/ and drop/ are fsync'd and the journal emptied:
     finishing a batch twice is harmless (drop names hold the inode, a
@@ -87,7 +89,7 @@ EXIT CODES
     0 after SIGTERM; 111 when the queue cannot be used.
 
 NOTES
-    This module is over 400 lines (425) because this page, the crash argument of
+    This module is over 400 lines (427) because this page, the crash argument of
     every step, is 94 of them; the code is the batch and the loop only (one
     message's admission is qpy.queue.admit, the journal qpy.queue.journal, the door
     qpy.queue.door).
