@@ -10,7 +10,10 @@ and no pickup, and drives it with Postfix's smtp-source at 1 and 16 concurrent s
 both keeping connections open (smtp-source -d: many messages per connection) and
 with a new connection (so a new forked session) per message. A message is counted only when its
 complete, fsync'd drop file is in queue/drop/: the rate is the rate of 250 replies
-after DATA, each durable. Prints a Markdown table of medians over the rounds (min-max).
+after DATA, each durable. Prints a Markdown table of medians over the rounds (min-max),
+with the CPU time per message of qpy-tcpserver and its workers (user + system, live
+and reaped: the figure to compare on a loaded machine, where the rate mostly says how
+busy the neighbours are).
 With --milter, control/milters names one pass-through filter (bench/passmilter.py, in
 a process of its own): the difference to a run without is what one milter costs.
 --control writes a control file before the server starts (e.g. smtpdsessions=1, to see
@@ -27,6 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import psutil
 
 PREFIX = os.environ.get("QPY_PREFIX", "/opt/qpy")
 BASE = os.environ.get("QPY_BENCH_BASE", "/var/tmp/qpybench-smtp")
@@ -53,8 +58,24 @@ def final_drops(drop: str) -> int:
     return sum(1 for n in os.listdir(drop) if n[:1].isdigit())
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of the server and its workers: its own, its reaped children's and
+    its live children's (a worker's CPU moves from the last to the second when reaped)."""
+    server = psutil.Process(pid)
+    t = server.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in server.children():
+        try:
+            c = child.cpu_times()
+        except psutil.Error:
+            continue            # exited just now: its time is in children_* next time
+        total += c.user + c.system
+    return total
+
+
 def run_once(root: str, port: int, sessions: int, messages: int, size: int,
-             disconnect: bool) -> float:
+             disconnect: bool, pid: int) -> tuple[float, float]:
+    """(messages a second, CPU milliseconds a message of the server and its workers)"""
     drop = os.path.join(root, "queue", "drop")
     for n in os.listdir(drop):
         os.unlink(os.path.join(drop, n))
@@ -63,6 +84,7 @@ def run_once(root: str, port: int, sessions: int, messages: int, size: int,
             "-M", "client.example"]
     if not disconnect:
         args.append("-d")     # smtp-source -d: keep the connection for the next message
+    cpu = tree_cpu(pid)
     start = time.monotonic()
     r = subprocess.run(args + ["127.0.0.1:%d" % port], capture_output=True, timeout=600)
     elapsed = time.monotonic() - start
@@ -71,7 +93,7 @@ def run_once(root: str, port: int, sessions: int, messages: int, size: int,
     got = final_drops(drop)
     if got != messages:
         raise RuntimeError("%d messages sent, %d in queue/drop" % (messages, got))
-    return messages / elapsed
+    return messages / elapsed, (tree_cpu(pid) - cpu) * 1000 / messages
 
 
 def main() -> int:
@@ -116,10 +138,12 @@ def main() -> int:
         wait_port(port)
         for disconnect in (False, True):
             for sessions in (1, 16):
-                rates = [run_once(root, port, sessions, opts.messages, opts.size, disconnect)
-                         for _ in range(opts.rounds)]
+                got = [run_once(root, port, sessions, opts.messages, opts.size, disconnect,
+                                server.pid) for _ in range(opts.rounds)]
+                rates, cpus = [g[0] for g in got], [g[1] for g in got]
                 rows.append((sessions, "one per message" if disconnect else "kept open",
-                             statistics.median(rates), min(rates), max(rates)))
+                             statistics.median(rates), min(rates), max(rates),
+                             statistics.median(cpus), min(cpus), max(cpus)))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -133,10 +157,11 @@ def main() -> int:
              opts.rounds, os.cpu_count() or 0, os.getloadavg()[0],
              "".join("; " + c for c in opts.control)))
     print()
-    print("| sessions | connections | messages/s |")
-    print("|---:|---|---:|")
-    for sessions, conn, med, lo, hi in rows:
-        print("| %d | %s | %.0f (%.0f-%.0f) |" % (sessions, conn, med, lo, hi))
+    print("| sessions | connections | messages/s | CPU ms/message |")
+    print("|---:|---|---:|---:|")
+    for sessions, conn, med, lo, hi, cmed, clo, chi in rows:
+        print("| %d | %s | %.0f (%.0f-%.0f) | %.2f (%.2f-%.2f) |"
+              % (sessions, conn, med, lo, hi, cmed, clo, chi))
     shutil.rmtree(BASE, ignore_errors=True)
     return 0
 

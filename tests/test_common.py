@@ -111,6 +111,62 @@ def test_pool_child_keeps_only_its_socket_and_never_returns():
             pool.kill(x)
 
 
+def test_pool_worker_on_fd3_takes_descriptors_and_is_recycled(tmp_path):
+    """channel_fd=3 (qpy-tcpserver's layout): the worker's socket on fd 3, fd 0 and 1
+    /dev/null, nothing else of the parent's (its listening socket neither); a
+    descriptor sent with send_fd arrives as one the worker can use; recycle()
+    retires the idle worker at once and marks the busy one stale, and a worker
+    forked after it is not."""
+    sel = selectors.DefaultSelector()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    pool = Pool(sel, channel_fd=3)
+    pool.detach.append(listener)
+    note = tmp_path / "note"
+    note.write_bytes(b"from the parent")
+
+    def serve(sock: socket.socket) -> int:
+        fds = sorted(_open_fds())
+        targets = [os.readlink("/proc/self/fd/%d" % fd) for fd in (0, 1)]
+        sock.send(repr((sock.fileno(), fds, targets)).encode())
+        data, got, flags, _ = socket.recv_fds(sock, 100, 1)
+        cut = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+        if not data:
+            return 5                        # end of file: retired before any job
+        sock.send(b"%s %s %r" % (data, os.pread(got[0], 100, 0), cut))
+        return 0 if sock.recv(10) == b"" else 1
+
+    with pytest.raises(ValueError):
+        Pool(sel, channel_fd=1)
+    try:
+        busy = pool.fork(None, serve)
+        idle = pool.fork(None, serve)
+        assert busy and idle
+        for w in (busy, idle):
+            chan, fds, targets = eval(w.sock.recv(4096))  # noqa: S307 (our own repr)
+            # 0, 1 /dev/null, 2 stderr, 3 the socket, and the descriptor listdir opened
+            assert chan == 3 and fds[:4] == [0, 1, 2, 3] and len(fds) <= 5, fds
+            assert targets == ["/dev/null", "/dev/null"]
+        with open(note, "rb") as f:
+            socket.send_fds(busy.sock, [b"job"], [f.fileno()])
+        assert busy.sock.recv(100) == b"job from the parent False"
+        pool.park(idle)
+        pool.recycle()
+        assert idle.pid in pool.leaving and not pool.idle     # idle: retired now
+        assert pool.stale(busy) and busy.pid in pool.workers  # busy: after its job
+        fresh = pool.fork(None, _echo)
+        assert fresh and not pool.stale(fresh)
+        assert _reap(pool, 1) == {idle.pid: 5}        # end of file before any job
+        pool.retire(busy)
+        pool.retire(fresh)
+        assert _reap(pool, 2) == {busy.pid: 0, fresh.pid: 7}
+    finally:
+        listener.close()
+        for x in pool.all():
+            pool.kill(x)
+
+
 WAKEUP_CHILD = r"""
 import os, select, signal, sys, time
 from qpy.common.wakeup import Wakeup

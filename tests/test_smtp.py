@@ -24,7 +24,7 @@ import qpytest
 from qpytest import needs_root, wait_for
 from smtphelp import Client, Listener, UcspiListener, drop_names, drops
 
-from qpy.smtp.tcpserver import POOL_MIN
+from qpy.smtp.worker import POOL_MIN
 
 ME = "test.example"
 MSG = b"Subject: hi\r\n\r\nhello\r\n"
@@ -464,6 +464,74 @@ def test_processes_run_as_qpyd_with_titles(server, qroot):
     assert parent.cmdline()[0].startswith("qpy-tcpserver")
     assert child.cmdline()[0].startswith("qpy-smtpd 127.0.0.1")
     c.close()
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    return {int(n): os.readlink("/proc/%d/fd/%s" % (pid, n)) for n in os.listdir(
+        "/proc/%d/fd" % pid)}
+
+
+@needs_root
+def test_session_worker_holds_only_its_client(server, qroot):
+    """Three sessions at once, and an idle worker beside them: each session worker
+    runs as qpyd and holds its own client (on fd 0 and 1), its one socketpair to
+    the parent, /dev/null and the log: no listening socket (IPv4 and IPv6 here),
+    no other session's connection, no other worker's pair. An idle worker, and
+    one forked ahead that never served, holds no client and /dev/null on fd 0
+    and 1 (before the shared pool, a fresh worker kept the log on fd 1)."""
+    qpyd = pwd.getpwnam("qpyd")
+    log = os.path.realpath(server.logpath)
+    clients = [Client(server.port) for _ in range(4)]
+    for c in clients:
+        c.hello()
+    assert wait_for(lambda: len(server.sessions()) == 4, 20)
+    gone = clients.pop()                              # its worker: idle after a session
+    assert gone.cmd(b"QUIT").startswith(b"221")
+    gone.close()
+    assert wait_for(lambda: len(server.sessions()) == 3, 20)
+    assert len(server.workers()) > 3
+    ports = {c.sock.getsockname()[1] for c in clients}
+    seen = set()
+    for p in server.workers():
+        assert p.uids() == (qpyd.pw_uid,) * 3 and p.gids() == (qpyd.pw_gid,) * 3
+        inet = p.net_connections("inet")
+        unix = p.net_connections("unix")
+        fds = _fd_targets(p.pid)
+        assert len(unix) == 1, unix                   # its own pair, no sibling's
+        assert all(c.status != psutil.CONN_LISTEN for c in inet), inet
+        assert fds[2] == log
+        if p in server.sessions():
+            conn, = inet                              # one client: its own
+            assert conn.status == psutil.CONN_ESTABLISHED
+            assert conn.laddr.port == server.port and conn.raddr.port in ports
+            seen.add(conn.raddr.port)
+            client_sock = fds[0]
+            assert fds[1] == client_sock and fds[conn.fd] == client_sock
+            allowed = {client_sock, fds[unix[0].fd], "/dev/null", log}
+        else:
+            assert inet == [], inet
+            assert fds[0] == fds[1] == "/dev/null"
+            allowed = {fds[unix[0].fd], "/dev/null", log}
+        assert set(fds.values()) <= allowed, fds
+    assert seen == ports                              # every client in one worker
+    # workers forked ahead, never used (after SIGHUP: the busy ones are stale)
+    before = {p.pid for p in server.workers()}
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.wait_log("control files re-read")
+
+    def new_workers() -> list:
+        return [p for p in server.workers() if p.pid not in before]
+    assert wait_for(lambda: len(new_workers()) >= POOL_MIN, 20)
+    fresh = new_workers()
+    for p in fresh:
+        fds = _fd_targets(p.pid)
+        unix = p.net_connections("unix")
+        assert p.net_connections("inet") == [] and len(unix) == 1
+        assert fds[0] == fds[1] == "/dev/null" and fds[2] == log
+        assert set(fds.values()) == {fds[unix[0].fd], "/dev/null", log}, fds
+    for c in clients:
+        assert c.cmd(b"QUIT").startswith(b"221")
+        c.close()
 
 
 def test_maxsmtpd_and_200_concurrent(qroot):

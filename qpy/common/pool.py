@@ -1,23 +1,34 @@
-"""pool — forked workers on socket pairs: the machinery qpy-lspawn and qpy-rspawn share.
+"""pool — forked workers on socket pairs: the machinery every spawner of qpy shares.
 
 As qmail's spawn.c owns the loop and qmail-lspawn and qmail-rspawn supply only
-their policy, this module forks, tracks and reaps workers; each spawner decides
-who a worker is for (its key) and what it does (the child function).
+their policy, this module forks, tracks and reaps workers for qpy-lspawn,
+qpy-rspawn and qpy-tcpserver; each decides who a worker is for (its key), what
+it does (the child function) and when it has done enough.
 
     fork(key, serve)    a SOCK_SEQPACKET pair and a fork. In the child: signals
-                        back to their defaults, every descriptor of the parent
-                        closed but the worker's end of the pair, which becomes
-                        fd 0 (fd 1 is /dev/null; fd 2 the log, or /dev/null),
-                        then serve(socket on fd 0) and _exit with its code; it
-                        never returns into the parent's loop.
-    park(w) / unpark    an idle worker, kept by key for the next job
+                        back to their defaults, the spawner's setup, then every
+                        descriptor of the parent closed but the worker's end of
+                        the pair: on fd 0 (fd 1 /dev/null), or with channel_fd=3
+                        on fd 3 (fd 0 and 1 /dev/null: qpy-tcpserver puts a
+                        client there); fd 2 the log, or /dev/null. Then
+                        serve(that socket) and _exit with its code; it never
+                        returns into the parent's loop.
+    park(w) / unpark    an idle worker, kept by key for the next job (the one
+                        idle last is used first: its pages are the warm ones)
     retire(w)           no more work: our end closed, so it reads end of file
                         and exits; reap() collects it
     retire_idle(age)    every idle worker unused for age seconds
+    recycle()           new settings: idle workers retired now; stale(w) tells
+                        the spawner a busy one is to be retired after its job
     reap()              the workers that exited, with their wait status
 
-The parent's own sockets are detached in the child before fd 0 is replaced, so
-that no Python object there closes a descriptor number the worker reuses.
+A job that carries a descriptor (a message file, a client's connection) goes
+to a worker as one datagram with it: socket.send_fds, socket.recv_fds.
+
+In the child the parent's selector is closed and its own sockets (the pairs,
+and what the spawner lists in `detach`: its request socket, its listeners) are
+detached before its descriptors are closed, so that no Python object there
+closes a descriptor number the worker reuses (for a message, or a client).
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ class Worker:
         self.sock = sock                # our end of its SOCK_SEQPACKET pair
         self.served = 0
         self.idle_since = 0.0
+        self.gen = 0                    # Pool.gen at its fork: recycle() makes it stale
         self.job: object = None         # the spawner's record of the work in flight
 
 
@@ -53,10 +65,15 @@ W = TypeVar("W", bound=Worker)
 class Pool:
     def __init__(self, sel: selectors.BaseSelector, keep_stderr: bool = True,
                  child_signals: Iterable[int] = (signal.SIGCHLD, signal.SIGTERM,
-                                                 signal.SIGHUP, signal.SIGPIPE)):
+                                                 signal.SIGHUP, signal.SIGPIPE),
+                 channel_fd: int = 0):
+        if channel_fd not in (0, 3):
+            raise ValueError("a worker's socket goes on fd 0 or fd 3")
         self.sel = sel                  # a worker's socket is registered with it as data=w
         self.keep_stderr = keep_stderr
         self.child_signals = tuple(child_signals)
+        self.channel_fd = channel_fd
+        self.gen = 0
         self.workers: dict[int, Worker] = {}    # by pid: live, given work
         self.leaving: dict[int, Worker] = {}    # retired, not reaped yet
         self.idle: dict[Hashable, list[Worker]] = {}     # by key, oldest first
@@ -87,6 +104,7 @@ class Pool:
             self._child(ours, theirs, serve, setup)      # never returns
         theirs.close()
         w = make(pid, key, ours)
+        w.gen = self.gen
         self.workers[pid] = w
         self.sel.register(ours, selectors.EVENT_READ, w)
         return w
@@ -101,18 +119,22 @@ class Pool:
             if setup is not None:
                 setup()
             # no Python object may close an fd number the worker reuses for a message
+            self.sel.close()                # the parent's: a worker has its own loop
             for s in [ours, *self.detach, *(w.sock for w in self.workers.values()),
                       *(w.sock for w in self.leaving.values())]:
                 if s.fileno() >= 0:
                     s.detach()
-            os.dup2(theirs.detach(), 0)     # also closes whatever fd 0 was here
+            chan = self.channel_fd
+            os.dup2(theirs.detach(), chan)  # also closes whatever was there
             null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 1)
+            for fd in (0, 1) if chan else (1,):
+                os.dup2(null, fd)
             if not self.keep_stderr:
                 os.dup2(null, 2)
             top = os.sysconf("SC_OPEN_MAX")
-            os.closerange(3, top if top > 0 else 65536)  # other messages' fds, the rest
-            code = serve(socket.socket(fileno=0))
+            os.closerange(3, chan)          # other messages' or clients' fds, the rest
+            os.closerange(max(3, chan + 1), top if top > 0 else 65536)
+            code = serve(socket.socket(fileno=chan))
         except BaseException:   # never return into the parent's loop
             code = EXIT_TEMP
         finally:
@@ -126,6 +148,14 @@ class Pool:
     def unpark(self, key: Hashable, test: Callable[[Worker], bool] | None = None
                ) -> Worker | None:
         """The idle worker of key that became idle last (and passes test), taken."""
+        if test is None:                # the common case, once per job: no scan
+            ws = self.idle.get(key)
+            if not ws:
+                return None
+            w = ws.pop()
+            if not ws:
+                del self.idle[key]
+            return w
         for w in reversed(self.idle.get(key, ())):
             if test is None or test(w):
                 self.take(w)
@@ -158,6 +188,17 @@ class Pool:
         for w in old[:most]:
             (retire or self.retire)(w)
 
+    def recycle(self) -> None:
+        """New settings: idle workers go now; a busy one is stale(), to be retired by
+        its spawner after its job, so that every later job runs in a worker forked
+        after this call."""
+        self.gen += 1
+        for w in self.idle_workers():
+            self.retire(w)
+
+    def stale(self, w: Worker) -> bool:
+        return w.gen != self.gen
+
     # ---- the end of a worker -------------------------------------------------------------
     def retire(self, w: Worker) -> None:
         """No more work for w: closing our end ends it (end of file); reap() collects it."""
@@ -169,9 +210,9 @@ class Pool:
             self.sel.unregister(w.sock)
             w.sock.close()
 
-    def kill(self, w: Worker) -> None:
+    def kill(self, w: Worker, sig: int = signal.SIGKILL) -> None:
         try:
-            os.kill(w.pid, signal.SIGKILL)
+            os.kill(w.pid, sig)
         except OSError:
             pass
 
@@ -194,3 +235,4 @@ class Pool:
 
     def all(self) -> list[Worker]:
         return [*self.workers.values(), *self.leaving.values()]
+

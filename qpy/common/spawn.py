@@ -76,7 +76,7 @@ def send_request(sock: socket.socket, delivery: int, sender: bytes, rcpts: list[
     else:
         data = b"N%d\0%s\0%s\0%s\0" % (delivery, dsn.mail, sender, b"\0".join(
             b"%s\0%s" % pair for pair in zip(rcpts, dsn.rcpt, strict=True)))
-    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    socket.send_fds(sock, [data], [fd])
 
 
 def recv_request(sock: socket.socket) -> tuple[int, bytes, list[bytes], int] | None:

@@ -66,7 +66,6 @@ EXIT CODES
 
 from __future__ import annotations
 
-import array
 import os
 import selectors
 import signal
@@ -184,8 +183,7 @@ class LSpawn:
                 return b"Z", b"qpy-lspawn unable to start a delivery process. (#4.3.0)"
             self.seq += 1
             try:
-                w.sock.sendmsg([worker.encode_request(self.seq, fields)], [
-                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [job.msgfd]))])
+                socket.send_fds(w.sock, [worker.encode_request(self.seq, fields)], [job.msgfd])
                 break
             except OSError:
                 self.retire(w)  # its exit is reaped; it had no delivery of ours

@@ -45,7 +45,6 @@ EXIT CODES
 
 from __future__ import annotations
 
-import array
 import fcntl
 import os
 import socket
@@ -120,16 +119,12 @@ def decode_result(data: bytes) -> tuple[int, int, bytes]:
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
-    fds = array.array("i")
-    data, anc, flags, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(fds.itemsize))
-    for level, kind, cdata in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 1)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)
         raise WorkerError("request truncated")
-    return data, list(fds)
+    return data, fds
 
 
 def serve(sock: socket.socket, root: str, uid: int, queue_dev: int) -> int:

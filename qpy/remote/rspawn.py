@@ -115,9 +115,8 @@ class _Recorder:
 class RemoteWorker(Worker):
     """A forked qpy.remote.worker; every one serves any domain (the pool key is None)."""
 
-    def __init__(self, pid: int, key: None, sock: socket.socket, gen: int = 0):
+    def __init__(self, pid: int, key: None, sock: socket.socket):
         super().__init__(pid, key, sock)
-        self.gen = gen                      # Spawner.gen at its fork: SIGHUP makes it stale
         self.job: tuple[int, int] | None = None     # (delivery, recipient count) in flight
         self.holds = b""                    # domain of its cached connection, as it last said
 
@@ -138,7 +137,6 @@ class Spawner:
         self.pool = Pool(self.sel, keep_stderr=True,
                          child_signals=(signal.SIGCHLD, signal.SIGTERM))
         self.pool.detach.append(sock)
-        self.gen = 0
         self.stopping = False
 
     def concurrency(self) -> int:
@@ -224,8 +222,7 @@ class Spawner:
 
     # ---- workers -----------------------------------------------------------------------
     def fork(self) -> RemoteWorker | None:
-        return self.pool.fork(None, self.child, setup=self.child_setup,
-                              make=lambda pid, key, sock: RemoteWorker(pid, key, sock, self.gen))
+        return self.pool.fork(None, self.child, setup=self.child_setup, make=RemoteWorker)
 
     @staticmethod
     def child_setup() -> None:
@@ -282,7 +279,7 @@ class Spawner:
             spawn.send_result(self.sock, delivery, results)
         except OSError as e:
             log("cannot send result for delivery %d: %s" % (delivery, e.strerror))
-        if self.stopping or w.gen != self.gen or w.served >= MAX_DELIVERIES:
+        if self.stopping or self.pool.stale(w) or w.served >= MAX_DELIVERIES:
             self.retire(w)
         else:
             self.pool.park(w)
@@ -335,8 +332,7 @@ class Spawner:
     def hangup(self) -> None:
         """New control files: idle workers go now, busy ones once they answer."""
         self.ctl.reload()
-        self.gen += 1
-        self.pool.retire_idle(0.0)
+        self.pool.recycle()
 
     def wait(self) -> float:
         due = self.pool.next_retirement(WORKER_IDLE)

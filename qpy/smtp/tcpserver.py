@@ -31,27 +31,30 @@ DOES
     session `421 4.3.0` and a log line);
     then over maxsmtpd `421 4.3.2` and close; else the socket goes to an idle
     worker over that worker's Unix socketpair (SCM_RIGHTS, with the listener
-    name and the rule's variables); with no idle worker one is forked for it
-    (qpy.smtp.pool). The worker writes one byte back when the session is
-    over. Why the parent accepts rather than the workers: it then knows
-    exactly how many sessions run, in all and per client (a worker is busy
-    from the hand-over until its byte arrives), so both caps, their 421 and
-    their log lines stay exact and in one place, with no race between
-    processes over accept() and no shared counter.
+    name and the rule's variables); with no idle worker one is forked for it.
+    The worker writes one byte back when the session is over. Why the parent
+    accepts rather than the workers: it then knows exactly how many sessions
+    run, in all and per client (a worker is busy from the hand-over until its
+    byte arrives), so both caps, their 421 and their log lines stay exact and
+    in one place, with no race between processes over accept() and no shared
+    counter.
 
-    A worker, per connection: restores the environment it was forked with,
-    sets the ucspi-tcp one (PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP,
-    TCPREMOTEPORT, TCPREMOTEHOST only with -h, the rule's variables,
-    QPY_LISTENER=smtp|submission|smtps), puts the connection on fd 0 and 1,
-    runs qpy-smtpd's Session in-process, then shuts the connection down and
-    puts /dev/null on fd 0 and 1. The Session, its Channel, TLS socket and
-    Drop are made anew per connection: nothing of one client's session
+    A worker (qpy.smtp.worker) holds fd 0 and 1 (/dev/null, the client's
+    during a session), fd 2 (the log) and fd 3 (its socketpair), nothing else
+    of the parent's: no listener, no other worker's pair or client. Per
+    connection it sets the ucspi-tcp environment afresh (PROTO=TCP,
+    TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, TCPREMOTEHOST only
+    with -h, the rule's variables, QPY_LISTENER=smtp|submission|smtps) and
+    runs qpy-smtpd's Session in-process: nothing of one client's session
     reaches the next.
 
-    POOL_MIN workers are kept (forked ahead); more are forked on demand, when
-    no worker is idle, up to maxsmtpd busy ones; idle workers beyond POOL_MIN
-    exit one by one after IDLE_EXIT seconds without work; a dead worker is
-    replaced. A worker exits after smtpdsessions sessions.
+    The workers are qpy.common.pool's (fork, descriptor clean-up, idle
+    workers, retirement, reaping: the same pool as qpy-lspawn's and
+    qpy-rspawn's); qpy.smtp.worker holds the policy. POOL_MIN workers are kept
+    (forked ahead); more are forked on demand, when no worker is idle, up to
+    maxsmtpd busy ones; idle workers beyond POOL_MIN exit one by one after
+    IDLE_EXIT seconds without work; a dead worker is replaced. A worker exits
+    after smtpdsessions sessions.
 
 WORKER REUSE (control/smtpdsessions)
     A worker that served one client serves the next: nothing of a session's
@@ -83,7 +86,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import selectors
 import signal
 import socket
@@ -93,25 +95,24 @@ import time
 from qpy.common.control import Control, ControlError
 from qpy.common.exits import EXIT_TEMP
 from qpy.common.log import clean, log
-from qpy.common.log import name as logname
-from qpy.common.privilege import preamble, set_title
+from qpy.common.pool import Worker
+from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
 from qpy.common.wakeup import Wakeup
 from qpy.smtp import ratelimit, secure, smtpd
 from qpy.smtp import rules as rulesmod
 from qpy.smtp.listen import PROFILES, Listener
-from qpy.smtp.pool import Pool, Worker
+from qpy.smtp.worker import Workers
 
 PROGRAM = "qpy-tcpserver"
 SHUTDOWN_GRACE = 30.0       # seconds sessions may take to finish after SIGTERM
 ACCEPT_BATCH = 16           # connections taken per wakeup of the loop
 TICK = 5.0                  # the loop wakes at least this often (reaping, idle workers)
-POOL_MIN = 2                # workers kept even when there is no work
 BUSY_REPLY = b"421 4.3.2 Too many connections, try again later\r\n"
 PERIP_REPLY = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 RATE_REPLY = PERIP_REPLY
 TROUBLE_REPLY = b"421 4.3.0 Temporary problem, try again later\r\n"
-SESSION_ENV = ("PROTO", "RELAYCLIENT", "QPY_LISTENER")   # set per connection (and TCP*)
+
 
 class Server:
     def __init__(self, root: str, lookup_host: bool = False):
@@ -122,11 +123,8 @@ class Server:
         self.reload_wanted = False
         self.maxperip = 10
         self.per_ip: dict[str, int] = {}  # sessions running per client_key
-        self.cfg: smtpd.Config | None = None
         self.sel = selectors.DefaultSelector()
-        self.pool = Pool(PROGRAM, self.sel, self._serve, self._before_fork, self._in_child)
-        self.pool.minimum = POOL_MIN
-        self.pool.on_end = self._ended
+        self.workers = Workers(PROGRAM, self.sel, lookup_host, self._ended)
 
     def bind(self) -> None:
         control = Control(self.root)
@@ -137,18 +135,20 @@ class Server:
         if not self.listeners:
             raise ValueError("no listen address in control/smtplisten")
         self.listen_config = [(lst.profile, lst.entry) for lst in self.listeners]
+        self.workers.pool.detach.extend(lst.sock for lst in self.listeners)  # not a worker's
 
     def load(self) -> None:
         """Read control files, rules and the recipient table (at start and on SIGHUP)."""
         control = Control(self.root)
-        self.cfg = smtpd.Config(self.root)
+        workers = self.workers
+        workers.cfg = cfg = smtpd.Config(self.root)
         secure.load(self.root)            # the certificate: read once, before any fork
         try:
-            self.pool.limit = max(1, control.integer("maxsmtpd"))
+            workers.limit = max(1, control.integer("maxsmtpd"))
             self.maxperip = control.integer("maxperip")
         except ControlError as e:      # logged by Control; every session gets 421
-            self.pool.limit, self.cfg.unusable = 1, str(e)
-        self.pool.sessions = max(1, control.integer("smtpdsessions"))
+            workers.limit, cfg.unusable = 1, str(e)
+        workers.sessions = max(1, control.integer("smtpdsessions"))
         ratelimit.shared = ratelimit.RateLimits(control)   # shared with workers forked later
         for lst in self.listeners:
             lst.rules, problems = rulesmod.parse("\n".join(control.lines(lst.rules_name)))
@@ -171,11 +171,11 @@ class Server:
                 self.stopping = True
 
     def run(self) -> int:
-        sel, pool = self.sel, self.pool
+        sel, workers = self.sel, self.workers
         sel.register(self.sigs.fd, selectors.EVENT_READ, None)
         for lst in self.listeners:
             sel.register(lst.sock, selectors.EVENT_READ, lst)
-        pool.tend()
+        workers.tend()
         while not self.stopping:
             # session ends before new connections: they free workers the new ones need
             events = sorted(sel.select(TICK), key=lambda ev: not isinstance(ev[0].data, Worker))
@@ -184,42 +184,38 @@ class Server:
                 if key.data is None:
                     continue                # the signals: taken above
                 elif isinstance(key.data, Worker):
-                    pool.readable(key.data)
+                    workers.readable(key.data)
                 elif not self.stopping:
                     for _ in range(ACCEPT_BATCH):
                         if not self._accept(key.data):
                             break
-            pool.reap()
+            workers.reap()
             if self.reload_wanted:
                 self.reload_wanted = False
                 try:
                     self.load()
-                    pool.recycle()        # workers forked before this are retired
+                    workers.recycle()     # workers forked before this are retired
                     log("control files re-read")
                 except Exception as e:
                     log("cannot re-read control files: %s" % (clean(str(e))))
-            pool.tend()
+            workers.tend()
         for lst in self.listeners:
             sel.unregister(lst.sock)
             lst.sock.close()
-        pool.shutdown(SHUTDOWN_GRACE, lambda data: self.take_signals())
+        workers.shutdown(SHUTDOWN_GRACE, lambda data: self.take_signals())
         log("stopped")
         return 0
 
     def _status(self) -> None:
-        log("status: %d/%d" % (self.pool.nbusy, self.pool.limit))
+        log("status: %d/%d" % (self.workers.nbusy, self.workers.limit))
 
-    def _before_fork(self) -> None:
-        assert self.cfg is not None
-        self.cfg.refresh()                # a rebuilt recipient table: read once, here
-
-    def _ended(self, w: Worker) -> None:
-        """A session is over (the pool's accounting hook)."""
-        left = self.per_ip.get(w.client, 0) - 1
+    def _ended(self, client: str) -> None:
+        """A session of client is over (the workers' accounting hook)."""
+        left = self.per_ip.get(client, 0) - 1
         if left > 0:
-            self.per_ip[w.client] = left
+            self.per_ip[client] = left
         else:
-            self.per_ip.pop(w.client, None)
+            self.per_ip.pop(client, None)
         self._status()
 
     def _accept(self, lst: Listener) -> bool:
@@ -244,7 +240,7 @@ class Server:
 
     def _admit(self, conn: socket.socket, ip: str, lst: Listener) -> None:
         """The listener's rules, then maxperip, then maxsmtpd, then a worker."""
-        pool = self.pool
+        workers = self.workers
         rule = rulesmod.match(lst.rules, ip)
         if rule is not None and not rule.allow:
             log("deny %s (%s)" % (ip, lst.profile))
@@ -257,20 +253,20 @@ class Server:
         key = rulesmod.client_key(ip)
         trusted = rule is not None and "RELAYCLIENT" in rule.env   # as Postfix's mynetworks
         if self.maxperip and not trusted and self.per_ip.get(key, 0) >= self.maxperip:
-            pool.collect(0)           # no wait: a flood of 421s must stay cheap
+            workers.collect(0)        # no wait: a flood of 421s must stay cheap
             if self.per_ip.get(key, 0) >= self.maxperip:
                 log("maxperip %s: 421, %d sessions from %s" % (ip, self.per_ip[key], key))
                 self._refuse(conn, PERIP_REPLY)
                 return
-        if pool.nbusy >= pool.limit:
-            pool.collect(0)
-        if pool.nbusy >= pool.limit:
-            log("busy %s: 421, %d sessions (maxsmtpd)" % (ip, pool.nbusy))
+        if workers.nbusy >= workers.limit:
+            workers.collect(0)
+        if workers.nbusy >= workers.limit:
+            log("busy %s: 421, %d sessions (maxsmtpd)" % (ip, workers.nbusy))
             self._refuse(conn, BUSY_REPLY)
             return
         order = json.dumps({"listener": lst.profile,
                             "env": rule.env if rule is not None else {}}).encode()
-        w = pool.hand_over(conn, order, key)
+        w = workers.hand_over(conn, order, key)
         if w is None:
             log("no worker for %s: 421" % (ip))
             self._refuse(conn, TROUBLE_REPLY)
@@ -285,62 +281,6 @@ class Server:
             conn.send(reply, socket.MSG_DONTWAIT)
         except OSError:
             pass
-
-    # -- in a worker -------------------------------------------------------------------
-    def _in_child(self) -> None:
-        """A new worker: close what only the parent uses; note the environment to
-        restore before each session and a /dev/null for fd 0 and 1 between them."""
-        self.sigs.close()
-        for lst in self.listeners:
-            lst.sock.close()
-        set_title("qpy-smtpd idle")
-        self._base = {name: value for name, value in os.environ.items()
-                      if not name.startswith("TCP") and name not in SESSION_ENV}
-        self._null = os.open(os.devnull, os.O_RDWR)
-
-    def _serve(self, conn: socket.socket, order: bytes) -> None:
-        """One connection: a fresh environment, fd 0/1, qpy-smtpd's session, clean-up."""
-        try:
-            got = json.loads(order)
-            profile = str(got["listener"])
-            rule_env = {str(k): str(v) for k, v in got["env"].items()}
-            peer, local = conn.getpeername(), conn.getsockname()
-        except (ValueError, KeyError, AttributeError, OSError):   # gone before we looked
-            conn.close()
-            return
-        try:
-            set_title("qpy-smtpd %s" % peer[0])
-            env = os.environ
-            env.clear()                   # nothing of the last client's environment stays
-            env.update(self._base)
-            env.update(PROTO="TCP", TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]),
-                       TCPREMOTEIP=peer[0], TCPREMOTEPORT=str(peer[1]),
-                       QPY_LISTENER=profile)
-            if self.lookup_host:
-                try:
-                    env["TCPREMOTEHOST"] = socket.gethostbyaddr(peer[0])[0].lower()
-                except OSError:
-                    pass
-            env.update(rule_env)
-            conn.setblocking(True)
-            # replies go out in one write per batch already; do not let Nagle hold them
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            os.dup2(conn.fileno(), 0)
-            os.dup2(conn.fileno(), 1)
-            assert self.cfg is not None
-            self.cfg.refresh()
-            smtpd.serve(self.cfg, env)
-        finally:
-            try:                          # the end for the client, whatever still holds a dup
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-            os.dup2(self._null, 0)
-            os.dup2(self._null, 1)
-            set_title("qpy-smtpd idle")
-            logname(PROGRAM)
-
 
 def main() -> int:
     args = sys.argv[1:]
