@@ -181,6 +181,25 @@ def test_big_message_goes_by_drop_file_and_arrives_whole(qroot):
     assert got.replace(b"\r\n", b"\n").strip() == body.replace(b"\r\n", b"\n").strip()
 
 
+def test_small_and_middle_messages_arrive_whole_through_the_door(qroot):
+    """drop.py writes a message that its buffer still holds at commit() with its header
+    and envelope in one write, and a longer one as it comes (header with the first
+    write, filled in at commit): both pass pickup's checks at the door and arrive
+    whole."""
+    pw = user("dm", qroot)
+    q, port = smtp_system(qroot)
+    bodies = {"small": b"small body\r\n..dot", "middle": b"\r\n".join(
+        b"%07d " % i + b"z" * 70 for i in range(3000))}          # ~230 KB: past 64 KiB
+    for subject, body in bodies.items():
+        assert send(port, "qtdm@%s" % ME, body, subject=subject).startswith(b"250")
+    assert wait_for(lambda: len(maildir_messages(pw)) == 2, 60), q.log()
+    assert len(re.findall(r"pickup msg \d+: uid \d+ bytes \d+ \(door\)", q.log())) == 2
+    for m in maildir_messages(pw):
+        want = bodies[str(m["Subject"])].replace(b"\r\n..", b"\r\n.")
+        got = m.get_payload(decode=True)
+        assert got.replace(b"\r\n", b"\n").strip() == want.replace(b"\r\n", b"\n").strip()
+
+
 def test_pickup_killed_while_sessions_hand_in_loses_nothing(qroot):
     pw = user("dk", qroot)
     q, port = smtp_system(qroot)

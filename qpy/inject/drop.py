@@ -93,11 +93,14 @@ class Drop:
         self._tmp = ""
         self._dfd = -1
         self._memory = door
+        # a memfd gets its header with its first write: a message that commit() finds
+        # all in _buf goes in with header and envelope in one write
+        self._fresh = door
         if door:
             self._fd = posix.memfd_create("qpy-message",
                                           posix.MFD_CLOEXEC | posix.MFD_ALLOW_SEALING)
-        else:
-            self._fd = self._create()
+            return
+        self._fd = self._create()
         try:
             write_all(self._fd, dropfile.header(0, 0, 0, 0))  # filled in by commit()
         except OSError as e:
@@ -157,6 +160,9 @@ class Drop:
         data = b"".join(self._buf)
         self._buf, self._buffered = [], 0
         self._crc = zlib.crc32(data, self._crc)
+        if self._fresh:
+            self._fresh = False
+            data = dropfile.header(0, 0, 0, 0) + data  # filled in by commit()
         try:
             write_all(self._fd, data)
         except OSError as e:
@@ -176,10 +182,18 @@ class Drop:
             self.abort()
             raise InjectError(e.code, str(e))
         try:
-            self._flush()
-            write_all(self._fd, env)
-            crc = zlib.crc32(env, self._crc)
-            posix.pwrite(self._fd, dropfile.header(posix.getpid(), self.size, len(env), crc), 0)
+            if self._fresh:
+                data = b"".join(self._buf)
+                self._buf, self._buffered, self._fresh = [], 0, False
+                crc = zlib.crc32(env, zlib.crc32(data))
+                write_all(self._fd, dropfile.header(posix.getpid(), self.size, len(env), crc)
+                          + data + env)
+            else:
+                self._flush()
+                write_all(self._fd, env)
+                crc = zlib.crc32(env, self._crc)
+                posix.pwrite(self._fd, dropfile.header(posix.getpid(), self.size, len(env),
+                                                       crc), 0)
             if self._memory:
                 # sealed: pickup checks it, so what it copies is what was checked
                 fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, SEALS)
