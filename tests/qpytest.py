@@ -202,19 +202,25 @@ class QRoot:
         os.chmod(p, 0o644)
 
     def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 15
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(*self.procs)
 
     def queue_files(self, sub: str) -> list[str]:
         return sorted(os.listdir(os.path.join(self.paths.queue, sub)))
+
+
+def stop(*procs: subprocess.Popen, timeout: float = 15) -> None:
+    """TERM each process still running, then wait for them all together for at most
+    timeout seconds; one that outlives it is killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def install_root(me: str = "test.example", *extra: str) -> QRoot:

@@ -262,14 +262,7 @@ def test_units_capability_sets_are_enough(host):
         assert qpytest.wait_for(smtp_ok, timeout=60), open(log.name, "rb").read()[-3000:]
         assert qpytest.wait_for(lambda: "caps-smtp" in host.subjects(), timeout=60)
     finally:
-        for p in (authd, smtpd, pickup, send):
-            p.terminate()
-        for p in (authd, smtpd, pickup, send):
-            try:
-                p.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        qpytest.stop(authd, smtpd, pickup, send, timeout=90)
         log.close()
 
 
@@ -432,12 +425,7 @@ def _start(host):
     try:
         yield start
     finally:
-        start.terminate()
-        try:
-            start.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            start.kill()
-            start.wait()
+        qpytest.stop(start, timeout=90)
         out.close()
 
 
