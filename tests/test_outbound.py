@@ -457,6 +457,32 @@ def test_delay_warning_once_then_bounce_keeps_far_end_status(qroot, dnssrv, port
         assert q.stop() == 0
 
 
+
+def test_no_delay_warning_for_a_recipient_whose_notify_leaves_out_delay(
+        qroot, dnssrv, port, aiopeer):
+    """RFC 3461: NOTIFY=FAILURE (no DELAY) asks for no delayed-delivery notice. Two
+    messages deferred alike past delaywarning: only the one without NOTIFY is warned of."""
+    remote_root(qroot, dnssrv, port)
+    qroot.control("delaywarning", "0.001")             # 3.6 seconds
+    a = user("ob", qroot)
+    aiopeer(Recorder())
+    q = Qpy(qroot)
+    try:
+        sendmail(qroot, "qtob@test.example", "-N", "failure", "temp2@a.test")
+        sendmail(qroot, "qtob@test.example", "temp1@a.test")
+        q.wait_log(r"delivery \d+: deferral: .*451", count=2)
+        time.sleep(4)
+        q.signal(signal.SIGALRM)
+        q.wait_log(r"delay warning msg \d+")
+        q.wait_log(r"delivery \d+: deferral: .*451", count=4)   # both looked at again
+        time.sleep(0.5)
+        [warn] = bounces(a)
+        [b] = report_blocks(warn)[1:]
+        assert b["Final-Recipient"] == "rfc822; temp1@a.test"
+        assert len(re.findall(r"delay warning msg", q.log())) == 1
+    finally:
+        assert q.stop() == 0
+
 # --- DANE (RFC 7672) ------------------------------------------------------------------------
 
 def tlsa(certfile: str, usage: int, selector: int, mtype: int) -> str:
