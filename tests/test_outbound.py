@@ -412,12 +412,18 @@ def test_bounce_fields_per_failure_class(qroot, dnssrv, port, aiopeer):
         assert q.stop() == 0
 
 
-def test_delay_warning_once_then_bounce_keeps_far_end_status(qroot, dnssrv, port, aiopeer):
+def deferring_root(qroot, dnssrv, port: int, aiopeer):
+    """Remote mail to a peer that defers temp*@a.test, delay warnings after 3.6 s:
+    (the sender's user, the running qpy)."""
     remote_root(qroot, dnssrv, port)
     qroot.control("delaywarning", "0.001")             # 3.6 seconds
     a = user("ob", qroot)
     aiopeer(Recorder())
-    q = Qpy(qroot)
+    return a, Qpy(qroot)
+
+
+def test_delay_warning_once_then_bounce_keeps_far_end_status(qroot, dnssrv, port, aiopeer):
+    a, q = deferring_root(qroot, dnssrv, port, aiopeer)
     try:
         sendmail(qroot, "qtob@test.example", "temp1@a.test", body="payload 8\n")
         q.wait_log(r"delivery \d+: deferral: .*451 4\.2\.0 try later")
@@ -462,11 +468,7 @@ def test_no_delay_warning_for_a_recipient_whose_notify_leaves_out_delay(
         qroot, dnssrv, port, aiopeer):
     """RFC 3461: NOTIFY=FAILURE (no DELAY) asks for no delayed-delivery notice. Two
     messages deferred alike past delaywarning: only the one without NOTIFY is warned of."""
-    remote_root(qroot, dnssrv, port)
-    qroot.control("delaywarning", "0.001")             # 3.6 seconds
-    a = user("ob", qroot)
-    aiopeer(Recorder())
-    q = Qpy(qroot)
+    a, q = deferring_root(qroot, dnssrv, port, aiopeer)
     try:
         sendmail(qroot, "qtob@test.example", "-N", "failure", "temp2@a.test")
         sendmail(qroot, "qtob@test.example", "temp1@a.test")
