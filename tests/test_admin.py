@@ -17,6 +17,7 @@ import time
 import pytest
 import qpytest
 
+from qpy.admin import queueinfo
 from qpy.common import durable, envelope
 from qpy.common.queue import todo_encode
 from qpy.common.state import LOCAL, REMOTE, MessageState, RecipientState, StateFile
@@ -249,9 +250,15 @@ def test_status_sees_processes_uids_and_down_services(qroot):
     # a process titled as the queue core's cleaner, but running as root: a wrong uid
     fake = subprocess.Popen([qpytest.PYTHON, "-c", FAKE, "qpy-clean", qroot.path])
     try:
-        # pickup admits the drop file: then the queue holds 3, 2 of them not preprocessed
-        assert qpytest.wait_for(lambda: qroot.run("qpy-qstat", qroot.path).stdout == (
-            b"messages in queue: 3\nmessages in queue but not yet preprocessed: 2\n"))
+        # wait until pickup has admitted the drop file (its message renamed into todo/ and
+        # the drop file gone): while it admits, mess/ID and the drop file both exist and a
+        # count counts the message twice. Then the queue holds 3, 2 not preprocessed.
+        def admitted():
+            return (not queueinfo.drop_names(qroot.paths)
+                    and len(queueinfo.ids(qroot.paths.todo)) == 2)
+        assert qpytest.wait_for(admitted)
+        assert qroot.run("qpy-qstat", qroot.path).stdout == (
+            b"messages in queue: 3\nmessages in queue but not yet preprocessed: 2\n")
         def seen():
             r = qroot.run("qpy-status", qroot.path)
             procs = [ln.split()[0] for ln in r.stdout.decode().splitlines()
