@@ -89,12 +89,22 @@ site=$("$venvpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 "$venvpy" -m compileall -q -f --invalidation-mode unchecked-hash "$site/qpy" >/dev/null
 
 # Launchers: absolute interpreter, isolated (-I), no site processing (-S), fixed sys.path.
-mkdir -p "$prefix/bin"
+# A launcher with a QPY-BUNDLE line (the injectors) gets its modules' byte code in one
+# file, PREFIX/lib/bundle/NAME, written from the byte code just compiled, and the code
+# that loads it (qpy.common.bundle: without it, or with an old one, it imports as usual).
+mkdir -p "$prefix/bin" "$prefix/lib/bundle"
+chmod 755 "$prefix/lib" "$prefix/lib/bundle"
 for f in "$here"/bin/qpy-*; do
     name=$(basename "$f")
+    src=$f
+    if grep -q "^load('')  # QPY-BUNDLE" "$f"; then
+        src="$prefix/bin/$name.src"
+        "$venvpy" -I -m qpy.common.bundle "$site" "$prefix/lib/bundle/$name" <"$f" >"$src"
+    fi
     sed -e "1s|.*|#!$venvpy -IS|" \
         -e "s|^sys.path\[:0\] = \[\]  # QPY-PATH|sys.path[:0] = ['$site']|" \
-        "$f" > "$prefix/bin/$name.tmp"
+        "$src" > "$prefix/bin/$name.tmp"
+    rm -f "$prefix/bin/$name.src"
     chmod 755 "$prefix/bin/$name.tmp"
     mv -f "$prefix/bin/$name.tmp" "$prefix/bin/$name"
 done
