@@ -273,15 +273,23 @@ def through_door(root: str, fd: int, want: str) -> str:
     answer (then it may be queued: the client's retry can make a duplicate, the
     window every SMTP server has between its commit and its 250)."""
     global _door
-    import socket  # here, not at the top: the sendmail front ends never need it
+    import socket  # here, not at the top: the sendmail front ends never need them
+    import struct
 
     from qpy.common import door, unixsock
     for attempt in (1, 2):
         if _door is None:
+            # blocking, bounded by the kernel's timeouts: a send and a receive are one
+            # system call each, where a Python timeout polls before each of them
+            bound = struct.pack("ll", int(ANSWER_TIMEOUT), 0)
             try:
                 _door = unixsock.connect(door.directory(root), door.LEAF,
                                          socket.SOCK_SEQPACKET, ANSWER_TIMEOUT)
+                _door.settimeout(None)
+                _door.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+                _door.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
             except OSError:
+                _close_door()
                 raise DoorShut()
         try:
             socket.send_fds(_door, [door.REQUEST + b" " + want.encode()], [fd])

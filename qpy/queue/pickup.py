@@ -36,8 +36,8 @@ HOW A BATCH IS ADMITTED (crash safety)
        filesystem; a queue on a busy shared filesystem is better on its own one.)
     3. todo/.tmp.ID renamed to todo/ID: queue-send sees them. todo/ is not
        fsync'd here: a rename lost in a crash is redone from the journal.
-    4. the drop files are unlinked, and each message that came through the door
-       is answered with its id (qpy-smtpd says 250 only then). Messages that
+    4. each message that came through the door is answered with its id
+       (qpy-smtpd says 250 only then), and the drop files are unlinked. Messages that
        arrive at the door while a batch is being written wait for the next one,
        so one syncfs commits every message that came in meanwhile (group commit).
        A message from the door has no drop file: its journal record names "-";
@@ -271,6 +271,9 @@ class Pickup:
             ok = False
         if committed:
             self.last_admit = time.monotonic()
+            # durable since the commit point: the clients waiting at the door first
+            for req, msg_id in from_door:
+                self.door.answer(req, door.QUEUED, msg_id)
             for name, msg_id, uid, size in admitted:
                 if name != "-":
                     try:
@@ -281,8 +284,6 @@ class Pickup:
                 log("pickup msg %s: uid %d bytes %d%s" % (
                     msg_id, uid, size, " (door)" if name == "-" else
                     "" if name == msg_id else " (drop %s)" % clean(name)))
-            for req, msg_id in from_door:
-                self.door.answer(req, door.QUEUED, msg_id)    # durable since the commit
         self._answer_rest(requests, "cannot write the queue now")
         return ok
 

@@ -152,9 +152,13 @@ class DataCommand:
             else:
                 self.drop = None
                 self.messages += 1
+                # the 250 out first (unless pipelined commands wait: it goes with
+                # their replies): the client waits for it, the log line can wait
+                self.reply(250, "2.0.0 Ok: queued as %s" % name)
+                if not self.ch.pending():
+                    self.ch.flush()
                 log("accepted %s bytes %d from <%s> recipients %d"
                     % (name, size, clean(self.sender or b"", 200), len(self.recipients)))
-                self.reply(250, "2.0.0 Ok: queued as %s" % name)
                 return
         reason = clean(str(failure), 200)
         if permanent(failure.code):
