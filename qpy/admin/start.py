@@ -32,6 +32,8 @@ LOG
     No log pipe may stall a service: each child's pipe is enlarged (LOG_PIPE), read
     whenever it has data, and the lines wait in a bounded buffer (OUT_MAX) until stdout
     takes them; past that bound lines are dropped and counted, rather than block.
+    Lines go out as soon as they are read when stdout is a plain file (a write there
+    never waits for a reader); children are reaped only after a SIGCHLD.
 
 WRITES
     queue/run/NAME.pid (root-owned) for each child program, NAME without `qpy-`.
@@ -51,7 +53,7 @@ EXIT CODES
     0 after TERM; 100 usage; 111 cannot start.
 
 NOTES
-    This module is over 400 lines (488, 58 of them this page): the supervisor
+    This module is over 400 lines (497, 60 of them this page): the supervisor
     loop, the wiring of the send group's pipes, log collection with its bounded
     buffers, and qpy-newrcpt as a child share one event loop and its state, and
     cutting them apart would pass that state between modules.
@@ -95,9 +97,14 @@ FORWARDED = {signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1}
 HUP_TO = ("pickup", "tcpserver", "authd")
 
 
+_second = [-1, ""]          # the last second formatted, and its text (strftime is slow)
+
+
 def stamp() -> str:
     t = time.time()
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + ".%06d" % ((t % 1) * 1e6)
+    if int(t) != _second[0]:
+        _second[:] = int(t), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+    return "%s.%06d" % (_second[1], (t % 1) * 1e6)
 
 
 OUTPUT = Outbox(OUT_MAX)
@@ -305,13 +312,11 @@ class Starter:
         for _ in range(READS_PER_ROUND if not final else 1 << 30):
             try:
                 data = os.read(c.logfd, 65536)
-            except BlockingIOError:
-                break
             except OSError:
                 break
-            if not data:
-                break
             c.buf += data
+            if not data or len(data) < 65536 and not final:
+                break       # emptied the pipe; select() tells when there is more
         lines = c.buf.split(b"\n")
         c.buf = lines.pop()
         if final and c.buf:
@@ -401,8 +406,12 @@ class Starter:
             else:
                 say("%s: not configured, not started" % svc.name)
         self.newrcpt()
+        to_file = os.path.isfile("/proc/self/fd/1")     # a write there never waits
+        flags = sigs.take()
         while True:
-            self.handle_signals(sigs.take())
+            self.handle_signals(flags)
+            if signal.SIGCHLD in flags:
+                self.reap()
             now = time.monotonic()
             self.check_rcpt(now)
             live = [c for s in self.services.values() for c in s.children.values()]
@@ -433,12 +442,12 @@ class Starter:
                                                    timeout)
             except InterruptedError:
                 ready, writable = [], []
-            if writable:
-                OUTPUT.flush(1)
             for c in live:
                 if c.logfd in ready:
                     self.drain(c)
-            self.reap()
+            if writable or to_file:
+                OUTPUT.flush(1)
+            flags = sigs.take_if(sigs.fd in ready)
 
 
 def kill(pid: int, sig: int) -> None:

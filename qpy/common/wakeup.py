@@ -2,7 +2,7 @@
 
     sigs = Wakeup((signal.SIGHUP, signal.SIGTERM))
     ... select([sigs.fd, ...], ...) ...
-    for sig in sigs.take(): ...
+    for sig in sigs.take(): ...         (or sigs.take_if(sigs.fd in ready))
 
 A handled signal only notes its number; Python's wakeup fd (signal.set_wakeup_fd)
 gets a byte at once, so a loop that sleeps in select() or a selector wakes the
@@ -47,6 +47,12 @@ class Wakeup:
         that reads the pipe only when select() says so must still take() then, for a
         signal that came after select() had gathered its events."""
         return bool(self._got)
+
+    def take_if(self, woken: bool) -> list[int]:
+        """take() when select() found the pipe readable (woken) or a handler has run
+        since the last take; else [] without a read(2): the common pass of a busy
+        loop, woken by its work and not by a signal."""
+        return self.take() if woken or self._got else []
 
     def take(self) -> list[int]:
         """The signals that came since the last call, in order; empties the pipe."""
