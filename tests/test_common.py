@@ -253,3 +253,28 @@ def test_stamped_cache_drops_everything_when_a_file_changes(tmp_path):
     for k in "abcd":
         small.get(k, lambda k=k: k)
     assert len(small.entries) <= 3
+
+
+def test_control_files_are_read_whole_and_bounded(tmp_path):
+    """qpy.common.control reads a file in one read of its size and a byte: the whole
+    of it up to the 4 MiB bound exactly, the bound itself refused one byte over, and
+    a FIFO, a directory or a link never block or pass for a value."""
+    from qpy.common.control import MAX_CONTROL_BYTES, Control
+    ctl = tmp_path / "control"
+    ctl.mkdir()
+    (ctl / "me").write_bytes(b"host.example")                   # no newline at the end
+    (ctl / "locals").write_bytes(b"a.example\n# c\n\nb.example\n")
+    (ctl / "rcpthosts").write_bytes(b"x" * (MAX_CONTROL_BYTES - 1) + b"\n")
+    (ctl / "databytes").write_bytes(b"1" + b" " * MAX_CONTROL_BYTES)   # one byte over
+    os.mkfifo(ctl / "smtproutes")                               # nobody writes it
+    (ctl / "badmailfrom").mkdir()
+    os.symlink(ctl / "me", ctl / "idhost")
+    c = Control(str(tmp_path))
+    assert c.explain("me") == ("host.example", "file")
+    assert c.explain("locals") == (["a.example", "b.example"], "file")
+    value, source = c.explain("rcpthosts")
+    assert source == "file" and value == ["x" * (MAX_CONTROL_BYTES - 1)]
+    assert c.explain("databytes")[1] == "malformed: larger than %d bytes" % MAX_CONTROL_BYTES
+    assert c.explain("smtproutes") == ([], "file")
+    assert c.explain("badmailfrom")[1].startswith("malformed: cannot read: ")
+    assert c.explain("idhost")[1].startswith("malformed: cannot open: ")

@@ -63,9 +63,11 @@ import marshal
 import posix
 import sys
 
-MAGIC = b"qpy-bundle 1\n"
+MAGIC = b"qpy-bundle 1\n"       # load() spells it out: it is copied into the launchers
 
 
+# load() is copied into each launcher that has a bundle (render() below, at install),
+# so that no import searches for this module; it is compiled on every run, so short.
 def load(path: str) -> bool:
     """Run the modules of the bundle at `path`: True if done, False if not trusted."""
     import marshal
@@ -79,14 +81,14 @@ def load(path: str) -> bool:
         finally:
             posix.close(fd)
         head = b"qpy-bundle 1\n" + sys.modules["_frozen_importlib_external"].MAGIC_NUMBER
-        if not data or len(data) != st.st_size or data[:len(head)] != head:
-            return False
-        code, entries = marshal.loads(memoryview(data)[len(head):])
-        space = {"__name__": "qpy.common.bundle"}
-        exec(code, space)
-        return space["run"](entries)
+        if len(data) == st.st_size and data[:len(head)] == head:
+            space = {"__name__": "qpy.common.bundle"}
+            code, entries = marshal.loads(memoryview(data)[len(head):])
+            exec(code, space)
+            return space["run"](entries)
     except Exception:
-        return False
+        pass
+    return False
 
 
 def run(entries: tuple) -> bool:
