@@ -108,9 +108,8 @@ def _spoil(path: str, how: str) -> None:
         with open(path, "rb") as f:
             data = f.read()
         data = {"truncated": data[:len(data) // 2],
-                "other-interpreter": data.replace(b"qpy-bundle 1\n" + data[13:17],
-                                                  b"qpy-bundle 1\n\0\0\r\n", 1),
-                "other-format": b"qpy-bundle 2\n" + data[13:],
+                "other-interpreter": data[:13] + b"\0\0\r\n" + data[17:],
+                "other-format": b"qpy-bundle 1\n" + data[13:],      # the first format
                 "garbage": data[:17] + b"\xff" * 64,
                 "empty": b""}[how]
         with open(path, "wb") as f:
