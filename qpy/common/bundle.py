@@ -5,56 +5,64 @@ NAME
     from one file per program; write that file at install.
 
 SYNOPSIS
-    (launcher)  from qpy.common.bundle import load; load(BUNDLE)
-    (setup.sh)  python3 -I -m qpy.common.bundle SITE BUNDLE MODULE
+    (launcher)  load(BUNDLE): this module's load(), copied in by setup.sh
+    (setup.sh)  python3 -I -m qpy.common.bundle SITE BUNDLE < TEMPLATE > LAUNCHER
 
 DESCRIPTION
     Shell loops start a front end once per message, and loading its fifteen
     modules through the import system costs more than anything the front end
     does: per module two stats of the `.py`, then open, fstat, read and close of
     the `.pyc`, and the path finders' Python-level search (docs/queue.md, "What a
-    front end costs"). A bundle holds the byte code of exactly the modules a
-    front end's launcher imports, in the order their imports finish; `load` reads
-    it with one open, one fstat and one read, creates the modules (name, package,
-    spec, `__file__`, `__path__` for the packages, registered in sys.modules and
-    on their parent package, as the import system would leave them) and runs
-    them in that order. A module the bundle does not hold (an error path's, or
+    front end costs"). A bundle holds the code of exactly the modules a front
+    end's launcher imports, in the order their imports finish; `load` reads it
+    from one open file, creates the modules (name, package, spec, `__file__`,
+    `__cached__`, `__path__` for the packages, registered in sys.modules and on
+    their parent package, as the import system leaves them) and runs them in
+    that order. A module the bundle does not hold (an error path's, or
     qpy.common.dsnparam for `-N`) is imported later the usual way: the packages
     keep their real `__path__`.
 
-    setup.sh writes `PREFIX/lib/bundle/PROGRAM` for each launcher that has a
-    `load(...)  # QPY-BUNDLE` line, right after compiling the package, from the
-    `.pyc` files it just compiled; the launcher names its bundle. Format:
+    setup.sh writes `PREFIX/lib/bundle/PROGRAM` for each launcher template that
+    has the line `load('')  # QPY-BUNDLE`, right after compiling the package, and
+    puts load() and the bundle's path in the launcher in place of the template's
+    `from qpy.common.bundle import load` and that line (a launcher is compiled on
+    every run, and twenty lines compile faster than the import system finds this
+    module). The code is compiled from the source of the installed `.pyc` files,
+    with annotations postponed (PEP 563) and without docstrings (_entry() says
+    why). Format 2:
 
-        MAGIC, importlib's 4-byte MAGIC_NUMBER of the interpreter that wrote it,
-        then a marshal'd tuple of (name, is_package, source path, .pyc path,
-        (st_ino, st_mtime_ns, st_size) of that .pyc, code object)
+        MAGIC ("qpy-bundle 2\n"), importlib's 4-byte MAGIC_NUMBER of the
+        interpreter that wrote it, the length of the index in 10 decimal digits;
+        the index: marshal'd (code of run(), tuple of (name, is_package, source
+        path, .pyc path, (st_ino, st_mtime_ns, st_size) of that .pyc, offset,
+        length)); then each module's marshal'd code at its offset
 
     `load` returns False and changes nothing, and the launcher's imports then go
     the usual way, when the bundle is missing, unreadable, not a plain file,
     writable by group or others, owned by someone other than root or the caller,
     short, of another format or interpreter, or stale: any of its `.pyc` files
     no longer the one it was made from (a reinstall by anything but setup.sh, a
-    setup.sh stopped half-way). A bundle can only make a front end faster, never
-    different: its code is the byte code the import system would load.
+    setup.sh stopped half-way). A bundle can make a front end faster, never
+    different: its code is that of the source the import system's `.pyc` files
+    were compiled from.
 
 SECURITY
-    The bundle is byte code the caller runs, so it is trusted exactly as the
-    `.pyc` files are: written by setup.sh (root for /opt/qpy) under the prefix,
-    mode 0644, in a directory only the installer may write (PREFIX/lib/bundle,
-    0755). `load` also refuses a file that is not owned by root or the caller's
-    own uid, or that group or others may write, so a loose mode or a file
-    planted by another user is ignored rather than run; and every `.pyc` it
-    stands for must still be the very file (inode, mtime, size) the import
-    system would read, so an old bundle linked in elsewhere is no way around
-    a reinstall either. The check is on the file opened (fstat of the open
-    descriptor, O_NOFOLLOW): nothing can be swapped between check and read.
+    The bundle is code the caller runs, so it is trusted exactly as the `.pyc`
+    files are: written by setup.sh (root for /opt/qpy) under the prefix, mode
+    0644, in a directory only the installer may write (PREFIX/lib/bundle, 0755).
+    `load` also refuses a file that is not owned by root or the caller's own
+    uid, or that group or others may write, so a loose mode or a file planted by
+    another user is ignored rather than run; and every `.pyc` it stands for must
+    still be the very file (inode, mtime, size) the import system would read, so
+    an old bundle linked in elsewhere is no way around a reinstall either. The
+    checks are on the file opened (fstat of the open descriptor, O_NOFOLLOW),
+    and every later read is from that descriptor: nothing can be swapped between
+    check and read.
 
 NOTES
-    Imports only builtin modules (the launcher imports this module the usual
-    way, then everything else comes from the bundle). The writer runs the front
-    end's imports in a fresh `python3 -IS -X importtime` and keeps the order in
-    which they finish: each module runs after everything it imports at its top.
+    Imports only builtin modules. The writer runs the front end's imports in a
+    fresh `python3 -IS -X importtime` and keeps the order in which they finish:
+    each module runs after everything it imports at its top.
 """
 
 # (no __future__ import: the front ends load this module on every run; docs/queue.md)
