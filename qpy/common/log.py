@@ -62,6 +62,13 @@ def hold() -> None:
         _held = []
 
 
+def release() -> None:
+    """Stop holding; the lines held are dropped: in a child forked while its parent
+    held lines (the parent writes them), its own lines go out at once."""
+    global _held, _held_bytes
+    _held, _held_bytes = None, 0
+
+
 def flush() -> None:
     """Write the held lines, in order, with one write."""
     global _held_bytes

@@ -352,13 +352,18 @@ class LSpawn:
         self.sel.register(self.sock, selectors.EVENT_READ, "sock")
         self.sel.register(sigs.fd, selectors.EVENT_READ, "wake")
         while not (self.stopping and not self.pool.all()):
+            woken = False
             for key, _ in self.sel.select(self._wait()):
                 if key.data == "sock":
                     if not self.stopping:
                         self.request()
                 elif isinstance(key.data, LocalWorker) and key.data.sock.fileno() >= 0:
                     self.readable(key.data)
-            for sig in sigs.take():
+                woken = woken or key.data == "wake"
+            got = sigs.take_if(woken)
+            if signal.SIGCHLD in got:         # else no worker has exited: no wait4
+                self.reap()
+            for sig in got:
                 if sig == signal.SIGTERM:
                     self.stop()
                 elif sig == signal.SIGHUP:
@@ -366,7 +371,6 @@ class LSpawn:
                     self.ids.clear()
                     # new settings and groups: fresh workers
                     self.pool.retire_idle(0.0, retire=self.retire)
-            self.reap()
             self.kill_overdue()
             self.pool.retire_idle(WORKER_IDLE, retire=self.retire)
             if self.stopping and time.monotonic() > self.stop_by:

@@ -222,8 +222,9 @@ class QueueSend(Intake, Deliveries, Finishing):
         for channel, s in self.socks.items():
             if s is not None:
                 fds[s.fileno()] = channel
+        ready = [sigs.fd]
         while True:
-            self.handle_signals(sigs.take())
+            self.handle_signals(sigs.take_if(sigs.fd in ready))
             if self.term_deadline:
                 if not self.deliveries or time.monotonic() >= self.term_deadline:
                     log("status: exiting")

@@ -94,7 +94,7 @@ import time
 
 from qpy.common.control import Control, ControlError
 from qpy.common.exits import EXIT_TEMP
-from qpy.common.log import clean, log
+from qpy.common.log import clean, flush, hold, log, release
 from qpy.common.pool import Worker
 from qpy.common.privilege import preamble
 from qpy.common.queue import root_from
@@ -121,6 +121,7 @@ class Server:
         self.listeners: list[Listener] = []
         self.stopping = False
         self.reload_wanted = False
+        self.reap_wanted = False
         self.maxperip = 10
         self.per_ip: dict[str, int] = {}  # sessions running per client_key
         self.sel = selectors.DefaultSelector()
@@ -163,9 +164,11 @@ class Server:
         """Catch signals from the very start: a SIGHUP while binding must not kill us."""
         self.sigs = Wakeup((signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
 
-    def take_signals(self) -> None:
-        for sig in self.sigs.take():
-            if sig == signal.SIGHUP:
+    def take_signals(self, woken: bool = True) -> None:
+        for sig in self.sigs.take_if(woken):
+            if sig == signal.SIGCHLD:
+                self.reap_wanted = True
+            elif sig == signal.SIGHUP:
                 self.reload_wanted = True
             elif sig in (signal.SIGTERM, signal.SIGINT):
                 self.stopping = True
@@ -176,29 +179,37 @@ class Server:
         for lst in self.listeners:
             sel.register(lst.sock, selectors.EVENT_READ, lst)
         workers.tend()
-        while not self.stopping:
-            # session ends before new connections: they free workers the new ones need
-            events = sorted(sel.select(TICK), key=lambda ev: not isinstance(ev[0].data, Worker))
-            self.take_signals()
-            for key, _ in events:
-                if key.data is None:
-                    continue                # the signals: taken above
-                elif isinstance(key.data, Worker):
-                    workers.readable(key.data)
-                elif not self.stopping:
-                    for _ in range(ACCEPT_BATCH):
-                        if not self._accept(key.data):
-                            break
-            workers.reap()
-            if self.reload_wanted:
-                self.reload_wanted = False
-                try:
-                    self.load()
-                    workers.recycle()     # workers forked before this are retired
-                    log("control files re-read")
-                except Exception as e:
-                    log("cannot re-read control files: %s" % (clean(str(e))))
-            workers.tend()
+        hold()                            # a pass's log lines: one write, flush() below
+        try:
+            while not self.stopping:
+                # session ends before new connections: they free workers the new ones need
+                events = sorted(sel.select(TICK), key=lambda ev: not isinstance(ev[0].data, Worker))
+                self.take_signals(any(key.data is None for key, _ in events))
+                for key, _ in events:
+                    if key.data is None:
+                        continue                # the signals: taken above
+                    elif isinstance(key.data, Worker):
+                        workers.readable(key.data)
+                    elif not self.stopping:
+                        for _ in range(ACCEPT_BATCH):
+                            if not self._accept(key.data):
+                                break
+                if self.reap_wanted:          # after a SIGCHLD only: no wait4 per pass
+                    self.reap_wanted = False
+                    workers.reap()
+                if self.reload_wanted:
+                    self.reload_wanted = False
+                    try:
+                        self.load()
+                        workers.recycle()     # workers forked before this are retired
+                        log("control files re-read")
+                    except Exception as e:
+                        log("cannot re-read control files: %s" % (clean(str(e))))
+                workers.tend()
+                flush()
+        finally:
+            flush()
+            release()
         for lst in self.listeners:
             sel.unregister(lst.sock)
             lst.sock.close()

@@ -31,7 +31,8 @@ WHAT A WORKER DOES
     Waits on fd 3 for one hand-over at a time: a datagram of at most
     HANDOVER_BYTES, the order (JSON: {"listener": PROFILE, "env": the client
     rule's variables}), carrying the accepted connection. Per connection: the
-    environment the worker was forked with restored, the ucspi-tcp one set
+    session's environment made afresh (a copy of the one the worker was forked
+    with; the process's own is never changed) with the ucspi-tcp one set
     (PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT,
     TCPREMOTEHOST only with -h, the rule's variables, QPY_LISTENER), the
     connection on fd 0 and 1, qpy-smtpd's Session run in-process, then the
@@ -62,7 +63,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from qpy.common.log import clean, log
+from qpy.common.log import clean, log, release
 from qpy.common.log import name as logname
 from qpy.common.pool import Pool, Worker
 from qpy.common.privilege import set_title
@@ -244,7 +245,9 @@ class SessionWorker:
 
     def setup(self) -> None:
         """In the new worker, before the pool closes the parent's descriptors: its
-        signals, its title, the environment to restore before each session."""
+        signals, its title, the environment to copy for each session; its log lines
+        written at once (the parent's held ones are the parent's to write)."""
+        release()
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         set_title(IDLE_TITLE)
@@ -283,9 +286,10 @@ class SessionWorker:
             return
         try:
             set_title("qpy-smtpd %s" % peer[0])
-            env = os.environ
-            env.clear()                   # nothing of the last client's environment stays
-            env.update(self.base)
+            # the session's environment: a fresh dict each time, so nothing of the last
+            # client's stays; the process's own (putenv, unsetenv per name) is never
+            # changed: the session starts no program that would inherit it
+            env = dict(self.base)
             env.update(PROTO="TCP", TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]),
                        TCPREMOTEIP=peer[0], TCPREMOTEPORT=str(peer[1]),
                        QPY_LISTENER=profile)
