@@ -32,6 +32,11 @@ def owner(qroot) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
+# DSN parameters (RFC 3461) in their canonical wire form, as qpy-smtpd keeps them
+DSN_MAIL = b"RET=HDRS ENVID=a+2B1"
+DSN_RCPT = b"NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;carol@far.example"
+
+
 def build_queue(qroot) -> None:
     """A: picked up, not preprocessed (mess+todo). B: preprocessed (mess+state),
     with one recipient in each state. Plus one drop file not yet picked up."""
@@ -40,12 +45,13 @@ def build_queue(qroot) -> None:
     durable.write_file(p.mess, ID_A, msg_a)
     durable.write_file(p.todo, ID_A, todo_encode(
         T0, 0, len(msg_a), envelope.encode(b"alice@test.example",
-                                           [b"bob@test.example", b"carol@far.example"])))
+                                           [b"bob@test.example", b"carol@far.example"],
+                                           DSN_MAIL, [b"", DSN_RCPT])))
     msg_b = b"Subject: b\n\n" + b"x" * 100 + b"\n"
     durable.write_file(p.mess, ID_B, msg_b)
     ms = MessageState(ID_B, T0 + 100, len(msg_b), 0, 1234, b"dave@test.example", [
         RecipientState(b"r0@test.example", LOCAL, b"r0@test.example"),
-        RecipientState(b"r1@far.example", REMOTE, b"r1@far.example"),
+        RecipientState(b"r1@far.example", REMOTE, b"r1@far.example", dsn=DSN_RCPT),
         RecipientState(b"r2@far.example", REMOTE, b"r2@far.example"),
         RecipientState(b"r3@test.example", LOCAL, b"r3@test.example"),
         RecipientState(b"r4@far.example", REMOTE, b"r4@far.example"),
@@ -88,12 +94,15 @@ def test_qread_shows_every_recipient_state(qroot):
     drop = [ln for ln in lines if ln.startswith("drop:")]
     assert len(drop) == 1 and drop[0].endswith("(not yet picked up)")
     assert lines[:-1] == [
-        "%s  01 Mar 2024 00:00:00 GMT  18 bytes  from <alice@test.example>" % ID_A,
+        "%s  01 Mar 2024 00:00:00 GMT  18 bytes  from <alice@test.example>  "
+        "RET=HDRS ENVID=a+2B1" % ID_A,
         "  waiting   new     <bob@test.example>",
-        "  waiting   new     <carol@far.example>",
+        "  waiting   new     <carol@far.example>  "
+        "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;carol@far.example",
         "%s  01 Mar 2024 00:01:40 GMT  113 bytes  from <dave@test.example>" % ID_B,
         "  done      local   <r0@test.example>",
-        "  deferred  remote  <r1@far.example>  next 01 Mar 2024 00:08:20 GMT: "
+        "  deferred  remote  <r1@far.example>  "
+        "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;carol@far.example  next 01 Mar 2024 00:08:20 GMT: "
         "451 4.3.0 try again later",
         "  bounced   remote  <r2@far.example>: 550 5.1.1 no such user",
         "  done      local   <r3@test.example>",

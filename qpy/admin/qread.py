@@ -6,11 +6,13 @@ SYNOPSIS
 DESCRIPTION
     One block per message, oldest first:
 
-        ID  DATE  SIZE bytes  from <SENDER>
-          STATE  local|remote  <ADDRESS>[  next TIME: last error]
+        ID  DATE  SIZE bytes  from <SENDER>[  RET=… ENVID=…]
+          STATE  local|remote  <ADDRESS>[  NOTIFY=… ORCPT=…][  next TIME: last error]
 
     STATE is `waiting` (not tried yet), `deferred` (followed by the next try and the
-    last error), `done`, or `bounced` (with the failure text). The recipients come from
+    last error), `done`, or `bounced` (with the failure text). The DSN parameters
+    (RFC 3461) a client gave on MAIL and RCPT follow the sender and each recipient, as
+    they went on the wire (xtext). The recipients come from
     `queue/state/ID` (qpy.common.state, written by qpy-queue-send). A message without
     state/ID shows its envelope from `queue/todo/ID` with every recipient `waiting` and
     the channel `new`: either queue-send has not read it yet, or it is in its first
@@ -61,15 +63,20 @@ def _size(paths: Paths, msgid: str) -> int:
         return 0
 
 
+def _dsn(params: bytes) -> str:
+    return "  " + clean(params) if params else ""
+
+
 def block_from_state(paths: Paths, msgid: str) -> list[str] | None:
     try:
         ms = read_state(os.path.join(paths.state, msgid))
     except FileNotFoundError:
         return None
-    out = ["%s  %s  %d bytes  from %s" % (msgid, date(ms.arrival), _size(paths, msgid) or ms.size,
-                                          _addr(ms.sender))]
+    out = ["%s  %s  %d bytes  from %s%s" % (msgid, date(ms.arrival),
+                                            _size(paths, msgid) or ms.size, _addr(ms.sender),
+                                            _dsn(ms.dsn))]
     for r in ms.recipients:
-        line = "  %-8s  %-6s  %s" % (r.state, r.channel, _addr(r.address))
+        line = "  %-8s  %-6s  %s%s" % (r.state, r.channel, _addr(r.address), _dsn(r.dsn))
         if r.state == "deferred":
             line += "  next %s: %s" % (date(r.next_try), clean(r.error))
         elif r.state == "bounced":
@@ -87,12 +94,14 @@ def block_from_todo(paths: Paths, msgid: str) -> list[str] | None:
         data = f.read(MAX_TODO_BYTES)
     try:
         todo = todo_decode(data)
-        sender, rcpts = envelope.decode(todo.env)
+        env = envelope.decode_all(todo.env)
     except (ValueError, envelope.EnvelopeError) as e:
         return ["%s  (unreadable todo file: %s)" % (msgid, clean(str(e)))]
     size = _size(paths, msgid) or todo.size
-    out = ["%s  %s  %d bytes  from %s" % (msgid, date(todo.arrival), size, _addr(sender))]
-    out += ["  %-8s  %-6s  %s" % ("waiting", "new", _addr(r)) for r in rcpts]
+    out = ["%s  %s  %d bytes  from %s%s" % (msgid, date(todo.arrival), size, _addr(env.sender),
+                                            _dsn(env.mail))]
+    out += ["  %-8s  %-6s  %s%s" % ("waiting", "new", _addr(r), _dsn(q))
+            for r, q in zip(env.recipients, env.rcpt, strict=True)]
     return out
 
 
