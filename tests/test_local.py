@@ -988,3 +988,42 @@ def test_maildir_new_is_fsynced_on_an_ext4_without_journal(tmp_path):
             if mnt:
                 subprocess.run(["umount", mnt], capture_output=True, timeout=60)
             subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("renameat2", ["kernel", "missing"])
+def test_maildir_move_into_new_with_and_without_renameat2(tmp_path, monkeypatch, renameat2):
+    """The move tmp/ -> new/ is one renameat2(RENAME_NOREPLACE); where libc or the
+    filesystem has none (glibc < 2.28, some network filesystems: neither exists here,
+    so durable is told so) it is a link and an unlink. Both leave the message, whole,
+    in new/ only; the rename never replaces an existing name."""
+    from qpy.common import durable
+    from qpy.local import maildir
+    if renameat2 == "missing":
+        monkeypatch.setattr(durable, "_renameat2", False)
+    md = tmp_path / "Maildir"
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True)
+    (tmp_path / "msg").write_bytes(MSG)
+    fd = os.open(tmp_path / "msg", os.O_RDONLY)
+    try:
+        name = maildir.deliver(str(md), fd, b"Delivered-To: x@test.example\n")
+    finally:
+        os.close(fd)
+    assert os.listdir(md / "tmp") == [] and os.listdir(md / "new") == [name]
+    assert (md / "new" / name).read_bytes() == b"Delivered-To: x@test.example\n" + MSG
+    # the same move onto a name new/ already holds is refused, the old file untouched
+    (md / "tmp" / name).write_bytes(b"other")
+    tmpfd = os.open(md / "tmp", os.O_RDONLY | os.O_DIRECTORY)
+    newfd = os.open(md / "new", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if renameat2 == "kernel":
+            with pytest.raises(FileExistsError):
+                durable.rename_noreplace(name, name, tmpfd, newfd)
+        else:
+            assert durable.rename_noreplace(name, name, tmpfd, newfd) is False
+            with pytest.raises(FileExistsError):
+                os.link(name, name, src_dir_fd=tmpfd, dst_dir_fd=newfd, follow_symlinks=False)
+    finally:
+        os.close(tmpfd)
+        os.close(newfd)
+    assert (md / "new" / name).read_bytes() == b"Delivered-To: x@test.example\n" + MSG
