@@ -842,6 +842,41 @@ def test_supplementary_groups_from_the_parent_follow_etc_group(ls, homes):
         subprocess.run(["gpasswd", "-d", alice.pw_name, group], capture_output=True)
 
 
+@qpytest.needs_root
+def test_sighup_retires_a_busy_worker_after_its_delivery(ls, homes):
+    """After SIGHUP no delivery runs in a worker forked before it: an idle worker goes
+    at once, one busy then finishes its delivery and goes (its groups and settings may
+    be the old ones)."""
+    alice, _ = homes
+    put(alice, ".qmail", '|echo $PPID > "$HOME/ppid"\n')
+    put(alice, ".qmail-wait", '|echo $PPID > "$HOME/ppid"; i=0; '
+        'while [ ! -e "$HOME/go" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\n')
+    ppid = os.path.join(alice.pw_dir, "ppid")
+
+    def worker_of(status_text: tuple[bytes, str]) -> int:
+        assert status_text[0] == b"K", status_text
+        pid = int(read(ppid))
+        os.unlink(ppid)
+        return pid
+
+    first = worker_of(ls.deliver(addr(alice)))
+    assert worker_of(ls.deliver(addr(alice))) == first      # idle, so reused
+    d = ls.send([addr(alice, "-wait")])                     # the same worker, now busy
+    assert qpytest.wait_for(lambda: os.path.exists(ppid) and read(ppid).strip())
+    assert int(read(ppid)) == first
+    assert psutil.Process(first).cmdline()[0].startswith("qpy-local " + alice.pw_name)
+    os.unlink(ppid)
+    ls.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)             # lspawn has taken the HUP while the delivery still runs
+    put(alice, "go", "")
+    got, results = ls.recv()
+    assert got == d and results[0][0] == b"K", results
+    second = worker_of(ls.deliver(addr(alice)))
+    assert second != first
+    assert qpytest.wait_for(lambda: not psutil.pid_exists(first)
+                            or psutil.Process(first).status() == psutil.STATUS_ZOMBIE)
+
+
 # ---- end to end: qpy-sendmail -> pickup -> queue-send -> lspawn -> local ---------------------
 
 @pytest.fixture

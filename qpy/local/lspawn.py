@@ -27,9 +27,10 @@ WHAT IT DOES
     reused; a new one is forked when none is idle, so as many run as queue-send
     has deliveries in flight. A worker is retired (its socket closed, so it
     exits) after WORKER_IDLE idle seconds, after MAX_DELIVERIES deliveries, on
-    SIGHUP, or when it answers EXIT_RETIRE. The parent answers each request
-    with spawn.send_result once every recipient is done: K (code 0), D (code
-    100), Z (anything else, a crash, a timeout).
+    SIGHUP (one busy then is retired after its delivery, so every later delivery
+    runs with the new settings and groups), or when it answers EXIT_RETIRE. The
+    parent answers each request with spawn.send_result once every recipient is
+    done: K (code 0), D (code 100), Z (anything else, a crash, a timeout).
 
     A delivery that runs longer than `timeoutlocal` (control file, default
     3600 s) plus GRACE seconds gets its worker killed and is reported Z
@@ -243,7 +244,8 @@ class LSpawn:
             self._report(w, b"Z", b"qpy-local sent a mangled report. (#4.3.0)")
             self.retire(w)
             return
-        if code == worker.EXIT_RETIRE or w.served >= MAX_DELIVERIES or self.stopping:
+        if code == worker.EXIT_RETIRE or w.served >= MAX_DELIVERIES or self.stopping \
+                or self.pool.stale(w):
             self.retire(w)
         else:
             self.pool.park(w)
@@ -369,8 +371,8 @@ class LSpawn:
                 elif sig == signal.SIGHUP:
                     self._settings()
                     self.ids.clear()
-                    # new settings and groups: fresh workers
-                    self.pool.retire_idle(0.0, retire=self.retire)
+                    # new settings and groups: fresh workers, a busy one after its delivery
+                    self.pool.recycle()
             self.kill_overdue()
             self.pool.retire_idle(WORKER_IDLE, retire=self.retire)
             if self.stopping and time.monotonic() > self.stop_by:
