@@ -25,12 +25,11 @@ WHAT IT DOES
     (qpy.local.local), one at a time, answering each with qmail-local's code
     and text. An idle worker of the same identity (user, uid, gid, groups) is
     reused; a new one is forked when none is idle, so as many run as queue-send
-    has deliveries in flight. A worker is retired (its socket closed, so it
-    exits) after WORKER_IDLE idle seconds, after MAX_DELIVERIES deliveries, on
-    SIGHUP (one busy then is retired after its delivery, so every later delivery
-    runs with the new settings and groups), or when it answers EXIT_RETIRE. The
-    parent answers each request with spawn.send_result once every recipient is
-    done: K (code 0), D (code 100), Z (anything else, a crash, a timeout).
+    has deliveries in flight. A worker is retired (its socket closed, so it exits)
+    after WORKER_IDLE idle seconds, MAX_DELIVERIES deliveries, SIGHUP (a busy one
+    after its delivery: later ones get the new settings and groups), or when it
+    answers EXIT_RETIRE. The parent answers each request with spawn.send_result
+    once every recipient is done: K (code 0), D (100), Z (a crash, a timeout...).
 
     A delivery that runs longer than `timeoutlocal` (control file, default
     3600 s) plus GRACE seconds gets its worker killed and is reported Z
