@@ -87,7 +87,8 @@ def load(path: str) -> bool:
             head = b"qpy-bundle 2\n" + sys.modules["_frozen_importlib_external"].MAGIC_NUMBER
             if st.st_mode & 0o170022 == 0o100000 and st.st_uid in (0, posix.geteuid()) \
                     and posix.read(fd, len(head)) == head:
-                code, index = marshal.loads(posix.read(fd, int(posix.read(fd, 10))))
+                size = min(int(posix.read(fd, 10)), st.st_size)
+                code, index = marshal.loads(posix.read(fd, size))
                 return type(load)(code, globals())(fd, index)
         finally:
             posix.close(fd)
@@ -198,11 +199,13 @@ def _entry(site: str, name: str) -> tuple:
     with open(source, "rb") as f:
         tree = ast.parse(f.read(), source)
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.copy_location(ast.Pass(), body[0])]
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str):
+            node.body = node.body[1:] or [ast.copy_location(ast.Pass(), first)]
     code = compile(tree, source, "exec", dont_inherit=True,
                    flags=__future__.annotations.compiler_flag)
     return (name, pkg, source, cached, (s.st_ino, s.st_mtime_ns, s.st_size), code)
