@@ -31,6 +31,7 @@ from qpy.common.queue import is_id
 MAX_CLIENTS = 512
 NEEDED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _UCRED = struct.Struct("3i")
+_CTRUNC = int(socket.MSG_CTRUNC)   # an int: IntFlag's & runs in Python
 
 
 class Request:
@@ -113,7 +114,7 @@ class Door:
         except OSError:
             msg, fds, flags = b"", [], 0
         verb, _, want = msg.partition(b" ")
-        if verb == door.REQUEST and len(fds) == 1 and not flags & socket.MSG_CTRUNC \
+        if verb == door.REQUEST and len(fds) == 1 and not flags & _CTRUNC \
                 and (not want or is_id(want.decode("ascii", "replace"))):
             self.busy.add(conn.fileno())
             self.pending.append(Request(conn, fds[0], self.uids[conn.fileno()],

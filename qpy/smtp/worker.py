@@ -78,6 +78,7 @@ HANDOVER_BYTES = 64 * 1024  # largest hand-over order
 DONE = b"."                 # worker -> parent: the connection is over, give me the next
 IDLE_TITLE = "qpy-smtpd idle"
 SESSION_ENV = ("PROTO", "RELAYCLIENT", "QPY_LISTENER")   # set per connection (and TCP*)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)   # an int: IntFlag's & runs in Python
 
 
 class Workers:
@@ -325,7 +326,7 @@ def _stop(signum: int, frame: object) -> None:
 def _receive(chan: socket.socket) -> tuple[socket.socket, bytes] | None:
     """The next connection and its order; None when the parent closed our pair."""
     msg, fds, flags, _ = socket.recv_fds(chan, HANDOVER_BYTES, 1)
-    if not msg or len(fds) != 1 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if not msg or len(fds) != 1 or flags & _TRUNCATED:
         for fd in fds:
             os.close(fd)
         return None
