@@ -29,11 +29,10 @@ SERVICES (design §8; --only NAME starts just one)
 LOG
     every child's stderr is read here and printed to stdout, one line each, as
     `TIMESTAMP SERVICE PROGRAM: text`; qpy-start's own lines name `start`.
-    No log pipe may stall a service: each child's pipe is enlarged (LOG_PIPE), read
-    whenever it has data, and the lines wait in a bounded buffer (OUT_MAX) until stdout
-    takes them; past that bound lines are dropped and counted, rather than block.
-    Under load the pipes are read once every LOG_ROUND (20 ms): one wake-up for the
-    lines of many messages. Output to a plain file is written at once.
+    No log pipe may stall a service: each child's pipe is enlarged (LOG_PIPE) and read
+    when it has data (once every LOG_ROUND after a second of over LOG_BUSY lines); the
+    lines wait in a bounded buffer (OUT_MAX) until stdout takes them (a plain file: at
+    once); past that bound lines are dropped and counted, rather than block.
 
 WRITES
     queue/run/NAME.pid (root-owned) for each child program, NAME without `qpy-`.
@@ -44,16 +43,16 @@ SIGNALS
     its HUP when the table is built. At start, smtpd waits for that first table.
     --no-newrcpt: the service manager runs qpy-newrcpt (qpy-smtpd.service does, with
     ExecStartPre=+ and ExecReload=+, outside the ProtectHome=yes that hides homes).
-    TERM, INT: queue-send, pickup, tcpserver and authd get TERM; the
-    spawners and clean end when queue-send closes their pipes; whatever is still
-    running after STOP_WAIT seconds is killed; exit 0.
+    TERM, INT: queue-send, pickup, tcpserver and authd get TERM; the spawners and
+    clean end when queue-send closes their pipes; whatever is still running after
+    STOP_WAIT seconds is killed; exit 0.
     A dead part is restarted after a back-off (1 s doubling to MAX_BACKOFF).
 
 EXIT CODES
     0 after TERM; 100 usage; 111 cannot start.
 
 NOTES
-    Over 400 lines (500, 59 of them this page): the supervisor loop, the send group's
+    Over 400 lines (500, 58 of them this page): the supervisor loop, the send group's
     pipes, log collection with its bounded buffers and qpy-newrcpt as a child share
     one event loop and its state; cut apart, that state would pass between modules.
 """
@@ -91,7 +90,8 @@ MAX_LINE = 4096             # longer child log lines are cut
 LOG_PIPE = 1 << 20          # each child's log pipe (F_SETPIPE_SZ; the default is 64 KiB)
 OUT_MAX = 8 << 20           # log bytes waiting for stdout before lines are dropped
 READS_PER_ROUND = 16        # a chatty child cannot keep the others waiting
-LOG_ROUND = 0.02            # under load the log pipes are read at most this often
+LOG_ROUND = 0.02            # while mail flows the log pipes are read at most this often
+LOG_BUSY = 1000             # log lines in a second that mean mail flows (~100 messages)
 CHILD_PATH = "/usr/bin:/bin"
 FORWARDED = {signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1}
 HUP_TO = ("pickup", "tcpserver", "authd")
@@ -156,6 +156,7 @@ class Starter:
         self.auth_look = 0.0                    # when authd's files are looked at next
         self.table_first = True                 # smtpd starts after the first table
         self.table = table                      # False: the service manager runs newrcpt
+        self.lines = 0                          # log lines read in this second
 
     # --- starting -----------------------------------------------------------------
     def exists(self, prog: str) -> bool:
@@ -319,10 +320,7 @@ class Starter:
                 break       # emptied the pipe; select() tells when there is more
         lines = c.buf.split(b"\n")
         c.buf = lines.pop()
-        if final and c.buf:
-            lines.append(c.buf)
-            c.buf = b""
-        if len(c.buf) > MAX_LINE:
+        if c.buf and (final or len(c.buf) > MAX_LINE):
             lines.append(c.buf)
             c.buf = b""
         if lines:   # one stamp and one write for all the lines read together
@@ -333,6 +331,7 @@ class Starter:
             text = "".join((head if line.startswith(b"qpy-") else named)
                            + clean(line, MAX_LINE) + "\n" for line in lines)
             OUTPUT.add(text.encode("utf-8", "replace"))
+            self.lines += len(lines)
 
     def handle_signals(self, flags: list[int]) -> None:
         if signal.SIGALRM in flags:
@@ -407,7 +406,7 @@ class Starter:
                 say("%s: not configured, not started" % svc.name)
         self.newrcpt()
         to_file = os.path.isfile("/proc/self/fd/1")     # a write there never waits
-        flags, last_round = sigs.take(), 0.0
+        flags, last_round, busy, second = sigs.take(), 0.0, False, 0.0
         while True:
             self.handle_signals(flags)
             if signal.SIGCHLD in flags:
@@ -435,8 +434,9 @@ class Starter:
                     if self.wanted("authd"):
                         say("authd: configured now")    # the first qpy-passwd: no restart
                         self.start(svc)
-            # under load a line waits for the next round; after a quiet spell it is read at once
-            pause = last_round + LOG_ROUND - now
+            if now >= second:       # mail flows: a line waits for the next round
+                busy, self.lines, second = self.lines >= LOG_BUSY, 0, now + 1.0
+            pause = last_round + LOG_ROUND - now if busy else 0.0
             fds = [sigs.fd] + ([c.logfd for c in live] if pause <= 0 else [])
             try:
                 ready, writable, _ = select.select(fds, [1] if OUTPUT.buf else [], [],
