@@ -847,10 +847,11 @@ def test_sighup_retires_a_busy_worker_after_its_delivery(ls, homes):
     """After SIGHUP no delivery runs in a worker forked before it: an idle worker goes
     at once, one busy then finishes its delivery and goes (its groups and settings may
     be the old ones)."""
-    alice, _ = homes
+    alice, bob = homes
     put(alice, ".qmail", '|echo $PPID > "$HOME/ppid"\n')
     put(alice, ".qmail-wait", '|echo $PPID > "$HOME/ppid"; i=0; '
         'while [ ! -e "$HOME/go" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\n')
+    put(bob, ".qmail", '|echo $PPID > "$HOME/ppid"\n')
     ppid = os.path.join(alice.pw_dir, "ppid")
 
     def worker_of(status_text: tuple[bytes, str]) -> int:
@@ -859,6 +860,8 @@ def test_sighup_retires_a_busy_worker_after_its_delivery(ls, homes):
         os.unlink(ppid)
         return pid
 
+    assert ls.deliver(addr(bob))[0] == b"K"                 # an idle worker of bob's
+    idle = int(read(os.path.join(bob.pw_dir, "ppid")))
     first = worker_of(ls.deliver(addr(alice)))
     assert worker_of(ls.deliver(addr(alice))) == first      # idle, so reused
     d = ls.send([addr(alice, "-wait")])                     # the same worker, now busy
@@ -867,14 +870,19 @@ def test_sighup_retires_a_busy_worker_after_its_delivery(ls, homes):
     assert psutil.Process(first).cmdline()[0].startswith("qpy-local " + alice.pw_name)
     os.unlink(ppid)
     ls.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.5)             # lspawn has taken the HUP while the delivery still runs
+
+    def gone(pid: int) -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == \
+            psutil.STATUS_ZOMBIE
+    # bob's idle worker retired: lspawn has taken the HUP while alice's delivery runs
+    assert qpytest.wait_for(lambda: gone(idle))
+    assert not gone(first)
     put(alice, "go", "")
     got, results = ls.recv()
     assert got == d and results[0][0] == b"K", results
     second = worker_of(ls.deliver(addr(alice)))
     assert second != first
-    assert qpytest.wait_for(lambda: not psutil.pid_exists(first)
-                            or psutil.Process(first).status() == psutil.STATUS_ZOMBIE)
+    assert qpytest.wait_for(lambda: gone(first))
 
 
 # ---- end to end: qpy-sendmail -> pickup -> queue-send -> lspawn -> local ---------------------

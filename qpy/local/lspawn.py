@@ -29,7 +29,7 @@ WHAT IT DOES
     after WORKER_IDLE idle seconds, MAX_DELIVERIES deliveries, SIGHUP (a busy one
     after its delivery: later ones get the new settings and groups), or when it
     answers EXIT_RETIRE. The parent answers each request with spawn.send_result
-    once every recipient is done: K (code 0), D (100), Z (a crash, a timeout...).
+    once every recipient is done: K (code 0), D (100), Z (other codes, crashes, timeouts).
 
     A delivery that runs longer than `timeoutlocal` (control file, default
     3600 s) plus GRACE seconds gets its worker killed and is reported Z
