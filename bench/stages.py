@@ -22,7 +22,11 @@ The client is Python and the same for both systems; its own cost is in "between"
 the stage figures compare the servers. Deliveries run meanwhile as in W1 (the Maildir
 is emptied before each round); the sum of the stages is the W1 one-session time a
 message. Each round then also times `smtp-source -s 1 -m N` (W1's client, in C) on the
-same system: the last row, ms a message until it returns.
+same system: a row of ms a message until it returns. The last two rows are the whole
+machine's CPU time a message (/proc/stat, user and system, from the first session of
+the stage pass to the last delivery, the client included: run it on a quiet machine).
+On the 2-core machine, one session keeps the machine most of the time busy, so CPU a
+message is what the one-session rate follows.
 """
 
 from __future__ import annotations
@@ -119,12 +123,23 @@ def delivered(pw, n: int) -> None:
         time.sleep(0.05)
 
 
-def run(sysm, pw, n: int) -> list[list[float]]:
+def busy_ms() -> tuple[float, float]:
+    """CPU time of the whole machine so far (user+nice, system+irq+softirq), ms."""
+    with open("/proc/stat", "rb") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    tick = 1000 / os.sysconf("SC_CLK_TCK")
+    return (v[0] + v[1]) * tick, (v[2] + v[5] + v[6]) * tick
+
+
+def run(sysm, pw, n: int) -> tuple[list[list[float]], tuple[float, float]]:
+    """n sessions, then until delivered: the stages, and the machine's CPU a message."""
     sender = "bench@src.example"
     rcpt = "%s@%s" % (pw.pw_name, sysm.domain)
+    u0, s0 = busy_ms()
     rows = [one(sysm.port, sender, rcpt, i) for i in range(n)]
     delivered(pw, n)
-    return rows
+    u1, s1 = busy_ms()
+    return rows, ((u1 - u0) / n, (s1 - s0) / n)
 
 
 def source(sysm, pw, n: int) -> float:
@@ -156,6 +171,7 @@ def main() -> int:
         syss.append(systems.Postfix(systems.BASE, relay_port))
     rows: dict[str, list[list[float]]] = {s.name: [] for s in syss}
     src: dict[str, list[float]] = {s.name: [] for s in syss}
+    cpu: dict[str, list[tuple[float, float]]] = {s.name: [] for s in syss}
     try:
         for s in syss:
             s.setup()
@@ -164,8 +180,9 @@ def main() -> int:
             for s in syss:
                 wl.settle(s, 60)
                 systems.empty_maildir(pw)
-                got = run(s, pw, args.messages)
+                got, (user, sys_) = run(s, pw, args.messages)
                 rows[s.name] += got
+                cpu[s.name].append((user, sys_))
                 wl.settle(s, 60)
                 systems.empty_maildir(pw)
                 src[s.name].append(source(s, pw, args.messages))
@@ -193,6 +210,11 @@ def main() -> int:
     ratio = " | %.2f" % (meds[0] / meds[1]) if len(meds) == 2 else ""
     print("| smtp-source -s 1, ms a message (median of rounds) | %s%s |"
           % (" | ".join("%.3f" % m for m in meds), ratio))
+    for k, label in ((0, "user"), (1, "system")):
+        meds = [statistics.median(c[k] for c in cpu[n]) for n in names]
+        ratio = " | %.2f" % (meds[0] / meds[1]) if len(meds) == 2 and meds[1] else ""
+        print("| machine CPU ms a message, %s (median of rounds) | %s%s |"
+              % (label, " | ".join("%.3f" % m for m in meds), ratio))
     return 0
 
 

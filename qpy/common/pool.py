@@ -184,6 +184,9 @@ class Pool:
         """Retire idle workers unused for older_than seconds (at most `most`), through
         the spawner's retire when given (it may take a last answer first)."""
         now = time.monotonic()
+        first = self.next_retirement(older_than)
+        if first is None or first > now:
+            return              # the common case, once per loop turn: no sort
         old = [w for w in self.idle_workers() if now - w.idle_since >= older_than]
         for w in old[:most]:
             (retire or self.retire)(w)
