@@ -112,12 +112,16 @@ def test_relay_rules_by_client_address(qroot):
         denied = Client(s.port, source="127.0.0.3")
         assert denied.closed() and denied.buf == b""
         assert s.wait_log("deny 127.0.0.3")
-        # SIGHUP re-reads the rules: now 127.0.0.1 is a stranger too
+        # SIGHUP re-reads the rules: now 127.0.0.1 is a stranger too, and 127.0.0.3 is
+        # let in (qpy-tcpserver keeps what the rules said of an address until then)
         qroot.control("smtprules", ":allow\n")
         s.proc.send_signal(1)
         assert s.wait_log("control files re-read")
         again = session(s.port, mail_from, b"RCPT TO:<x@elsewhere.example>")
         assert again[1].startswith(b"553 5.7.1 ")
+        let_in = session(s.port, mail_from, b"RCPT TO:<postmaster@test.example>",
+                         source="127.0.0.3")
+        assert codes(let_in) == [250, 250]
     finally:
         s.stop()
 

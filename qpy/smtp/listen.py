@@ -40,6 +40,7 @@ class Listener:
         self.profile = profile
         self.rules_name = rules_name
         self.entry = entry
+        self.family = int(family)       # an int: socket.family converts to an enum each time
         self.rules: list[rulesmod.Rule] = []
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -86,11 +86,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import selectors
 import signal
 import socket
 import sys
 import time
+from typing import NamedTuple
 
 from qpy.common.control import Control, ControlError
 from qpy.common.exits import EXIT_TEMP
@@ -112,6 +114,14 @@ BUSY_REPLY = b"421 4.3.2 Too many connections, try again later\r\n"
 PERIP_REPLY = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 RATE_REPLY = PERIP_REPLY
 TROUBLE_REPLY = b"421 4.3.0 Temporary problem, try again later\r\n"
+ADMISSIONS_KEPT = 4096      # client addresses whose rule match is kept (until SIGHUP)
+
+
+class Admission(NamedTuple):
+    allowed: bool           # not denied by the listener's rules
+    key: str                # whose sessions maxperip counts together (rules.client_key)
+    trusted: bool           # its rule sets RELAYCLIENT: exempt from maxperip
+    order: bytes            # the worker's order: listener and the rule's variables (JSON)
 
 
 class Server:
@@ -124,6 +134,7 @@ class Server:
         self.reap_wanted = False
         self.maxperip = 10
         self.per_ip: dict[str, int] = {}  # sessions running per client_key
+        self.admissions: dict[tuple[Listener, str], Admission] = {}   # emptied by load()
         self.sel = selectors.DefaultSelector()
         self.workers = Workers(PROGRAM, self.sel, lookup_host, self._ended)
 
@@ -143,6 +154,7 @@ class Server:
         control = Control(self.root)
         workers = self.workers
         workers.cfg = cfg = smtpd.Config(self.root)
+        self.admissions.clear()           # the rules may have changed
         secure.load(self.root)            # the certificate: read once, before any fork
         try:
             workers.limit = max(1, control.integer("maxsmtpd"))
@@ -183,7 +195,9 @@ class Server:
         try:
             while not self.stopping:
                 # session ends before new connections: they free workers the new ones need
-                events = sorted(sel.select(TICK), key=lambda ev: not isinstance(ev[0].data, Worker))
+                events = sel.select(TICK)
+                if len(events) > 1:
+                    events.sort(key=lambda ev: not isinstance(ev[0].data, Worker))
                 self.take_signals(any(key.data is None for key, _ in events))
                 for key, _ in events:
                     if key.data is None:
@@ -232,7 +246,9 @@ class Server:
     def _accept(self, lst: Listener) -> bool:
         """Take one connection; False when there was none to take."""
         try:
-            conn, peer = lst.sock.accept()
+            # the bare descriptor and the peer's address: socket.accept() would wrap it
+            # in a socket object (a getsockname, enum conversions) that only the worker uses
+            fd, peer = lst.sock._accept()
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as e:
@@ -244,54 +260,72 @@ class Server:
                 return True
             raise
         try:
-            self._admit(conn, peer[0], lst)
+            self._admit(fd, peer, lst)
         finally:
-            conn.close()                  # the worker has its own descriptor of it
+            os.close(fd)                  # the worker has its own descriptor of it
         return True
 
-    def _admit(self, conn: socket.socket, ip: str, lst: Listener) -> None:
+    def _admission(self, lst: Listener, ip: str) -> Admission:
+        """What the listener's rules say of a client address (cached until the rules
+        are re-read): allowed, its maxperip key, trusted, the worker's order."""
+        rule = rulesmod.match(lst.rules, ip)
+        got = Admission(
+            rule is None or rule.allow, rulesmod.client_key(ip),
+            rule is not None and "RELAYCLIENT" in rule.env,   # as Postfix's mynetworks
+            json.dumps({"listener": lst.profile,
+                        "env": rule.env if rule is not None else {}}).encode())
+        if len(self.admissions) >= ADMISSIONS_KEPT:
+            self.admissions.clear()
+        self.admissions[(lst, ip)] = got
+        return got
+
+    def _admit(self, fd: int, peer: tuple, lst: Listener) -> None:
         """The listener's rules, then maxperip, then maxsmtpd, then a worker."""
         workers = self.workers
-        rule = rulesmod.match(lst.rules, ip)
-        if rule is not None and not rule.allow:
+        ip = peer[0]
+        adm = self.admissions.get((lst, ip)) or self._admission(lst, ip)
+        if not adm.allowed:
             log("deny %s (%s)" % (ip, lst.profile))
             return
         if ratelimit.shared is not None and ratelimit.shared.over("connections", ip):
             log("rate limit %s: 421, over %d connections a minute"
                 % (ip, ratelimit.shared.limits["connections"]))
-            self._refuse(conn, RATE_REPLY)
+            self._refuse(fd, RATE_REPLY)
             return
-        key = rulesmod.client_key(ip)
-        trusted = rule is not None and "RELAYCLIENT" in rule.env   # as Postfix's mynetworks
-        if self.maxperip and not trusted and self.per_ip.get(key, 0) >= self.maxperip:
+        key = adm.key
+        if self.maxperip and not adm.trusted and self.per_ip.get(key, 0) >= self.maxperip:
             workers.collect(0)        # no wait: a flood of 421s must stay cheap
             if self.per_ip.get(key, 0) >= self.maxperip:
                 log("maxperip %s: 421, %d sessions from %s" % (ip, self.per_ip[key], key))
-                self._refuse(conn, PERIP_REPLY)
+                self._refuse(fd, PERIP_REPLY)
                 return
         if workers.nbusy >= workers.limit:
             workers.collect(0)
         if workers.nbusy >= workers.limit:
             log("busy %s: 421, %d sessions (maxsmtpd)" % (ip, workers.nbusy))
-            self._refuse(conn, BUSY_REPLY)
+            self._refuse(fd, BUSY_REPLY)
             return
-        order = json.dumps({"listener": lst.profile,
-                            "env": rule.env if rule is not None else {}}).encode()
-        w = workers.hand_over(conn, order, key)
+        # the peer's address goes with the order: the worker need not ask the kernel
+        w = workers.hand_over(fd, b"%d %s %d\n" % (lst.family, ip.encode(), peer[1])
+                              + adm.order, key)
         if w is None:
             log("no worker for %s: 421" % (ip))
-            self._refuse(conn, TROUBLE_REPLY)
+            self._refuse(fd, TROUBLE_REPLY)
             return
         self.per_ip[key] = self.per_ip.get(key, 0) + 1
         log("pid %d from %s (%s)" % (w.pid, ip, lst.profile))
         self._status()
 
     @staticmethod
-    def _refuse(conn: socket.socket, reply: bytes) -> None:
+    def _refuse(fd: int, reply: bytes) -> None:
+        conn = socket.socket(fileno=fd)   # borrowed: the caller closes fd
         try:
             conn.send(reply, socket.MSG_DONTWAIT)
         except OSError:
             pass
+        finally:
+            conn.detach()
+
 
 def main() -> int:
     args = sys.argv[1:]

@@ -10,7 +10,7 @@ RUNS AS
 
 IN THE PARENT (Workers)
     qpy.common.pool forks, parks, retires and reaps the workers; Workers holds
-    qpy-tcpserver's policy for them. hand_over(conn, order, client) passes an
+    qpy-tcpserver's policy for them. hand_over(fd, order, client) passes an
     accepted socket to the idle worker that became idle last (or one forked
     for it) over its socketpair (SCM_RIGHTS); the worker is busy (w.job: its
     client) until it writes DONE back, and on_end(client) is told, for
@@ -29,8 +29,11 @@ WHAT A WORKER HOLDS
 
 WHAT A WORKER DOES
     Waits on fd 3 for one hand-over at a time: a datagram of at most
-    HANDOVER_BYTES, the order (JSON: {"listener": PROFILE, "env": the client
-    rule's variables}), carrying the accepted connection. Per connection: the
+    HANDOVER_BYTES, the order, carrying the accepted connection: a line
+    `FAMILY IP PORT` (the socket's address family and the client's address, as
+    accept() gave them to the parent), then JSON {"listener": PROFILE, "env":
+    the client rule's variables} (parsed once per worker: the parent sends the
+    same few again and again). Per connection: the
     session's environment made afresh (a copy of the one the worker was forked
     with; the process's own is never changed) with the ucspi-tcp one set
     (PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT,
@@ -75,6 +78,7 @@ END_WAIT = 0.002            # seconds to wait for a session to end before forkin
 HANDOVER_TRIES = 3          # workers tried for one connection before giving up on it
 KILL_GRACE = 5.0            # seconds between TERM and KILL at shutdown
 HANDOVER_BYTES = 64 * 1024  # largest hand-over order
+ORDERS_KEPT = 64            # parsed orders a worker keeps (one per listener and rule)
 DONE = b"."                 # worker -> parent: the connection is over, give me the next
 IDLE_TITLE = "qpy-smtpd idle"
 SESSION_ENV = ("PROTO", "RELAYCLIENT", "QPY_LISTENER")   # set per connection (and TCP*)
@@ -108,8 +112,9 @@ class Workers:
             log("worker %d started" % (w.pid))
         return w
 
-    def hand_over(self, conn: socket.socket, order: bytes, client: str) -> Worker | None:
-        """Pass conn to an idle (or new) worker; the worker, or None when none took it."""
+    def hand_over(self, fd: int, order: bytes, client: str) -> Worker | None:
+        """Pass the connection fd to an idle (or new) worker; the worker, or None when
+        none took it."""
         if len(order) > HANDOVER_BYTES:
             return None
         pool = self.pool
@@ -120,7 +125,7 @@ class Workers:
             if w is None:
                 return None
             try:
-                socket.send_fds(w.sock, [order], [conn.fileno()])
+                socket.send_fds(w.sock, [order], [fd])
             except OSError as e:          # it died while idle: the next one
                 log("worker %d: hand-over: %s" % (w.pid, e.strerror))
                 self.retire(w)
@@ -243,6 +248,7 @@ class SessionWorker:
         self.lookup_host = lookup_host
         self.base: dict[str, str] = {}
         self.null = -1
+        self.orders: dict[bytes, tuple[str, dict[str, str]]] = {}   # order -> parsed
 
     def setup(self) -> None:
         """In the new worker, before the pool closes the parent's descriptors: its
@@ -275,32 +281,45 @@ class SessionWorker:
                 log("session error: %s" % (clean(repr(e))))
         return 0
 
-    def serve(self, conn: socket.socket, order: bytes) -> None:
+    def serve(self, fd: int, order: bytes) -> None:
         """One connection: a fresh environment, fd 0/1, qpy-smtpd's session, clean-up."""
         try:
-            got = json.loads(order)
-            profile = str(got["listener"])
-            rule_env = {str(k): str(v) for k, v in got["env"].items()}
-            peer, local = conn.getpeername(), conn.getsockname()
+            head, _, body = order.partition(b"\n")
+            family, ip, port = head.decode().split(" ")
+            # TCP, of the family the parent says: no probe of the descriptor
+            conn = socket.socket(int(family), socket.SOCK_STREAM, socket.IPPROTO_TCP,
+                                 fileno=fd)
+        except (ValueError, OSError):
+            os.close(fd)
+            return
+        try:
+            got = self.orders.get(body)
+            if got is None:               # the same few orders again and again: parsed once
+                parsed = json.loads(body)
+                got = (str(parsed["listener"]),
+                       {str(k): str(v) for k, v in parsed["env"].items()})
+                if len(self.orders) < ORDERS_KEPT:
+                    self.orders[body] = got
+            profile, rule_env = got
+            local = conn.getsockname()
         except (ValueError, KeyError, AttributeError, OSError):   # gone before we looked
             conn.close()
             return
         try:
-            set_title("qpy-smtpd %s" % peer[0])
+            set_title("qpy-smtpd %s" % ip)
             # the session's environment: a fresh dict each time, so nothing of the last
             # client's stays; the process's own (putenv, unsetenv per name) is never
             # changed: the session starts no program that would inherit it
             env = dict(self.base)
             env.update(PROTO="TCP", TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]),
-                       TCPREMOTEIP=peer[0], TCPREMOTEPORT=str(peer[1]),
+                       TCPREMOTEIP=ip, TCPREMOTEPORT=port,
                        QPY_LISTENER=profile)
             if self.lookup_host:
                 try:
-                    env["TCPREMOTEHOST"] = socket.gethostbyaddr(peer[0])[0].lower()
+                    env["TCPREMOTEHOST"] = socket.gethostbyaddr(ip)[0].lower()
                 except OSError:
                     pass
             env.update(rule_env)
-            conn.setblocking(True)
             # replies go out in one write per batch already; do not let Nagle hold them
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             os.dup2(conn.fileno(), 0)
@@ -323,11 +342,12 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _receive(chan: socket.socket) -> tuple[socket.socket, bytes] | None:
-    """The next connection and its order; None when the parent closed our pair."""
+def _receive(chan: socket.socket) -> tuple[int, bytes] | None:
+    """The next connection's descriptor and its order; None when the parent closed our
+    pair."""
     msg, fds, flags, _ = socket.recv_fds(chan, HANDOVER_BYTES, 1)
     if not msg or len(fds) != 1 or flags & _TRUNCATED:
         for fd in fds:
             os.close(fd)
         return None
-    return socket.socket(fileno=fds[0]), msg
+    return fds[0], msg
