@@ -25,7 +25,9 @@ With door=True (qpy-smtpd) the message is written into a memfd instead, sealed,
 and handed to qpy-pickup over its door (qpy.common.door): pickup copies it into
 the queue and makes it durable, and `commit()` returns the id
 pickup admitted it under (its own if the proposed one was taken). No drop
-file is made and nothing is fsync'd here. A message past MEMORY_MAX, or one whose
+file is made and nothing is fsync'd here; the envelope is checked by pickup, before it
+answers, not here as well; the memfd stays open until the caller's abort() (after its
+reply: the last close frees the message's pages). A message past MEMORY_MAX, or one whose
 door is shut (pickup not running), moves to a drop file as above: memory stays
 bounded and mail is still accepted while pickup is down.
 
@@ -93,6 +95,7 @@ class Drop:
         self._tmp = ""
         self._dfd = -1
         self._memory = door
+        self._held = False     # committed through the door; abort() closes the memfd
         # a memfd gets its header with its first write: a message that commit() finds
         # all in _buf goes in with header and envelope in one write
         self._fresh = door
@@ -176,11 +179,8 @@ class Drop:
         final name; a fresh one only if another user's file took this one). `mail`
         and `rcpt`: the DSN parameters (qpy.common.envelope's P and Q records)."""
         env = envelope.encode(sender, recipients, mail, rcpt)
-        try:
-            envelope.decode(env)  # the queue never holds an envelope pickup would refuse
-        except envelope.EnvelopeError as e:
-            self.abort()
-            raise InjectError(e.code, str(e))
+        if not self._memory:
+            self._check(env)
         try:
             if self._fresh:
                 data = b"".join(self._buf)
@@ -195,12 +195,17 @@ class Drop:
                 posix.pwrite(self._fd, dropfile.header(posix.getpid(), self.size, len(env),
                                                        crc), 0)
             if self._memory:
-                # sealed: pickup checks it, so what it copies is what was checked
+                # sealed: pickup checks it, so what it copies is what was checked (the
+                # envelope too, before it answers: its refusal comes before any 250)
                 fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, SEALS)
                 try:
                     self.id = through_door(self._root, self._fd, self.id)
+                    # the memfd stays open: the caller's abort() after its reply is the
+                    # last close, which frees the message's pages (off the reply's path)
+                    self._held = True
                     return self.id
                 except DoorShut:
+                    self._check(env)
                     self._spill()            # nobody at the door: drop/, as ever
             for _ in range(3):
                 try:
@@ -221,8 +226,18 @@ class Drop:
                 self._void()
             raise _io_error(e, "write")
         finally:
-            self.abort()
+            if not self._held:
+                self.abort()
         return self.id
+
+    def _check(self, env: bytes) -> None:
+        """The queue never holds an envelope pickup would refuse (at the door pickup
+        checks it before it answers; a drop file it would quarantine after the 250)."""
+        try:
+            envelope.decode(env)
+        except envelope.EnvelopeError as e:
+            self.abort()
+            raise InjectError(e.code, str(e))
 
     def _void(self) -> None:
         """The fsync failed after the rename: a complete file with a valid CRC stands
@@ -235,7 +250,7 @@ class Drop:
             pass
 
     def abort(self) -> None:
-        """Forget the message (a no-op after commit)."""
+        """Forget the message; after commit(), let go of what it still holds."""
         if self._fd >= 0:
             posix.close(self._fd)
             self._fd = -1

@@ -133,7 +133,6 @@ class Door:
         if req.answered:
             return
         req.answered = True
-        os.close(req.fd)
         fd = req.conn.fileno()
         self.busy.discard(fd)
         data = code + b" " + text.encode("utf-8", "replace")[:door.MAX_DATAGRAM - 2]
@@ -141,6 +140,7 @@ class Door:
             req.conn.send(data)
         except OSError:             # the client went away: its session says 451 anyway
             self._drop(req.conn)
+        os.close(req.fd)            # after the answer: the client waits for that
 
     def _drop(self, conn: socket.socket) -> None:
         fd = conn.fileno()
