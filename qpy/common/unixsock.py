@@ -17,7 +17,10 @@ import socket
 SUN_PATH_MAX = 107          # bytes of sun_path, less its terminating NUL
 
 
-class _InDir:
+class InDir:
+    """A directory held by an O_PATH descriptor; name(leaf) is a socket address in it
+    short enough for sun_path."""
+
     def __init__(self, directory: str):
         self.directory = directory
         self.fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -28,7 +31,7 @@ class _InDir:
             return path
         return "/proc/self/fd/%d/%s" % (self.fd, leaf)
 
-    def __enter__(self) -> _InDir:
+    def __enter__(self) -> InDir:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -39,7 +42,7 @@ def bind(directory: str, leaf: str, kind: int, mode: int) -> socket.socket:
     """A socket bound as directory/leaf (a stale socket there is replaced), mode set."""
     sock = socket.socket(socket.AF_UNIX, kind)
     try:
-        with _InDir(directory) as d:
+        with InDir(directory) as d:
             try:
                 os.unlink(leaf, dir_fd=d.fd)
             except FileNotFoundError:
@@ -57,7 +60,7 @@ def connect(directory: str, leaf: str, kind: int, timeout: float | None) -> sock
     sock = socket.socket(socket.AF_UNIX, kind)
     sock.settimeout(timeout)
     try:
-        with _InDir(directory) as d:
+        with InDir(directory) as d:
             sock.connect(d.name(leaf))
     except BaseException:
         sock.close()

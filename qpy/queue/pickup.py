@@ -15,7 +15,8 @@ READS
 WRITES
     queue/mess/ID (the message with a Received: line), queue/todo/ID (arrival
     time, injecting uid, size, the injector's pid (qp), envelope),
-    queue/pickup/journal, and moves bad drop files to queue/quarantine/.
+    queue/pickup/journal, and moves bad drop files to queue/quarantine/; tells
+    qpy-queue-send of new todo/ID at queue/trigger/socket (qpy.common.trigger).
 
 HOW A BATCH IS ADMITTED (crash safety)
     1. for each drop file: todo/.tmp.ID, then mess/ID, written (nothing is
@@ -34,10 +35,13 @@ HOW A BATCH IS ADMITTED (crash safety)
        records (written before the next batch's) voids them, and from then on
        every file is fsync'd. (syncfs also writes other programs' dirty data on that
        filesystem; a queue on a busy shared filesystem is better on its own one.)
-    3. todo/.tmp.ID renamed to todo/ID: queue-send sees them. todo/ is not
-       fsync'd here: a rename lost in a crash is redone from the journal.
+    3. todo/.tmp.ID renamed to todo/ID. todo/ is not fsync'd here: a rename
+       lost in a crash is redone from the journal.
     4. each message that came through the door is answered with its id
-       (qpy-smtpd says 250 only then), and the drop files are unlinked. Messages that
+       (qpy-smtpd says 250 only then); then queue-send is sent the batch's ids in
+       one datagram (a hint; one that cannot go leaves a "list todo/" hint owed,
+       retried each second; one is owed at start too, after recover()), and the
+       drop files are unlinked. Messages that
        arrive at the door while a batch is being written wait for the next one,
        so one syncfs commits every message that came in meanwhile (group commit).
        A message from the door has no drop file: its journal record names "-";
@@ -89,10 +93,10 @@ EXIT CODES
     0 after SIGTERM; 111 when the queue cannot be used.
 
 NOTES
-    This module is over 400 lines (429) because this page, the crash argument of
-    every step, is 94 of them; the code is the batch and the loop only (one
+    This module is over 400 lines (437) because this page, the crash argument of
+    every step, is 98 of them; the code is the batch and the loop only (one
     message's admission is qpy.queue.admit, the journal qpy.queue.journal, the door
-    qpy.queue.door).
+    qpy.queue.door, the hint to queue-send qpy.common.trigger).
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from qpy.common import door, dropfile, durable
+from qpy.common import door, dropfile, durable, trigger
 from qpy.common.control import Control
 from qpy.common.log import clean, log
 from qpy.common.privilege import preamble, resolve_user
@@ -151,6 +155,7 @@ class Pickup:
         self.stuck: set[str] = set()      # entries pickup can neither admit nor move
         self.admitter = Admitter(root, self.paths, self.control)
         self.door = Door.shut()           # opened by run()
+        self.trigger = trigger.Sender(root)
         self.syncfs = _load_syncfs()
         self.mess_fd = os.open(self.paths.mess, os.O_RDONLY | os.O_DIRECTORY)  # for syncfs
         if os.fstat(self.mess_fd).st_dev != os.stat(self.paths.todo).st_dev:
@@ -274,6 +279,7 @@ class Pickup:
             # durable since the commit point: the clients waiting at the door first
             for req, msg_id in from_door:
                 self.door.answer(req, door.QUEUED, msg_id)
+            self.trigger.new([msg_id for _, msg_id, _, _ in admitted])  # queue-send
             for name, msg_id, uid, size in admitted:
                 if name != "-":
                     try:
@@ -362,6 +368,7 @@ class Pickup:
             log("fatal: another qpy-pickup runs on %s" % self.root)
             return 111
         self.journal.recover()
+        self.trigger.owe()            # recovery may have renamed todo/.tmp.ID files
         watcher = Watcher([self.paths.drop])
         dfd = os.open(self.paths.drop, os.O_RDONLY | os.O_DIRECTORY)
         self.door = self._open_door()
@@ -377,9 +384,10 @@ class Pickup:
             if signal.SIGHUP in got:
                 self.control.reload()
                 log("info: control files re-read")
+            self.trigger.settle()       # a hint owed since a send failed
             busy = pending or self.door.pending
-            ready = watcher.wait(0 if busy else JOURNAL_LINGER if self.journal.records
-                                 else IDLE_WAIT, (sigs.fd, *self.door.fds()))
+            ready = watcher.wait(self.trigger.timeout(0 if busy else JOURNAL_LINGER if
+                                 self.journal.records else IDLE_WAIT), (sigs.fd, *self.door.fds()))
             if sigs.fd in ready:
                 continue                    # the signal first; no quiet wake
             self.door.service(ready)
