@@ -2,7 +2,10 @@
 
 qpy-pickup's copy of a drop file (or of a sealed memfd from its door): every check
 is made on the open descriptor, every length against its limit before a byte is read
-for it, the message copied in pieces, and qpy's Received: line put in front. What
+for it, the message copied in pieces, and qpy's Received: line put in front. A file of
+at most WHOLE_BYTES (an SMTP message of a few KiB) is read whole with one pread (its
+size is the bound) and what was checked is what is written; the files are opened
+relative to descriptors of mess/ and todo/ held open (no path joined per message). What
 makes the two files durable and visible is the batch's business (qpy-pickup,
 qpy.queue.journal); a crash between here and there leaves only a todo/.tmp.ID and its
 mess/ID, which recovery removes.
@@ -26,6 +29,7 @@ from qpy.queue.journal import TODO_TMP, unlink_quietly
 
 HEADER_SLACK = 64 * 1024          # room for trace lines added after databytes was checked
 COPY_BYTES = 1 << 20              # the message is copied in pieces of this size
+WHOLE_BYTES = 64 * 1024           # a file up to this size is read with one pread
 SPARSE_SLACK = 64 * 1024          # a larger drop file with under half its size on disk
                                   # has holes: refused
 
@@ -44,6 +48,9 @@ class Admitter:
         self.last_id = 0
         self.ids = DropIds()
         self.who = self._who_table(root)
+        # names are opened relative to these: no path joined, one component looked up
+        self.mess_fd = os.open(paths.mess, os.O_RDONLY | os.O_DIRECTORY)
+        self.todo_fd = os.open(paths.todo, os.O_RDONLY | os.O_DIRECTORY)
         self.filters = nonsmtp.NonSmtp(root, control, set(self.who))
 
     def _who_table(self, root: str) -> dict[int, str]:
@@ -85,20 +92,29 @@ class Admitter:
                 raise Rejected("not sealed")
         elif st.st_nlink != 1:
             raise Rejected("has %d links" % st.st_nlink)
-        if st.st_size > self.limit() + dropfile.HEADER_LEN + envelope.MAX_ENVELOPE:
+        limit = self.limit()
+        if st.st_size > limit + dropfile.HEADER_LEN + envelope.MAX_ENVELOPE:
             raise Rejected("too large (%d bytes)" % st.st_size)
         if st.st_size > SPARSE_SLACK and st.st_blocks * 512 < st.st_size // 2:
             # holes: its copy in mess/ would take real disk its writer never used
             raise Rejected("sparse file (%d bytes, %d allocated)"
                            % (st.st_size, st.st_blocks * 512))
         try:
-            # every length is checked against its limit before a byte is read for it
-            h = dropfile.parse_header(os.pread(fd, dropfile.HEADER_LEN, 0), st.st_size)
-            if h.msglen > self.limit():
+            # every length is checked against its limit before a byte is read for it; a
+            # small file is read whole (its size, bounded, is the limit): one system
+            # call for header, message and envelope
+            small = st.st_size <= WHOLE_BYTES
+            whole = os.pread(fd, st.st_size, 0) if small else b""
+            if small and len(whole) != st.st_size:
+                raise Rejected("file shrank while being read")
+            h = dropfile.parse_header(whole[:dropfile.HEADER_LEN] if whole else
+                                      os.pread(fd, dropfile.HEADER_LEN, 0), st.st_size)
+            if h.msglen > limit:
                 raise Rejected("message too large (%d bytes)" % h.msglen)
             if h.envlen > envelope.MAX_ENVELOPE:
                 raise Rejected("envelope too large (%d bytes)" % h.envlen)
-            env = os.pread(fd, h.envlen, h.length + h.msglen)
+            env = whole[h.length + h.msglen:] if whole else \
+                os.pread(fd, h.envlen, h.length + h.msglen)
             if len(env) != h.envlen:
                 raise Rejected("envelope truncated")
             decoded = envelope.decode_all(env)
@@ -130,10 +146,15 @@ class Admitter:
                 break
             msg_id = None
         try:
-            mfd = os.open(os.path.join(self.paths.mess, msg_id),
-                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            mfd = os.open(msg_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640,
+                          dir_fd=self.mess_fd)
             try:
-                crc = self._copy_range(src, mfd, offset, length, received)
+                if src == fd and whole:     # read already: what was checked is copied
+                    data = whole[offset:offset + length]
+                    crc = zlib.crc32(data)
+                    durable.write_all(mfd, received + data)
+                else:
+                    crc = self._copy_range(src, mfd, offset, length, received)
                 if crc_want is not None and zlib.crc32(env, crc) != crc_want:
                     # torn by a crash before its writer's fsync returned: never
                     # acknowledged, so its sender still has it
@@ -152,11 +173,14 @@ class Admitter:
     def _reserve(self, msg_id: str, todo: bytes, sync: bool) -> bool:
         """Write todo/.tmp.ID unless the id is taken (fsync'd unless the batch's syncfs
         will do it); pickup runs alone (flock)."""
-        if os.path.lexists(os.path.join(self.paths.mess, msg_id)):
-            return False
         try:
-            fd = os.open(os.path.join(self.paths.todo, TODO_TMP + msg_id),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            os.lstat(msg_id, dir_fd=self.mess_fd)
+            return False
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(TODO_TMP + msg_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o640, dir_fd=self.todo_fd)
         except FileExistsError:
             return False
         try:
