@@ -247,3 +247,19 @@ def test_hostile_hints_are_ignored_and_deliver_nothing_twice(qroot):
     assert q.pid("queue-send") == qs
     assert len(re.findall(r"ignored a malformed hint", q.log())) == 1
     assert not re.search(r"queue-send: .*(Traceback|alert)", q.log())
+
+
+@needs_root
+def test_root_without_the_trigger_directory_falls_back_to_inotify(qroot):
+    """A root installed before the trigger (no queue/trigger/): pickup and queue-send
+    say so once, and queue-send watches todo/ by inotify: mail still comes at once."""
+    a = user("ta", qroot)
+    os.rmdir(trigger.directory(qroot.path))
+    q = Qpy(qroot)
+    q.wait_log(r"queue-send: warning: cannot bind .*trigger/socket.*watched by inotify")
+    q.wait_log(r"pickup: warning: no .*queue/trigger")
+    time.sleep(1.0)                 # past queue-send's first listing
+    t0 = time.monotonic()
+    inject(qroot, "qtta@%s" % ME, "inotify")
+    assert wait_for(lambda: subjects(a) == ["inotify"], 20), q.log()
+    assert time.monotonic() - t0 < RESCAN - 5

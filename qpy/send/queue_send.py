@@ -228,7 +228,7 @@ class QueueSend(Intake, Deliveries, Finishing):
 
     def run(self, sigs: Wakeup) -> int:
         # qpy-pickup, the one writer of todo/ID, sends their names (qpy.common.trigger),
-        # so no inotify watch reads todo/ (pyinotify: ~45 us a message); bound before
+        # so no inotify watch reads todo/ (pyinotify: ~50 us a message); bound before
         # the first listing, so a name renamed in after it comes as a hint
         hints = listen(self.root)
         watcher = Watcher([] if hints else [self.paths.todo], hints=hints)
