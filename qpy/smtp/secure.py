@@ -60,7 +60,9 @@ class SecureSession(Session):
     def __init__(self, cfg: Config, env: Mapping[str, str], channel: Channel):
         super().__init__(cfg, env, channel)
         self.sec = settings(cfg.root)
-        self.ctx = self.sec.ctx if tls.is_socket(channel.rfd) else None
+        # TLS needs a socket (not a pipe, as in some tests); no certificate, no look
+        self.ctx = self.sec.ctx if self.sec.ctx is not None and tls.is_socket(channel.rfd) \
+            else None
         self.tls_info = ""
         self.tls_sock: ssl.SSLSocket | None = None
         self.auth_failures = 0

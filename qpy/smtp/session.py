@@ -84,6 +84,7 @@ class Session(DataCommand):
                                                   env, "")   # the log names the session
         self.env = env
         self.blocked: tuple[int, str] | None = None     # a DNS blocklist names the client
+        self.greeted: Callable[[], None] | None = None  # run once the 220 is out
         self.reset()
 
     def reset(self) -> None:
@@ -134,6 +135,9 @@ class Session(DataCommand):
             if self.filters:
                 self.filters.connect()   # a refusal answers every MAIL from now on
             self.reply(220, "%s ESMTP" % self.cfg.greeting)
+            if self.greeted is not None:
+                self.ch.flush()            # the 220 first: the client waits for it
+                self.greeted()
             while not self.closing:
                 if self.errors >= MAX_ERRORS:
                     self.reply(421, "4.7.0 %s Too many errors, closing connection" % self.cfg.me)

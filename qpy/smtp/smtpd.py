@@ -117,7 +117,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from qpy.common.log import clean, log
 from qpy.common.log import name as logname
@@ -134,12 +134,14 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> int:
+def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1,
+          greeted: Callable[[], None] | None = None) -> int:
     """Run one session on rfd/wfd (a forked qpy-tcpserver child or qpy-smtpd itself).
     The caller has set SIGTERM to end the session (SystemExit) and SIGPIPE to SIG_IGN:
     main() here, once per worker in qpy-tcpserver (not per session: it costs). The
     session's log lines are named `qpy-smtpd IP` (qpy-tcpserver names its worker's
-    again after the session)."""
+    again after the session). greeted() runs once the 220 is out, before the first
+    command is read: work of the caller's that the client need not wait for."""
     logname("%s %s" % (PROGRAM, env.get("TCPREMOTEIP", "")) if env.get("TCPREMOTEIP")
             else PROGRAM)
     if cfg.unusable:
@@ -153,6 +155,7 @@ def serve(cfg: Config, env: Mapping[str, str], rfd: int = 0, wfd: int = 1) -> in
     # PROTO: a network connection (qpy-tcpserver, ucspi-tcp), never sendmail -bs's stdio
     channel = Channel(rfd, wfd, cfg.timeout, cfg.session_timeout, own_socket="PROTO" in env)
     session = SecureSession(cfg, env, channel)
+    session.greeted = greeted
     try:
         session.run()
     finally:

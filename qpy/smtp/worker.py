@@ -38,7 +38,9 @@ WHAT A WORKER DOES
     with; the process's own is never changed) with the ucspi-tcp one set
     (PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT,
     TCPREMOTEHOST only with -h, the rule's variables, QPY_LISTENER), the
-    connection on fd 0 and 1, qpy-smtpd's Session run in-process, then the
+    connection on fd 0 and 1, qpy-smtpd's Session run in-process (the title
+    and the look at users/recipients once the 220 is out: the client does not
+    wait for them), then the
     connection shut down and /dev/null back on fd 0 and 1; then DONE. The
     Session, its Channel, TLS socket and Drop are made anew per connection.
     After `sessions` connections (control/smtpdsessions) it exits instead of
@@ -306,7 +308,6 @@ class SessionWorker:
             conn.close()
             return
         try:
-            set_title("qpy-smtpd %s" % ip)
             # the session's environment: a fresh dict each time, so nothing of the last
             # client's stays; the process's own (putenv, unsetenv per name) is never
             # changed: the session starts no program that would inherit it
@@ -324,8 +325,7 @@ class SessionWorker:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             os.dup2(conn.fileno(), 0)
             os.dup2(conn.fileno(), 1)
-            self.cfg.refresh()
-            smtpd.serve(self.cfg, env)
+            smtpd.serve(self.cfg, env, greeted=lambda: self.greeted(ip))
         finally:
             try:                          # the end for the client, whatever still holds a dup
                 conn.shutdown(socket.SHUT_RDWR)
@@ -336,6 +336,13 @@ class SessionWorker:
             os.dup2(self.null, 1)
             set_title(IDLE_TITLE)
             logname(self.program)
+
+
+    def greeted(self, ip: str) -> None:
+        """After the 220, before the first command: the title, and a rebuilt recipient
+        table picked up (a stat; it is first needed at RCPT)."""
+        set_title("qpy-smtpd %s" % ip)
+        self.cfg.refresh()
 
 
 def _stop(signum: int, frame: object) -> None:
