@@ -194,10 +194,12 @@ class Server:
         hold()                            # a pass's log lines: one write, flush() below
         try:
             while not self.stopping:
-                # session ends before new connections: they free workers the new ones need
+                # new connections before session ends: a client waits for its 220, and
+                # a worker's end is taken in anyway where a count or a free worker is
+                # needed (Workers.collect: maxperip, maxsmtpd, no idle worker)
                 events = sel.select(TICK)
                 if len(events) > 1:
-                    events.sort(key=lambda ev: not isinstance(ev[0].data, Worker))
+                    events.sort(key=lambda ev: isinstance(ev[0].data, Worker))
                 self.take_signals(any(key.data is None for key, _ in events))
                 for key, _ in events:
                     if key.data is None:
