@@ -157,8 +157,9 @@ class Pickup:
         self.door = Door.shut()           # opened by run()
         self.trigger = trigger.Sender(root)
         self.syncfs = _load_syncfs()
-        self.mess_fd = os.open(self.paths.mess, os.O_RDONLY | os.O_DIRECTORY)  # for syncfs
-        if os.fstat(self.mess_fd).st_dev != os.stat(self.paths.todo).st_dev:
+        self.mess_fd = self.admitter.mess_fd    # syncfs takes any descriptor on the fs
+        self.todo_fd = self.admitter.todo_fd
+        if os.fstat(self.mess_fd).st_dev != os.fstat(self.todo_fd).st_dev:
             self.syncfs = None            # one syncfs would not cover both
 
     def _open_door(self) -> Door:
@@ -315,8 +316,8 @@ class Pickup:
             durable.fsync_dir(self.paths.todo)
             self.journal.add(records + COMMIT, len(admitted), sync=True)  # the commit point
         for _, msg_id, _, _ in admitted:
-            os.rename(os.path.join(self.paths.todo, TODO_TMP + msg_id),
-                      os.path.join(self.paths.todo, msg_id))
+            os.rename(TODO_TMP + msg_id, msg_id, src_dir_fd=self.todo_fd,
+                      dst_dir_fd=self.todo_fd)
         # no fsync of todo/ here: the journal record redoes a lost rename at start, and
         # Journal.empty() fsyncs todo/ before it lets the records go
         return True

@@ -153,12 +153,10 @@ class DataCommand:
                 self.messages += 1
                 # the 250 out first (unless pipelined commands wait: it goes with
                 # their replies): the client waits for it; the log line, and the close
-                # of the message's memfd (it frees its pages), can wait
+                # of the message's memfd (cmd_data's finally: it frees its pages), can wait
                 self.reply(250, "2.0.0 Ok: queued as %s" % name)
                 if not self.ch.pending():
                     self.ch.flush()
-                drop.abort()
-                self.drop = None
                 log("accepted %s bytes %d from <%s> recipients %d"
                     % (name, size, clean(self.sender or b"", 200), len(self.recipients)))
                 return

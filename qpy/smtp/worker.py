@@ -337,7 +337,6 @@ class SessionWorker:
             set_title(IDLE_TITLE)
             logname(self.program)
 
-
     def greeted(self, ip: str) -> None:
         """After the 220, before the first command: the title, and a rebuilt recipient
         table picked up (a stat; it is first needed at RCPT)."""
