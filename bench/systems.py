@@ -98,11 +98,17 @@ def maildir_new(pw: pwd.struct_passwd) -> str:
 
 
 def empty_maildir(pw: pwd.struct_passwd) -> None:
+    """Empty the bench user's Maildir before a run, then sync(2): every run starts from
+    a clean filesystem. Without the sync, these unlinks and whatever the previous run
+    left dirty would be written back inside the next run, paid for by a system that
+    syncs the whole filesystem (qpy-pickup's syncfs) and not by one that fsyncs only its
+    own files (Postfix)."""
     for sub in ("new", "cur", "tmp"):
         d = os.path.join(pw.pw_dir, "Maildir", sub)
         with os.scandir(d) as it:
             for e in it:
                 os.unlink(e.path)
+    os.sync()
 
 
 def count_files(*dirs: str) -> int:
