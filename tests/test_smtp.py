@@ -24,6 +24,7 @@ import qpytest
 from qpytest import needs_root, wait_for
 from smtphelp import Client, Listener, UcspiListener, drop_names, drops
 
+from qpy.smtp.tcpserver import ADMISSIONS_KEPT
 from qpy.smtp.worker import POOL_MIN
 
 ME = "test.example"
@@ -122,6 +123,29 @@ def test_relay_rules_by_client_address(qroot):
         let_in = session(s.port, mail_from, b"RCPT TO:<postmaster@test.example>",
                          source="127.0.0.3")
         assert codes(let_in) == [250, 250]
+    finally:
+        s.stop()
+
+
+def test_admissions_kept_stay_bounded(qroot):
+    """qpy-tcpserver keeps what the rules said of each client address, at most
+    ADMISSIONS_KEPT addresses: then it forgets them all and starts again, and the rules
+    still decide every connection."""
+    qroot.control("smtprules", "127.1.:deny\n:allow\n")
+    s = Listener(qroot)
+    try:
+        for n in range(ADMISSIONS_KEPT + 1):       # one address more than it keeps
+            c = Client(s.port, source="127.1.%d.%d" % (n // 200, n % 200 + 1))
+            assert c.closed() and c.buf == b"", n  # denied: closed without a greeting
+            c.close()
+        assert s.wait_log("info: %d client addresses' admissions forgotten"
+                          % ADMISSIONS_KEPT)
+        denied = Client(s.port, source="127.1.0.1")             # still denied
+        assert denied.closed() and denied.buf == b""
+        denied.close()
+        allowed = Client(s.port, source="127.0.0.9")
+        assert allowed.reply().startswith(b"220 ")
+        allowed.close()
     finally:
         s.stop()
 

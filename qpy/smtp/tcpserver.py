@@ -276,7 +276,8 @@ class Server:
             rule is not None and "RELAYCLIENT" in rule.env,   # as Postfix's mynetworks
             json.dumps({"listener": lst.profile,
                         "env": rule.env if rule is not None else {}}).encode())
-        if len(self.admissions) >= ADMISSIONS_KEPT:
+        if len(self.admissions) >= ADMISSIONS_KEPT:   # memory stays bounded: start again
+            log("info: %d client addresses' admissions forgotten" % len(self.admissions))
             self.admissions.clear()
         self.admissions[(lst, ip)] = got
         return got
