@@ -144,6 +144,7 @@ class Bench:
                 s.stop()
             except Exception as e:  # noqa: BLE001 - report and go on stopping the others
                 log("%s: stop: %s" % (s.name, e))
+        systems.clear_delivered()
 
     def record(self, key: str, system: str, value: float) -> None:
         self.values.setdefault(key, {}).setdefault(system, []).append(value)

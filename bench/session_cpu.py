@@ -172,6 +172,7 @@ def main() -> int:
             systems.empty_maildir(systems.bench_user())
     finally:
         qpy.stop()
+        systems.clear_delivered()
     if not a.steps:
         first = [u + s for u, s in got[prefixes[0]]]
         for p in prefixes:

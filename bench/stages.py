@@ -192,6 +192,7 @@ def main() -> int:
     finally:
         for s in syss:
             s.stop()
+        systems.clear_delivered()
     names = [s.name for s in syss]
     print("| stage | " + " | ".join("%s p50 (p90) ms" % n for n in names)
           + (" | qpy/Postfix |" if len(names) == 2 else " |"))
