@@ -14,6 +14,7 @@ whether the queue is empty.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -97,6 +98,9 @@ def maildir_new(pw: pwd.struct_passwd) -> str:
     return os.path.join(pw.pw_dir, "Maildir", "new")
 
 
+DELIVERED = "/var/tmp/qpybench-delivered"   # beside the bench user's home: one filesystem
+
+
 def empty_maildir(pw: pwd.struct_passwd) -> None:
     """Empty the bench user's Maildir before a run, then sync(2): every run starts from
     a clean filesystem. Without the sync, these changes and whatever the previous run
@@ -107,28 +111,26 @@ def empty_maildir(pw: pwd.struct_passwd) -> None:
     The delivered files are moved aside (DELIVERED, removed by clear_delivered() when the
     benchmark ends), not unlinked: on an ext4 without a journal the inode allocator steps
     over every recently freed inode, so 2,000 unlinks here made each Maildir creation of
-    the next run cost about 0.5 ms for either system (bench/README.md)."""
+    the next run cost about 0.5 ms for either system (bench/README.md). Maildir names
+    are unique, so they keep their own (a leftover of an interrupted run is never
+    replaced, which would free its inode in the middle of a run)."""
     os.makedirs(DELIVERED, mode=0o700, exist_ok=True)
     for sub in ("new", "cur", "tmp"):
         d = os.path.join(pw.pw_dir, "Maildir", sub)
         with os.scandir(d) as it:
             for e in it:
-                _delivered[0] += 1
                 try:
-                    os.rename(e.path, os.path.join(DELIVERED, "%d" % _delivered[0]))
-                except OSError:          # another filesystem: the old way
-                    os.unlink(e.path)
+                    os.rename(e.path, os.path.join(DELIVERED, e.name))
+                except OSError as err:
+                    if err.errno != errno.EXDEV:
+                        raise
+                    os.unlink(e.path)    # a home on another filesystem: the old way
     os.sync()
-
-
-DELIVERED = "/var/tmp/qpybench-delivered"   # beside the bench user's home: one filesystem
-_delivered = [0]
 
 
 def clear_delivered() -> None:
     """Remove the delivered files moved aside (once the measuring is over)."""
     shutil.rmtree(DELIVERED, ignore_errors=True)
-    _delivered[0] = 0
 
 
 def count_files(*dirs: str) -> int:
